@@ -1,0 +1,147 @@
+"""`relay`: the project's one command line. Choose a file and a few overrides; the rest lives in config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+log = logging.getLogger("relay")
+
+DEMO_CONFIG = Path("configs/demo/config.json")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, object]:
+    """`--set key=value`: value parsed as JSON when it can be (numbers, true/false), else kept a string."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except ValueError:
+            overrides[key] = value
+    return overrides
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM ask the loop to checkpoint and return at the next step boundary; a second one kills."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("signal %d: checkpointing at the next step boundary (send again to abort)", signum)
+
+    def __call__(self, step: int) -> bool:
+        return self.requested
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from relay_train.config import load_config
+    from relay_train.progress import ProgressDisplay
+    from relay_train.trainer import Hooks, build_trainer
+
+    config = load_config(args.config, parse_overrides(args.set))
+    for note in config.mapping_notes():
+        log.info("config: %s", note)
+    for warning in config.pending_features():
+        log.warning("config: %s", warning)
+    hooks = Hooks(should_stop=StopOnSignal())
+    trainer = build_trainer(config, hooks=hooks)
+    with ProgressDisplay(trainer.total_steps, start_step=trainer.step) as progress:
+        hooks.on_step = progress
+        result = trainer.fit()
+    if result.stopped_early:
+        log.warning("stopped at step %d/%d; %s holds everything. Run the same command to resume.",
+                    result.step, result.total_steps, result.last_checkpoint)
+        return 0
+    log.info("done: %d steps; adapter: %s", result.step, ", ".join(map(str, result.exported)))
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from relay_train.tiny_model import make_pipeline
+
+    path = make_pipeline(args.path, preset=args.preset, seed=args.seed)
+    log.info("wrote a random %s SD3 pipeline to %s", args.preset, path)
+    return 0
+
+
+def cmd_make_demo_data(args: argparse.Namespace) -> int:
+    from relay_train.demo_data import make_demo_dataset
+
+    path = make_demo_dataset(args.path, count=args.count, seed=args.seed)
+    log.info("wrote %d captioned demo images to %s", args.count, path)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Make the tiny model and the demo images where missing, then train on configs/demo."""
+    from relay_train.demo_data import make_demo_dataset
+    from relay_train.tiny_model import make_pipeline
+
+    if not Path("demo/tiny-sd3/model_index.json").is_file():
+        make_pipeline("demo/tiny-sd3")
+    if not any(Path("demo/data").glob("*.txt")):
+        make_demo_dataset("demo/data")
+    args.config = DEMO_CONFIG
+    return cmd_train(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description="Terminus Relay: SD3.5 Medium LoKr training")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train in this process (CPU or one GPU)")
+    train.add_argument("--config", type=Path, required=True, help="SimpleTuner-style config.json")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    train.set_defaults(func=cmd_train)
+
+    demo = sub.add_parser("demo", help="tiny model + demo data + train on configs/demo (CPU)")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    demo.set_defaults(func=cmd_demo)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a random-weight SD3 pipeline")
+    tiny.add_argument("path", type=Path)
+    tiny.add_argument("--preset", choices=["tiny", "sd35m"], default="tiny")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_make_tiny_model)
+
+    data = sub.add_parser("make-demo-data", help="write captioned demo images in several aspect ratios")
+    data.add_argument("path", type=Path)
+    data.add_argument("--count", type=int, default=36)
+    data.add_argument("--seed", type=int, default=0)
+    data.set_defaults(func=cmd_make_demo_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from relay_train.checkpoint import CheckpointError
+    from relay_train.config import ConfigError
+    from relay_train.model import ModelNotFoundError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        log.error("invalid config:\n%s", exc)
+    except (ModelNotFoundError, CheckpointError, FileNotFoundError, NotImplementedError, ValueError) as exc:
+        log.error("%s", exc, exc_info=args.verbose)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

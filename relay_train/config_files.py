@@ -1,0 +1,476 @@
+"""Schemas for the files a SimpleTuner config points at, and the shared problem reporting.
+
+The LyCORIS config, multidatabackend.json and webhook.json are validated here with the same
+rules as the main config: every problem is collected, each names the key, the bad value and
+the fix, and secrets (webhook URLs, AWS keys) never appear in a message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import types
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import annotated_types as at
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+)
+from pydantic.fields import FieldInfo
+
+HIDDEN = "<hidden>"
+
+
+# ---------------------------------------------------------------- problem reporting
+
+
+@dataclass(frozen=True)
+class Where:
+    """How problems in one file (or one entry of it) name their keys."""
+
+    prefix: str = ""
+    dashes: str = ""
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else f"'{self.dashes}{name}'"
+
+    def line(self, text: str) -> str:
+        return f"{self.prefix}: {text}" if self.prefix else text
+
+
+def unknown_key_problem(key: str, known: Iterable[str], where: Where,
+                        aliases: Mapping[str, str] | None = None) -> str:
+    """One line naming an unknown key and, when one is close, the key probably meant."""
+    aliases = aliases or {}
+    bare = key.lstrip("-")
+    style = key[: len(key) - len(bare)]
+    matches = difflib.get_close_matches(bare, [*known, *aliases], n=1, cutoff=0.6)
+    text = f"unknown key '{key}'"
+    if matches:
+        text += f": did you mean '{style}{aliases.get(matches[0], matches[0])}'?"
+    else:
+        text += ": not a recognised option"
+    return where.line(text)
+
+
+def show_value(value: Any, hidden: bool = False) -> str:
+    if hidden:
+        return repr(HIDDEN)
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_secret(annotation: Any) -> bool:
+    return annotation is SecretStr or any(_is_secret(a) for a in get_args(annotation))
+
+
+def _without_none(annotation: Any) -> tuple[Any, bool]:
+    if get_origin(annotation) in (Union, types.UnionType):
+        rest = [a for a in get_args(annotation) if a is not type(None)]
+        if len(rest) < len(get_args(annotation)):
+            return (rest[0] if len(rest) == 1 else Union[tuple(rest)]), True
+    return annotation, False
+
+
+def _type_words(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return "expected one of " + ", ".join(repr(a) for a in get_args(annotation))
+    simple = {bool: "expected true or false", int: "must be an integer", float: "must be a number",
+              str: "must be a string", SecretStr: "must be a string", Path: "must be a path"}
+    if annotation in simple:
+        return simple[annotation]
+    if origin is dict or annotation is dict:
+        return "must be a JSON object"
+    if origin is list or annotation is list:
+        return "must be a JSON list"
+    return "has the wrong type"
+
+
+def _bound_words(metadata: Iterable[Any]) -> str:
+    words = {at.Ge: (">=", "ge"), at.Gt: (">", "gt"), at.Le: ("<=", "le"), at.Lt: ("<", "lt")}
+    parts = [f"{words[type(m)][0]} {getattr(m, words[type(m)][1]):g}"
+             for m in metadata if type(m) in words]
+    return (" " + " and ".join(parts)) if parts else ""
+
+
+def expectation(field: FieldInfo) -> str:
+    """What a field accepts, in words: 'must be an integer >= 1', "expected one of 'a', 'b'"."""
+    base, nullable = _without_none(field.annotation)
+    text = _type_words(base) + _bound_words(field.metadata)
+    return text + " (or null)" if nullable else text
+
+
+@cache
+def _adapter(model: type[BaseModel], name: str) -> TypeAdapter:
+    field = model.model_fields[name]
+    if field.metadata:
+        return TypeAdapter(Annotated[(field.annotation, *field.metadata)])
+    return TypeAdapter(field.annotation)
+
+
+def _numeric(annotation: Any) -> bool:
+    base, _ = _without_none(annotation)
+    return base in (int, float)
+
+
+def _error_line(field: FieldInfo, label: str, value: Any, error: Mapping[str, Any]) -> str:
+    got = show_value(value, _is_secret(field.annotation))
+    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+    if loc:
+        return f"{label}{loc}: got {show_value(error['input'])}; {error['msg']}"
+    if error["type"] == "value_error":
+        return f"{label}: got {got}; {str(error['ctx']['error'])}"
+    if error["type"] == "missing":
+        return f"{label}: is required ({(field.description or '').rstrip('.')})"
+    return f"{label}: got {got}; {expectation(field)}"
+
+
+def validate_field(model: type[BaseModel], name: str, value: Any, label: str) -> tuple[Any, list[str]]:
+    """Validate one field on its own, so one bad value never hides another."""
+    field = model.model_fields[name]
+    if isinstance(value, bool) and _numeric(field.annotation):
+        return None, [f"{label}: got {value!r}; {expectation(field)}"]
+    try:
+        return _adapter(model, name).validate_python(value), []
+    except ValidationError as exc:
+        lines = [_error_line(field, label, value, e) for e in exc.errors(include_url=False)]
+        return None, list(dict.fromkeys(lines))
+
+
+def field_problems(model: type[BaseModel], data: Mapping[str, Any], where: Where,
+                   known: Iterable[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Validate every key of data against model's fields: the valid values and every problem."""
+    known = list(known if known is not None else model.model_fields)
+    forbid = model.model_config.get("extra") == "forbid"
+    good: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in data.items():
+        if key not in model.model_fields:
+            if forbid:
+                problems.append(unknown_key_problem(key, known, where))
+            else:
+                good[key] = value
+            continue
+        parsed, errors = validate_field(model, key, value, where.key(key))
+        problems.extend(errors)
+        if not errors:
+            good[key] = parsed
+    for name in known:
+        if model.model_fields[name].is_required() and name not in data:
+            about = (model.model_fields[name].description or "").rstrip(".")
+            problems.append(where.line(f"missing required key '{where.dashes}{name}' ({about})"))
+    return good, problems
+
+
+def with_defaults(model: type[BaseModel], good: Mapping[str, Any]) -> dict[str, Any]:
+    """The valid values plus every field's default, for cross-field checks."""
+    merged = {n: f.get_default(call_default_factory=True)
+              for n, f in model.model_fields.items() if not f.is_required()}
+    return merged | dict(good)
+
+
+# ---------------------------------------------------------------- reading referenced files
+
+
+def read_json(path: Path) -> tuple[Any, list[str]]:
+    """Parse a JSON file; problems for unreadable files, bad JSON and duplicated keys."""
+    duplicates: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in items:
+            if key in seen:
+                duplicates.append(key)
+            seen[key] = value
+        return seen
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=pairs)
+    except OSError as exc:
+        return None, [f"{path}: cannot be read ({exc.strerror or exc}); check the path"]
+    except json.JSONDecodeError as exc:
+        return None, [f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"]
+    return data, [f"{path}: key '{k}' appears more than once; keep one" for k in duplicates]
+
+
+def resolve_file(value: Path, base_dir: Path,
+                 other_suffixes: Iterable[str] = ()) -> tuple[Path | None, list[Path]]:
+    """Find a referenced file: as given (cwd), beside the config, then its basename beside it.
+
+    SimpleTuner configs say `config/sd3/x.json` while this repo keeps them in `configs/sd3/`.
+    Returns the first path that exists, and every place tried.
+    """
+    places = [value] if value.is_absolute() else [value, base_dir / value, base_dir / value.name]
+    tried: list[Path] = []
+    for place in dict.fromkeys(places):
+        for candidate in [place, *(place.with_suffix(s) for s in other_suffixes if s != place.suffix)]:
+            tried.append(candidate)
+            if candidate.is_file():
+                return candidate, tried
+    return None, tried
+
+
+# ---------------------------------------------------------------- LyCORIS config
+
+
+class _PresetShape(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    target_module: list[str] = []
+    module_algo_map: dict[str, dict[str, Any]] = {}
+
+
+def _check_preset(preset: dict[str, Any] | None) -> dict[str, Any] | None:
+    if preset is not None:
+        _PresetShape.model_validate(preset)
+    return preset
+
+
+def _check_factor(factor: int) -> int:
+    if factor != -1 and factor < 1:
+        raise ValueError("must be -1 (let LyCORIS choose) or an integer >= 1")
+    return factor
+
+
+class LycorisConfig(BaseModel):
+    """The LyCORIS config file: the LoKr adapter's shape and where it attaches."""
+
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
+
+    algo: Literal["lokr"]
+    """LyCORIS algorithm; this trainer builds LoKr adapters."""
+    multiplier: float = 1.0
+    """Adapter output scale while training."""
+    linear_dim: int = Field(gt=0)
+    """LoKr rank; with full_matrix a large value (10000) means the full matrix."""
+    linear_alpha: float
+    """LoKr alpha (scale = alpha / dim, unless full_matrix)."""
+    factor: Annotated[int, AfterValidator(_check_factor)] = -1
+    """Kronecker factor for modules the preset does not override; -1 lets LyCORIS choose."""
+    full_matrix: bool = False
+    """Train the full LoKr w2 matrix instead of a low-rank one."""
+    bypass_mode: bool = False
+    """Add the adapter's output instead of merging into the (quantized) base weight."""
+    apply_preset: Annotated[dict[str, Any] | None, AfterValidator(_check_preset)] = None
+    """Which module classes are wrapped, with per-class overrides (target_module, module_algo_map)."""
+
+    _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    def create_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for lycoris.create_lycoris besides multiplier, linear_dim, linear_alpha."""
+        skip = {"multiplier", "linear_dim", "linear_alpha", "apply_preset"}
+        return {k: v for k, v in self.model_dump().items() if k not in skip}
+
+    def raw(self) -> dict[str, Any]:
+        """The file's dict as written, for the adapter's safetensors metadata."""
+        return json.loads(json.dumps(self._raw)) if self._raw else self.model_dump()
+
+
+def load_lycoris(path: Path) -> tuple[LycorisConfig | None, list[str]]:
+    data, problems = read_json(path)
+    if data is None:
+        return None, problems
+    if not isinstance(data, dict):
+        return None, [*problems, f"{path.name}: must be a JSON object, got {type(data).__name__}"]
+    _, errors = field_problems(LycorisConfig, data, Where(path.name))
+    if errors or problems:
+        return None, problems + errors
+    config = LycorisConfig.model_validate(data)
+    config._raw = json.loads(json.dumps(data))
+    return config, []
+
+
+# ---------------------------------------------------------------- multidatabackend.json
+
+Resolution = Literal["pixel_area", "pixel"]
+
+
+class DataBackendConfig(BaseModel):
+    """One entry of SimpleTuner's multidatabackend.json."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    id: str
+    """Unique name of this dataset; caches and buckets are keyed by it."""
+    type: Literal["local", "aws"] = "local"
+    """Where the files live: a local folder or an S3 bucket."""
+    dataset_type: Literal["image", "text_embeds"] = "image"
+    """Training images, or the cache of text-encoder outputs."""
+    default: bool = False
+    """For text_embeds: the cache that every image dataset uses."""
+    disabled: bool = False
+    """Skip this entry entirely."""
+    instance_data_dir: str | None = None
+    """Folder with the images (local backends)."""
+    cache_dir: str | None = None
+    """Cache folder (text_embeds backends)."""
+    cache_dir_vae: str | None = None
+    """Where this dataset's VAE latents are cached."""
+    caption_strategy: Literal["textfile", "filename", "parquet", "instanceprompt"] = "textfile"
+    """Where captions come from."""
+    instance_prompt: str | None = None
+    """The caption for every image with caption_strategy instanceprompt."""
+    resolution: float | None = Field(None, gt=0)
+    """Training resolution for this dataset; null uses --resolution."""
+    resolution_type: Resolution | None = None
+    """How resolution is read; null uses --resolution_type."""
+    minimum_image_size: float | None = Field(None, ge=0)
+    """Skip images smaller than this; null uses --minimum_image_size."""
+    maximum_image_size: float | None = Field(None, gt=0)
+    """Downsample images larger than this."""
+    target_downsample_size: float | None = Field(None, gt=0)
+    """Size to downsample images above maximum_image_size to."""
+    crop: bool = False
+    """Crop images to the bucket instead of resizing."""
+    crop_style: Literal["center", "random", "corner"] = "center"
+    """Where the crop is taken."""
+    crop_aspect: Literal["square", "preserve", "closest", "random"] = "square"
+    """Aspect ratio of the crop."""
+    repeats: int = Field(0, ge=0)
+    """Extra passes over this dataset per epoch."""
+    probability: float = Field(1.0, ge=0)
+    """Relative chance this dataset is sampled."""
+    aws_bucket_name: str | None = None
+    """S3 bucket (aws backends)."""
+    aws_region_name: str | None = None
+    """S3 region."""
+    aws_endpoint_url: str | None = None
+    """S3-compatible endpoint; null for AWS itself."""
+    aws_data_prefix: str | None = None
+    """Key prefix inside the bucket."""
+    aws_access_key_id: SecretStr | None = None
+    """S3 access key id; null uses the environment or instance role."""
+    aws_secret_access_key: SecretStr | None = None
+    """S3 secret key; null uses the environment or instance role."""
+    metadata_backend: Literal["discovery", "parquet"] = "discovery"
+    """How image sizes and captions are indexed."""
+    parquet: dict[str, Any] | None = None
+    """Parquet caption/metadata table settings."""
+    skip_file_discovery: str = ""
+    """Discovery steps to skip for this dataset (space-separated)."""
+    preserve_data_backend_cache: bool = False
+    """Keep this dataset's bucket cache when the config changes."""
+    vae_cache_clear_each_epoch: bool = False
+    """Rebuild the VAE cache every epoch (for random crops)."""
+
+
+def _entry_checks(values: Mapping[str, Any], entry: Mapping[str, Any], where: Where) -> list[str]:
+    """Keys that one entry's other values make necessary (checked on what was written)."""
+    needs = []
+    if values["dataset_type"] == "image" and values["type"] == "local":
+        needs.append(("instance_data_dir", "a local image backend"))
+    if values["type"] == "aws":
+        needs.append(("aws_bucket_name", "an aws backend"))
+    if values["caption_strategy"] == "instanceprompt":
+        needs.append(("instance_prompt", "caption_strategy 'instanceprompt'"))
+    return [where.line(f"{who} needs '{key}'") for key, who in needs if not entry.get(key)]
+
+
+def _set_checks(entries: list[Mapping[str, Any]], name: str) -> list[str]:
+    problems = []
+    ids = [e.get("id") for e in entries]
+    for dup in sorted({i for i in ids if isinstance(i, str) and ids.count(i) > 1}):
+        problems.append(f"{name}: id '{dup}' is used by more than one entry; ids must be unique")
+    live = [e for e in entries if not e.get("disabled")]
+    text = [e for e in live if e.get("dataset_type") == "text_embeds"]
+    defaults = [e for e in text if e.get("default") is True]
+    if text and len(defaults) != 1:
+        problems.append(f"{name}: exactly one text_embeds backend must have \"default\": true "
+                        f"(found {len(defaults)})")
+    if not any(e.get("dataset_type", "image") == "image" for e in live):
+        problems.append(f"{name}: no enabled image backend; add one with dataset_type 'image'")
+    return problems
+
+
+def _entry_where(name: str, index: int, entry: Any) -> Where:
+    tag = entry.get("id") if isinstance(entry, dict) else None
+    return Where(f"{name}[{tag if isinstance(tag, str) and tag else index}]")
+
+
+def load_backends(path: Path) -> tuple[list[DataBackendConfig], list[str]]:
+    data, problems = read_json(path)
+    if data is None:
+        return [], problems
+    if not isinstance(data, list):
+        return [], [*problems, f"{path.name}: must be a JSON list of backends, got {type(data).__name__}"]
+    checked: list[dict[str, Any]] = []
+    for index, entry in enumerate(data):
+        where = _entry_where(path.name, index, entry)
+        if not isinstance(entry, dict):
+            problems.append(where.line(f"must be a JSON object, got {type(entry).__name__}"))
+            continue
+        good, errors = field_problems(DataBackendConfig, entry, where)
+        values = with_defaults(DataBackendConfig, good)
+        problems += errors + _entry_checks(values, entry, where)
+        checked.append(values)
+    problems += _set_checks(checked, path.name)
+    if problems:
+        return [], problems
+    return [DataBackendConfig.model_validate(e) for e in data], []
+
+
+# ---------------------------------------------------------------- webhook.json
+
+
+class WebhookConfig(BaseModel):
+    """SimpleTuner's webhook.json. The URL is a secret: it is masked everywhere it is shown."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    webhook_type: Literal["discord", "raw"] = "discord"
+    """Discord messages with images, or raw JSON posted to a callback."""
+    webhook_url: SecretStr | None = None
+    """Where messages are posted (required for discord)."""
+    callback_url: SecretStr | None = None
+    """SimpleTuner's name for the URL of a raw webhook."""
+    message_prefix: str | None = None
+    """Text put before every message; null uses the tracker project name."""
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    """Least severe message level that is sent."""
+    ssl_no_verify: bool = False
+    """Skip TLS certificate checks (self-signed receivers)."""
+
+    @property
+    def url(self) -> SecretStr:
+        """The URL to post to, whichever key the file used."""
+        url = self.webhook_url or self.callback_url
+        if url is None:
+            raise ValueError("webhook config has no URL")
+        return url
+
+
+def _webhook_checks(values: Mapping[str, Any], where: Where) -> list[str]:
+    url = values["webhook_url"] or values["callback_url"]
+    if url is None:
+        key = "webhook_url" if values["webhook_type"] == "discord" else "callback_url"
+        return [where.line(f"a {values['webhook_type']} webhook needs '{key}'")]
+    if not url.get_secret_value().startswith(("http://", "https://")):
+        return [where.line(f"the URL must start with http:// or https:// (value {HIDDEN})")]
+    return []
+
+
+def load_webhook(path: Path) -> tuple[WebhookConfig | None, list[str]]:
+    data, problems = read_json(path)
+    if data is None:
+        return None, problems
+    if not isinstance(data, dict):
+        return None, [*problems, f"{path.name}: must be a JSON object, got {type(data).__name__}"]
+    where = Where(path.name)
+    good, errors = field_problems(WebhookConfig, data, where)
+    bad = {k for k in data if k not in good}
+    if not bad & {"webhook_url", "callback_url", "webhook_type"}:
+        errors += _webhook_checks(with_defaults(WebhookConfig, good), where)
+    if problems or errors:
+        return None, problems + errors
+    return WebhookConfig.model_validate(data), []

@@ -1,0 +1,160 @@
+"""Build the trainable model: SD3 transformer → int8 (quanto) → frozen → LoKr adapter (LyCORIS).
+
+Also the pieces only the data stage needs (VAE, text encoders), loaded separately so they can be
+freed before training starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from relay_train.config import LycorisConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+# Modules kept in full precision when the base is quantized: norms (incl. the adaLN modulation
+# linears, named norm1.linear etc.), the patch embedding, the final projection and the
+# conditioning embedders. Quantizing these costs quality and saves almost no memory.
+QUANTO_EXCLUDE = ["*norm*", "proj_out", "pos_embed*", "context_embedder", "time_text_embed*"]
+
+# LycorisNetwork keeps its targeting rules as class attributes; every build resets them to these
+# before applying the user's preset, so one build never leaks into the next.
+_PRESET_DEFAULTS = {
+    "target_name": [],
+    "module_algo_map": {},
+    "name_algo_map": {},
+    "exclude_name": [],
+    "use_fnmatch": False,
+    "lora_prefix": "lycoris",
+}
+
+
+class ModelNotFoundError(RuntimeError):
+    """The base model is neither a local folder nor reachable on (or cached from) the Hub."""
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """A local diffusers folder as is; a Hub id through the Hugging Face cache (downloading when online)."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        return local
+    if local.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") != 1:
+        raise ModelNotFoundError(f"--pretrained_model_name_or_path: no model folder at {local}")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*/*"]
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not cached: fall through to a download, unless we are offline
+        pass
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=patterns))
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        raise ModelNotFoundError(
+            f"--pretrained_model_name_or_path: {name_or_path!r} is not a local folder, not in the "
+            f"Hugging Face cache, and could not be downloaded{' (HF_HUB_OFFLINE is set)' if offline else ''}: "
+            f"{type(exc).__name__}. Download it where the Hub is reachable "
+            f"(`hf download {name_or_path}`) or point the key at a local diffusers folder."
+        ) from exc
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """bf16 on the GPU when asked; the CPU always runs fp32 (bf16 matmuls there are slow and imprecise)."""
+    return torch.bfloat16 if config.mixed_precision == "bf16" and device.type == "cuda" else torch.float32
+
+
+@dataclass
+class AdapterModel:
+    transformer: torch.nn.Module
+    network: torch.nn.Module  # the LycorisNetwork; its parameters are the only trainable ones
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.network.parameters() if p.requires_grad]
+
+
+def load_transformer(model_path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel.from_pretrained(model_path, subfolder="transformer", torch_dtype=dtype)
+
+
+def quantize_base(transformer: torch.nn.Module, precision: str) -> None:
+    """Quantize linear weights in place and freeze them (quanto keeps int8 weights + fp scales)."""
+    if precision == "no_change":
+        return
+    from optimum.quanto import freeze, qint8, quantize
+
+    quantize(transformer, weights=qint8, exclude=QUANTO_EXCLUDE)
+    freeze(transformer)
+
+
+def attach_lokr(transformer: torch.nn.Module, lycoris: LycorisConfig) -> torch.nn.Module:
+    """Wrap the preset's module classes with LoKr; returns the network (not a submodule of the transformer)."""
+    from lycoris import LycorisNetwork, create_lycoris
+
+    LycorisNetwork.apply_preset({**_PRESET_DEFAULTS, **(lycoris.apply_preset or {})})
+    network = create_lycoris(
+        transformer,
+        lycoris.multiplier,
+        linear_dim=lycoris.linear_dim,
+        linear_alpha=lycoris.linear_alpha,
+        **lycoris.create_kwargs(),
+    )
+    network.apply_to()
+    if not any(True for _ in network.parameters()):
+        raise ValueError(
+            "lycoris_config: the preset matched no module of the transformer; "
+            f"target_module={lycoris.apply_preset and lycoris.apply_preset.get('target_module')}"
+        )
+    return network
+
+
+def build_adapter_model(config: TrainConfig, model_path: Path, device: torch.device, seed: int) -> AdapterModel:
+    """Load → (quantize on CPU first when quantize_via=cpu) → freeze → device → LoKr → grad checkpointing."""
+    dtype = compute_dtype(config, device)
+    transformer = load_transformer(model_path, dtype)
+    transformer.requires_grad_(False)
+    if config.quantize_via == "cpu":
+        quantize_base(transformer, config.base_model_precision)
+        transformer.to(device)
+    else:
+        transformer.to(device)
+        quantize_base(transformer, config.base_model_precision)
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    torch.manual_seed(seed)  # the adapter's initial weights are part of the run's determinism
+    network = attach_lokr(transformer, config.lycoris).to(device)
+    network.requires_grad_(True)
+    if config.init_lora is not None:
+        load_adapter_weights(network, config.init_lora)
+    transformer.train()
+    return AdapterModel(transformer=transformer, network=network)
+
+
+def load_adapter_weights(network: torch.nn.Module, path: Path) -> None:
+    """Continue from an exported adapter (--init_lora); the shapes must match the LyCORIS config."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    own = network.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"--init_lora {path}: does not fit this LyCORIS config "
+            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} shape mismatches; "
+            f"first: {(missing + unexpected + mismatched)[:3]}). Use the lycoris_config it was trained with."
+        )
+    network.load_state_dict(state)
+    log.info("init_lora: continued from %s (%d tensors)", path, len(state))

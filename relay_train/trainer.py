@@ -1,0 +1,237 @@
+"""The training loop and its assembly. Knows nothing of Ray: the orchestrator supplies `Hooks`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from relay_train import checkpoint as ckpt
+from relay_train.buckets import BucketBatchSampler
+from relay_train.config import TrainConfig
+from relay_train.data import EncodedDataset, encode_dataset
+from relay_train.model import AdapterModel, build_adapter_model, compute_dtype, pick_device, resolve_model_path
+from relay_train.optim import AdapterEMA, build_optimizer, build_scheduler, clip_gradients
+from relay_train.step import train_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepReport:
+    step: int
+    total_steps: int
+    loss: float  # mean over the micro-batches since the last report
+    lr: float
+    epoch: int
+    steps_per_second: float
+
+
+@dataclass
+class Hooks:
+    """What the caller (CLI, Ray worker, test) plugs in. Every rank calls every hook."""
+
+    on_step: Callable[[StepReport], None] | None = None  # every `log_every` steps (a host sync)
+    on_checkpoint: Callable[[int, Path], None] | None = None  # after checkpoint-N is complete
+    should_stop: Callable[[int], bool] | None = None  # True → checkpoint now and return
+
+
+@dataclass
+class FitResult:
+    step: int
+    total_steps: int
+    stopped_early: bool
+    last_checkpoint: Path | None
+    exported: list[Path] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # one per on_step report
+
+
+def total_train_steps(config: TrainConfig, batches_per_epoch: int) -> int:
+    if config.max_train_steps > 0:
+        return config.max_train_steps
+    return config.num_train_epochs * math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+
+
+def adapter_metadata(config: TrainConfig, step: int) -> dict[str, str]:
+    """safetensors metadata: what a loader needs to rebuild the network, and the model spec."""
+    return {
+        "format": "pt",
+        "lycoris_config": json.dumps(config.lycoris.raw(), sort_keys=True),
+        "step": str(step),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v3-medium/lycoris-lokr",
+        "modelspec.implementation": "lycoris",
+        "modelspec.title": run_name(config),
+        "base_model": config.pretrained_model_name_or_path,
+    }
+
+
+def run_name(config: TrainConfig) -> str:
+    return config.tracker_run_name or Path(config.output_dir).name or "relay"
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: AdapterModel,
+        dataset: EncodedDataset,
+        sampler: BucketBatchSampler,
+        store: ckpt.CheckpointIO,
+        device: torch.device,
+        hooks: Hooks | None = None,
+        log_every: int = 10,
+    ):
+        self.config, self.model, self.dataset, self.sampler, self.store = config, model, dataset, sampler, store
+        self.device, self.dtype = device, compute_dtype(config, device)
+        self.hooks, self.log_every = hooks or Hooks(), log_every
+        self.params = model.trainable_parameters()
+        self.total_steps = total_train_steps(config, sampler.batches_per_epoch())
+        self.optimizer = build_optimizer(config, self.params)
+        self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
+        self.ema = AdapterEMA(model.network, config.ema_decay) if config.use_ema else None
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.empty_prompt = (dataset.empty_prompt_embeds, dataset.empty_pooled_embeds)
+
+    # -- state -------------------------------------------------------------------------------
+    def payload(self) -> ckpt.CheckpointPayload:
+        return ckpt.CheckpointPayload(
+            step=self.step,
+            adapter={k: v.detach().cpu().contiguous() for k, v in self.model.network.state_dict().items()},
+            adapter_metadata=adapter_metadata(self.config, self.step),
+            ema=self.ema.state_dict() if self.ema else None,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            rng=ckpt.capture_rng(self.generator),
+            training_state={"step": self.step, "total_steps": self.total_steps, "sampler": self.sampler.state_dict(),
+                            "world_size": self.sampler.world_size, "saved_at": time.time()},
+            config_json=self.config.resolved_json(),
+        )
+
+    def restore(self, folder: Path) -> None:
+        state = ckpt.read_checkpoint(folder)
+        self.model.network.load_state_dict(state.adapter)
+        if self.ema is not None:
+            if state.ema is None:
+                raise ckpt.CheckpointError(f"{folder}: use_ema is on but the checkpoint has no EMA adapter")
+            self.ema.load_state_dict(state.ema)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.sampler.load_state_dict(state.training_state["sampler"])
+        ckpt.restore_rng(state.rng, self.generator)
+        self.step = state.step
+        log.info("resumed from %s at step %d/%d", folder, self.step, self.total_steps)
+
+    def save(self) -> Path:
+        folder = self.store.save(self.payload())
+        log.info("checkpoint %s written", folder)
+        if self.hooks.on_checkpoint:
+            self.hooks.on_checkpoint(self.step, folder)
+        return folder
+
+    # -- loop ----------------------------------------------------------------------------------
+    def optimizer_step(self) -> torch.Tensor:
+        """gradient_accumulation_steps micro-batches, clip, step; returns the mean loss (no sync)."""
+        accum = self.config.gradient_accumulation_steps
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(accum):
+            bucket, indices = self.sampler.next_batch()
+            loss = train_step(
+                self.model.transformer, self.dataset.batch(bucket, indices), self.empty_prompt, self.generator,
+                shift=self.config.flow_schedule_shift, caption_dropout=self.config.caption_dropout_probability,
+                device=self.device, dtype=self.dtype,
+            )
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+        clip_gradients(self.params, self.config.grad_clip_method, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.ema is not None and self.step % self.config.ema_update_interval == 0:
+            self.ema.update(self.model.network)
+        return loss_sum / accum
+
+    def fit(self) -> FitResult:
+        result = FitResult(step=self.step, total_steps=self.total_steps, stopped_early=False, last_checkpoint=None)
+        window, window_start, t0 = torch.zeros((), device=self.device), self.step, time.perf_counter()
+        while self.step < self.total_steps:
+            window += self.optimizer_step()
+            if self.step % self.log_every == 0 or self.step == self.total_steps:
+                elapsed = time.perf_counter() - t0
+                report = StepReport(self.step, self.total_steps, (window / (self.step - window_start)).item(),  # sync
+                                    self.scheduler.get_last_lr()[0], self.sampler.epoch,
+                                    (self.step - window_start) / max(elapsed, 1e-9))
+                result.losses.append(report.loss)
+                if self.hooks.on_step:
+                    self.hooks.on_step(report)
+                window.zero_()
+                window_start, t0 = self.step, time.perf_counter()
+            if self.step % self.config.checkpointing_steps == 0 or self.step == self.total_steps:
+                result.last_checkpoint = self.save()
+            if self.step < self.total_steps and self.hooks.should_stop and self.hooks.should_stop(self.step):
+                if result.last_checkpoint is None or ckpt.checkpoint_step(result.last_checkpoint) != self.step:
+                    result.last_checkpoint = self.save()
+                result.stopped_early = True
+                break
+        result.step = self.step
+        if not result.stopped_early:
+            result.exported = self.export(Path(self.config.output_dir))
+        return result
+
+    def export(self, out_dir: Path) -> list[Path]:
+        """The final adapter and its EMA twin as single safetensors files, as the model card ships them."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        payload = self.payload()
+        base = out_dir / f"sd35-{run_name(self.config)}-lokr"
+        paths = [base.with_suffix(".safetensors")]
+        ckpt.save_file(payload.adapter, str(paths[0]), metadata=payload.adapter_metadata)
+        if payload.ema is not None:
+            paths.append(base.with_name(base.name + "-ema.safetensors"))
+            ckpt.save_file(payload.ema, str(paths[1]), metadata={**payload.adapter_metadata, "ema": "true"})
+        log.info("exported %s", ", ".join(str(p) for p in paths))
+        return paths
+
+
+def build_trainer(
+    config: TrainConfig,
+    hooks: Hooks | None = None,
+    device: torch.device | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    store: ckpt.CheckpointIO | None = None,
+) -> Trainer:
+    """Data first (then its encoders are freed), then the quantized transformer + LoKr, then state."""
+    device = device or pick_device()
+    model_path = resolve_model_path(config.pretrained_model_name_or_path)
+    dataset = encode_dataset(config, model_path, device, compute_dtype(config, device))
+    sampler = BucketBatchSampler(dataset.bucket_sizes(), config.train_batch_size, config.seed,
+                                 keep_partial_batches=config.disable_bucket_pruning, rank=rank, world_size=world_size)
+    model = build_adapter_model(config, model_path, device, seed=config.seed)
+    store = store or ckpt.LocalCheckpointStore(Path(config.output_dir), keep=config.checkpoints_total_limit)
+    trainer = Trainer(config, model, dataset, sampler, store, device, hooks)
+    resume = resume_point(config, store)
+    if resume is not None:
+        trainer.restore(resume)
+    return trainer
+
+
+def resume_point(config: TrainConfig, store: ckpt.CheckpointIO) -> Path | None:
+    """resume_from_checkpoint: 'none' → fresh; 'latest' → newest complete checkpoint, if any; else that path."""
+    choice = config.resume_from_checkpoint
+    if choice == "none":
+        return None
+    if choice == "latest":
+        return store.latest()
+    folder = Path(choice)
+    if not folder.is_dir():
+        folder = Path(config.output_dir) / choice  # SimpleTuner also accepts a bare "checkpoint-N"
+    ckpt.verify_checkpoint(folder)
+    return folder
