@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import signal
+import warnings
 import sys
 from pathlib import Path
 
@@ -126,14 +127,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(verbose: bool) -> None:
+    """Our lines at INFO; the libraries' own progress bars and chatter only with --verbose."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if verbose:
+        return
+    import diffusers
+    import lycoris.logging  # sets its own level at import, so import before overriding
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("LyCORIS").setLevel(logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "no 4-bit CPU kernels": we use 8-bit Adam only
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     from relay_train.checkpoint import CheckpointError
     from relay_train.config import ConfigError
     from relay_train.model import ModelNotFoundError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging(args.verbose)
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -389,7 +389,7 @@ def _note_quantize(c: TrainConfig) -> str | None:
 def _note_benchmark(c: TrainConfig) -> str | None:
     if "disable_benchmark" not in c.model_fields_set:
         return None
-    effect = "is skipped" if c.disable_benchmark else "runs before training"
+    effect = "is skipped" if c.disable_benchmark else "runs before training, once validation lands (issue 6)"
     return (f"--disable_benchmark={_show(c.disable_benchmark)}: SimpleTuner's step-0 validation "
             f"of the base model (the 'benchmark') {effect}")
 

@@ -147,7 +147,7 @@ def encode_dataset(config: TrainConfig, model_path: Path, device: torch.device, 
     log.info("dataset: %d samples in %d aspect buckets %s", sum(map(len, grouped.values())), len(grouped),
              {f"{w}x{h}": len(m) for (w, h), m in sorted(grouped.items())})
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(model_path, transformer=None, torch_dtype=dtype, local_files_only=True)
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_path, transformer=None, dtype=dtype, local_files_only=True)
     pipe.to(device)
     empty = _encode_prompts(pipe, [""], device)
     generator = torch.Generator().manual_seed(config.seed)  # one fixed VAE posterior draw per image

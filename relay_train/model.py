@@ -52,16 +52,18 @@ def resolve_model_path(name_or_path: str) -> Path:
         return Path(snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=True))
     except Exception:  # not cached: fall through to a download, unless we are offline
         pass
-    try:
-        return Path(snapshot_download(name_or_path, allow_patterns=patterns))
-    except Exception as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        raise ModelNotFoundError(
-            f"--pretrained_model_name_or_path: {name_or_path!r} is not a local folder, not in the "
-            f"Hugging Face cache, and could not be downloaded{' (HF_HUB_OFFLINE is set)' if offline else ''}: "
-            f"{type(exc).__name__}. Download it where the Hub is reachable "
-            f"(`hf download {name_or_path}`) or point the key at a local diffusers folder."
-        ) from exc
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
+    reason = "HF_HUB_OFFLINE is set"
+    if not offline:
+        try:
+            return Path(snapshot_download(name_or_path, allow_patterns=patterns))
+        except Exception as exc:
+            reason = f"the download failed: {type(exc).__name__}"
+    raise ModelNotFoundError(
+        f"--pretrained_model_name_or_path: {name_or_path!r} is not a local folder nor in the Hugging Face "
+        f"cache, and {reason}. Download it where the Hub is reachable (`hf download {name_or_path}`, "
+        "a gated model needs HF_TOKEN) or point the key at a local diffusers folder."
+    )
 
 
 def pick_device() -> torch.device:
@@ -85,7 +87,7 @@ class AdapterModel:
 def load_transformer(model_path: Path, dtype: torch.dtype) -> torch.nn.Module:
     from diffusers import SD3Transformer2DModel
 
-    return SD3Transformer2DModel.from_pretrained(model_path, subfolder="transformer", torch_dtype=dtype)
+    return SD3Transformer2DModel.from_pretrained(model_path, subfolder="transformer", dtype=dtype)
 
 
 def quantize_base(transformer: torch.nn.Module, precision: str) -> None:
@@ -123,13 +125,13 @@ def build_adapter_model(config: TrainConfig, model_path: Path, device: torch.dev
     """Load → (quantize on CPU first when quantize_via=cpu) → freeze → device → LoKr → grad checkpointing."""
     dtype = compute_dtype(config, device)
     transformer = load_transformer(model_path, dtype)
-    transformer.requires_grad_(False)
     if config.quantize_via == "cpu":
         quantize_base(transformer, config.base_model_precision)
         transformer.to(device)
     else:
         transformer.to(device)
         quantize_base(transformer, config.base_model_precision)
+    transformer.requires_grad_(False)  # after quantizing: quanto's new weight Parameters default to trainable
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     torch.manual_seed(seed)  # the adapter's initial weights are part of the run's determinism
