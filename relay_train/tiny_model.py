@@ -64,9 +64,11 @@ _TRANSFORMERS: dict[str, dict[str, Any]] = {
         "out_channels": 16,
         "num_layers": 2,
         "attention_head_dim": 16,
-        "num_attention_heads": 2,
+        # 4 × 16 = 64 = the patch's output width (2·2·16), so the adapter can reach every output
+        # dimension through the frozen random proj_out; at 32 wide, overfitting stalls early.
+        "num_attention_heads": 4,
         "joint_attention_dim": 64,
-        "caption_projection_dim": 32,  # must equal heads * head_dim
+        "caption_projection_dim": 64,  # must equal heads * head_dim
         "pooled_projection_dim": 64,
         # Longest side <= pos_embed_max_size * patch_size * 8 = 512 px.
         "pos_embed_max_size": 32,
