@@ -60,7 +60,7 @@ def read_caption(image: Path, strategy: str, instance_prompt: str | None) -> str
     if strategy == "textfile":
         text = image.with_suffix(".txt")
         if not text.is_file():
-            raise FileNotFoundError(f"caption_strategy textfile: no caption file {text.name} beside {image.name}")
+            raise FileNotFoundError(f"{image.name}: no caption file {text.name} (caption_strategy textfile)")
         return text.read_text(encoding="utf-8").strip()
     if strategy == "filename":
         return image.stem.replace("_", " ").strip()
@@ -70,7 +70,8 @@ def read_caption(image: Path, strategy: str, instance_prompt: str | None) -> str
 
 
 def discover_images(backend: DataBackendConfig, minimum_size: float, delete_problematic: bool) -> list[ImageRecord]:
-    """Every readable image under instance_data_dir; corrupt or too-small files are skipped, loudly."""
+    """Every readable image under instance_data_dir. Corrupt, too small or uncaptioned files are skipped
+    and listed in one warning; with delete_problematic_images, unreadable ones are also deleted."""
     root = Path(backend.instance_data_dir).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data backend {backend.id!r}: instance_data_dir {root} is not a folder")
@@ -89,7 +90,11 @@ def discover_images(backend: DataBackendConfig, minimum_size: float, delete_prob
         if minimum_size and min(size) < minimum_size:
             skipped.append(f"{path.name}: {size[0]}x{size[1]} is under minimum_image_size {minimum_size:g}")
             continue
-        caption = read_caption(path, backend.caption_strategy, backend.instance_prompt)
+        try:
+            caption = read_caption(path, backend.caption_strategy, backend.instance_prompt)
+        except FileNotFoundError as exc:
+            skipped.append(str(exc))
+            continue
         records.extend([ImageRecord(path, caption, size)] * (1 + backend.repeats))
     if skipped:
         log.warning("data backend %r: skipped %d image(s): %s", backend.id, len(skipped), "; ".join(skipped[:10]))

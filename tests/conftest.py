@@ -30,22 +30,33 @@ def demo_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def make_config(tmp_path, tiny_model, demo_data):
-    """The demo recipe pointed at this test's folders; keyword overrides use config key names."""
-    from relay_train.config import load_config
+def config_file(tmp_path, tiny_model, demo_data):
+    """Write the demo recipe pointed at this test's folders; keyword overrides use config key names."""
 
-    def build(data_dir: Path | None = None, out: str = "out", **overrides):
+    def write(data_dir: Path | None = None, out: str = "out", **overrides) -> Path:
         backends = json.loads((REPO / "configs/demo/multidatabackend.json").read_text())
         backends[0]["instance_data_dir"] = str(data_dir or demo_data)
         backends[1]["cache_dir"] = str(tmp_path / "cache")
         backend_file = tmp_path / f"backends-{out}.json"
         backend_file.write_text(json.dumps(backends))
-        base = {
-            "pretrained_model_name_or_path": str(tiny_model),
-            "data_backend_config": str(backend_file),
-            "lycoris_config": str(REPO / "configs/demo/lycoris_config.json"),
-            "output_dir": str(tmp_path / out),
-        }
-        return load_config(REPO / "configs/demo/config.json", {**base, **overrides})
+        raw = json.loads((REPO / "configs/demo/config.json").read_text())
+        raw.update({
+            "--pretrained_model_name_or_path": str(tiny_model),
+            "--data_backend_config": str(backend_file),
+            "--lycoris_config": str(REPO / "configs/demo/lycoris_config.json"),
+            "--output_dir": str(tmp_path / out),
+        })
+        raw.update({f"--{k}" if f"--{k}" in raw or k not in raw else k: v for k, v in overrides.items()})
+        path = tmp_path / f"config-{out}.json"
+        path.write_text(json.dumps(raw, indent=2))
+        return path
 
-    return build
+    return write
+
+
+@pytest.fixture
+def make_config(config_file):
+    """The demo recipe as a loaded TrainConfig (see config_file)."""
+    from relay_train.config import load_config
+
+    return lambda **kwargs: load_config(config_file(**kwargs))
