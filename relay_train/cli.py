@@ -9,6 +9,7 @@ import signal
 import warnings
 import sys
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger("relay")
 
@@ -99,7 +100,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_train(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = None) -> argparse.ArgumentParser:
+    """The trainer's subcommands; `extend` adds the orchestrator's (relay_train itself never imports Ray)."""
     parser = argparse.ArgumentParser(prog="relay", description="Terminus Relay: SD3.5 Medium LoKr training")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--count", type=int, default=36)
     data.add_argument("--seed", type=int, default=0)
     data.set_defaults(func=cmd_make_demo_data)
+    if extend:
+        extend(sub)
     return parser
 
 
@@ -146,12 +150,12 @@ def configure_logging(verbose: bool) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extend: Callable[[argparse._SubParsersAction], None] | None = None) -> int:
     from relay_train.checkpoint import CheckpointError
     from relay_train.config import ConfigError
     from relay_train.model import ModelNotFoundError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(extend).parse_args(argv)
     configure_logging(args.verbose)
     try:
         return args.func(args)

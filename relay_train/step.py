@@ -31,18 +31,25 @@ def train_step(
     caption_dropout: float,
     device: torch.device,
     dtype: torch.dtype,
+    share: slice = slice(None),
 ) -> torch.Tensor:
-    """Flow-matching loss for one batch. All randomness comes from `generator` (a CPU generator,
-    so the draws are identical on any device and its state checkpoints exactly)."""
-    latents = batch.latents
-    bsz = latents.shape[0]
-    # Draw in a fixed order regardless of the options, so the generator's stream never depends on them.
-    drop = caption_dropout_mask(bsz, caption_dropout, generator)
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    sigmas = shift_sigmas(sample_logit_normal_sigmas(bsz, generator), shift)
+    """Flow-matching loss, averaged over this rank's `share` of the global `batch`.
 
-    prompt = torch.where(drop[:, None, None], empty_prompt[0], batch.prompt_embeds)
-    pooled = torch.where(drop[:, None], empty_prompt[1], batch.pooled_embeds)
+    All randomness comes from `generator`, a CPU generator, so the draws are the same on any device
+    and its state checkpoints exactly. Every rank draws for the whole global batch and keeps its
+    share: the run's noise does not depend on how many ranks split the batch.
+    """
+    bsz = batch.latents.shape[0]
+    # Draw in a fixed order regardless of the options, so the generator's stream never depends on them.
+    drop = caption_dropout_mask(bsz, caption_dropout, generator)[share]
+    noise = torch.randn(batch.latents.shape, generator=generator, dtype=torch.float32)[share]
+    sigmas = shift_sigmas(sample_logit_normal_sigmas(bsz, generator), shift)[share]
+    latents = batch.latents[share]
+    if latents.shape[0] == 0:  # a partial global batch left this rank nothing; the draws above still count
+        return torch.zeros((), device=device)
+
+    prompt = torch.where(drop[:, None, None], empty_prompt[0], batch.prompt_embeds[share])
+    pooled = torch.where(drop[:, None], empty_prompt[1], batch.pooled_embeds[share])
 
     latents, noise, sigmas = latents.to(device), noise.to(device), sigmas.to(device)
     noisy = add_noise(latents, noise, sigmas)  # x_σ = (1 − σ)·x0 + σ·ε

@@ -17,6 +17,7 @@ from relay_train.buckets import BucketBatchSampler
 from relay_train.config import TrainConfig
 from relay_train.data import EncodedDataset, encode_dataset
 from relay_train.model import AdapterModel, build_adapter_model, compute_dtype, pick_device, resolve_model_path
+from relay_train.parallel import shard_of
 from relay_train.optim import AdapterEMA, build_optimizer, build_scheduler, clip_gradients
 from relay_train.step import train_step
 
@@ -38,8 +39,9 @@ class Hooks:
     """What the caller (CLI, Ray worker, test) plugs in. Every rank calls every hook."""
 
     on_step: Callable[[StepReport], None] | None = None  # every `log_every` steps (a host sync)
-    on_checkpoint: Callable[[int, Path], None] | None = None  # after checkpoint-N is complete
+    on_checkpoint: Callable[[int, Path | None], None] | None = None  # checkpoint-N complete (None off the writer)
     should_stop: Callable[[int], bool] | None = None  # True → checkpoint now and return
+    sync_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None  # data parallel: sum over ranks
 
 
 @dataclass
@@ -87,8 +89,13 @@ class Trainer:
         device: torch.device,
         hooks: Hooks | None = None,
         log_every: int = 10,
+        rank: int = 0,
+        world_size: int = 1,
     ):
+        """`sampler` yields global batches (train_batch_size × world_size); this rank trains on its share.
+        Every rank keeps an identical replica of the adapter, optimizer and RNG; rank 0 alone writes."""
         self.config, self.model, self.dataset, self.sampler, self.store = config, model, dataset, sampler, store
+        self.rank, self.world_size, self.is_writer = rank, world_size, rank == 0
         self.device, self.dtype = device, compute_dtype(config, device)
         self.hooks, self.log_every = hooks or Hooks(), log_every
         self.params = model.trainable_parameters()
@@ -98,6 +105,7 @@ class Trainer:
         self.ema = AdapterEMA(model.network, config.ema_decay) if config.use_ema else None
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
+        self.resumed_at: list[int] = []  # every step this run resumed at, carried through checkpoints
         self.empty_prompt = (dataset.empty_prompt_embeds, dataset.empty_pooled_embeds)
 
     # -- state -------------------------------------------------------------------------------
@@ -111,7 +119,8 @@ class Trainer:
             scheduler=self.scheduler.state_dict(),
             rng=ckpt.capture_rng(self.generator),
             training_state={"step": self.step, "total_steps": self.total_steps, "sampler": self.sampler.state_dict(),
-                            "world_size": self.sampler.world_size, "saved_at": time.time()},
+                            "world_size": self.world_size, "resumed_at": self.resumed_at,
+                            "saved_at": time.time()},
             config_json=self.config.resolved_json(),
         )
 
@@ -127,11 +136,14 @@ class Trainer:
         self.sampler.load_state_dict(state.training_state["sampler"])
         ckpt.restore_rng(state.rng, self.generator)
         self.step = state.step
+        self.resumed_at = [*state.training_state.get("resumed_at", []), self.step]
         log.info("resumed from %s at step %d/%d", folder, self.step, self.total_steps)
 
-    def save(self) -> Path:
-        folder = self.store.save(self.payload())
-        log.info("checkpoint %s written", folder)
+    def save(self) -> Path | None:
+        folder = None
+        if self.is_writer:
+            folder = self.store.save(self.payload())
+            log.info("checkpoint %s written", folder)
         if self.hooks.on_checkpoint:
             self.hooks.on_checkpoint(self.step, folder)
         return folder
@@ -143,13 +155,18 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(accum):
             bucket, indices = self.sampler.next_batch()
+            share = shard_of(len(indices), self.rank, self.world_size)
             loss = train_step(
                 self.model.transformer, self.dataset.batch(bucket, indices), self.empty_prompt, self.generator,
                 shift=self.config.flow_schedule_shift, caption_dropout=self.config.caption_dropout_probability,
-                device=self.device, dtype=self.dtype,
+                device=self.device, dtype=self.dtype, share=share,
             )
-            (loss / accum).backward()
-            loss_sum += loss.detach()
+            if share.stop > share.start:  # a partial global batch can leave a rank nothing to do
+                # weight by this rank's share so the sum over ranks is the global batch's mean
+                ((share.stop - share.start) / len(indices) / accum * loss).backward()
+                loss_sum += loss.detach()
+        if self.hooks.sync_gradients:
+            self.hooks.sync_gradients(self.params)
         clip_gradients(self.params, self.config.grad_clip_method, self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -162,6 +179,7 @@ class Trainer:
     def fit(self) -> FitResult:
         result = FitResult(step=self.step, total_steps=self.total_steps, stopped_early=False, last_checkpoint=None)
         window, window_start, t0 = torch.zeros((), device=self.device), self.step, time.perf_counter()
+        saved_at = None
         while self.step < self.total_steps:
             window += self.optimizer_step()
             if self.step % self.log_every == 0 or self.step == self.total_steps:
@@ -175,14 +193,14 @@ class Trainer:
                 window.zero_()
                 window_start, t0 = self.step, time.perf_counter()
             if self.step % self.config.checkpointing_steps == 0 or self.step == self.total_steps:
-                result.last_checkpoint = self.save()
+                result.last_checkpoint, saved_at = self.save(), self.step
             if self.step < self.total_steps and self.hooks.should_stop and self.hooks.should_stop(self.step):
-                if result.last_checkpoint is None or ckpt.checkpoint_step(result.last_checkpoint) != self.step:
-                    result.last_checkpoint = self.save()
+                if saved_at != self.step:
+                    result.last_checkpoint, saved_at = self.save(), self.step
                 result.stopped_early = True
                 break
         result.step = self.step
-        if not result.stopped_early:
+        if not result.stopped_early and self.is_writer:
             result.exported = self.export(Path(self.config.output_dir))
         return result
 
@@ -207,19 +225,22 @@ def build_trainer(
     rank: int = 0,
     world_size: int = 1,
     store: ckpt.CheckpointIO | None = None,
+    resume_from: Path | None = None,
 ) -> Trainer:
-    """Data first (then its encoders are freed), then the quantized transformer + LoKr, then state."""
+    """Data first (then its encoders are freed), then the quantized transformer + LoKr, then state:
+    from `resume_from` when given (the orchestrator's checkpoint), else per resume_from_checkpoint."""
     device = device or pick_device()
     model_path = resolve_model_path(config.pretrained_model_name_or_path)
     dataset = encode_dataset(config, model_path, device, compute_dtype(config, device))
-    sampler = BucketBatchSampler(dataset.bucket_sizes(), config.train_batch_size, config.seed,
-                                 keep_partial_batches=config.disable_bucket_pruning, rank=rank, world_size=world_size)
+    # The sampler deals global batches; each rank trains on its share (see Trainer).
+    sampler = BucketBatchSampler(dataset.bucket_sizes(), config.train_batch_size * world_size, config.seed,
+                                 keep_partial_batches=config.disable_bucket_pruning)
     model = build_adapter_model(config, model_path, device, seed=config.seed)
     store = store or ckpt.LocalCheckpointStore(Path(config.output_dir), keep=config.checkpoints_total_limit)
-    trainer = Trainer(config, model, dataset, sampler, store, device, hooks)
-    resume = resume_point(config, store)
-    if resume is not None:
-        trainer.restore(resume)
+    trainer = Trainer(config, model, dataset, sampler, store, device, hooks, rank=rank, world_size=world_size)
+    folder = resume_from or resume_point(config, store)
+    if folder is not None:
+        trainer.restore(folder)
     return trainer
 
 

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def relay(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "relay_train.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, **kwargs)
+                          text=True, timeout=900, **kwargs)
 
 
 def test_bad_config_lists_every_problem_without_a_traceback(tmp_path):

@@ -1,0 +1,67 @@
+"""The cluster section: how many workers, where checkpoints live, how failures are tolerated.
+
+A small JSON file of its own (`configs/*/cluster.json`), so the SimpleTuner config stays unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from relay_train.config import ConfigError
+
+
+class ClusterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_workers: int = Field(1, ge=1, description="data-parallel training workers (one per GPU)")
+    use_gpu: bool = Field(False, description="one GPU per worker; NCCL instead of gloo")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra custom resources per worker")
+    storage_path: str = Field("output/ray", description="s3://bucket/prefix or a local folder; runs live under <storage_path>/<run_name>")
+    storage_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, R2...)")
+    run_name: str | None = Field(None, description="defaults to tracker_run_name, then the output_dir's name")
+    max_failures: int = Field(3, ge=-1, description="worker-group restarts after failures (-1: unlimited)")
+    max_preemption_failures: int = Field(-1, ge=-1, description="restarts after preemptions (-1: unlimited)")
+    strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="how adapter gradients are synced")
+    upload_mode: Literal["async", "sync"] = Field("async", description="checkpoint upload: async never blocks the loop")
+
+    @property
+    def is_s3(self) -> bool:
+        return self.storage_path.startswith("s3://")
+
+
+def load_cluster_config(path: str | Path | None, overrides: dict | None = None) -> ClusterConfig:
+    raw = json.loads(Path(path).read_text()) if path else {}
+    raw.update(overrides or {})
+    known = list(ClusterConfig.model_fields)
+    unknown = [k for k in raw if k not in known]
+    problems = [f"unknown cluster key {k!r}" + (f": did you mean {m[0]!r}?" if (m := get_close_matches(k, known, 1)) else "")
+                for k in unknown]
+    try:
+        config = ClusterConfig(**{k: v for k, v in raw.items() if k in known})
+    except ValidationError as exc:
+        problems += [f"cluster key {'.'.join(map(str, e['loc']))!r}: got {e.get('input')!r}; {e['msg']}" for e in exc.errors()]
+        config = None
+    if problems:
+        raise ConfigError(problems, source=path or "the cluster config")
+    return config
+
+
+def storage_filesystem(cluster: ClusterConfig):
+    """(pyarrow filesystem or None, storage_path as Ray wants it). S3 honours an endpoint override."""
+    if not cluster.is_s3:
+        return None, str(Path(cluster.storage_path).expanduser().resolve())
+    from pyarrow import fs
+
+    parsed = urlparse(cluster.storage_path)
+    path = f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if not cluster.storage_endpoint_url:
+        return fs.S3FileSystem(), path
+    endpoint = urlparse(cluster.storage_endpoint_url)
+    return fs.S3FileSystem(endpoint_override=endpoint.netloc, scheme=endpoint.scheme or "https"), path

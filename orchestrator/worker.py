@@ -1,0 +1,99 @@
+"""What every Ray Train worker runs: the relay_train Trainer with Ray's hooks plugged in."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+from ray.train import Checkpoint, CheckpointUploadMode
+
+from relay_train import checkpoint as ckpt
+from relay_train.config import load_config
+from relay_train.parallel import allreduce_gradients
+from relay_train.trainer import Hooks, StepReport, build_trainer
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointReporter:
+    """on_checkpoint hook: hand checkpoint-N to Ray, which uploads it to storage_path and keeps the newest N.
+
+    `ray.train.report` is a barrier: every rank calls it at the same steps; only the writer passes a
+    checkpoint. With ASYNC upload the loop continues while Ray copies the folder, then deletes it.
+    """
+
+    def __init__(self, upload_mode: str):
+        self.mode = CheckpointUploadMode.ASYNC if upload_mode == "async" else CheckpointUploadMode.SYNC
+
+    def __call__(self, step: int, folder: Path | None) -> None:
+        metrics = {"step": step}
+        if folder is None:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)), checkpoint_dir_name=folder.name,
+                         checkpoint_upload_mode=self.mode, delete_local_checkpoint_after_upload=True)
+
+
+def log_progress(report: StepReport) -> None:
+    log.info("step %d/%d  loss %.4f  lr %.2e  %.2f it/s", report.step, report.total_steps, report.loss, report.lr,
+             report.steps_per_second)
+
+
+@contextlib.contextmanager
+def restored_checkpoint():
+    """The latest checkpoint Ray committed for this run, as a local folder (downloaded from S3 if need be)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as folder:
+        ckpt.verify_checkpoint(Path(folder))  # a checkpoint without a valid manifest is never loaded
+        yield Path(folder)
+
+
+def enter_job_directory(path: str) -> None:
+    """Ray Train starts workers in its own session folder; the config's relative paths (model, data,
+    output_dir) mean the job's directory. Where that folder is not on this node, paths must be absolute."""
+    if Path(path).is_dir():
+        os.chdir(path)
+    else:
+        log.warning("job directory %s is not on this node: relative config paths resolve from %s", path, os.getcwd())
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    enter_job_directory(loop_config["working_dir"])
+    config = load_config(loop_config["config_path"], loop_config["overrides"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    staging = staging_dir(loop_config["run_name"], rank)
+    hooks = Hooks(
+        on_checkpoint=CheckpointReporter(loop_config["upload_mode"]),
+        sync_gradients=allreduce_gradients if world_size > 1 else None,
+        on_step=log_progress if rank == 0 else None,
+    )
+    with restored_checkpoint() as resume_from:
+        trainer = build_trainer(config, hooks=hooks, device=ray.train.torch.get_device(), rank=rank,
+                                world_size=world_size, store=ckpt.LocalCheckpointStore(staging),
+                                resume_from=resume_from)
+    if rank == 0:
+        log.info("%d worker(s); %s", world_size, f"resumed at step {trainer.step}" if resume_from else "starting a new run")
+    trainer.fit()
+
+
+def staging_dir(run_name: str, rank: int) -> Path:
+    """Where checkpoint-N waits for Ray's upload; Ray deletes each folder once it is in storage.
+
+    Left-overs from an earlier attempt on this node are stale (what mattered reached storage, or its
+    upload died with that attempt and the run resumes from the last committed one), so start empty.
+    """
+    folder = Path(tempfile.gettempdir()) / "relay-staging" / run_name / f"rank-{rank}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
