@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import ray.train
@@ -30,9 +31,14 @@ class CheckpointReporter:
 
     def __init__(self, upload_mode: str):
         self.mode = CheckpointUploadMode.ASYNC if upload_mode == "async" else CheckpointUploadMode.SYNC
+        self.last: tuple[int, float] | None = None  # (step, clock) at the previous checkpoint
 
     def __call__(self, step: int, folder: Path | None) -> None:
+        now = time.perf_counter()
         metrics = {"step": step}
+        if self.last is not None and step > self.last[0]:
+            metrics["steps_per_second"] = (step - self.last[0]) / (now - self.last[1])  # since the last checkpoint
+        self.last = (step, now)
         if folder is None:
             ray.train.report(metrics, checkpoint=None)
             return

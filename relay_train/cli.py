@@ -13,7 +13,6 @@ from typing import Callable
 
 log = logging.getLogger("relay")
 
-DEMO_CONFIG = Path("configs/demo/config.json")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, object]:
@@ -87,19 +86,6 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Make the tiny model and the demo images where missing, then train on configs/demo."""
-    from relay_train.demo_data import make_demo_dataset
-    from relay_train.tiny_model import make_pipeline
-
-    if not Path("demo/tiny-sd3/model_index.json").is_file():
-        make_pipeline("demo/tiny-sd3")
-    if not any(Path("demo/data").glob("*.txt")):
-        make_demo_dataset("demo/data")
-    args.config = DEMO_CONFIG
-    return cmd_train(args)
-
-
 def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = None) -> argparse.ArgumentParser:
     """The trainer's subcommands; `extend` adds the orchestrator's (relay_train itself never imports Ray)."""
     parser = argparse.ArgumentParser(prog="relay", description="Terminus Relay: SD3.5 Medium LoKr training")
@@ -110,10 +96,6 @@ def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = N
     train.add_argument("--config", type=Path, required=True, help="SimpleTuner-style config.json")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     train.set_defaults(func=cmd_train)
-
-    demo = sub.add_parser("demo", help="tiny model + demo data + train on configs/demo (CPU)")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    demo.set_defaults(func=cmd_demo)
 
     tiny = sub.add_parser("make-tiny-model", help="write a random-weight SD3 pipeline")
     tiny.add_argument("path", type=Path)

@@ -23,7 +23,7 @@ def local_ray(s3_endpoint):
     """One local Ray for the module; started after the S3 credentials are in the environment."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
     yield
     ray.shutdown()
 
@@ -81,3 +81,82 @@ def test_resume_none_on_an_existing_run_is_refused(local_ray, config_file, tmp_p
     assert launch(path, {}, cluster).error is None
     with pytest.raises(ConfigError, match="already exists"):
         launch(path, {"resume_from_checkpoint": "none"}, cluster)
+
+
+KILL_DRIVER = '''
+import os, sys, time, tempfile
+from pathlib import Path
+import ray, ray.train
+from ray.train import RunConfig, ScalingConfig, CheckpointConfig
+from ray.train.torch import TorchTrainer
+from orchestrator.cluster import ClusterConfig, storage_filesystem
+from orchestrator.worker import CheckpointReporter
+from relay_train import checkpoint as ckpt
+import torch
+
+def train_fn(config):
+    reporter = CheckpointReporter("async")
+    for step, pad_mib in ((1, 1), (2, 300)):
+        folder = Path(tempfile.mkdtemp()) / f"checkpoint-{step}"
+        payload = ckpt.CheckpointPayload(step, {"w": torch.full((4,), float(step))}, {"step": str(step)}, None,
+                                         {}, {}, {}, {"step": step}, "{}")
+        ckpt.write_checkpoint(folder, payload)
+        with open(folder / "padding.bin", "wb") as fh:  # a big adapter: the upload takes a while
+            fh.write(os.urandom(pad_mib << 20))
+        reporter(step, folder)
+    time.sleep(600)  # killed before this ends
+
+cluster = ClusterConfig(storage_path=sys.argv[1], storage_endpoint_url=sys.argv[2])
+fs, path = storage_filesystem(cluster)
+ray.init(address="local", num_cpus=2, include_dashboard=False)
+TorchTrainer(train_fn, scaling_config=ScalingConfig(num_workers=1),
+             run_config=RunConfig(name="kill", storage_path=path, storage_filesystem=fs,
+                                  checkpoint_config=CheckpointConfig(num_to_keep=5))).fit()
+'''
+
+
+def test_a_kill_mid_upload_leaves_the_last_complete_checkpoint(local_ray, s3_endpoint, s3_bucket, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def restore_probe(config: dict) -> None:  # a closure, so Ray ships it by value
+        from orchestrator.worker import restored_checkpoint
+
+        with restored_checkpoint() as folder:  # verified against its manifest on the way
+            Path(config["out"]).write_text(str(ckpt.read_checkpoint(folder).step) if folder else "none")
+
+    client, bucket = s3_bucket
+    script = tmp_path / "driver.py"
+    script.write_text(KILL_DRIVER)
+    repo = Path(__file__).resolve().parents[2]
+    driver = subprocess.Popen([sys.executable, str(script), f"s3://{bucket}/runs", s3_endpoint], cwd=repo,
+                              env={**os.environ, "PYTHONPATH": str(repo)}, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:  # until checkpoint-2's upload has begun
+            uploads = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+            listed = client.list_objects_v2(Bucket=bucket, Prefix="runs/kill/checkpoint-2/").get("KeyCount", 0)
+            if listed or any("checkpoint-2" in u["Key"] for u in uploads):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("checkpoint-2's upload never started")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the whole job: driver, Ray, worker, upload thread
+        driver.wait(timeout=60)
+
+    snapshot = client.get_object(Bucket=bucket, Key="runs/kill/checkpoint_manager_snapshot.json")["Body"].read()
+    assert b"checkpoint-1" in snapshot and b"checkpoint-2" not in snapshot
+    cluster = ClusterConfig(storage_path=f"s3://{bucket}/runs", storage_endpoint_url=s3_endpoint)
+    fs, path = storage_filesystem(cluster)
+    out = tmp_path / "restored.txt"
+    TorchTrainer(restore_probe, train_loop_config={"out": str(out)}, scaling_config=ScalingConfig(num_workers=1),
+                 run_config=RunConfig(name="kill", storage_path=path, storage_filesystem=fs)).fit()
+    assert out.read_text() == "1"

@@ -1,0 +1,118 @@
+"""Ray orchestration figures (issue 4), side by side in one run.
+
+    python bench/bench_ray.py steps  [--steps 300]   # (a) 1-worker Ray run vs `relay train`, same config
+    python bench/bench_ray.py upload [--mib 350]     # (b) loop blocked per checkpoint: ASYNC vs SYNC upload to S3
+
+(a) compares steps/s between checkpoints (every 50 steps; the intervals after the first checkpoint,
+so start-up is excluded on both sides).
+(b) reports, through our CheckpointReporter, a checkpoint padded to --mib to moto's S3 server on
+loopback, three times per mode, with 3 s of busy "training" between; it prints how long each report
+call held the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def bench_steps(steps: int) -> None:
+    import ray
+
+    from orchestrator.cluster import ClusterConfig
+    from orchestrator.launch import launch
+    from relay_train.config import load_config
+    from relay_train.trainer import Hooks, build_trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = {"max_train_steps": steps, "checkpointing_steps": 50, "output_dir": f"{tmp}/single",
+                     "resume_from_checkpoint": "none"}
+        marks: list[tuple[int, float]] = []
+        trainer = build_trainer(load_config(REPO / "configs/demo/config.json", overrides),
+                                hooks=Hooks(on_checkpoint=lambda step, _: marks.append((step, time.perf_counter()))))
+        trainer.fit()
+        single = [(b[0] - a[0]) / (b[1] - a[1]) for a, b in zip(marks, marks[1:])]
+
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+        cluster = ClusterConfig(num_workers=1, storage_path=f"{tmp}/runs", run_name="bench", max_failures=0)
+        result = launch(REPO / "configs/demo/config.json", {**overrides, "output_dir": f"{tmp}/ray"}, cluster)
+        ray.shutdown()
+        rates = [metrics["steps_per_second"] for _, metrics in result.best_checkpoints]
+    s, r = statistics.median(single), statistics.median(rates)
+    print(f"relay train (single process): {s:.2f} steps/s  intervals {[round(x, 1) for x in single]}")
+    print(f"ray, 1 worker:                {r:.2f} steps/s  intervals {[round(x, 1) for x in rates]}")
+    print(f"ratio ray/single: {r / s:.3f}")
+
+
+def upload_train_fn(config: dict) -> None:
+    import ray.train
+
+    from orchestrator.worker import CheckpointReporter
+
+    reporter, blocked = CheckpointReporter(config["mode"]), []
+    for step in (1, 2, 3):
+        end = time.perf_counter() + 3.0
+        while time.perf_counter() < end:  # "training": the work an async upload should overlap
+            sum(i * i for i in range(10_000))
+        folder = Path(tempfile.mkdtemp()) / f"checkpoint-{step}"
+        folder.mkdir()
+        with open(folder / "adapter.safetensors", "wb") as fh:
+            for _ in range(config["mib"]):
+                fh.write(os.urandom(1 << 20))
+        start = time.perf_counter()
+        reporter(step, folder)
+        blocked.append(time.perf_counter() - start)
+    Path(config["out"]).write_text(json.dumps(blocked))
+
+
+def bench_upload(mib: int) -> None:
+    import boto3
+    import ray
+    from moto.server import ThreadedMotoServer
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.cluster import ClusterConfig, storage_filesystem
+
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=5391, verbose=False)
+    server.start()
+    endpoint = "http://127.0.0.1:5391"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("sync", "async"):
+            cluster = ClusterConfig(storage_path="s3://bench/runs", storage_endpoint_url=endpoint)
+            fs, path = storage_filesystem(cluster)
+            out = Path(tmp) / f"{mode}.json"
+            t0 = time.perf_counter()
+            TorchTrainer(upload_train_fn, train_loop_config={"mode": mode, "mib": mib, "out": str(out)},
+                         scaling_config=ScalingConfig(num_workers=1),
+                         run_config=RunConfig(name=f"upload-{mode}", storage_path=path, storage_filesystem=fs,
+                                              checkpoint_config=CheckpointConfig(num_to_keep=2))).fit()
+            figures[mode] = (json.loads(out.read_text()), time.perf_counter() - t0)
+    ray.shutdown()
+    server.stop()
+    for mode, (blocked, total) in figures.items():
+        print(f"{mode:>5}: loop blocked per {mib} MiB checkpoint {statistics.mean(blocked):.3f} s "
+              f"(each: {', '.join(f'{b:.3f}' for b in blocked)}), whole run {total:.1f} s")
+    print(f"ratio sync/async blocked time: {statistics.mean(figures['sync'][0]) / statistics.mean(figures['async'][0]):.1f}x")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["steps", "upload"])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--mib", type=int, default=350)
+    args = parser.parse_args()
+    bench_steps(args.steps) if args.what == "steps" else bench_upload(args.mib)
