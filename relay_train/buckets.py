@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 Bucket = tuple[int, int]  # (width, height) in pixels
 
@@ -34,14 +38,23 @@ def _snap(side: float, alignment: int) -> int:
     return max(alignment, int(round(side / alignment)) * alignment)
 
 
+Batch = tuple[Bucket, list[int]]
+
+
 @dataclass
 class BucketBatchSampler:
     """Yields (bucket, sample indices) batches; a batch never mixes buckets.
 
-    Epoch e's order is a pure function of (seed, e), so the sampler's whole state is
-    (epoch, position): a resumed run replays exactly the batches an uninterrupted one would.
-    Each rank takes every world_size-th batch, and every rank gets the same count (the epoch is
-    trimmed to a multiple of world_size) so collective calls stay in step.
+    An epoch is a pure function of (seed, epoch): each bucket's samples in a shuffled order, cut
+    into batches in that order, and a shuffled sequence saying which bucket the next batch comes
+    from. Each rank takes every world_size-th batch, and every rank gets the same count (the epoch
+    is trimmed to a multiple of world_size) so collective calls stay in step.
+
+    Because a bucket's samples are always taken front to back, "how far into each bucket" says
+    exactly what an epoch has consumed. The state keeps that (`start`, where this stretch of the
+    epoch began) with the position since; a resume under another world size or batch size cuts
+    the rest of each bucket anew, so no sample repeats and none is skipped beyond the usual
+    trimming (a bucket's last partial batch, and fewer than world_size batches at the epoch's end).
     """
 
     bucket_sizes: dict[Bucket, int]
@@ -51,10 +64,13 @@ class BucketBatchSampler:
     rank: int = 0
     world_size: int = 1
     epoch: int = 0
-    position: int = 0
-    _order: list[tuple[Bucket, list[int]]] | None = field(default=None, repr=False)
+    position: int = 0  # batches this rank has taken since `start`
+    start: dict[Bucket, int] = field(default_factory=dict)  # samples per bucket consumed before this stretch
+    _order: list[Batch] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
         if self.batches_per_epoch() == 0:
             raise ValueError(
                 f"no full batch of {self.batch_size} fits any aspect bucket {dict(self.bucket_sizes)} "
@@ -62,37 +78,70 @@ class BucketBatchSampler:
                 "or set --disable_bucket_pruning true"
             )
 
-    def _epoch_batches(self, epoch: int) -> list[tuple[Bucket, list[int]]]:
-        rng = random.Random(f"{self.seed}:{epoch}")
-        batches = []
+    def global_batches(self, epoch: int, start: dict[Bucket, int] | None = None,
+                       batch_size: int | None = None) -> list[Batch]:
+        """Every batch of the epoch from `start` on, in order, before sharding."""
+        start, batch_size = start or {}, batch_size or self.batch_size
+        chunks: dict[Bucket, list[list[int]]] = {}
         for bucket in sorted(self.bucket_sizes):
-            indices = list(range(self.bucket_sizes[bucket]))
-            rng.shuffle(indices)
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                if len(chunk) == self.batch_size or self.keep_partial_batches:
-                    batches.append((bucket, chunk))
-        rng.shuffle(batches)
+            order = list(range(self.bucket_sizes[bucket]))
+            random.Random(f"{self.seed}:{epoch}:{bucket}").shuffle(order)
+            rest = order[start.get(bucket, 0):]
+            chunks[bucket] = [rest[i : i + batch_size] for i in range(0, len(rest), batch_size)
+                              if len(rest[i : i + batch_size]) == batch_size or self.keep_partial_batches]
+        labels = [bucket for bucket in sorted(chunks) for _ in chunks[bucket]]
+        where = ":".join(f"{start[b]}" for b in sorted(start) if start[b])  # a fresh epoch: ""
+        random.Random(f"{self.seed}:{epoch}:{where}").shuffle(labels)
+        taken = dict.fromkeys(chunks, 0)
+        batches = []
+        for bucket in labels:  # the k-th batch of a bucket is its k-th chunk: front to back
+            batches.append((bucket, chunks[bucket][taken[bucket]]))
+            taken[bucket] += 1
+        return batches
+
+    def _epoch_batches(self, epoch: int, start: dict[Bucket, int] | None = None) -> list[Batch]:
+        batches = self.global_batches(epoch, start)
         usable = len(batches) - len(batches) % self.world_size
         return batches[self.rank : usable : self.world_size]
 
     def batches_per_epoch(self) -> int:
+        """This rank's batches in a whole epoch (the stretch after a re-shard may be shorter)."""
         return len(self._epoch_batches(0))
 
-    def next_batch(self) -> tuple[Bucket, list[int]]:
+    def next_batch(self) -> Batch:
         if self._order is None:
-            self._order = self._epoch_batches(self.epoch)
-        if self.position >= len(self._order):
-            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._epoch_batches(self.epoch, self.start)
+        if self.position >= len(self._order):  # at most once: a fresh epoch always has a batch
+            self.epoch, self.position, self.start = self.epoch + 1, 0, {}
             self._order = self._epoch_batches(self.epoch)
         batch = self._order[self.position]
         self.position += 1
         return batch
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size,
+                "batch_size": self.batch_size, "start": [[w, h, n] for (w, h), n in sorted(self.start.items())],
+                "buckets": [[w, h, n] for (w, h), n in sorted(self.bucket_sizes.items())]}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore exactly when world and batch size match; otherwise continue each bucket where it stopped."""
         if state["seed"] != self.seed:
             raise ValueError(f"sampler state was saved with seed {state['seed']}, this run uses {self.seed}")
-        self.epoch, self.position, self._order = state["epoch"], state["position"], None
+        saved = {(w, h): n for w, h, n in state.get("buckets", [])}
+        if saved and saved != dict(self.bucket_sizes):
+            log.warning("sampler: the dataset's buckets changed since the checkpoint (%d → %d samples): "
+                        "epoch %d's order differs from the one it started with",
+                        sum(saved.values()), sum(self.bucket_sizes.values()), state["epoch"])
+        world, size = state.get("world_size", self.world_size), state.get("batch_size", self.batch_size)
+        start = {(w, h): n for w, h, n in state.get("start", [])}
+        self.epoch, self.position, self.start, self._order = state["epoch"], state["position"], start, None
+        if (world, size) == (self.world_size, self.batch_size):
+            return
+        done = self.global_batches(self.epoch, start, size)[: state["position"] * world]
+        consumed = dict(start)
+        for bucket, indices in done:
+            consumed[bucket] = consumed.get(bucket, 0) + len(indices)
+        self.start, self.position = consumed, 0
+        log.warning("sampler: resuming epoch %d on %d rank(s) × batch %d (saved on %d × %d): %d samples of the epoch "
+                    "were done and are not repeated; the rest of each bucket is cut into new batches",
+                    self.epoch, self.world_size, self.batch_size, world, size, sum(consumed.values()))

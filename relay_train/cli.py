@@ -86,6 +86,12 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from relay_train.precompute import cmd_precompute as run
+
+    return run(args)
+
+
 def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = None) -> argparse.ArgumentParser:
     """The trainer's subcommands; `extend` adds the orchestrator's (relay_train itself never imports Ray)."""
     parser = argparse.ArgumentParser(prog="relay", description="Terminus Relay: SD3.5 Medium LoKr training")
@@ -108,6 +114,10 @@ def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = N
     data.add_argument("--count", type=int, default=36)
     data.add_argument("--seed", type=int, default=0)
     data.set_defaults(func=cmd_make_demo_data)
+    pre = sub.add_parser("precompute", help="build the latent and text-embedding caches in this process")
+    pre.add_argument("--config", type=Path, required=True, help="SimpleTuner-style config.json")
+    pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    pre.set_defaults(func=cmd_precompute)
     if extend:
         extend(sub)
     return parser

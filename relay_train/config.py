@@ -313,7 +313,7 @@ class TrainConfig(BaseModel):
     def pending_features(self) -> list[str]:
         """Settings parsed now whose feature arrives in a later issue, grouped by feature."""
         groups = [
-            ("data caching, file discovery and S3 loading are", 3, self._pending_data()),
+            ("per-dataset sampling weights and random crop aspects are", 3, self._pending_data()),
             ("validation is", 6, self._pending_keys(_VALIDATION_KEYS)),
             ("Hub upload is", 5, self._pending_keys(_HUB_KEYS)),
             ("tracking and webhooks are", 8, self._pending_keys(
@@ -333,14 +333,13 @@ class TrainConfig(BaseModel):
         return [f"--{k}={_show(getattr(self, k))}" for k in keys if self._active(k)]
 
     def _pending_data(self) -> list[str]:
-        items = self._pending_keys(("skip_file_discovery", "compress_disk_cache"))
+        """The few multidatabackend settings the data pipeline still ignores."""
         name = self.data_backend_config.name
+        items = []
         for backend in self.data_backends:
             where = f"{name}[{backend.id}]"
-            items += [f"{where}.type=aws"] if backend.type == "aws" else []
-            items += [f"{where}.metadata_backend=parquet"] if backend.metadata_backend == "parquet" else []
-            items += [f"{where}.{k}={_show(getattr(backend, k))}"
-                      for k in ("cache_dir", "cache_dir_vae", "skip_file_discovery") if getattr(backend, k)]
+            items += [f"{where}.crop_aspect=random"] if backend.crop and backend.crop_aspect == "random" else []
+            items += [f"{where}.probability={backend.probability:g}"] if backend.probability != 1.0 else []
         return items
 
     def resolved_dict(self) -> dict[str, Any]:

@@ -1,38 +1,37 @@
-"""The simple local-folder dataset: discover images + captions, bucket them, encode them once.
+"""The dataset the trainer sees: aspect-bucketed samples read from the latent and text-embed caches.
 
-This is the seam the full data pipeline (issue 3: S3 backends, on-disk caches, Ray Data
-precompute) replaces: the trainer only sees an `EncodedDataset` and a `BucketBatchSampler`.
-Encoding happens once at start-up, in memory; the VAE and the text encoders are freed before
-the transformer is loaded.
+    plan_dataset   discover every image backend (local or S3), bucket each image, key its cache
+                   entries, and list what the caches already hold
+    build_missing  (relay_train.precompute) encode what is missing: the same code Ray Data runs
+    open_dataset   an EncodedDataset that reads cache entries only
+
+`encode_dataset` is the trainer's seam and does all three. When the caches are complete it never
+loads a text encoder or the VAE.
 """
 
 from __future__ import annotations
 
-import gc
+import io
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from relay_train.buckets import Bucket, bucket_for
+from relay_train.caches import TensorCache, component_fingerprint, latent_key, text_key
 from relay_train.config import DataBackendConfig, TrainConfig
-from relay_train.flow import normalize_latents
+from relay_train.discovery import ImageRecord, discover, report_problems
+from relay_train.storage import FileStore, cache_store, image_store
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-CLIP_TOKENS, T5_TOKENS = 77, 154  # the seed's dataset notes; SD3 sequence = 77 + 154 = 231
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    path: Path
-    caption: str
-    size: tuple[int, int]  # (width, height) as stored
+VAE_PARTS, TEXT_PARTS = ("vae",), ("text_encoder", "text_encoder_2", "text_encoder_3")
+MEMORY_BUDGET = 1 << 30  # keep decoded entries in RAM when the whole cache is under this
 
 
 @dataclass
@@ -42,150 +41,218 @@ class BucketTensors:
     pooled_embeds: torch.Tensor  # (N, pooled_projection_dim)
 
 
+@dataclass(frozen=True)
+class SampleRef:
+    backend: int  # index into DatasetPlan.backends / latent_caches
+    latent: str  # latent cache key
+    text: str  # text cache key
+
+
 @dataclass
+class BuildStats:
+    latents: int = 0  # entries encoded by this call (0 when the caches were complete)
+    text: int = 0
+    failed: int = 0
+
+
+@dataclass
+class DatasetPlan:
+    config: TrainConfig
+    backends: list[DataBackendConfig]
+    latent_caches: list[TensorCache]
+    text_cache: TensorCache
+    buckets: dict[Bucket, list[SampleRef]]
+    records: dict[str, tuple[int, ImageRecord, Bucket]]  # latent key → where its image is
+    captions: dict[str, str]  # text key → caption (the empty prompt included)
+    empty_key: str
+    missing_latents: list[str] = field(default_factory=list)
+    missing_text: list[str] = field(default_factory=list)
+    problems: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing_latents and not self.missing_text
+
+
 class EncodedDataset:
-    buckets: dict[Bucket, BucketTensors]
-    empty_prompt_embeds: torch.Tensor  # (231, D): caption dropout swaps to these
-    empty_pooled_embeds: torch.Tensor
+    """Samples by bucket; `batch` reads their cache entries (in parallel, for S3)."""
+
+    def __init__(self, buckets: dict[Bucket, list[SampleRef]], latent_caches: list[TensorCache], text_cache: TensorCache,
+                 empty_key: str, memory_budget: int = MEMORY_BUDGET, stats: BuildStats | None = None) -> None:
+        self.buckets, self.latent_caches, self.text_cache = buckets, latent_caches, text_cache
+        self.stats = stats or BuildStats()
+        total = sum(self.latent_caches[r.backend].size_of(r.latent) + text_cache.size_of(r.text)
+                    for refs in buckets.values() for r in refs)
+        self._memo: dict[tuple[int, str], dict[str, torch.Tensor]] | None = {} if total <= memory_budget else None
+        self._pool = ThreadPoolExecutor(max_workers=8)
+        empty = self._read(-1, empty_key)
+        self.empty_prompt_embeds, self.empty_pooled_embeds = empty["prompt_embeds"], empty["pooled_embeds"]
 
     def bucket_sizes(self) -> dict[Bucket, int]:
-        return {b: t.latents.shape[0] for b, t in self.buckets.items()}
+        return {b: len(refs) for b, refs in self.buckets.items()}
 
     def batch(self, bucket: Bucket, indices: list[int]) -> BucketTensors:
-        t, idx = self.buckets[bucket], torch.tensor(indices)
-        return BucketTensors(t.latents[idx], t.prompt_embeds[idx], t.pooled_embeds[idx])
+        refs = [self.buckets[bucket][i] for i in indices]
+        wanted = [(r.backend, r.latent) for r in refs] + [(-1, r.text) for r in refs]
+        if self._memo is not None and all(k in self._memo for k in wanted):
+            entries = [self._memo[k] for k in wanted]
+        else:  # each read is a GET on S3: overlap them
+            entries = list(self._pool.map(lambda k: self._read(*k), wanted))
+        latents, texts = entries[: len(refs)], entries[len(refs):]
+        return BucketTensors(torch.stack([e["latents"] for e in latents]),
+                             torch.stack([e["prompt_embeds"] for e in texts]),
+                             torch.stack([e["pooled_embeds"] for e in texts]))
+
+    def _read(self, backend: int, key: str) -> dict[str, torch.Tensor]:
+        if self._memo is not None and (backend, key) in self._memo:
+            return self._memo[(backend, key)]
+        cache = self.text_cache if backend < 0 else self.latent_caches[backend]
+        # Stored in the encoder's dtype (bf16 on a GPU); the step gets fp32 and autocasts itself.
+        entry = {k: v.float() for k, v in cache.get(key).items()}
+        if self._memo is not None:
+            self._memo[(backend, key)] = entry
+        return entry
 
 
-def read_caption(image: Path, strategy: str, instance_prompt: str | None) -> str:
-    if strategy == "textfile":
-        text = image.with_suffix(".txt")
-        if not text.is_file():
-            raise FileNotFoundError(f"{image.name}: no caption file {text.name} (caption_strategy textfile)")
-        return text.read_text(encoding="utf-8").strip()
-    if strategy == "filename":
-        return image.stem.replace("_", " ").strip()
-    if strategy == "instanceprompt":
-        return instance_prompt or ""
-    raise NotImplementedError(f"caption_strategy {strategy!r} arrives with the data pipeline (issue 3)")
+# ---------------------------------------------------------------- planning
 
 
-def discover_images(backend: DataBackendConfig, minimum_size: float, delete_problematic: bool) -> list[ImageRecord]:
-    """Every readable image under instance_data_dir. Corrupt, too small or uncaptioned files are skipped
-    and listed in one warning; with delete_problematic_images, unreadable ones are also deleted."""
-    root = Path(backend.instance_data_dir).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"data backend {backend.id!r}: instance_data_dir {root} is not a folder")
-    records, skipped = [], []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-        try:
-            with Image.open(path) as im:
-                im.verify()  # catches truncated / corrupt files without decoding twice
-            with Image.open(path) as im:
-                size = im.size
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            skipped.append(f"{path.name}: unreadable ({exc.__class__.__name__})")
-            if delete_problematic:
-                path.unlink(missing_ok=True)
-            continue
-        if minimum_size and min(size) < minimum_size:
-            skipped.append(f"{path.name}: {size[0]}x{size[1]} is under minimum_image_size {minimum_size:g}")
-            continue
-        try:
-            caption = read_caption(path, backend.caption_strategy, backend.instance_prompt)
-        except FileNotFoundError as exc:
-            skipped.append(str(exc))
-            continue
-        records.extend([ImageRecord(path, caption, size)] * (1 + backend.repeats))
-    if skipped:
-        log.warning("data backend %r: skipped %d image(s): %s", backend.id, len(skipped), "; ".join(skipped[:10]))
-    if not records:
-        raise ValueError(f"data backend {backend.id!r}: no usable images in {root}")
-    return records
+def image_backends(config: TrainConfig) -> list[DataBackendConfig]:
+    backends = [b for b in config.data_backends if b.dataset_type == "image" and not b.disabled]
+    if not backends:
+        raise ValueError("data_backend_config: no enabled image backend")
+    for backend in backends:
+        if backend.vae_cache_clear_each_epoch:
+            raise NotImplementedError(f"data backend {backend.id!r}: vae_cache_clear_each_epoch is not built (issue 3)")
+    if len(backends) > 1 and any(b.probability != 1.0 for b in backends):
+        raise NotImplementedError("per-backend sampling 'probability' is not built (issue 3): every sample is drawn "
+                                  "once per epoch; remove 'probability' or set it to 1.0")
+    return backends
 
 
-def load_pixels(path: Path, bucket: Bucket) -> torch.Tensor:
-    """Resize to cover the bucket, centre-crop to it; (3, H, W) in [-1, 1]."""
+def vae_cache_store(config: TrainConfig, backend: DataBackendConfig) -> FileStore:
+    if backend.cache_dir_vae:
+        return cache_store(backend, backend.cache_dir_vae)
+    default = Path(config.output_dir) / "cache/vae" / backend.id  # never written into a data bucket unasked
+    return cache_store(backend.model_copy(update={"type": "local"}), str(default))
+
+
+def text_cache_store(config: TrainConfig) -> FileStore:
+    text = [b for b in config.data_backends if b.dataset_type == "text_embeds" and not b.disabled and b.default]
+    if text and text[0].cache_dir:
+        return cache_store(text[0], text[0].cache_dir)
+    return cache_store(DataBackendConfig(id="text", type="local", dataset_type="text_embeds"),
+                       str(Path(config.output_dir) / "cache/text"))
+
+
+def crop_settings(backend: DataBackendConfig) -> tuple[str, ...]:
+    return ("crop", backend.crop_style, backend.crop_aspect) if backend.crop else ("cover", "center")
+
+
+def target_bucket(record: ImageRecord, config: TrainConfig, backend: DataBackendConfig) -> Bucket:
+    resolution = backend.resolution or config.resolution
+    resolution_type = backend.resolution_type or config.resolution_type
+    width, height = record.size
+    if backend.crop and backend.crop_aspect == "square":
+        width = height = 1  # SimpleTuner's crop_aspect square: every image trains square
+    return bucket_for(width, height, resolution, resolution_type, config.aspect_bucket_rounding,
+                      config.aspect_bucket_alignment)
+
+
+def _skip_words(config: TrainConfig, backend: DataBackendConfig) -> set[str]:
+    return set(config.skip_file_discovery.split()) | set(backend.skip_file_discovery.replace(",", " ").split())
+
+
+def plan_dataset(config: TrainConfig, model_path: Path) -> DatasetPlan:
+    """Discover, bucket and key every sample; list what the caches hold. Loads no model."""
+    backends = image_backends(config)
+    vae_fp = component_fingerprint(config.pretrained_model_name_or_path, model_path, VAE_PARTS)
+    text_fp = component_fingerprint(config.pretrained_model_name_or_path, model_path, TEXT_PARTS)
+    text_cache = TensorCache(text_cache_store(config), config.compress_disk_cache)
+    empty_key = text_key("", text_fp)
+    plan = DatasetPlan(config, backends, [], text_cache, defaultdict(list), {}, {empty_key: ""}, empty_key)
+    skip_text = False
+    for index, backend in enumerate(backends):
+        store, cache = image_store(backend), vae_cache_store(config, backend)
+        plan.latent_caches.append(TensorCache(cache, config.compress_disk_cache))
+        skip = _skip_words(config, backend)
+        skip_text |= "text" in skip
+        found = discover(backend, store, cache, backend.minimum_image_size or config.minimum_image_size,
+                         trust_index=bool(skip & {"metadata", "aspect"}))
+        report_problems(backend, store, cache, found.problems, config.delete_problematic_images)
+        plan.problems += len(found.problems)
+        if not found.records:
+            raise ValueError(f"data backend {backend.id!r}: no usable images in {store.describe()}")
+        present = set() if "vae" in skip else plan.latent_caches[-1].refresh()
+        for record in found.records:
+            bucket = target_bucket(record, config, backend)
+            lkey = latent_key(record.digest, bucket, crop_settings(backend), vae_fp)
+            tkey = text_key(record.caption, text_fp)
+            plan.buckets[bucket].append(SampleRef(index, lkey, tkey))
+            plan.captions[tkey] = record.caption
+            if lkey not in plan.records and lkey not in present and "vae" not in skip:
+                plan.missing_latents.append(lkey)
+            plan.records[lkey] = (index, record, bucket)
+    present_text = set() if skip_text else text_cache.refresh()
+    plan.missing_text = [] if skip_text else sorted(set(plan.captions) - present_text)
+    plan.buckets = dict(sorted(plan.buckets.items()))
+    log.info("dataset: %d samples in %d aspect buckets %s; %d latent(s) and %d text embedding(s) to encode",
+             sum(map(len, plan.buckets.values())), len(plan.buckets),
+             {f"{w}x{h}": len(m) for (w, h), m in plan.buckets.items()}, len(plan.missing_latents), len(plan.missing_text))
+    return plan
+
+
+def drop_samples(plan: DatasetPlan, failed: set[str]) -> None:
+    """Remove samples whose latents could not be encoded (the image decoded at discovery, not at encode)."""
+    for bucket in list(plan.buckets):
+        plan.buckets[bucket] = [r for r in plan.buckets[bucket] if r.latent not in failed]
+        if not plan.buckets[bucket]:
+            del plan.buckets[bucket]
+
+
+def open_dataset(plan: DatasetPlan, stats: BuildStats | None = None,
+                 memory_budget: int = MEMORY_BUDGET) -> EncodedDataset:
+    return EncodedDataset(plan.buckets, plan.latent_caches, plan.text_cache, plan.empty_key, memory_budget, stats)
+
+
+# ---------------------------------------------------------------- pixels
+
+
+def load_pixels(data: bytes, bucket: Bucket, backend: DataBackendConfig, seed: int = 0) -> torch.Tensor:
+    """Resize to cover the bucket, crop to it; (3, H, W) in [-1, 1].
+
+    crop_style picks the window: centre, top-left corner, or a random one drawn from `seed`
+    (the image's hash), so the cached latent stays a pure function of the cache key.
+    """
     width, height = bucket
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(data)) as im:
         im = im.convert("RGB")
         scale = max(width / im.width, height / im.height)
         im = im.resize((max(width, round(im.width * scale)), max(height, round(im.height * scale))), Image.BICUBIC)
-        left, top = (im.width - width) // 2, (im.height - height) // 2
+        spare_x, spare_y = im.width - width, im.height - height
+        style = backend.crop_style if backend.crop else "center"
+        if style == "corner":
+            left, top = 0, 0
+        elif style == "random":
+            rng = np.random.default_rng(seed)
+            left, top = int(rng.integers(0, spare_x + 1)), int(rng.integers(0, spare_y + 1))
+        else:
+            left, top = spare_x // 2, spare_y // 2
         im = im.crop((left, top, left + width, top + height))
         array = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
-def assign_buckets(records: list[ImageRecord], config: TrainConfig, backend: DataBackendConfig) -> dict[Bucket, list[ImageRecord]]:
-    resolution = backend.resolution or config.resolution
-    resolution_type = backend.resolution_type or config.resolution_type
-    grouped: dict[Bucket, list[ImageRecord]] = defaultdict(list)
-    for record in records:
-        bucket = bucket_for(*record.size, resolution, resolution_type, config.aspect_bucket_rounding, config.aspect_bucket_alignment)
-        grouped[bucket].append(record)
-    return dict(grouped)
+# ---------------------------------------------------------------- the trainer's seam
 
 
-def image_backends(config: TrainConfig) -> list[DataBackendConfig]:
-    backends = [b for b in config.data_backends if b.dataset_type == "image" and not b.disabled]
-    for backend in backends:
-        if backend.type != "local":
-            raise NotImplementedError(
-                f"data backend {backend.id!r} is type {backend.type!r}: only 'local' image backends "
-                "train until the data pipeline lands (issue 3)"
-            )
-    if not backends:
-        raise ValueError("data_backend_config: no enabled image backend")
-    return backends
-
-
-@torch.no_grad()
 def encode_dataset(config: TrainConfig, model_path: Path, device: torch.device, dtype: torch.dtype) -> EncodedDataset:
-    """Load the VAE and text encoders, encode every image and caption once, free the encoders."""
-    from diffusers import StableDiffusion3Pipeline
+    """Plan the dataset, encode whatever the caches lack (loading only the encoders needed), then
+    open it for reading from the caches alone."""
+    from relay_train.precompute import build_missing
 
-    grouped: dict[Bucket, list[ImageRecord]] = defaultdict(list)
-    for backend in image_backends(config):
-        records = discover_images(backend, backend.minimum_image_size or config.minimum_image_size, config.delete_problematic_images)
-        for bucket, members in assign_buckets(records, config, backend).items():
-            grouped[bucket].extend(members)
-    log.info("dataset: %d samples in %d aspect buckets %s", sum(map(len, grouped.values())), len(grouped),
-             {f"{w}x{h}": len(m) for (w, h), m in sorted(grouped.items())})
-
-    pipe = StableDiffusion3Pipeline.from_pretrained(model_path, transformer=None, dtype=dtype, local_files_only=True)
-    pipe.to(device)
-    empty = _encode_prompts(pipe, [""], device)
-    generator = torch.Generator().manual_seed(config.seed)  # one fixed VAE posterior draw per image
-    buckets = {}
-    for bucket, members in sorted(grouped.items()):
-        latents = _encode_images(pipe.vae, [r.path for r in members], bucket, config.vae_batch_size, generator, device, dtype)
-        prompt_embeds, pooled = _encode_prompts(pipe, [r.caption for r in members], device)
-        buckets[bucket] = BucketTensors(latents, prompt_embeds, pooled)
-    del pipe
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return EncodedDataset(buckets, empty[0][0], empty[1][0])
-
-
-def _encode_images(vae, paths: list[Path], bucket: Bucket, batch_size: int, generator: torch.Generator,
-                   device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    out = []
-    for start in range(0, len(paths), batch_size):
-        pixels = torch.stack([load_pixels(p, bucket) for p in paths[start : start + batch_size]])
-        dist = vae.encode(pixels.to(device, dtype)).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=generator).to(device, dtype)
-        sample = dist.mean + dist.std * noise
-        out.append(normalize_latents(sample.float(), vae.config.shift_factor, vae.config.scaling_factor).cpu())
-    return torch.cat(out)
-
-
-def _encode_prompts(pipe, captions: list[str], device: torch.device, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    embeds, pooled = [], []
-    for start in range(0, len(captions), batch_size):
-        chunk = captions[start : start + batch_size]
-        e, _, p, _ = pipe.encode_prompt(prompt=chunk, prompt_2=chunk, prompt_3=chunk, device=device,
-                                        do_classifier_free_guidance=False, max_sequence_length=T5_TOKENS)
-        embeds.append(e.float().cpu())
-        pooled.append(p.float().cpu())
-    return torch.cat(embeds), torch.cat(pooled)
+    plan = plan_dataset(config, model_path)
+    stats = BuildStats()
+    if not plan.complete:
+        stats = build_missing(plan, model_path, device, dtype)
+    return open_dataset(plan, stats)

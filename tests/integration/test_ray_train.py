@@ -104,6 +104,7 @@ def train_fn(config):
         with open(folder / "padding.bin", "wb") as fh:  # a big adapter: the upload takes a while
             fh.write(os.urandom(pad_mib << 20))
         reporter(step, folder)
+        time.sleep(5)  # "training" between checkpoints: checkpoint-1 commits in this time
     time.sleep(600)  # killed before this ends
 
 cluster = ClusterConfig(storage_path=sys.argv[1], storage_endpoint_url=sys.argv[2])
@@ -140,10 +141,11 @@ def test_a_kill_mid_upload_leaves_the_last_complete_checkpoint(local_ray, s3_end
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     try:
-        while time.monotonic() < deadline:  # until checkpoint-2's upload has begun
+        while time.monotonic() < deadline:  # until checkpoint-1 is committed and checkpoint-2's upload has begun
+            snapshot = client.list_objects_v2(Bucket=bucket, Prefix="runs/kill/checkpoint_manager").get("KeyCount", 0)
             uploads = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
             listed = client.list_objects_v2(Bucket=bucket, Prefix="runs/kill/checkpoint-2/").get("KeyCount", 0)
-            if listed or any("checkpoint-2" in u["Key"] for u in uploads):
+            if snapshot and (listed or any("checkpoint-2" in u["Key"] for u in uploads)):
                 break
             time.sleep(0.05)
         else:

@@ -1,0 +1,203 @@
+"""File discovery for one image backend: which images train, with what caption and size.
+
+Every image is read and fully decoded once, so corrupt, truncated and zero-byte files are caught
+here, not in the middle of training. What was learnt (content hash, size, caption, or why the file
+is unusable) goes into `index.json` in the backend's VAE cache folder, keyed by each file's stamp
+(mtime+size locally, ETag on S3): a later run with unchanged files lists the folder and reads
+nothing else. Bad files are skipped, counted and listed in `problematic_images.json` beside it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from relay_train.caches import digest
+from relay_train.config_files import DataBackendConfig
+from relay_train.storage import FileInfo, FileStore
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+INDEX_NAME, REPORT_NAME = "index.json", "problematic_images.json"
+UNREADABLE = ("empty file", "unreadable")  # the reasons --delete_problematic_images acts on
+INDEX_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    backend_id: str
+    key: str  # relative to the backend's image store
+    caption: str
+    size: tuple[int, int]  # (width, height) as stored
+    digest: str  # sha256 of the image bytes
+
+
+@dataclass
+class Discovery:
+    records: list[ImageRecord]
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
+    files_read: int = 0  # images downloaded and decoded this time (0 on a warm start)
+
+
+def inspect_image(data: bytes) -> tuple[tuple[int, int] | None, str | None]:
+    """(size, None) for a usable image, (None, reason) otherwise. Decodes fully: verify() alone
+    passes truncated JPEGs."""
+    if not data:
+        return None, "empty file"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.size, None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return None, f"unreadable ({exc.__class__.__name__}: {str(exc)[:80]})"
+
+
+def _probe(store: FileStore, info: FileInfo) -> dict[str, Any]:
+    data = store.read(info.key)
+    size, error = inspect_image(data)
+    entry: dict[str, Any] = {"stamp": info.stamp, "digest": digest(data)}
+    return entry | ({"error": error} if error else {"size": list(size)})
+
+
+class CaptionSource:
+    """Captions per caption_strategy: textfile, filename, instanceprompt or parquet."""
+
+    def __init__(self, backend: DataBackendConfig, store: FileStore, listing: dict[str, FileInfo]) -> None:
+        self.backend, self.store, self.listing = backend, store, listing
+        self._parquet: dict[str, str] | None = None
+
+    def caption(self, key: str, index: dict[str, Any]) -> str | None:
+        strategy = self.backend.caption_strategy
+        if strategy == "filename":
+            return PurePosixPath(key).stem.replace("_", " ").strip()
+        if strategy == "instanceprompt":
+            return self.backend.instance_prompt or ""
+        if strategy == "parquet":
+            return self._from_parquet(key)
+        text_key = str(PurePosixPath(key).with_suffix(".txt"))
+        info = self.listing.get(text_key)
+        if info is None:
+            return None
+        cached = index.get(text_key)
+        if cached and cached.get("stamp") == info.stamp:
+            return cached["caption"]
+        caption = self.store.read(text_key).decode("utf-8", errors="replace").strip()
+        index[text_key] = {"stamp": info.stamp, "caption": caption}
+        return caption
+
+    def _from_parquet(self, key: str) -> str | None:
+        if self._parquet is None:
+            self._parquet = _read_parquet_captions(self.backend, self.store)
+        name = key if (self.backend.parquet or {}).get("identifier_includes_extension") else PurePosixPath(key).stem
+        return self._parquet.get(name) or self._parquet.get(key)
+
+
+def _read_parquet_captions(backend: DataBackendConfig, store: FileStore) -> dict[str, str]:
+    """SimpleTuner's parquet settings: path (in the backend's store), filename_column, caption_column,
+    fallback_caption_column."""
+    import pyarrow.parquet as pq
+
+    settings = backend.parquet or {}
+    if "path" not in settings:
+        raise ValueError(f"data backend {backend.id!r}: caption_strategy parquet needs parquet.path")
+    table = pq.read_table(io.BytesIO(store.read(settings["path"])))
+    names = table.column(settings.get("filename_column", "filename")).to_pylist()
+    captions = table.column(settings.get("caption_column", "caption")).to_pylist()
+    fallback_column = settings.get("fallback_caption_column")
+    fallback = table.column(fallback_column).to_pylist() if fallback_column else [None] * len(names)
+    return {str(n): str(c or f or "").strip() for n, c, f in zip(names, captions, fallback) if (c or f)}
+
+
+def load_index(cache: FileStore) -> dict[str, Any]:
+    try:
+        data = json.loads(cache.read(INDEX_NAME))
+    except (FileNotFoundError, ValueError):  # absent, or half-written by an old crash: rebuild it
+        return {}
+    return data.get("files", {}) if data.get("version") == INDEX_VERSION else {}
+
+
+def discover(backend: DataBackendConfig, store: FileStore, cache: FileStore, minimum_size: float,
+             trust_index: bool = False, threads: int = 16) -> Discovery:
+    """Every usable image of one backend, plus (key, reason) for each one skipped.
+
+    trust_index (skip_file_discovery 'metadata'/'aspect'): use the saved index without listing.
+    """
+    index = load_index(cache)
+    if trust_index and index:
+        listing = {k: FileInfo(k, 0, v["stamp"]) for k, v in index.items()}
+    else:
+        listing = {info.key: info for info in store.list()}
+    images = [info for key, info in sorted(listing.items()) if PurePosixPath(key).suffix.lower() in IMAGE_SUFFIXES]
+    stale = [info for info in images
+             if index.get(info.key, {}).get("stamp") != info.stamp or "digest" not in index[info.key]]
+    # I/O-bound (S3 GETs) and PIL releases the GIL while decoding: threads overlap both.
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for info, entry in zip(stale, pool.map(lambda i: _probe(store, i), stale)):
+            index[info.key] = entry
+    captions = CaptionSource(backend, store, listing)
+    result = Discovery(records=[], files_read=len(stale))
+    for info in images:
+        entry = index[info.key]
+        reason = entry.get("error") or _size_problem(entry["size"], minimum_size)
+        caption = None if reason else captions.caption(info.key, index)
+        if not reason and caption is None:
+            reason = f"no caption (caption_strategy {backend.caption_strategy})"
+        if reason:
+            result.problems.append((info.key, reason))
+            continue
+        record = ImageRecord(backend.id, info.key, caption, tuple(entry["size"]), entry["digest"])
+        result.records.extend([record] * (1 + backend.repeats))
+    live = set(listing)
+    files = {k: v for k, v in index.items() if k in live}
+    cache.write(INDEX_NAME, json.dumps({"version": INDEX_VERSION, "files": files}, sort_keys=True).encode())
+    return result
+
+
+def _size_problem(size: list[int], minimum: float) -> str | None:
+    if minimum and min(size) < minimum:
+        return f"{size[0]}x{size[1]} is under minimum_image_size {minimum:g}"
+    return None
+
+
+def problem_kind(reason: str) -> str:
+    for kind in ("empty file", "unreadable", "no caption"):
+        if reason.startswith(kind):
+            return kind
+    return "too small"
+
+
+def report_problems(backend: DataBackendConfig, store: FileStore, cache: FileStore,
+                    problems: list[tuple[str, str]], delete: bool) -> list[str]:
+    """Write the report into the cache folder, log a summary, delete unreadable files when asked
+    (local backends only: an S3 dataset is never modified). Returns what was deleted."""
+    deleted: list[str] = []
+    if delete and problems and not store.is_local:
+        log.warning("data backend %r: --delete_problematic_images leaves S3 objects alone; %d bad file(s) "
+                    "are only skipped", backend.id, len(problems))
+    elif delete:
+        for key, reason in problems:
+            if reason.startswith(UNREADABLE):
+                store.delete(key)
+                deleted.append(store.describe(key))
+        if deleted:
+            log.warning("data backend %r: deleted %d problematic image(s): %s", backend.id, len(deleted),
+                        ", ".join(deleted))
+    counts = Counter(problem_kind(reason) for _, reason in problems)
+    report = {"backend": backend.id, "count": len(problems), "by_reason": dict(counts),
+              "files": [{"file": store.describe(k), "reason": r, "deleted": store.describe(k) in deleted}
+                        for k, r in problems]}
+    cache.write(REPORT_NAME, json.dumps(report, indent=2).encode())
+    if problems:
+        shown = "; ".join(f"{k}: {r}" for k, r in problems[:10])
+        log.warning("data backend %r: skipped %d image(s) (report: %s): %s", backend.id, len(problems),
+                    cache.describe(REPORT_NAME), shown)
+    return deleted
