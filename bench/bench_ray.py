@@ -43,7 +43,9 @@ def bench_steps(steps: int) -> None:
         single = [(b[0] - a[0]) / (b[1] - a[1]) for a, b in zip(marks, marks[1:])]
 
         ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
-        cluster = ClusterConfig(num_workers=1, storage_path=f"{tmp}/runs", run_name="bench", max_failures=0)
+        # 2 CPUs for the worker: Ray sets its OMP_NUM_THREADS from them, matching the single process
+        cluster = ClusterConfig(num_workers=1, cpus_per_worker=2, storage_path=f"{tmp}/runs", run_name="bench",
+                                max_failures=0)
         result = launch(REPO / "configs/demo/config.json", {**overrides, "output_dir": f"{tmp}/ray"}, cluster)
         ray.shutdown()
         rates = [metrics["steps_per_second"] for _, metrics in result.best_checkpoints]

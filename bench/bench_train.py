@@ -1,7 +1,8 @@
 """Steps/s and peak RSS: `relay train` on the demo config against a bare loop, side by side.
 
-The bare loop has the same tiny model, int8 quantization, LoKr adapter, optimizer and batch shape,
-but no config parsing, data pipeline, checkpoints, EMA, hooks or progress display. Each run is its
+The bare loop has the same tiny model, int8 quantization, LoKr adapter, optimizer and batch shapes
+(the demo's four aspect buckets, batches of 2), but no config parsing, data pipeline, checkpoints,
+EMA, hooks or progress display. Each run is its
 own process (so peak RSS is its own); runs alternate to share the machine's noise.
 
     python bench/bench_train.py [--steps 300] [--rounds 3]
@@ -31,7 +32,8 @@ def relay_run(steps: int, out: Path) -> float:
     from relay_train.trainer import Hooks, build_trainer
 
     config = load_config(REPO / "configs/demo/config.json",
-                         {"max_train_steps": steps, "output_dir": str(out), "resume_from_checkpoint": "none"})
+                         {"max_train_steps": steps, "output_dir": str(out), "resume_from_checkpoint": "none",
+                          "disable_bucket_pruning": False})  # full batches only, as in the bare loop
     hooks = Hooks()
     trainer = build_trainer(config, hooks=hooks)
     with ProgressDisplay(trainer.total_steps) as progress:
@@ -62,9 +64,12 @@ def bare_run(steps: int, out: Path) -> float:
     params = list(network.parameters())
     opt = bnb.optim.AdamW8bit(params, lr=1e-3, weight_decay=1e-2)
     g = torch.Generator().manual_seed(0)
-    latents, embeds, pooled = torch.randn(2, 16, 8, 8), torch.randn(2, 231, 64), torch.randn(2, 64)
+    # the demo's four aspect buckets (48x80, 80x48, 64x64, 96x48 px) as latent shapes, in turn
+    shapes = [(10, 6), (6, 10), (8, 8), (6, 12)]
+    embeds, pooled = torch.randn(2, 231, 64), torch.randn(2, 64)
     start = time.perf_counter()
-    for _ in range(steps):
+    for step in range(steps):
+        latents = torch.randn(2, 16, *shapes[step % 4], generator=g)
         noise = torch.randn(latents.shape, generator=g)
         sigma = torch.sigmoid(torch.randn(2, generator=g))
         sigma = 3 * sigma / (1 + 2 * sigma)
