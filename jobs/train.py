@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir: relay_train, orchestrator
 
 from orchestrator.cluster import load_cluster_config  # noqa: E402
-from orchestrator.launch import launch  # noqa: E402
+from orchestrator.launch import StorageError, launch  # noqa: E402
 from relay_train.cli import parse_overrides  # noqa: E402
 from relay_train.config import ConfigError  # noqa: E402
 
@@ -37,6 +37,9 @@ def main() -> int:
                         load_cluster_config(args.cluster, parse_overrides(args.cluster_set)))
     except ConfigError as exc:
         logging.error("invalid config:\n%s", exc)
+        return 2
+    except StorageError as exc:
+        logging.error("%s", exc)
         return 2
     return 1 if result.error else 0
 

@@ -20,10 +20,15 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from orchestrator.cluster import load_cluster_config
     from orchestrator.launch import launch
 
+    from orchestrator.launch import StorageError
+
     cluster = load_cluster_config(args.cluster, base.parse_overrides(args.cluster_set))
     ray.init(include_dashboard=False, logging_level=logging.WARNING)
     try:
         result = launch(args.config, base.parse_overrides(args.set), cluster)
+    except StorageError as exc:
+        log.error("%s", exc)
+        return 2
     finally:
         ray.shutdown()
     if result.error:

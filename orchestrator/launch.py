@@ -25,6 +25,32 @@ def run_exists(cluster: ClusterConfig, name: str) -> bool:
     return fs.get_file_info(f"{root}/{name}/{SNAPSHOT}").type == pafs.FileType.File
 
 
+class StorageError(RuntimeError):
+    """storage_path cannot be written: a missing bucket, wrong credentials, a read-only folder."""
+
+
+def check_storage(cluster: ClusterConfig) -> None:
+    """Write and delete a probe before any worker starts: a bad bucket should fail in seconds, not at
+    the first checkpoint hours in."""
+    fs, root = storage_filesystem(cluster)
+    try:
+        if fs is None:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            probe = Path(root) / ".relay-write-probe"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+            return
+        probe = f"{root}/.relay-write-probe"
+        with fs.open_output_stream(probe) as out:
+            out.write(b"ok")
+        fs.delete_file(probe)
+    except OSError as exc:
+        raise StorageError(
+            f"storage_path {cluster.storage_path} is not writable: {str(exc).splitlines()[0][:300]}. "
+            "Check the bucket exists, the credentials (AWS_* environment or instance role) and storage_endpoint_url."
+        ) from exc
+
+
 def check_resume_policy(config: TrainConfig, cluster: ClusterConfig, name: str) -> None:
     """resume_from_checkpoint none on an existing run would silently continue it: refuse instead."""
     if config.resume_from_checkpoint == "none" and run_exists(cluster, name):
@@ -45,6 +71,7 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
         raise NotImplementedError("strategy deepspeed (ZeRO-2 over the adapter's optimizer state) is not built yet (issue 4)")
     config = load_config(config_path, overrides)
     name = cluster.run_name or default_run_name(config)
+    check_storage(cluster)
     check_resume_policy(config, cluster, name)
     fs, storage_path = storage_filesystem(cluster)
     trainer = TorchTrainer(

@@ -162,3 +162,13 @@ def test_a_kill_mid_upload_leaves_the_last_complete_checkpoint(local_ray, s3_end
     TorchTrainer(restore_probe, train_loop_config={"out": str(out)}, scaling_config=ScalingConfig(num_workers=1),
                  run_config=RunConfig(name="kill", storage_path=path, storage_filesystem=fs)).fit()
     assert out.read_text() == "1"
+
+
+def test_a_missing_bucket_fails_before_any_worker_starts(s3_endpoint, config_file):
+    from orchestrator.launch import StorageError, check_storage
+
+    cluster = ClusterConfig(storage_path="s3://no-such-bucket/runs", storage_endpoint_url=s3_endpoint)
+    with pytest.raises(StorageError, match="no-such-bucket.*not writable") as err:
+        launch(config_file(), {}, cluster)  # no Ray needed: it fails first
+    assert "testing" not in str(err.value)  # the credentials never appear
+    check_storage(ClusterConfig(storage_path=str(Path(config_file()).parent / "runs")))  # a local folder is made
