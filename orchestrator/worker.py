@@ -17,7 +17,8 @@ from ray.train import Checkpoint, CheckpointUploadMode
 from relay_train import checkpoint as ckpt
 from relay_train.config import load_config
 from relay_train.parallel import allreduce_gradients
-from relay_train.trainer import Hooks, StepReport, build_trainer
+from relay_train.progress import ProgressDisplay
+from relay_train.trainer import Hooks, build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,6 @@ class CheckpointReporter:
             return
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)), checkpoint_dir_name=folder.name,
                          checkpoint_upload_mode=self.mode, delete_local_checkpoint_after_upload=True)
-
-
-def log_progress(report: StepReport) -> None:
-    log.info("step %d/%d  loss %.4f  lr %.2e  %.2f it/s", report.step, report.total_steps, report.loss, report.lr,
-             report.steps_per_second)
 
 
 @contextlib.contextmanager
@@ -82,15 +78,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     hooks = Hooks(
         on_checkpoint=CheckpointReporter(loop_config["upload_mode"]),
         sync_gradients=allreduce_gradients if world_size > 1 else None,
-        on_step=log_progress if rank == 0 else None,
     )
     with restored_checkpoint() as resume_from:
         trainer = build_trainer(config, hooks=hooks, device=ray.train.torch.get_device(), rank=rank,
                                 world_size=world_size, store=ckpt.LocalCheckpointStore(staging),
                                 resume_from=resume_from)
-    if rank == 0:
-        log.info("%d worker(s); %s", world_size, f"resumed at step {trainer.step}" if resume_from else "starting a new run")
-    trainer.fit()
+    if rank != 0:  # per-step metrics come from rank 0 alone, with no extra barrier
+        trainer.fit()
+        return
+    log.info("%d worker(s); %s", world_size, f"resumed at step {trainer.step}" if resume_from else "starting a new run")
+    with ProgressDisplay(trainer.total_steps, start_step=trainer.step) as progress:
+        hooks.on_step = progress
+        trainer.fit()
 
 
 def staging_dir(run_name: str, rank: int) -> Path:

@@ -277,7 +277,7 @@ class TrainConfig(BaseModel):
     tracker_project_name: str | None = None
     """Tracker project."""
     tracker_run_name: str | None = None
-    """Tracker run name."""
+    """Tracker run name; also names the Ray run and the exported adapter files."""
     webhook_config: OptionalPath = None
     """webhook.json for Discord or raw JSON notifications."""
 
@@ -317,7 +317,7 @@ class TrainConfig(BaseModel):
             ("validation is", 6, self._pending_keys(_VALIDATION_KEYS)),
             ("Hub upload is", 5, self._pending_keys(_HUB_KEYS)),
             ("tracking and webhooks are", 8, self._pending_keys(
-                ("report_to", "tracker_project_name", "tracker_run_name", "webhook_config"))),
+                ("report_to", "tracker_project_name", "webhook_config"))),
         ]
         return [f"{what} not built yet (issue {issue}): {', '.join(items)} "
                 f"{'is' if len(items) == 1 else 'are'} parsed but {'has' if len(items) == 1 else 'have'} "

@@ -70,6 +70,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture
+def free_port():
+    """A function returning a free loopback TCP port."""
+    return _free_port
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on loopback: a real HTTP endpoint for boto3 and pyarrow. Test-only credentials."""
