@@ -15,7 +15,7 @@ import ray.train.torch
 from ray.train import Checkpoint, CheckpointUploadMode
 
 from relay_train import checkpoint as ckpt
-from relay_train.config import load_config
+from relay_train.config import TrainConfig, load_config
 from relay_train.parallel import allreduce_gradients
 from relay_train.progress import ProgressDisplay
 from relay_train.trainer import Hooks, build_trainer
@@ -79,6 +79,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         on_checkpoint=CheckpointReporter(loop_config["upload_mode"]),
         sync_gradients=allreduce_gradients if world_size > 1 else None,
     )
+    if world_size > 1:
+        fill_caches_once(config, rank)
     with restored_checkpoint() as resume_from:
         trainer = build_trainer(config, hooks=hooks, device=ray.train.torch.get_device(), rank=rank,
                                 world_size=world_size, store=ckpt.LocalCheckpointStore(staging),
@@ -90,6 +92,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
     with ProgressDisplay(trainer.total_steps, start_step=trainer.step) as progress:
         hooks.on_step = progress
         trainer.fit()
+
+
+def fill_caches_once(config: TrainConfig, rank: int) -> None:
+    """Rank 0 encodes whatever the latent and text caches lack while the others wait, so N ranks do not
+    each load the text encoders and encode the same entries. (For a big dataset run jobs/precompute.py
+    first: this barrier waits as long as torch.distributed's timeout.)"""
+    import torch.distributed as dist
+
+    from relay_train.data import plan_dataset
+    from relay_train.model import compute_dtype, resolve_model_path
+    from relay_train.precompute import build_missing
+
+    if rank == 0:
+        device, model_path = ray.train.torch.get_device(), resolve_model_path(config.pretrained_model_name_or_path)
+        plan = plan_dataset(config, model_path)
+        if not plan.complete:
+            build_missing(plan, model_path, device, compute_dtype(config, device))
+    dist.barrier()
 
 
 def staging_dir(run_name: str, rank: int) -> Path:
