@@ -125,8 +125,15 @@ def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = N
 
 def configure_logging(verbose: bool) -> None:
     """Our lines at INFO; the libraries' own progress bars and chatter only with --verbose."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    handlers = None
+    if sys.stderr.isatty():  # rich writes through the live progress bar, so lines land above it
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        handlers = [RichHandler(console=Console(stderr=True), show_path=False)]
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers,
+                        format="%(name)s: %(message)s" if handlers else "%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     if verbose:
         return
     import diffusers
