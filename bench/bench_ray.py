@@ -56,7 +56,6 @@ def bench_steps(steps: int) -> None:
 
 
 def upload_train_fn(config: dict) -> None:
-    import ray.train
 
     from orchestrator.worker import CheckpointReporter
 

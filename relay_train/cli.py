@@ -137,7 +137,7 @@ def configure_logging(verbose: bool) -> None:
     if verbose:
         return
     import diffusers
-    import lycoris.logging  # sets its own level at import, so import before overriding
+    import lycoris.logging  # noqa: F401  (it sets its own level at import: import before overriding)
     import transformers
 
     diffusers.utils.logging.disable_progress_bar()

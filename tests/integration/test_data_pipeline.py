@@ -3,7 +3,6 @@ content-keyed caches, warm starts that load no encoder, bad data, parquet captio
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
