@@ -55,8 +55,7 @@ def restored_checkpoint():
         yield None
         return
     with checkpoint.as_directory() as folder:
-        ckpt.verify_checkpoint(Path(folder))  # a checkpoint without a valid manifest is never loaded
-        yield Path(folder)
+        yield Path(folder)  # read_checkpoint verifies it against its manifest before anything is loaded
 
 
 def enter_job_directory(path: str) -> None:

@@ -78,12 +78,20 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def save_adapters(adapter: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None, metadata: dict[str, str],
+                  path: Path, ema_path: Path) -> list[Path]:
+    """The adapter (and its EMA twin, when kept) as LyCORIS-named safetensors; used by checkpoints and export."""
+    save_file(adapter, str(path), metadata=metadata)
+    if ema is None:
+        return [path]
+    save_file(ema, str(ema_path), metadata={**metadata, "ema": "true"})
+    return [path, ema_path]
+
+
 def write_checkpoint(folder: Path, payload: CheckpointPayload) -> None:
     """Write every file, then the manifest of their sizes and hashes, last."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(payload.adapter, str(folder / ADAPTER), metadata=payload.adapter_metadata)
-    if payload.ema is not None:
-        save_file(payload.ema, str(folder / ADAPTER_EMA), metadata={**payload.adapter_metadata, "ema": "true"})
+    save_adapters(payload.adapter, payload.ema, payload.adapter_metadata, folder / ADAPTER, folder / ADAPTER_EMA)
     torch.save(payload.optimizer, folder / OPTIMIZER)
     torch.save(payload.scheduler, folder / SCHEDULER)
     torch.save(payload.rng, folder / RNG)
@@ -100,6 +108,8 @@ def write_checkpoint(folder: Path, payload: CheckpointPayload) -> None:
 
 def verify_checkpoint(folder: Path, check_hashes: bool = True) -> dict:
     """The manifest, if the folder is a complete checkpoint; CheckpointError naming the defect otherwise."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder")
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{folder}: no {MANIFEST} (the write never finished)")

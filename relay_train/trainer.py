@@ -112,7 +112,7 @@ class Trainer:
     def payload(self) -> ckpt.CheckpointPayload:
         return ckpt.CheckpointPayload(
             step=self.step,
-            adapter={k: v.detach().cpu().contiguous() for k, v in self.model.network.state_dict().items()},
+            adapter=self.adapter_tensors(),
             adapter_metadata=adapter_metadata(self.config, self.step),
             ema=self.ema.state_dict() if self.ema else None,
             optimizer=self.optimizer.state_dict(),
@@ -123,6 +123,9 @@ class Trainer:
                             "saved_at": time.time()},
             config_json=self.config.resolved_json(),
         )
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.model.network.state_dict().items()}
 
     def restore(self, folder: Path) -> None:
         state = ckpt.read_checkpoint(folder)
@@ -207,13 +210,10 @@ class Trainer:
     def export(self, out_dir: Path) -> list[Path]:
         """The final adapter and its EMA twin as single safetensors files, as the model card ships them."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        payload = self.payload()
-        base = out_dir / f"sd35-{run_name(self.config)}-lokr"
-        paths = [base.with_suffix(".safetensors")]
-        ckpt.save_file(payload.adapter, str(paths[0]), metadata=payload.adapter_metadata)
-        if payload.ema is not None:
-            paths.append(base.with_name(base.name + "-ema.safetensors"))
-            ckpt.save_file(payload.ema, str(paths[1]), metadata={**payload.adapter_metadata, "ema": "true"})
+        base = f"sd35-{run_name(self.config)}-lokr"
+        paths = ckpt.save_adapters(self.adapter_tensors(), self.ema.state_dict() if self.ema else None,
+                                   adapter_metadata(self.config, self.step),
+                                   out_dir / f"{base}.safetensors", out_dir / f"{base}-ema.safetensors")
         log.info("exported %s", ", ".join(str(p) for p in paths))
         return paths
 
@@ -254,5 +254,4 @@ def resume_point(config: TrainConfig, store: ckpt.CheckpointIO) -> Path | None:
     folder = Path(choice)
     if not folder.is_dir():
         folder = Path(config.output_dir) / choice  # SimpleTuner also accepts a bare "checkpoint-N"
-    ckpt.verify_checkpoint(folder)
-    return folder
+    return folder  # Trainer.restore verifies it against its manifest (one hash pass)
