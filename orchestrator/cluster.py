@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from relay_train.config import ConfigError
 
@@ -19,7 +19,8 @@ from relay_train.config import ConfigError
 class ClusterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    num_workers: int = Field(1, ge=1, description="data-parallel training workers (one per GPU)")
+    num_workers: int | tuple[int, int] = Field(1, description="data-parallel training workers (one per GPU); "
+                                               "[min, max] for an elastic run")
     use_gpu: bool = Field(False, description="one GPU per worker; NCCL instead of gloo")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra custom resources per worker")
@@ -30,6 +31,21 @@ class ClusterConfig(BaseModel):
     max_preemption_failures: int = Field(-1, ge=-1, description="restarts after preemptions (-1: unlimited)")
     strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="how adapter gradients are synced")
     upload_mode: Literal["async", "sync"] = Field("async", description="checkpoint upload: async never blocks the loop")
+    preemption_check_steps: int = Field(10, ge=0, description="steps between preemption checks (a barrier; 0: never)")
+    steward_poll_seconds: float = Field(5.0, gt=0, description="how often the steward looks for committed checkpoints")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value):
+        low, high = (value, value) if isinstance(value, int) else value
+        if not 1 <= low <= high:
+            raise ValueError(f"num_workers must be >= 1, or [min, max] with 1 <= min <= max; got {value}")
+        return value
+
+    @property
+    def max_workers(self) -> int:
+        """The global batch is sized for this many workers, whatever the group's size (see build_trainer)."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
 
     @property
     def is_s3(self) -> bool:

@@ -10,19 +10,13 @@ from relay_train.config import ConfigError, TrainConfig, load_config
 from relay_train.trainer import run_name as default_run_name
 
 from orchestrator.cluster import ClusterConfig, storage_filesystem
+from orchestrator.store import SNAPSHOT, RunStorage
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2 writes it beside the run's checkpoints
-
 
 def run_exists(cluster: ClusterConfig, name: str) -> bool:
-    fs, root = storage_filesystem(cluster)
-    if fs is None:
-        return (Path(root) / name / SNAPSHOT).is_file()
-    from pyarrow import fs as pafs
-
-    return fs.get_file_info(f"{root}/{name}/{SNAPSHOT}").type == pafs.FileType.File
+    return RunStorage.from_cluster(cluster, name).exists(SNAPSHOT)
 
 
 class StorageError(RuntimeError):
@@ -61,7 +55,11 @@ def check_resume_policy(config: TrainConfig, cluster: ClusterConfig, name: str) 
 
 
 def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConfig):
-    """Run (or resume, when <storage_path>/<run_name> exists) the training job; returns Ray's Result."""
+    """Run (or resume, when <storage_path>/<run_name> exists) the training job; returns Ray's Result.
+
+    The steward (ledger, progress, what follows each commit) starts first, on this node, and is closed
+    with the run's outcome whether training finished or failed."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -74,10 +72,17 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
     check_storage(cluster)
     check_resume_policy(config, cluster, name)
     fs, storage_path = storage_filesystem(cluster)
+    if not ray.is_initialized():
+        ray.init()
+    storage = RunStorage.from_cluster(cluster, name)
+    steward = start_steward(storage, cluster)
+    steward.run_started.remote(world_size=cluster.num_workers, storage=storage.uri(), config=config_summary(config))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config_path": str(Path(config_path).resolve()), "overrides": overrides or {},
-                           "upload_mode": cluster.upload_mode, "working_dir": os.getcwd(), "run_name": name},
+                           "upload_mode": cluster.upload_mode, "working_dir": os.getcwd(), "run_name": name,
+                           "preemption_check_steps": cluster.preemption_check_steps,
+                           "global_workers": cluster.max_workers},
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
                                      resources_per_worker={"CPU": cluster.cpus_per_worker, **cluster.resources_per_worker}),
         run_config=RunConfig(
@@ -87,5 +92,38 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
                                          max_preemption_failures=cluster.max_preemption_failures),
         ),
     )
-    log.info("run %r: %d worker(s), storage %s", name, cluster.num_workers, cluster.storage_path)
-    return trainer.fit()
+    log.info("run %r: %s worker(s), storage %s", name, cluster.num_workers, cluster.storage_path)
+    try:
+        result = trainer.fit()
+    except BaseException as exc:
+        ray.get(steward.close.remote({"type": "failed", "error": f"{type(exc).__name__}: {str(exc)[:500]}"}))
+        raise
+    step = (result.metrics or {}).get("step")
+    ray.get(steward.close.remote({"type": "completed", **({"step": step} if step is not None else {})}))
+    return result
+
+
+def start_steward(storage: RunStorage, cluster: ClusterConfig):
+    """The run's steward actor, pinned to this (the head) node; a left-over one from a dead job is replaced."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from orchestrator.steward import RunSteward, get_steward, steward_name
+
+    old = get_steward(storage.run_name)
+    if old is not None:
+        ray.kill(old)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    steward = RunSteward.options(name=steward_name(storage.run_name), scheduling_strategy=here).remote(
+        storage, poll_seconds=cluster.steward_poll_seconds)
+    ray.get(steward.ready.remote())
+    return steward
+
+
+def config_summary(config: TrainConfig) -> dict:
+    """What the ledger and the run-started message show of the recipe (no paths, no secrets)."""
+    keys = ("model_family", "pretrained_model_name_or_path", "base_model_precision", "lora_type", "learning_rate",
+            "lr_scheduler", "optimizer", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
+            "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "resolution", "mixed_precision",
+            "use_ema", "seed")
+    return {k: getattr(config, k) for k in keys if hasattr(config, k)}

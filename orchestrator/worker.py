@@ -18,7 +18,9 @@ from relay_train import checkpoint as ckpt
 from relay_train.config import TrainConfig, load_config
 from relay_train.parallel import allreduce_gradients
 from relay_train.progress import ProgressDisplay
-from relay_train.trainer import Hooks, build_trainer
+from relay_train.trainer import Hooks, StepReport, build_trainer
+
+from orchestrator.steward import get_steward
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,10 @@ class CheckpointReporter:
     checkpoint. With ASYNC upload the loop continues while Ray copies the folder, then deletes it.
     """
 
-    def __init__(self, upload_mode: str):
+    def __init__(self, upload_mode: str, steward=None):
         self.mode = CheckpointUploadMode.ASYNC if upload_mode == "async" else CheckpointUploadMode.SYNC
+        self.steward = steward
+        self.emergency = False  # set by PreemptionWatch: the next checkpoint is uploaded before report returns
         self.last: tuple[int, float] | None = None  # (step, clock) at the previous checkpoint
 
     def __call__(self, step: int, folder: Path | None) -> None:
@@ -43,8 +47,57 @@ class CheckpointReporter:
         if folder is None:
             ray.train.report(metrics, checkpoint=None)
             return
+        mode = CheckpointUploadMode.SYNC if self.emergency else self.mode
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)), checkpoint_dir_name=folder.name,
-                         checkpoint_upload_mode=self.mode, delete_local_checkpoint_after_upload=True)
+                         checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
+
+
+class PreemptionWatch:
+    """should_stop hook: every `every` steps, all ranks ask Ray whether a node of this group is draining
+    (`get_preemption_info` is a barrier, hence not every step). On a notice the trainer checkpoints at
+    once, uploaded before the report returns, and the workers then wait for Ray to restart the group.
+    Rank 0 also sends its progress to the steward at every step (fire-and-forget)."""
+
+    def __init__(self, every: int, reporter: CheckpointReporter, steward=None, rank: int = 0):
+        self.every, self.reporter, self.steward, self.rank = every, reporter, steward, rank
+        self.notice = None  # PreemptionInfo once seen
+        self.noticed_at = self.noticed_step = None
+
+    def __call__(self, step: int) -> bool:
+        if self.steward is not None and self.rank == 0:
+            self.steward.tick.remote(step)
+        if self.every <= 0 or step % self.every:
+            return False
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return False
+        self.notice, self.noticed_at, self.noticed_step = info, time.time(), step
+        self.reporter.emergency = True
+        deadline = info.deadline_ms / 1000 if info.deadline_ms else None
+        log.warning("preemption notice at step %d: node(s) %s (ranks %s) go%s; checkpointing now", step,
+                    ", ".join(n[:12] for n in info.preempted_node_ids), info.preempted_ranks,
+                    f" in {deadline - time.time():.0f} s" if deadline else " soon")
+        if self.steward is not None and self.rank == 0:
+            self.steward.record.remote("preemption_notice", step, nodes=info.preempted_node_ids,
+                                       ranks=info.preempted_ranks, deadline=deadline)
+        return True
+
+    def after_emergency_checkpoint(self) -> None:
+        """Record the commit, then wait to be torn down: returning would end the run as finished."""
+        seconds = time.time() - self.noticed_at
+        log.warning("emergency checkpoint at step %d committed %.1f s after the notice; waiting for the restart",
+                    self.noticed_step, seconds)
+        if self.steward is not None and self.rank == 0:
+            self.steward.reported.remote(self.noticed_step, emergency=True, seconds_from_notice=round(seconds, 3))
+        deadline = self.notice.deadline_ms / 1000 if self.notice.deadline_ms else time.time() + PARK_FALLBACK_SECONDS
+        while time.time() < deadline + PARK_GRACE_SECONDS:  # Ray tears the group down at the deadline
+            time.sleep(1.0)
+        raise RuntimeError(f"the preemption announced at step {self.noticed_step} never came; restarting from "
+                           "its checkpoint")
+
+
+PARK_FALLBACK_SECONDS = 120  # a notice without a deadline (Ray's own default wait is similar)
+PARK_GRACE_SECONDS = 120
 
 
 @contextlib.contextmanager
@@ -74,23 +127,46 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     staging = staging_dir(loop_config["run_name"], rank)
-    hooks = Hooks(
-        on_checkpoint=CheckpointReporter(loop_config["upload_mode"]),
-        sync_gradients=allreduce_gradients if world_size > 1 else None,
-    )
+    steward = get_steward(loop_config["run_name"])
+    reporter = CheckpointReporter(loop_config["upload_mode"], steward)
+    watch = PreemptionWatch(loop_config["preemption_check_steps"], reporter, steward, rank)
+    hooks = Hooks(on_checkpoint=reporter, should_stop=watch,
+                  sync_gradients=allreduce_gradients if world_size > 1 else None)
     if world_size > 1:
         fill_caches_once(config, rank)
     with restored_checkpoint() as resume_from:
         trainer = build_trainer(config, hooks=hooks, device=ray.train.torch.get_device(), rank=rank,
                                 world_size=world_size, store=ckpt.LocalCheckpointStore(staging),
-                                resume_from=resume_from)
+                                resume_from=resume_from, global_workers=loop_config["global_workers"])
     if rank != 0:  # per-step metrics come from rank 0 alone, with no extra barrier
-        trainer.fit()
-        return
-    log.info("%d worker(s); %s", world_size, f"resumed at step {trainer.step}" if resume_from else "starting a new run")
-    with ProgressDisplay(trainer.total_steps, start_step=trainer.step) as progress:
-        hooks.on_step = progress
-        trainer.fit()
+        result = trainer.fit()
+    else:
+        log.info("%d worker(s); %s", world_size, f"resumed at step {trainer.step}" if resume_from else "starting a new run")
+        if steward is not None:
+            steward.attempt.remote(trainer.step, world_size, trainer.total_steps, resumed=resume_from is not None)
+        with ProgressDisplay(trainer.total_steps, start_step=trainer.step) as progress:
+            hooks.on_step = progress if steward is None else StepForwarder(progress, steward, config, world_size)
+            result = trainer.fit()
+        if steward is not None and not result.stopped_early:
+            steward.record.remote("exported", result.step, files=[str(p) for p in result.exported],
+                                  node=ray.get_runtime_context().get_node_id())
+    if watch.notice is not None:
+        watch.after_emergency_checkpoint()
+
+
+class StepForwarder:
+    """on_step on rank 0: the progress display, and the metrics to the steward (W&B) without waiting."""
+
+    def __init__(self, progress: ProgressDisplay, steward, config: TrainConfig, world_size: int):
+        self.progress, self.steward = progress, steward
+        self.samples_per_step = config.train_batch_size * config.gradient_accumulation_steps * world_size
+
+    def __call__(self, report: StepReport) -> None:
+        self.progress(report)
+        self.steward.tick.remote(report.step, report.steps_per_second, {
+            "loss": report.loss, "lr": report.lr, "grad_norm": report.grad_norm, "epoch": report.epoch,
+            "steps_per_second": report.steps_per_second,
+            "samples_per_second": report.steps_per_second * self.samples_per_step})
 
 
 def fill_caches_once(config: TrainConfig, rank: int) -> None:

@@ -32,14 +32,20 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total
     )
 
 
-def clip_gradients(params: list[torch.nn.Parameter], method: str, limit: float) -> None:
-    """`value` clamps each gradient element to ±limit; `norm` rescales to a global L2 norm ≤ limit."""
-    if limit <= 0:
-        return
-    if method == "value":
+def clip_gradients(params: list[torch.nn.Parameter], method: str, limit: float) -> torch.Tensor:
+    """`value` clamps each gradient element to ±limit; `norm` rescales to a global L2 norm ≤ limit.
+
+    Returns the global L2 norm before clipping, as a tensor: reading it would sync, so the loop does
+    that only when it reports."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if limit > 0 and method == "norm":
+        return torch.nn.utils.clip_grad_norm_(params, limit)
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if limit > 0:
         torch.nn.utils.clip_grad_value_(params, limit)
-    else:
-        torch.nn.utils.clip_grad_norm_(params, limit)  # returns the norm; reading it would sync
+    return norm
 
 
 class AdapterEMA:

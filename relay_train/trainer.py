@@ -32,6 +32,7 @@ class StepReport:
     lr: float
     epoch: int
     steps_per_second: float
+    grad_norm: float  # mean global L2 norm before clipping, over the same steps as loss
 
 
 @dataclass
@@ -152,8 +153,9 @@ class Trainer:
         return folder
 
     # -- loop ----------------------------------------------------------------------------------
-    def optimizer_step(self) -> torch.Tensor:
-        """gradient_accumulation_steps micro-batches, clip, step; returns the mean loss (no sync)."""
+    def optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """gradient_accumulation_steps micro-batches, clip, step; returns the mean loss and the gradient
+        norm before clipping (tensors: no sync)."""
         accum = self.config.gradient_accumulation_steps
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(accum):
@@ -170,26 +172,28 @@ class Trainer:
                 loss_sum += loss.detach()
         if self.hooks.sync_gradients:
             self.hooks.sync_gradients(self.params)
-        clip_gradients(self.params, self.config.grad_clip_method, self.config.max_grad_norm)
+        grad_norm = clip_gradients(self.params, self.config.grad_clip_method, self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if self.ema is not None and self.step % self.config.ema_update_interval == 0:
             self.ema.update(self.model.network)
-        return loss_sum / accum
+        return loss_sum / accum, grad_norm
 
     def fit(self) -> FitResult:
         result = FitResult(step=self.step, total_steps=self.total_steps, stopped_early=False, last_checkpoint=None)
-        window, window_start, t0 = torch.zeros((), device=self.device), self.step, time.perf_counter()
-        saved_at = None
+        window = torch.zeros(2, device=self.device)  # loss, grad norm sums since the last report
+        window_start, t0, saved_at = self.step, time.perf_counter(), None
         while self.step < self.total_steps:
-            window += self.optimizer_step()
+            loss, grad_norm = self.optimizer_step()
+            window[0] += loss
+            window[1] += grad_norm.to(window.device)
             if self.step % self.log_every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - t0
-                report = StepReport(self.step, self.total_steps, (window / (self.step - window_start)).item(),  # sync
-                                    self.scheduler.get_last_lr()[0], self.sampler.epoch,
-                                    (self.step - window_start) / max(elapsed, 1e-9))
+                mean_loss, mean_norm = (window / (self.step - window_start)).tolist()  # the one host sync
+                report = StepReport(self.step, self.total_steps, mean_loss, self.scheduler.get_last_lr()[0],
+                                    self.sampler.epoch, (self.step - window_start) / max(elapsed, 1e-9), mean_norm)
                 result.losses.append(report.loss)
                 if self.hooks.on_step:
                     self.hooks.on_step(report)
@@ -226,14 +230,19 @@ def build_trainer(
     world_size: int = 1,
     store: ckpt.CheckpointIO | None = None,
     resume_from: Path | None = None,
+    global_workers: int | None = None,
 ) -> Trainer:
     """Data first (then its encoders are freed), then the quantized transformer + LoKr, then state:
-    from `resume_from` when given (the orchestrator's checkpoint), else per resume_from_checkpoint."""
+    from `resume_from` when given (the orchestrator's checkpoint), else per resume_from_checkpoint.
+
+    The global batch is train_batch_size × global_workers (default: world_size). An elastic run fixes
+    global_workers at its maximum, so a smaller group splits the same global batch over fewer ranks and
+    the batch, the schedule and the sampler are unchanged by a resize."""
     device = device or pick_device()
     model_path = resolve_model_path(config.pretrained_model_name_or_path)
     dataset = encode_dataset(config, model_path, device, compute_dtype(config, device))
     # The sampler deals global batches; each rank trains on its share (see Trainer).
-    sampler = BucketBatchSampler(dataset.bucket_sizes(), config.train_batch_size * world_size, config.seed,
+    sampler = BucketBatchSampler(dataset.bucket_sizes(), config.train_batch_size * (global_workers or world_size), config.seed,
                                  keep_partial_batches=config.disable_bucket_pruning)
     model = build_adapter_model(config, model_path, device, seed=config.seed)
     store = store or ckpt.LocalCheckpointStore(Path(config.output_dir), keep=config.checkpoints_total_limit)

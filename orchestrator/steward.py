@@ -1,0 +1,171 @@
+"""The run's steward: one Ray actor per run, on the head node, that does everything a checkpoint or an
+event sets off, off the training path.
+
+Workers (rank 0) tell it about progress, attempts, preemption notices and checkpoints with
+fire-and-forget calls; they never wait for it. A thread watches storage for checkpoints Ray has
+committed (named in its snapshot, manifest present) and, for each, writes the ledger and drives the
+services that follow a commit. A resubmitted job makes a new steward, which reads the ledger and
+storage back and carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import ray
+
+from orchestrator.ledger import Ledger
+from orchestrator.store import RunStorage
+
+log = logging.getLogger(__name__)
+
+PROGRESS = "relay/progress.json"
+
+
+class Steward:
+    """The steward's logic, usable in-process (tests, `relay train`); `RunSteward` is its actor."""
+
+    def __init__(self, storage: RunStorage, total_steps: int = 0, poll_seconds: float = 5.0,
+                 progress_every: float = 10.0, services: list | None = None):
+        self.storage, self.total_steps = storage, total_steps
+        self.ledger = Ledger(storage)
+        self.poll_seconds, self.progress_every = poll_seconds, progress_every
+        self.services = services or []  # objects with on_event(event: dict) (and optional close(timeout))
+        self.lock = threading.Lock()
+        self.committed = set(self._ledger_steps("checkpoint"))
+        self.progress: dict | None = storage.read_json(PROGRESS)
+        self._progress_written = 0.0
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="relay-steward-watch", daemon=True)
+        self._watcher.start()
+
+    def _ledger_steps(self, kind: str) -> list[int]:
+        return [e["step"] for e in self.ledger.events if e["type"] == kind]
+
+    # -- events from the driver and the workers ---------------------------------------------------------
+    def record(self, type: str, step: int | None = None, **fields) -> None:
+        with self.lock:
+            event = self.ledger.record(type, step, **fields)
+        log.info("ledger: %s%s", type, f" at step {step}" if step is not None else "")
+        for service in self.services:
+            try:
+                service.on_event(event)
+            except Exception:  # a service's trouble never reaches the caller
+                log.exception("steward service %s failed on %s", type(service).__name__, event["type"])
+
+    def run_started(self, **fields) -> None:
+        self.total_steps = fields.get("total_steps", self.total_steps)
+        self.record("run_started", **fields)
+
+    def attempt(self, step: int, world_size: int, total_steps: int, resumed: bool) -> None:
+        """A worker group is about to train from `step`. Close the previous attempt's books first: its
+        last progress is what the ledger needs to count the steps lost."""
+        self.total_steps = total_steps
+        previous = [e for e in self.ledger.events if e["type"] == "attempt"]
+        if self.progress and previous and self.progress.get("time", 0) > previous[-1]["time"]:
+            self.record("progress", self.progress["step"], time=self.progress["time"],
+                        steps_per_second=self.progress.get("steps_per_second"))
+        if not resumed:
+            reason = "fresh"
+        elif not previous or self._job_started_after(previous[-1]):
+            reason = "resubmitted"
+        elif self._notice_since(previous[-1]):
+            reason = "preemption"
+        else:
+            reason = "failure"
+        lost = max(self.progress["step"] - step, 0) if (resumed and self.progress) else 0
+        self.record("attempt", step, world_size=world_size, total_steps=total_steps, reason=reason, steps_lost=lost)
+        self.progress = {"step": step, "time": time.time(), "steps_per_second": None}
+
+    def _job_started_after(self, event: dict) -> bool:
+        return any(e["type"] == "run_started" and e["time"] > event["time"] for e in self.ledger.events)
+
+    def _notice_since(self, event: dict) -> bool:
+        return any(e["type"] == "preemption_notice" and e["time"] >= event["time"] for e in self.ledger.events)
+
+    def tick(self, step: int, steps_per_second: float | None = None, metrics: dict | None = None) -> None:
+        """Rank 0's progress; written to storage at most every progress_every seconds."""
+        now = time.time()
+        self.progress = {"step": step, "time": now, "total_steps": self.total_steps,
+                         "steps_per_second": steps_per_second or (self.progress or {}).get("steps_per_second")}
+        if metrics:
+            for service in self.services:
+                if hasattr(service, "on_metrics"):
+                    try:
+                        service.on_metrics(step, metrics)
+                    except Exception:
+                        log.exception("steward service %s failed on metrics", type(service).__name__)
+        if now - self._progress_written >= self.progress_every:
+            self._write_progress()
+
+    def _write_progress(self) -> None:
+        self._progress_written = time.time()
+        try:
+            self.storage.write_json(PROGRESS, self.progress)
+        except OSError as exc:
+            log.warning("could not write progress to storage: %s", exc)
+
+    def reported(self, step: int, emergency: bool = False, **fields) -> None:
+        """A worker handed checkpoint-<step> to Ray; the watcher records it once it is committed."""
+        if emergency:
+            self.record("emergency_checkpoint", step, **fields)
+
+    # -- the watcher ------------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            self.poll()
+
+    def poll(self) -> list[int]:
+        """Record checkpoints newly committed to storage; returns their steps."""
+        try:
+            steps = self.storage.checkpoint_steps()
+        except OSError as exc:
+            log.warning("could not list checkpoints in %s: %s", self.storage.uri(), exc)
+            return []
+        new = [s for s in steps if s not in self.committed]
+        for step in new:
+            self.committed.add(step)
+            if self.progress and self.progress.get("step", 0) <= step:
+                self.progress["time"] = max(self.progress["time"], time.time())
+            self.record("checkpoint", step, uri=self.storage.uri(f"checkpoint-{step}"), kept=steps[-5:])
+            if self.progress:
+                self._write_progress()
+        return new
+
+    def close(self, final: dict | None = None, timeout: float = 60.0) -> None:
+        """Stop watching after a last look at storage; record the run's end; let services flush."""
+        self._stop.set()
+        self._watcher.join(timeout=self.poll_seconds + 5)
+        self.poll()
+        if final:
+            self.record(final.pop("type"), **final)
+        if self.progress:
+            self._write_progress()
+        for service in self.services:
+            if hasattr(service, "close"):
+                try:
+                    service.close(timeout)
+                except Exception:
+                    log.exception("steward service %s failed to close", type(service).__name__)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+class RunSteward(Steward):
+    """The steward as a detached-from-training actor. Calls to it are fire-and-forget from workers."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def steward_name(run_name: str) -> str:
+    return f"relay-steward:{run_name}"
+
+
+def get_steward(run_name: str):
+    """The run's steward actor, or None (a plain `relay train`, or the steward is gone)."""
+    try:
+        return ray.get_actor(steward_name(run_name))
+    except ValueError:
+        return None
