@@ -4,6 +4,7 @@
         --cluster configs/sd3/cluster.json
 
 Joins the cluster the job was submitted to, then runs (or resumes, by run name) the training job.
+Exit codes: 0 completed, 1 failed (a resubmission may help), 2 configuration or storage error.
 """
 
 from __future__ import annotations
@@ -15,10 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir: relay_train, orchestrator
 
-from orchestrator.cluster import load_cluster_config  # noqa: E402
-from orchestrator.launch import StorageError, launch  # noqa: E402
-from relay_train.cli import parse_overrides  # noqa: E402
-from relay_train.config import ConfigError  # noqa: E402
+from orchestrator.launch import run_job  # noqa: E402
 
 
 def main() -> int:
@@ -29,19 +27,7 @@ def main() -> int:
     parser.add_argument("--cluster-set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import ray
-
-    ray.init()  # inside a submitted job this joins its cluster
-    try:
-        result = launch(args.config, parse_overrides(args.set),
-                        load_cluster_config(args.cluster, parse_overrides(args.cluster_set)))
-    except ConfigError as exc:
-        logging.error("invalid config:\n%s", exc)
-        return 2
-    except StorageError as exc:
-        logging.error("%s", exc)
-        return 2
-    return 1 if result.error else 0
+    return run_job(args.config, args.cluster, args.set, args.cluster_set)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ class ClusterConfig(BaseModel):
     strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="how adapter gradients are synced")
     upload_mode: Literal["async", "sync"] = Field("async", description="checkpoint upload: async never blocks the loop")
     preemption_check_steps: int = Field(10, ge=0, description="steps between preemption checks (a barrier; 0: never)")
+    hourly_price_worker: float = Field(0.0, ge=0, description="$/h of one training worker's instance (cost estimate)")
+    hourly_price_head: float = Field(0.0, ge=0, description="$/h of the head node (cost estimate)")
     steward_poll_seconds: float = Field(5.0, gt=0, description="how often the steward looks for committed checkpoints")
 
     @field_validator("num_workers")
@@ -41,6 +43,11 @@ class ClusterConfig(BaseModel):
         if not 1 <= low <= high:
             raise ValueError(f"num_workers must be >= 1, or [min, max] with 1 <= min <= max; got {value}")
         return value
+
+    @property
+    def hourly_cost(self) -> float | None:
+        cost = self.hourly_price_head + self.max_workers * self.hourly_price_worker
+        return cost or None
 
     @property
     def max_workers(self) -> int:

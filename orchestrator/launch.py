@@ -76,13 +76,15 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
         ray.init()
     storage = RunStorage.from_cluster(cluster, name)
     steward = start_steward(storage, cluster)
-    steward.run_started.remote(world_size=cluster.num_workers, storage=storage.uri(), config=config_summary(config))
+    steward.run_started.remote(world_size=cluster.num_workers, storage=storage.uri(), config=config_summary(config),
+                               hourly_cost=cluster.hourly_cost)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config_path": str(Path(config_path).resolve()), "overrides": overrides or {},
                            "upload_mode": cluster.upload_mode, "working_dir": os.getcwd(), "run_name": name,
                            "preemption_check_steps": cluster.preemption_check_steps,
-                           "global_workers": cluster.max_workers},
+                           "global_workers": cluster.max_workers,
+                           "storage": storage.__getstate__()},
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
                                      resources_per_worker={"CPU": cluster.cpus_per_worker, **cluster.resources_per_worker}),
         run_config=RunConfig(
@@ -127,3 +129,29 @@ def config_summary(config: TrainConfig) -> dict:
             "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "resolution", "mixed_precision",
             "use_ema", "seed")
     return {k: getattr(config, k) for k in keys if hasattr(config, k)}
+
+
+def run_job(config: str, cluster: str | None, sets: list[str], cluster_sets: list[str]) -> int:
+    """A job's whole life in this process (jobs/train.py, KubeRay's entrypoint): 0 completed, 1 failed
+    (retrying may help), 2 a configuration or storage error (it cannot)."""
+    import ray
+
+    from relay_train.cli import parse_overrides
+
+    from orchestrator.cluster import load_cluster_config
+
+    try:
+        cluster_config = load_cluster_config(cluster, parse_overrides(cluster_sets))
+        overrides = parse_overrides(sets)
+        ray.init()  # inside a submitted job this joins its cluster; alone it starts a local one
+        result = launch(config, overrides, cluster_config)
+    except ConfigError as exc:
+        log.error("invalid config:\n%s", exc)
+        return 2
+    except StorageError as exc:
+        log.error("%s", exc)
+        return 2
+    if result.error:
+        log.error("run failed: %s", result.error)
+        return 1
+    return 0

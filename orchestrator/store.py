@@ -29,7 +29,10 @@ class RunStorage:
 
     @classmethod
     def from_cluster(cls, cluster, run_name: str) -> RunStorage:
-        return cls(cluster.storage_path, run_name, cluster.storage_endpoint_url)
+        path = cluster.storage_path
+        if not path.startswith("s3://"):
+            path = str(Path(path).expanduser().resolve())  # the same folder whatever the reader's cwd
+        return cls(path, run_name, cluster.storage_endpoint_url)
 
     def __getstate__(self):
         return {"storage_path": self.storage_path, "run_name": self.run_name, "endpoint_url": self.endpoint_url}

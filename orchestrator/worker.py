@@ -21,6 +21,7 @@ from relay_train.progress import ProgressDisplay
 from relay_train.trainer import Hooks, StepReport, build_trainer
 
 from orchestrator.steward import get_steward
+from orchestrator.store import RunStorage
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +83,21 @@ class PreemptionWatch:
                                        ranks=info.preempted_ranks, deadline=deadline)
         return True
 
-    def after_emergency_checkpoint(self) -> None:
-        """Record the commit, then wait to be torn down: returning would end the run as finished."""
-        seconds = time.time() - self.noticed_at
-        log.warning("emergency checkpoint at step %d committed %.1f s after the notice; waiting for the restart",
-                    self.noticed_step, seconds)
-        if self.steward is not None and self.rank == 0:
-            self.steward.reported.remote(self.noticed_step, emergency=True, seconds_from_notice=round(seconds, 3))
+    def after_emergency_checkpoint(self, storage: RunStorage) -> None:
+        """Rank 0 waits until the checkpoint is committed (a step that had just checkpointed may still be
+        uploading asynchronously) and records it; then every rank waits to be torn down: returning
+        would end the run as finished."""
         deadline = self.notice.deadline_ms / 1000 if self.notice.deadline_ms else time.time() + PARK_FALLBACK_SECONDS
+        if self.rank == 0:
+            while self.noticed_step not in storage.checkpoint_steps() and time.time() < deadline:
+                time.sleep(0.2)
+            seconds = time.time() - self.noticed_at
+            committed = self.noticed_step in storage.checkpoint_steps()
+            log.warning("emergency checkpoint at step %d %s %.1f s after the notice; waiting for the restart",
+                        self.noticed_step, "committed" if committed else "NOT committed by the deadline", seconds)
+            if self.steward is not None:
+                self.steward.reported.remote(self.noticed_step, emergency=True, committed=committed,
+                                             seconds_from_notice=round(seconds, 3))
         while time.time() < deadline + PARK_GRACE_SECONDS:  # Ray tears the group down at the deadline
             time.sleep(1.0)
         raise RuntimeError(f"the preemption announced at step {self.noticed_step} never came; restarting from "
@@ -151,7 +159,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             steward.record.remote("exported", result.step, files=[str(p) for p in result.exported],
                                   node=ray.get_runtime_context().get_node_id())
     if watch.notice is not None:
-        watch.after_emergency_checkpoint()
+        watch.after_emergency_checkpoint(RunStorage(**loop_config["storage"]))
 
 
 class StepForwarder:

@@ -1,0 +1,153 @@
+"""`relay status RUN --storage ...`: where a run stands, read from storage alone (the ledger, the
+progress file, Ray's committed checkpoints, validation scores, the Hub when the run mirrors to one).
+
+Nothing here needs the cluster: it works from a laptop while the run goes on, or after it ended.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+
+from orchestrator.ledger import Summary, summarize
+from orchestrator.steward import PROGRESS
+from orchestrator.store import RunStorage
+
+log = logging.getLogger(__name__)
+
+VALIDATION = "relay/validation"
+
+
+def gather(storage: RunStorage, hub: bool = True, now: float | None = None) -> dict:
+    """Everything status shows, as plain data (what --json prints)."""
+    from orchestrator.ledger import Ledger
+
+    now = now or time.time()
+    summary = summarize(storage.run_name, Ledger(storage).events, now)
+    progress = storage.read_json(PROGRESS) or {}
+    if progress.get("step", -1) >= summary.step and summary.state == "running":
+        summary.step = progress["step"]
+        summary.steps_per_second = progress.get("steps_per_second") or summary.steps_per_second
+        total = progress.get("total_steps") or summary.total_steps
+        if summary.steps_per_second and total:
+            summary.eta_seconds = (total - summary.step) / summary.steps_per_second
+    checkpoints = storage.checkpoint_steps()
+    started = next((e for e in Ledger(storage).events if e["type"] == "run_started"), {}) if summary.last_event else {}
+    hourly = started.get("hourly_cost")
+    report = {
+        "run": storage.run_name,
+        "storage": storage.uri(),
+        "state": summary.state,
+        "step": summary.step,
+        "total_steps": summary.total_steps,
+        "steps_per_second": summary.steps_per_second,
+        "eta_seconds": summary.eta_seconds,
+        "checkpoints": checkpoints,
+        "hub": hub_checkpoints(storage, checkpoints) if hub else None,
+        "last_validation": last_validation(storage),
+        "preemption_notices": summary.preemption_notices,
+        "emergency_checkpoints": [{"step": e["step"], "seconds_from_notice": e.get("seconds_from_notice")}
+                                  for e in summary.emergency_checkpoints],
+        "attempts": [asdict(a) for a in summary.attempts],
+        "goodput": summary.goodput,
+        "wall_hours": summary.wall_seconds / 3600,
+        "estimated_cost": round(hourly * summary.wall_seconds / 3600, 2) if hourly else None,
+        "hourly_cost": hourly,
+        "last_event": summary.last_event,
+    }
+    return report
+
+
+def last_validation(storage: RunStorage) -> dict | None:
+    """The newest validation's scores (written by the validation pool beside the checkpoints)."""
+    names = [n for n in storage.listdir(VALIDATION) if n.startswith("checkpoint-")]
+    for name in sorted(names, key=lambda n: int(n.split("-")[1]), reverse=True):
+        scores = storage.read_json(f"{VALIDATION}/{name}/scores.json")
+        if scores is not None:
+            return {"step": int(name.split("-")[1]), "scores": scores}
+    return None
+
+
+def hub_checkpoints(storage: RunStorage, checkpoints: list[int]) -> dict | None:
+    """The Hub repo's checkpoint folders, when the run's config mirrors to one; errors are shown, not raised."""
+    if not checkpoints:
+        return None
+    config = storage.read_json(f"checkpoint-{checkpoints[-1]}/config.json") or {}
+    repo = config.get("hub_model_id")
+    if not repo or not (config.get("push_to_hub") or config.get("push_checkpoints_to_hub")):
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        files = HfApi().list_repo_files(repo)
+    except Exception as exc:
+        return {"repo": repo, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    steps = sorted({int(f.split("/")[1].split("-")[1]) for f in files
+                    if f.startswith("checkpoints/checkpoint-") and f.count("/") >= 2})
+    return {"repo": repo, "checkpoints": steps}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{days}d " if days else "") + (f"{hours}h {minutes:02d}m" if days or hours else f"{minutes}m {secs:02d}s")
+
+
+def render(report: dict) -> str:
+    """The terminal view (plain text: it reads the same in a pipe, a log, or a terminal)."""
+    rate = report["steps_per_second"]
+    total = report["total_steps"] or "?"
+    pct = f" ({100 * report['step'] / report['total_steps']:.1f}%)" if report["total_steps"] else ""
+    lines = [
+        f"run        {report['run']}  [{report['state']}]",
+        f"storage    {report['storage']}",
+        f"step       {report['step']} / {total}{pct}",
+        f"rate       {f'{rate:.3f} steps/s' if rate else '-'}   ETA {_duration(report['eta_seconds'])}",
+        f"checkpoints {', '.join(map(str, report['checkpoints'])) or 'none yet'}",
+    ]
+    hub = report["hub"]
+    if hub:
+        shown = hub.get("error") or ", ".join(map(str, hub.get("checkpoints", []))) or "none yet"
+        lines.append(f"hub        {hub['repo']}: {shown}")
+    val = report["last_validation"]
+    if val:
+        parts = []
+        for variant, s in (val["scores"].get("variants") or val["scores"]).items():
+            if isinstance(s, dict) and "mean" in s:
+                parts.append(f"{variant} CLIP {s['mean']:.2f} (min {s['min']:.2f}, max {s['max']:.2f})")
+        lines.append(f"validation step {val['step']}: {'; '.join(parts) or 'no scores'}")
+    em = report["emergency_checkpoints"]
+    waits = ", ".join(f"{e['seconds_from_notice']:.1f} s" for e in em if e["seconds_from_notice"] is not None)
+    lines.append(f"preemptions {report['preemption_notices']} notice(s), {len(em)} emergency checkpoint(s)"
+                 + (f" (notice to commit: {waits})" if waits else ""))
+    restarts = report["attempts"][1:]
+    if restarts:
+        lines.append("restarts   " + "; ".join(
+            f"step {a['start_step']} ({a['reason']}, {a['world_size']} worker(s), back in "
+            f"{_duration(a['time_to_resume'])})" for a in restarts))
+        lost = [a["steps_lost"] for a in report["attempts"] if a["steps_lost"] is not None]
+        lines.append(f"steps lost {', '.join(map(str, lost))}")
+    goodput = report["goodput"]
+    lines.append(f"goodput    {f'{100 * goodput:.1f}%' if goodput is not None else '-'} over "
+                 f"{report['wall_hours']:.2f} h wall")
+    if report["estimated_cost"] is not None:
+        lines.append(f"cost       ~${report['estimated_cost']:.2f} at ${report['hourly_cost']:.2f}/h")
+    return "\n".join(lines)
+
+
+def status(run: str, storage_path: str, endpoint_url: str | None = None, as_json: bool = False,
+           hub: bool = True) -> str:
+    storage = RunStorage(storage_path, run, endpoint_url)
+    if not storage.exists("") and not storage.listdir():
+        raise FileNotFoundError(f"no run {run!r} in {storage_path}")
+    report = gather(storage, hub=hub)
+    return json.dumps(report, indent=2, default=str) if as_json else render(report)
+
+
+__all__ = ["Summary", "gather", "render", "status"]
