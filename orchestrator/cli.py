@@ -51,7 +51,82 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_launch(args)
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Render and score the validation prompts for one checkpoint folder or adapter file, in this process."""
+    from relay_train.config import load_config
+    from relay_train.validate import validate_offline
+
+    config = load_config(args.config, base.parse_overrides(args.set))
+    result, out = validate_offline(config, args.checkpoint, args.out)
+    scores = "".join(f"; {v} CLIP mean {s['mean']:.2f}" for v, s in result.scores().items())
+    log.info("validated step %d: %d image(s) in %s%s", result.step, len(result.images), out, scores)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator.status import status
+
+    try:
+        print(status(args.run, args.storage, args.endpoint, as_json=args.json, hub=not args.no_hub))
+    except FileNotFoundError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+def cmd_spot_agent(args: argparse.Namespace) -> int:
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    from orchestrator import spot
+
+    source = spot.detect_cloud(args.aws_endpoint, args.gcp_endpoint, args.cloud)
+    if source is None:
+        log.error("spot agent: no cloud metadata service answered (AWS %s, GCP %s); not a spot instance?",
+                  args.aws_endpoint, args.gcp_endpoint)
+        return 1
+    gcs = canonicalize_bootstrap_address_or_die(args.ray_address)
+    node_id = args.node_id or spot.local_node_id(gcs)
+    notice = spot.run_agent(source, gcs, node_id, interval=args.interval)
+    return 0 if notice else 1
+
+
+def cmd_supervise(args: argparse.Namespace) -> int:
+    from orchestrator import supervise
+
+    return supervise.run(args)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    status = sub.add_parser("status", help="where a run stands: step, rate, ETA, checkpoints, preemptions, goodput")
+    status.add_argument("run", help="the run name")
+    status.add_argument("--storage", required=True, help="the cluster config's storage_path (s3://... or a folder)")
+    status.add_argument("--endpoint", help="S3-compatible endpoint URL")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--no-hub", action="store_true", help="do not ask the Hub for its checkpoints")
+    status.set_defaults(func=cmd_status)
+
+    agent = sub.add_parser("spot-agent", help="watch this node's spot notice and drain it from Ray on one")
+    agent.add_argument("--interval", type=float, default=5.0, help="seconds between metadata polls")
+    agent.add_argument("--cloud", choices=["auto", "aws", "gcp"], default="auto")
+    agent.add_argument("--aws-endpoint", default="http://169.254.169.254", help="IMDS base URL")
+    agent.add_argument("--gcp-endpoint", default="http://metadata.google.internal", help="GCE metadata base URL")
+    agent.add_argument("--ray-address", default="auto", help="the cluster's GCS address")
+    agent.add_argument("--node-id", help="the Ray node to drain (default: the one on this machine)")
+    agent.set_defaults(func=cmd_spot_agent)
+
+    from orchestrator.supervise import add_arguments
+
+    supervise = sub.add_parser("supervise", help="submit the job and resubmit it when it fails or the head is replaced")
+    add_arguments(supervise)
+    supervise.set_defaults(func=cmd_supervise)
+
+    validate = sub.add_parser("validate", help="render the validation prompts for a checkpoint or adapter file")
+    validate.add_argument("--checkpoint", type=Path, required=True, help="checkpoint-N folder or adapter .safetensors")
+    validate.add_argument("--config", type=Path, required=True, help="SimpleTuner-style config.json")
+    validate.add_argument("--out", type=Path, help="output folder (default <output_dir>/validation/<name>)")
+    validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    validate.set_defaults(func=cmd_validate)
+
     launch = sub.add_parser("launch", help="run the job data-parallel on Ray (a local cluster unless RAY_ADDRESS)")
     launch.add_argument("--config", type=Path, required=True, help="SimpleTuner-style config.json")
     launch.add_argument("--cluster", type=Path, help="cluster.json: workers, storage_path, failure limits")
