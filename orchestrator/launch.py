@@ -9,6 +9,7 @@ from pathlib import Path
 from relay_train.config import ConfigError, TrainConfig, load_config
 from relay_train.trainer import run_name as default_run_name
 
+from orchestrator import redact
 from orchestrator.cluster import ClusterConfig, storage_filesystem
 from orchestrator.store import SNAPSHOT, RunStorage
 
@@ -68,6 +69,7 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
     if cluster.strategy == "deepspeed":
         raise NotImplementedError("strategy deepspeed (ZeRO-2 over the adapter's optimizer state) is not built yet (issue 4)")
     config = load_config(config_path, overrides)
+    redact.install(redact.secret_values(config))
     name = cluster.run_name or default_run_name(config)
     check_storage(cluster)
     check_resume_policy(config, cluster, name)
@@ -75,7 +77,7 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
     if not ray.is_initialized():
         ray.init()
     storage = RunStorage.from_cluster(cluster, name)
-    steward = start_steward(storage, cluster)
+    steward = start_steward(storage, cluster, config)
     steward.run_started.remote(world_size=cluster.num_workers, storage=storage.uri(), config=config_summary(config),
                                hourly_cost=cluster.hourly_cost)
     trainer = TorchTrainer(
@@ -105,7 +107,7 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
     return result
 
 
-def start_steward(storage: RunStorage, cluster: ClusterConfig):
+def start_steward(storage: RunStorage, cluster: ClusterConfig, config: TrainConfig):
     """The run's steward actor, pinned to this (the head) node; a left-over one from a dead job is replaced."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -117,7 +119,8 @@ def start_steward(storage: RunStorage, cluster: ClusterConfig):
         ray.kill(old)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     steward = RunSteward.options(name=steward_name(storage.run_name), scheduling_strategy=here).remote(
-        storage, poll_seconds=cluster.steward_poll_seconds)
+        storage, config=config, wandb_dir=str(Path(config.output_dir).resolve()),
+        poll_seconds=cluster.steward_poll_seconds)
     ray.get(steward.ready.remote())
     return steward
 

@@ -27,10 +27,10 @@ class Ledger:
         data = storage.read_bytes(LEDGER)
         self.events: list[dict] = [json.loads(line) for line in data.decode().splitlines() if line.strip()] if data else []
 
-    def record(self, type: str, step: int | None = None, **fields) -> dict:
+    def record(self, kind: str, step: int | None = None, **fields) -> dict:
         """Append one event and write the ledger back whole (an S3 object cannot be appended to; the
         ledger stays small: a few hundred lines for a 300k-step run)."""
-        event = {"time": fields.pop("time", time.time()), "type": type, **({"step": step} if step is not None else {}),
+        event = {"time": fields.pop("time", time.time()), "type": kind, **({"step": step} if step is not None else {}),
                  **fields}
         self.events.append(event)
         self.flush()

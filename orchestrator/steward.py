@@ -45,10 +45,10 @@ class Steward:
         return [e["step"] for e in self.ledger.events if e["type"] == kind]
 
     # -- events from the driver and the workers ---------------------------------------------------------
-    def record(self, type: str, step: int | None = None, **fields) -> None:
+    def record(self, kind: str, step: int | None = None, **fields) -> None:
         with self.lock:
-            event = self.ledger.record(type, step, **fields)
-        log.info("ledger: %s%s", type, f" at step {step}" if step is not None else "")
+            event = self.ledger.record(kind, step, **fields)
+        log.info("ledger: %s%s", kind, f" at step {step}" if step is not None else "")
         for service in self.services:
             try:
                 service.on_event(event)
@@ -112,6 +112,17 @@ class Steward:
         if emergency:
             self.record("emergency_checkpoint", step, **fields)
 
+    def _completion(self) -> dict:
+        from orchestrator.ledger import summarize
+
+        summary = summarize(self.storage.run_name, self.ledger.events)
+        exported = [e for e in self.ledger.events if e["type"] == "exported"]
+        files = exported[-1]["files"] if exported else []
+        return {"adapters": ", ".join(files) or "see the last checkpoint",
+                "goodput": f"{100 * summary.goodput:.1f}%" if summary.goodput is not None else "unknown",
+                "preemptions": summary.preemption_notices, "restarts": max(len(summary.attempts) - 1, 0),
+                "wall_hours": round(summary.wall_seconds / 3600, 3)}
+
     # -- the watcher ------------------------------------------------------------------------------------
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_seconds):
@@ -135,11 +146,15 @@ class Steward:
         return new
 
     def close(self, final: dict | None = None, timeout: float = 60.0) -> None:
-        """Stop watching after a last look at storage; record the run's end; let services flush."""
+        """Stop watching after a last look at storage; record the run's end (with where the adapter is
+        and the goodput, on completion); let services flush."""
         self._stop.set()
         self._watcher.join(timeout=self.poll_seconds + 5)
         self.poll()
         if final:
+            final = dict(final)
+            if final["type"] == "completed":
+                final.update(self._completion())
             self.record(final.pop("type"), **final)
         if self.progress:
             self._write_progress()
@@ -151,9 +166,37 @@ class Steward:
                     log.exception("steward service %s failed to close", type(service).__name__)
 
 
+def build_services(config, storage: RunStorage, record, wandb_dir: str | None = None) -> list:
+    """What follows the run's events, per its config: the webhook notifier, the W&B tracker and the Hub
+    mirror. `record(type, step=None, **fields)` puts their own news (Hub commits, warnings) in the ledger."""
+    from orchestrator.hub import HubMirror
+    from orchestrator.notify import Notifier
+    from orchestrator.tracking import Tracker
+
+    services = []
+    if config.webhook:  # first: it hears every event, including the others' warnings
+        services.append(Notifier(config.webhook, storage.run_name, spool=storage, project=config.tracker_project_name))
+    services.append(Tracker.open(config, storage.run_name, storage, wandb_dir=wandb_dir))
+    mirror = HubMirror.for_run(config, storage, warn=lambda message: record("warning", message=message),
+                               on_pushed=lambda info: record("hub_pushed", info["root"], **info))
+    if mirror is not None:
+        services.append(mirror)
+    return services
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class RunSteward(Steward):
-    """The steward as a detached-from-training actor. Calls to it are fire-and-forget from workers."""
+    """The steward as an actor beside the driver. Calls to it are fire-and-forget from workers."""
+
+    def __init__(self, storage: RunStorage, config=None, wandb_dir: str | None = None, **kwargs):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if config is not None:
+            from orchestrator import redact
+
+            redact.install(redact.secret_values(config))
+        super().__init__(storage, **kwargs)
+        if config is not None:  # after the ledger exists: the services record into it
+            self.services.extend(build_services(config, storage, self.record, wandb_dir))
 
     def ready(self) -> bool:
         return True

@@ -20,6 +20,7 @@ from relay_train.parallel import allreduce_gradients
 from relay_train.progress import ProgressDisplay
 from relay_train.trainer import Hooks, StepReport, build_trainer
 
+from orchestrator import redact
 from orchestrator.steward import get_steward
 from orchestrator.store import RunStorage
 
@@ -132,6 +133,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     enter_job_directory(loop_config["working_dir"])
     config = load_config(loop_config["config_path"], loop_config["overrides"])
+    redact.install(redact.secret_values(config))
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     staging = staging_dir(loop_config["run_name"], rank)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator,
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SecretStr, model_validator,
 )
 
 from relay_train.config_files import (
@@ -52,6 +52,7 @@ _FILE_KEYS: dict[str, tuple[str, ...]] = {
     "data_backend_config": (),
     "webhook_config": (),
     "init_lora": (),
+    "validation_prompt_file": (".json", ".txt"),
 }
 
 
@@ -130,6 +131,23 @@ def _empty_is_none(value: Any) -> Any:
 
 
 OptionalPath = Annotated[Path | None, BeforeValidator(_empty_is_none)]
+
+
+def _webhook_source(value: Any) -> Any:
+    """SimpleTuner's webhook_config is a path, inline JSON text, or (via overrides) the parsed JSON.
+    Inline JSON holds webhook URLs, so it is kept as a secret and masked wherever the config is shown."""
+    if isinstance(value, (dict, list)):
+        return SecretStr(json.dumps(value))
+    if isinstance(value, str) and value.strip()[:1] in ("{", "["):
+        return SecretStr(value)
+    if isinstance(value, str) and value.strip():
+        return Path(value)
+    if value is None or value == "" or isinstance(value, (Path, SecretStr)):
+        return None if value == "" else value
+    raise ValueError("expected a path to a webhook JSON file, inline JSON, or a list of webhook backends")
+
+
+WebhookSource = Annotated[Path | SecretStr | None, BeforeValidator(_webhook_source)]
 Resolution = Literal["pixel_area", "pixel"]
 
 
@@ -251,7 +269,9 @@ class TrainConfig(BaseModel):
     validation_prompt: str | None = None
     """Validation prompt."""
     validation_prompt_library: bool = False
-    """Also render SimpleTuner's built-in prompt library."""
+    """Also render the built-in prompt library (relay_train/prompts.py: text, signs, handwriting, photos)."""
+    validation_prompt_file: OptionalPath = None
+    """Extra validation prompts: a JSON list (or name -> prompt object), or a text file of one prompt a line."""
     validation_torch_compile: bool = False
     """torch.compile the validation pipeline."""
     validation_lycoris_strength: float = 1.0
@@ -262,6 +282,14 @@ class TrainConfig(BaseModel):
     """With use_ema: render with the EMA weights, or both for comparison."""
     disable_benchmark: bool = False
     """Skip the step-0 validation of the base model."""
+    validation_clip_model: str = "openai/clip-vit-large-patch14"
+    """CLIP for evaluation_type clip: a local folder, or a Hub id already in the Hugging Face cache."""
+    validation_num_gpus: float = Field(1.0, ge=0)
+    """GPUs per validation actor (kept apart from training's); the pool uses 0 when the cluster has none."""
+    validation_actors: int = Field(1, ge=1)
+    """Validation actors, each holding the pipeline loaded once."""
+    validation_queue_size: int = Field(2, ge=1)
+    """Validations waiting beyond those running; when full the newest wins and the oldest is skipped (logged)."""
 
     # hub
     hub_model_id: str | None = None
@@ -270,6 +298,11 @@ class TrainConfig(BaseModel):
     """Upload the final adapter to the Hub."""
     push_checkpoints_to_hub: bool = False
     """Mirror checkpoints to the Hub."""
+    hub_private: bool = True
+    """Create the Hub repository private when it does not exist yet (an existing repo keeps its visibility)."""
+    super_squash_history: bool = False
+    """After the Hub mirror prunes old checkpoints, squash the repo's history (at most hourly) so the
+    deleted files stop holding space; the commit history is lost."""
 
     # tracking
     report_to: Annotated[Literal["wandb", "none"], BeforeValidator(_none_word)] = "none"
@@ -278,16 +311,16 @@ class TrainConfig(BaseModel):
     """Tracker project."""
     tracker_run_name: str | None = None
     """Tracker run name; also names the Ray run and the exported adapter files."""
-    webhook_config: OptionalPath = None
-    """webhook.json for Discord or raw JSON notifications."""
+    webhook_config: WebhookSource = None
+    """Webhook backends (Discord or raw JSON): a webhook.json path, inline JSON, or a list of backends."""
 
     # derived: loaded from the files above, never user keys
     lycoris: LycorisConfig | None = None
     """The loaded LyCORIS config."""
     data_backends: list[DataBackendConfig] = []
     """The loaded multidatabackend.json entries."""
-    webhook: WebhookConfig | None = None
-    """The loaded webhook.json."""
+    webhook: list[WebhookConfig] = []
+    """The loaded webhook backends (from webhook_config)."""
     source_path: Path | None = None
     """The config file this was read from."""
 
@@ -314,10 +347,6 @@ class TrainConfig(BaseModel):
         """Settings parsed now whose feature arrives in a later issue, grouped by feature."""
         groups = [
             ("per-dataset sampling weights and random crop aspects are", 3, self._pending_data()),
-            ("validation is", 6, self._pending_keys(_VALIDATION_KEYS)),
-            ("Hub upload is", 5, self._pending_keys(_HUB_KEYS)),
-            ("tracking and webhooks are", 8, self._pending_keys(
-                ("report_to", "tracker_project_name", "webhook_config"))),
         ]
         return [f"{what} not built yet (issue {issue}): {', '.join(items)} "
                 f"{'is' if len(items) == 1 else 'are'} parsed but {'has' if len(items) == 1 else 'have'} "
@@ -358,7 +387,6 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-_HUB_KEYS = ("push_to_hub", "push_checkpoints_to_hub", "hub_model_id")
 _VALIDATION_KEYS = (
     "validation_steps", "validation_prompt", "validation_prompt_library",
     *(k for k in TrainConfig.model_fields if k.startswith("validation_")
@@ -388,7 +416,7 @@ def _note_quantize(c: TrainConfig) -> str | None:
 def _note_benchmark(c: TrainConfig) -> str | None:
     if "disable_benchmark" not in c.model_fields_set:
         return None
-    effect = "is skipped" if c.disable_benchmark else "runs before training, once validation lands (issue 6)"
+    effect = "is skipped" if c.disable_benchmark else "is rendered once by the validation pool as the reference"
     return (f"--disable_benchmark={_show(c.disable_benchmark)}: SimpleTuner's step-0 validation "
             f"of the base model (the 'benchmark') {effect}")
 
@@ -476,7 +504,7 @@ def _canonical(raw: Mapping[str, Any], problems: list[str]) -> tuple[dict[str, A
 
 def _resolve_files(good: dict[str, Any], base_dir: Path, problems: list[str]) -> None:
     for key, suffixes in _FILE_KEYS.items():
-        if good.get(key) is None:
+        if not isinstance(good.get(key), Path):  # absent, or inline JSON (webhook_config)
             continue
         found, tried = resolve_file(good[key], base_dir, suffixes)
         if found is None:

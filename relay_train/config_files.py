@@ -424,16 +424,18 @@ def load_backends(path: Path) -> tuple[list[DataBackendConfig], list[str]]:
 
 
 class WebhookConfig(BaseModel):
-    """SimpleTuner's webhook.json. The URL is a secret: it is masked everywhere it is shown."""
+    """One backend of SimpleTuner's webhook config. The URL and token are secrets: masked wherever shown."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     webhook_type: Literal["discord", "raw"] = "discord"
     """Discord messages with images, or raw JSON posted to a callback."""
     webhook_url: SecretStr | None = None
-    """Where messages are posted (required for discord)."""
+    """Where messages are posted (required for discord; accepted for raw too)."""
     callback_url: SecretStr | None = None
     """SimpleTuner's name for the URL of a raw webhook."""
+    auth_token: SecretStr | None = None
+    """Sent as the X-API-Key header (raw webhooks)."""
     message_prefix: str | None = None
     """Text put before every message; null uses the tracker project name."""
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
@@ -460,17 +462,38 @@ def _webhook_checks(values: Mapping[str, Any], where: Where) -> list[str]:
     return []
 
 
-def load_webhook(path: Path) -> tuple[WebhookConfig | None, list[str]]:
-    data, problems = read_json(path)
+def _webhook_source(source: Path | SecretStr) -> tuple[Any, str, list[str]]:
+    """(parsed JSON, name for messages, problems) from a webhook file or inline JSON text.
+
+    Inline text holds URLs, so a parse error names only the position, never the text."""
+    if isinstance(source, Path):
+        data, problems = read_json(source)
+        return data, source.name, problems
+    try:
+        return json.loads(source.get_secret_value()), "webhook_config", []
+    except json.JSONDecodeError as exc:
+        return None, "webhook_config", [f"'--webhook_config': inline JSON is not valid at line {exc.lineno} "
+                                        f"column {exc.colno}: {exc.msg}"]
+
+
+def load_webhook(source: Path | SecretStr) -> tuple[list[WebhookConfig], list[str]]:
+    """The backends of a webhook config: a file or inline JSON, holding one object or a list of them."""
+    data, name, problems = _webhook_source(source)
     if data is None:
-        return None, problems
-    if not isinstance(data, dict):
-        return None, [*problems, f"{path.name}: must be a JSON object, got {type(data).__name__}"]
-    where = Where(path.name)
-    good, errors = field_problems(WebhookConfig, data, where)
-    bad = {k for k in data if k not in good}
-    if not bad & {"webhook_url", "callback_url", "webhook_type"}:
-        errors += _webhook_checks(with_defaults(WebhookConfig, good), where)
-    if problems or errors:
-        return None, problems + errors
-    return WebhookConfig.model_validate(data), []
+        return [], problems
+    if not isinstance(data, (dict, list)):
+        return [], [*problems, f"{name}: must be a JSON object or a list of them, got {type(data).__name__}"]
+    entries = [(data, Where(name))] if isinstance(data, dict) else \
+        [(entry, Where(f"{name}[{i}]")) for i, entry in enumerate(data)]
+    for entry, where in entries:
+        if not isinstance(entry, dict):
+            problems.append(where.line(f"must be a JSON object, got {type(entry).__name__}"))
+            continue
+        good, errors = field_problems(WebhookConfig, entry, where)
+        bad = {k for k in entry if k not in good}
+        if not bad & {"webhook_url", "callback_url", "webhook_type"}:
+            errors += _webhook_checks(with_defaults(WebhookConfig, good), where)
+        problems += errors
+    if problems:
+        return [], problems
+    return [WebhookConfig.model_validate(entry) for entry, _ in entries], []

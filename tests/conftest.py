@@ -23,6 +23,14 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A random tiny CLIP (model + processor) for evaluation_type clip."""
+    from relay_train.tiny_model import make_tiny_clip
+
+    return make_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
+
+
+@pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     from relay_train.demo_data import make_demo_dataset
 
@@ -76,6 +84,16 @@ def free_port():
     return _free_port
 
 
+@pytest.fixture
+def webhook_receiver():
+    """A loopback webhook receiver (tests/webhook_receiver.py) that records requests; can be made down,
+    slow or rate-limited."""
+    from webhook_receiver import WebhookReceiver  # tests/ is on sys.path (conftest rootdir)
+
+    with WebhookReceiver() as receiver:
+        yield receiver
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on loopback: a real HTTP endpoint for boto3 and pyarrow. Test-only credentials."""
@@ -98,3 +116,25 @@ def s3_bucket(s3_endpoint, request):
     name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
     client.create_bucket(Bucket=name)
     yield client, name
+
+
+@pytest.fixture
+def hub_server(monkeypatch):
+    """The loopback Hub (tests/hub_server.py) on a free port, with HF_ENDPOINT pointing at it for this test.
+
+    Yields the HubServer: `.url`, `.repos` (repo id -> Repo: files, commits), `.state.token` (the token it
+    accepts), `.fail(status, count=N | seconds=S, retry_after=...)` and `.heal()`. The server speaks LFS,
+    not Xet, so the client's documented HF_HUB_DISABLE_XET switch is set too."""
+    import huggingface_hub.constants as hf_constants
+
+    from hub_server import HubServer  # tests/ is on sys.path (conftest rootdir)
+
+    server = HubServer(token="hf_loopbackTestToken0123456789").start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(hf_constants, "ENDPOINT", server.url)  # the client reads HF_ENDPOINT at import
+    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_TOKEN", server.state.token)
+    yield server
+    server.stop()

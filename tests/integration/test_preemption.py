@@ -19,7 +19,7 @@ from orchestrator.launch import launch
 from orchestrator.ledger import Ledger, summarize
 from orchestrator.store import RunStorage
 from relay_train import checkpoint as ckpt
-from tests.fake_imds import FakeMetadata
+from fake_imds import FakeMetadata  # tests/ is on sys.path (conftest rootdir)
 
 pytestmark = pytest.mark.slow
 TRAINER = {"trainer": 1}

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from orchestrator import spot
-from tests.fake_imds import FakeMetadata
+from fake_imds import FakeMetadata  # tests/ is on sys.path (conftest rootdir)
 
 
 @pytest.fixture

@@ -1,0 +1,197 @@
+"""Weights & Biases tracking (`report_to wandb`), off the training path and resumable from storage.
+
+The W&B run id is kept in the run's storage (`relay/wandb-run-id`), so a restart or a resubmitted
+job continues the same W&B run (`resume="allow"`). Every metric is logged against our own `step`
+metric instead of W&B's internal `_step`: a run resumed from checkpoint 5000 after logging up to
+step 5300 logs steps 5000-5300 again, and W&B would drop rows with a `_step` below its last one.
+
+`log_step` and `log_validation` only queue; a background thread calls `run.log` (encoding validation
+images costs ~0.4 s, far too long for the caller). `report_to none` gives a NullTracker that does nothing.
+Offline mode (WANDB_MODE=offline) writes the run under `<dir>/wandb/offline-run-*`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from orchestrator.store import RunStorage
+from relay_train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+RUN_ID = "relay/wandb-run-id"
+STEP_METRIC = "step"
+
+
+class NullTracker:
+    """`report_to none`: accepts every call and does nothing."""
+
+    run_id: str | None = None
+    run_dir: Path | None = None
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_validation(self, step: int, images: list[tuple[str, Any]], scores: dict[str, float]) -> None:
+        pass
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self, timeout: float = 30.0) -> None:
+        pass
+
+    def finish(self, timeout: float = 30.0) -> None:
+        pass
+
+
+def run_id(storage: RunStorage | None, fallback: Path) -> str:
+    """The run's W&B id: read from storage, or made and written there on the first start.
+    Without storage it is kept in a local file (fallback)."""
+    if storage is not None:
+        known = storage.read_bytes(RUN_ID)
+        if known:
+            return known.decode().strip()
+    elif fallback.is_file():
+        return fallback.read_text().strip()
+    new = uuid.uuid4().hex[:12]  # W&B ids: letters and digits, unique per project
+    if storage is not None:
+        storage.write_bytes(RUN_ID, new.encode())
+    else:
+        fallback.parent.mkdir(parents=True, exist_ok=True)
+        fallback.write_text(new)
+    return new
+
+
+def _picture(image: Any):
+    """A PIL image from PIL or PNG bytes."""
+    if isinstance(image, (bytes, bytearray)):
+        from PIL import Image
+
+        return Image.open(io.BytesIO(image))
+    return image
+
+
+class Tracker:
+    """One W&B run fed from a bounded queue by a background thread. Build it with Tracker.open."""
+
+    def __init__(self, run, max_queue: int = 1024) -> None:
+        self.run = run
+        self.max_queue = max_queue
+        self.dropped = 0
+        self._queue: deque[tuple[str, int, Any, Any]] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._failed = False
+        self._thread = threading.Thread(target=self._drain, name="wandb-tracker", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def open(cls, config: TrainConfig, run_name: str, storage: RunStorage | None = None, *,
+             wandb_dir: Path | None = None) -> Tracker | NullTracker:
+        """Start or resume the run's W&B run. W&B trouble never stops training: it logs an error and
+        returns a NullTracker."""
+        if config.report_to != "wandb":
+            return NullTracker()
+        folder = Path(wandb_dir or config.output_dir)
+        try:
+            import wandb
+
+            folder.mkdir(parents=True, exist_ok=True)
+            wid = run_id(storage, folder / RUN_ID)
+            run = wandb.init(project=config.tracker_project_name, name=config.tracker_run_name or run_name,
+                             id=wid, resume="allow", dir=str(folder), config=config.resolved_dict(),
+                             reinit="create_new",
+                             settings=wandb.Settings(console="off", silent=True))
+            run.define_metric(STEP_METRIC)
+            run.define_metric("*", step_metric=STEP_METRIC)
+        except Exception as exc:
+            log.error("W&B tracking is off for this run: could not start the W&B run (%s: %s)",
+                      type(exc).__name__, exc)
+            return NullTracker()
+        log.info("W&B run %s (%s) in %s", wid, "offline" if run.offline else "online", run.dir)
+        return cls(run)
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
+
+    @property
+    def run_dir(self) -> Path:
+        """The run's folder (offline-run-*/ or run-*/), holding run-<id>.wandb and files/."""
+        return Path(self.run.dir).parent
+
+    # -- queued calls ------------------------------------------------------------------------------
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        """loss, lr, grad_norm, steps_per_second, samples_per_second (any numbers); logged as train/<key>."""
+        self._put(("step", step, dict(metrics), None))
+
+    def log_validation(self, step: int, images: list[tuple[str, Any]], scores: dict[str, float]) -> None:
+        """(caption, PIL image or PNG bytes) pairs and scores such as clip_score; logged as validation/<key>."""
+        self._put(("validation", step, list(images), dict(scores)))
+
+    def _put(self, item: tuple[str, int, Any, Any]) -> None:
+        with self._cond:
+            if self._closing:
+                return
+            self._queue.append(item)
+            if len(self._queue) > self.max_queue:  # drop the oldest step row; validation is rarer and kept
+                victim = next((i for i in self._queue if i[0] == "step"), self._queue[0])
+                self._queue.remove(victim)
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 100 == 0:
+                    log.warning("W&B queue full: %d row(s) dropped so far", self.dropped)
+            self._cond.notify()
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                kind, step, first, second = self._queue.popleft()
+            try:
+                self.run.log(self._row(kind, step, first, second))
+            except Exception as exc:
+                if not self._failed:
+                    log.error("W&B log failed (%s: %s); later rows may be lost too", type(exc).__name__, exc)
+                self._failed = True
+
+    @staticmethod
+    def _row(kind: str, step: int, first: Any, second: Any) -> dict[str, Any]:
+        if kind == "step":
+            return {STEP_METRIC: step, **{(k if "/" in k else f"train/{k}"): v for k, v in first.items()}}
+        import wandb
+
+        row = {STEP_METRIC: step, **{(k if "/" in k else f"validation/{k}"): v for k, v in second.items()}}
+        if first:
+            row["validation/images"] = [wandb.Image(_picture(img), caption=caption) for caption, img in first]
+        return row
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """The steward's service hook for rank 0's per-step metrics."""
+        self.log_step(step, metrics)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """The steward's service hook at shutdown."""
+        self.finish(timeout)
+
+    def finish(self, timeout: float = 30.0) -> None:
+        """Log what is queued (within timeout), then close the W&B run."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("W&B: %d row(s) not logged within %.0f s of finish", len(self._queue), timeout)
+        try:
+            self.run.finish()
+        except Exception as exc:
+            log.error("W&B finish failed (%s: %s)", type(exc).__name__, exc)
