@@ -32,6 +32,9 @@ class ClusterConfig(BaseModel):
     strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="how adapter gradients are synced")
     upload_mode: Literal["async", "sync"] = Field("async", description="checkpoint upload: async never blocks the loop")
     preemption_check_steps: int = Field(10, ge=0, description="steps between preemption checks (a barrier; 0: never)")
+    validation_resources: dict[str, float] = Field(default_factory=dict, description="custom resources each "
+                                                   "validation actor asks for, e.g. {\"validation_gpu\": 1}: "
+                                                   "it lands on validation nodes, never on training GPUs")
     hourly_price_worker: float = Field(0.0, ge=0, description="$/h of one training worker's instance (cost estimate)")
     hourly_price_head: float = Field(0.0, ge=0, description="$/h of the head node (cost estimate)")
     steward_poll_seconds: float = Field(5.0, gt=0, description="how often the steward looks for committed checkpoints")

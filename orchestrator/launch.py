@@ -119,7 +119,8 @@ def start_steward(storage: RunStorage, cluster: ClusterConfig, config: TrainConf
         ray.kill(old)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     steward = RunSteward.options(name=steward_name(storage.run_name), scheduling_strategy=here).remote(
-        storage, config=config, wandb_dir=str(Path(config.output_dir).resolve()),
+        storage, config=config, wandb_dir=str(Path(config.output_dir).resolve()), working_dir=os.getcwd(),
+        validation_resources=cluster.validation_resources,
         poll_seconds=cluster.steward_poll_seconds)
     ray.get(steward.ready.remote())
     return steward

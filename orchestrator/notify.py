@@ -64,7 +64,7 @@ LEDGER_EVENTS: dict[str, tuple[str, str, str]] = {
     "checkpoint": (CHECKPOINT_COMMITTED, "info", "checkpoint {step} committed: {uri}"),
     "emergency_checkpoint": (CHECKPOINT_COMMITTED, "warning", "emergency checkpoint at step {step}"),
     "hub_pushed": (HUB_PUSHED, "info", "checkpoint {step} pushed to the Hub"),
-    "validation": (VALIDATION, "info", "validation at step {step}"),
+    # "validation" is not here: the steward sends it with its images (steward.build_services)
     "preemption_notice": (PREEMPTION_NOTICE, "warning", "preemption notice"),
     "node_lost": (NODE_LOST, "error", "node lost"),
     "restart": (RESTART, "warning", "worker group restarting"),

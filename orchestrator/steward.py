@@ -49,11 +49,18 @@ class Steward:
         with self.lock:
             event = self.ledger.record(kind, step, **fields)
         log.info("ledger: %s%s", kind, f" at step {step}" if step is not None else "")
+        self._tell("on_event", event)
+
+    def _tell(self, hook: str, *args) -> None:
+        """Call `hook` on every service that has it; a service's trouble never reaches the caller."""
         for service in self.services:
+            handler = getattr(service, hook, None)
+            if handler is None:
+                continue
             try:
-                service.on_event(event)
-            except Exception:  # a service's trouble never reaches the caller
-                log.exception("steward service %s failed on %s", type(service).__name__, event["type"])
+                handler(*args)
+            except Exception:
+                log.exception("steward service %s failed in %s", type(service).__name__, hook)
 
     def run_started(self, **fields) -> None:
         self.total_steps = fields.get("total_steps", self.total_steps)
@@ -91,12 +98,7 @@ class Steward:
         self.progress = {"step": step, "time": now, "total_steps": self.total_steps,
                          "steps_per_second": steps_per_second or (self.progress or {}).get("steps_per_second")}
         if metrics:
-            for service in self.services:
-                if hasattr(service, "on_metrics"):
-                    try:
-                        service.on_metrics(step, metrics)
-                    except Exception:
-                        log.exception("steward service %s failed on metrics", type(service).__name__)
+            self._tell("on_metrics", step, metrics)
         if now - self._progress_written >= self.progress_every:
             self._write_progress()
 
@@ -158,37 +160,47 @@ class Steward:
             self.record(final.pop("type"), **final)
         if self.progress:
             self._write_progress()
-        for service in self.services:
-            if hasattr(service, "close"):
-                try:
-                    service.close(timeout)
-                except Exception:
-                    log.exception("steward service %s failed to close", type(service).__name__)
+        self._tell("close", timeout)
 
 
-def build_services(config, storage: RunStorage, record, wandb_dir: str | None = None) -> list:
-    """What follows the run's events, per its config: the webhook notifier, the W&B tracker and the Hub
-    mirror. `record(type, step=None, **fields)` puts their own news (Hub commits, warnings) in the ledger."""
+def build_services(config, storage: RunStorage, record, wandb_dir: str | None = None, working_dir: str | None = None,
+                   validation_resources: dict | None = None) -> list:
+    """What follows the run's events, per its config: the webhook notifier, the W&B tracker, the Hub
+    mirror and the validation pool. `record(kind, step=None, **fields)` puts their own news (Hub
+    commits, validations, warnings) in the ledger, which tells the others."""
     from orchestrator.hub import HubMirror
-    from orchestrator.notify import Notifier
+    from orchestrator.notify import VALIDATION, Notifier
     from orchestrator.tracking import Tracker
+    from orchestrator.validation import ValidationService, flat_scores
 
-    services = []
-    if config.webhook:  # first: it hears every event, including the others' warnings
-        services.append(Notifier(config.webhook, storage.run_name, spool=storage, project=config.tracker_project_name))
-    services.append(Tracker.open(config, storage.run_name, storage, wandb_dir=wandb_dir))
+    notifier = (Notifier(config.webhook, storage.run_name, spool=storage, project=config.tracker_project_name)
+                if config.webhook else None)
+    tracker = Tracker.open(config, storage.run_name, storage, wandb_dir=wandb_dir)
     mirror = HubMirror.for_run(config, storage, warn=lambda message: record("warning", message=message),
                                on_pushed=lambda info: record("hub_pushed", info["root"], **info))
-    if mirror is not None:
-        services.append(mirror)
-    return services
+
+    def forward(step: int, summary: dict, images: list[tuple[str, bytes]]) -> None:
+        """A validation's images go where the ledger's line cannot carry them."""
+        tracker.log_validation(step, images, flat_scores(summary))
+        if mirror is not None:
+            mirror.note_validation(step, images, summary.get("scores", {}))
+        if notifier is not None:
+            pngs = [(name, data) for name, data in images if name != "grid.png"]
+            notifier.event(VALIDATION, "info", step, f"validation at step {step}",
+                           {"scores": summary.get("scores", {})}, images=pngs)
+
+    validation = ValidationService.for_run(config, storage, record, forward, working_dir=working_dir,
+                                           resources=validation_resources or None)
+    # the notifier first: it hears every event, the others' warnings included
+    return [s for s in (notifier, tracker, mirror, validation) if s is not None]
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class RunSteward(Steward):
     """The steward as an actor beside the driver. Calls to it are fire-and-forget from workers."""
 
-    def __init__(self, storage: RunStorage, config=None, wandb_dir: str | None = None, **kwargs):
+    def __init__(self, storage: RunStorage, config=None, wandb_dir: str | None = None, working_dir: str | None = None,
+                 validation_resources: dict | None = None, **kwargs):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if config is not None:
             from orchestrator import redact
@@ -196,7 +208,8 @@ class RunSteward(Steward):
             redact.install(redact.secret_values(config))
         super().__init__(storage, **kwargs)
         if config is not None:  # after the ledger exists: the services record into it
-            self.services.extend(build_services(config, storage, self.record, wandb_dir))
+            self.services.extend(build_services(config, storage, self.record, wandb_dir, working_dir,
+                                                validation_resources))
 
     def ready(self) -> bool:
         return True

@@ -67,9 +67,16 @@ def _announce_and_drain(cluster, node, seconds: float = 90) -> spot.Notice:
         metadata.close()
 
 
-def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tmp_path):
+def _in_order(seen: list[str], expected: list[str]) -> bool:
+    it = iter(seen)
+    return all(kind in it for kind in expected)
+
+
+def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tmp_path, webhook_receiver):
     cluster, nodes = fake_cluster
-    path = config_file(max_train_steps=120, checkpointing_steps=10, train_batch_size=2, optimizer="bnb-adamw8bit")
+    path = config_file(max_train_steps=120, checkpointing_steps=10, train_batch_size=2, optimizer="bnb-adamw8bit",
+                       webhook_config={"webhook_type": "raw", "callback_url": webhook_receiver.url(),
+                                       "auth_token": "chaos-token-123456", "log_level": "info"})
 
     def cluster_config(name: str) -> ClusterConfig:
         return ClusterConfig(num_workers=2, resources_per_worker=TRAINER, storage_path=str(tmp_path / "runs"),
@@ -119,3 +126,12 @@ def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tm
 
     a, b = _adapter(straight), _adapter(results[0])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # The webhook heard it all, in order, from the steward (the straight run sent its own messages too).
+    chaos = [r.json for r in webhook_receiver.requests if r.json.get("run") == "chaos"]
+    kinds = [m["type"] for m in chaos]
+    assert _in_order(kinds, ["run_started", "preemption_notice", "resumed", "preemption_notice", "resumed",
+                             "resumed", "completed"]), " ".join(kinds)
+    assert {"checkpoint_committed", "validation"} <= set(kinds), " ".join(kinds)
+    assert chaos[-1]["type"] == "completed" and "goodput" in chaos[-1]["message"]
+    assert all(r.headers.get("x-api-key") == "chaos-token-123456" for r in webhook_receiver.requests)
