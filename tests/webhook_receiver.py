@@ -165,14 +165,14 @@ class WebhookReceiver:
         content_type = headers.get("content-type", "")
         parts = parse_multipart(content_type, body) if content_type.startswith("multipart/") else []
         seen = Received(handler.path, headers, body, time.monotonic(), status, parts)
+        with self._lock:  # recorded before the reply: once the sender has its answer, the test sees it
+            self.attempts.append(seen)
+            if 200 <= status < 300:
+                self.requests.append(seen)
+            self._lock.notify_all()
         handler.send_response(status)
         for key, value in extra.items():
             handler.send_header(key, value)
         handler.send_header("Content-Length", str(len(reply)))
         handler.end_headers()
         handler.wfile.write(reply)
-        with self._lock:
-            self.attempts.append(seen)
-            if 200 <= status < 300:
-                self.requests.append(seen)
-            self._lock.notify_all()
