@@ -75,11 +75,17 @@ def run_once(opts: SuperviseOptions, attempt: int) -> tuple[int, str]:
     if client is None:
         return RETRYABLE, f"no head answered at {opts.address} for {opts.head_wait:.0f} s"
     submission = f"relay-{time.strftime('%Y%m%d-%H%M%S')}-{attempt}-{uuid.uuid4().hex[:6]}"
-    try:
-        client.submit_job(entrypoint=opts.entrypoint(), submission_id=submission,
-                          runtime_env={"working_dir": opts.working_dir})
-    except Exception as exc:  # the head refused or vanished between connect and submit
-        return RETRYABLE, f"submit failed: {type(exc).__name__}: {str(exc)[:300]}"
+    deadline = time.monotonic() + opts.head_wait
+    while True:  # a head that just started answers "no available agent" for a while
+        try:
+            client.submit_job(entrypoint=opts.entrypoint(), submission_id=submission,
+                              runtime_env={"working_dir": opts.working_dir})
+            break
+        except Exception as exc:
+            if time.monotonic() >= deadline:
+                return RETRYABLE, f"submit failed: {type(exc).__name__}: {str(exc)[:300]}"
+            log.info("supervisor: submit not accepted yet (%s); retrying", str(exc).splitlines()[0][:120])
+            time.sleep(min(opts.poll, 5))
     log.info("supervisor: try %d submitted as %s", attempt, submission)
     while True:
         time.sleep(opts.poll)

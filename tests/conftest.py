@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -138,3 +146,35 @@ def hub_server(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", server.state.token)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def ray_head(free_port):
+    """`ray start --head --block` in its own process group, so teardown stops this head and no other Ray."""
+    gcs, dashboard = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="rj")  # short: Ray's socket paths must fit 107 characters
+    # A throwaway loopback head: no token auth (a machine with ~/.ray/auth_token would otherwise turn it on).
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dashboard}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # until the job API answers
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break  # it answers
+        except OSError:
+            time.sleep(1)
+    else:
+        pytest.fail("the Ray head's job API never came up")
+    yield address, {**env, "RAY_ADDRESS": address}
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    shutil.rmtree(temp, ignore_errors=True)
