@@ -2,6 +2,7 @@
 
     python bench/bench_ray.py steps  [--steps 300]   # (a) 1-worker Ray run vs `relay train`, same config
     python bench/bench_ray.py upload [--mib 350]     # (b) loop blocked per checkpoint: ASYNC vs SYNC upload to S3
+    python bench/bench_ray.py preemption [--calls 200]  # cost of one get_preemption_info barrier, 2 workers
 
 (a) compares steps/s between checkpoints (every 50 steps; the intervals after the first checkpoint,
 so start-up is excluded on both sides).
@@ -110,10 +111,65 @@ def bench_upload(mib: int) -> None:
     print(f"ratio sync/async blocked time: {statistics.mean(figures['sync'][0]) / statistics.mean(figures['async'][0]):.1f}x")
 
 
+def preemption_train_fn(config: dict) -> None:
+    """Each rank times `calls` preemption checks (a barrier) and as many fire-and-forget steward ticks."""
+    import ray.train
+
+    from orchestrator.steward import get_steward
+
+    checks, ticks = [], []
+    for _ in range(config["calls"]):
+        start = time.perf_counter()
+        ray.train.get_preemption_info()
+        checks.append(time.perf_counter() - start)
+    steward = get_steward("bench")
+    for step in range(config["calls"]):
+        start = time.perf_counter()
+        steward.tick.remote(step)
+        ticks.append(time.perf_counter() - start)
+    rank = ray.train.get_context().get_world_rank()
+    Path(config["out"]).with_suffix(f".{rank}.json").write_text(json.dumps({"checks": checks, "ticks": ticks}))
+
+
+def bench_preemption(calls: int) -> None:
+    import ray
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.steward import RunSteward, steward_name
+    from orchestrator.store import RunStorage
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        steward = RunSteward.options(name=steward_name("bench")).remote(RunStorage(tmp, "bench"), poll_seconds=60)
+        ray.get(steward.ready.remote())
+        out = Path(tmp) / "times"
+        TorchTrainer(preemption_train_fn, train_loop_config={"calls": calls, "out": str(out)},
+                     scaling_config=ScalingConfig(num_workers=2)).fit()
+        figures = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("times.*.json"))]
+    ray.shutdown()
+    checks = [t for f in figures for t in f["checks"][10:]]  # after warm-up
+    ticks = [t for f in figures for t in f["ticks"][10:]]
+    check_ms, tick_ms = 1000 * statistics.median(checks), 1000 * statistics.median(ticks)
+    print(f"get_preemption_info, 2 workers: median {check_ms:.2f} ms, p90 "
+          f"{1000 * statistics.quantiles(checks, n=10)[-1]:.2f} ms, max {1000 * max(checks):.2f} ms")
+    print(f"steward.tick.remote (fire and forget): median {tick_ms:.3f} ms, max {1000 * max(ticks):.3f} ms")
+    for step_s in (0.06, 2.0):  # the tiny CPU demo's step; an SD3.5M step at 1024² (estimate, issue 10)
+        for every in (1, 10):
+            print(f"  step {step_s:>4} s, check every {every:>2} steps: overhead "
+                  f"{100 * check_ms / 1000 / (every * step_s):.2f}%")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["steps", "upload"])
+    parser.add_argument("what", choices=["steps", "upload", "preemption"])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--mib", type=int, default=350)
+    parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args()
-    bench_steps(args.steps) if args.what == "steps" else bench_upload(args.mib)
+    if args.what == "steps":
+        bench_steps(args.steps)
+    elif args.what == "upload":
+        bench_upload(args.mib)
+    else:
+        bench_preemption(args.calls)

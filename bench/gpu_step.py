@@ -40,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -316,7 +316,6 @@ def time_renders(model: AdapterModel, config: TrainConfig, args: argparse.Namesp
             entry = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
             log.exception("render (%s) failed", mode)
         out[mode] = entry
-    del pipe
     return out
 
 

@@ -31,6 +31,8 @@ class ClusterConfig(BaseModel):
     max_preemption_failures: int = Field(-1, ge=-1, description="restarts after preemptions (-1: unlimited)")
     strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="how adapter gradients are synced")
     upload_mode: Literal["async", "sync"] = Field("async", description="checkpoint upload: async never blocks the loop")
+    elastic_resize_seconds: float = Field(60.0, gt=0, description="elastic runs: how often Ray looks for room "
+                                          "to grow the group back")
     preemption_check_steps: int = Field(10, ge=0, description="steps between preemption checks (a barrier; 0: never)")
     validation_resources: dict[str, float] = Field(default_factory=dict, description="custom resources each "
                                                    "validation actor asks for, e.g. {\"validation_gpu\": 1}: "
@@ -51,6 +53,10 @@ class ClusterConfig(BaseModel):
     def hourly_cost(self) -> float | None:
         cost = self.hourly_price_head + self.max_workers * self.hourly_price_worker
         return cost or None
+
+    @property
+    def elastic(self) -> bool:
+        return not isinstance(self.num_workers, int)
 
     @property
     def max_workers(self) -> int:

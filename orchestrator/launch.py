@@ -66,9 +66,12 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
 
     from orchestrator.worker import train_loop_per_worker
 
-    if cluster.strategy == "deepspeed":
-        raise NotImplementedError("strategy deepspeed (ZeRO-2 over the adapter's optimizer state) is not built yet (issue 4)")
     config = load_config(config_path, overrides)
+    if cluster.strategy == "deepspeed":  # before any worker starts: a recipe ZeRO-2 cannot run fails here
+        from relay_train.zero import check_config
+
+        if problems := check_config(config):
+            raise ConfigError(problems, source=config_path)
     redact.install(redact.secret_values(config))
     name = cluster.run_name or default_run_name(config)
     check_storage(cluster)
@@ -85,10 +88,13 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
         train_loop_config={"config_path": str(Path(config_path).resolve()), "overrides": overrides or {},
                            "upload_mode": cluster.upload_mode, "working_dir": os.getcwd(), "run_name": name,
                            "preemption_check_steps": cluster.preemption_check_steps,
-                           "global_workers": cluster.max_workers,
+                           "global_workers": cluster.max_workers, "strategy": cluster.strategy,
                            "storage": storage.__getstate__()},
-        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
-                                     resources_per_worker={"CPU": cluster.cpus_per_worker, **cluster.resources_per_worker}),
+        scaling_config=ScalingConfig(num_workers=tuple(cluster.num_workers) if cluster.elastic else cluster.num_workers,
+                                     use_gpu=cluster.use_gpu,
+                                     resources_per_worker={"CPU": cluster.cpus_per_worker, **cluster.resources_per_worker},
+                                     **({"elastic_resize_monitor_interval_s": cluster.elastic_resize_seconds}
+                                        if cluster.elastic else {})),
         run_config=RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints_total_limit),

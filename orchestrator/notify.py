@@ -68,7 +68,7 @@ LEDGER_EVENTS: dict[str, tuple[str, str, str]] = {
     "preemption_notice": (PREEMPTION_NOTICE, "warning", "preemption notice"),
     "node_lost": (NODE_LOST, "error", "node lost"),
     "restart": (RESTART, "warning", "worker group restarting"),
-    "resize": (RESIZE, "info", "worker group resized"),
+    "resize": (RESIZE, "info", "worker group resized from {previous_world_size} to {world_size} worker(s)"),
     "warning": (WARNING, "warning", "{message}"),
     "failure": (FAILURE, "error", "run failed: {error}"),
     "failed": (FAILURE, "error", "run failed: {error}"),

@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import asdict
 
-from orchestrator.ledger import Summary, summarize
+from orchestrator.ledger import Ledger, summarize
 from orchestrator.steward import PROGRESS
 from orchestrator.store import RunStorage
 
@@ -22,10 +22,9 @@ VALIDATION = "relay/validation"
 
 def gather(storage: RunStorage, hub: bool = True, now: float | None = None) -> dict:
     """Everything status shows, as plain data (what --json prints)."""
-    from orchestrator.ledger import Ledger
-
     now = now or time.time()
-    summary = summarize(storage.run_name, Ledger(storage).events, now)
+    events = Ledger(storage).events
+    summary = summarize(storage.run_name, events, now)
     progress = storage.read_json(PROGRESS) or {}
     if progress.get("step", -1) >= summary.step and summary.state == "running":
         summary.step = progress["step"]
@@ -34,8 +33,7 @@ def gather(storage: RunStorage, hub: bool = True, now: float | None = None) -> d
         if summary.steps_per_second and total:
             summary.eta_seconds = (total - summary.step) / summary.steps_per_second
     checkpoints = storage.checkpoint_steps()
-    started = next((e for e in Ledger(storage).events if e["type"] == "run_started"), {}) if summary.last_event else {}
-    hourly = started.get("hourly_cost")
+    hourly = next((e.get("hourly_cost") for e in reversed(events) if e["type"] == "run_started"), None)
     report = {
         "run": storage.run_name,
         "storage": storage.uri(),
@@ -150,4 +148,4 @@ def status(run: str, storage_path: str, endpoint_url: str | None = None, as_json
     return json.dumps(report, indent=2, default=str) if as_json else render(report)
 
 
-__all__ = ["Summary", "gather", "render", "status"]
+__all__ = ["gather", "render", "status"]

@@ -74,15 +74,22 @@ class Steward:
         if self.progress and previous and self.progress.get("time", 0) > previous[-1]["time"]:
             self.record("progress", self.progress["step"], time=self.progress["time"],
                         steps_per_second=self.progress.get("steps_per_second"))
+        resized = bool(previous) and previous[-1].get("world_size") != world_size
         if not resumed:
             reason = "fresh"
         elif not previous or self._job_started_after(previous[-1]):
             reason = "resubmitted"
         elif self._notice_since(previous[-1]):
             reason = "preemption"
+        elif resized and world_size > previous[-1].get("world_size", world_size):
+            reason = "resize"  # an elastic group grew back: Ray restarted it with more workers
         else:
             reason = "failure"
         lost = max(self.progress["step"] - step, 0) if (resumed and self.progress) else 0
+        if resized:
+            log.warning("worker group resized: %s → %d worker(s) at step %d", previous[-1].get("world_size"),
+                        world_size, step)
+            self.record("resize", step, world_size=world_size, previous_world_size=previous[-1].get("world_size"))
         self.record("attempt", step, world_size=world_size, total_steps=total_steps, reason=reason, steps_lost=lost)
         self.progress = {"step": step, "time": time.time(), "steps_per_second": None}
 

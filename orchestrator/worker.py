@@ -140,14 +140,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     steward = get_steward(loop_config["run_name"])
     reporter = CheckpointReporter(loop_config["upload_mode"], steward)
     watch = PreemptionWatch(loop_config["preemption_check_steps"], reporter, steward, rank)
+    strategy = loop_config.get("strategy", "ddp")  # deepspeed: ZeRO-2 reduces the gradients itself
     hooks = Hooks(on_checkpoint=reporter, should_stop=watch,
-                  sync_gradients=allreduce_gradients if world_size > 1 else None)
+                  sync_gradients=allreduce_gradients if world_size > 1 and strategy == "ddp" else None)
     if world_size > 1:
         fill_caches_once(config, rank)
     with restored_checkpoint() as resume_from:
         trainer = build_trainer(config, hooks=hooks, device=ray.train.torch.get_device(), rank=rank,
                                 world_size=world_size, store=ckpt.LocalCheckpointStore(staging),
-                                resume_from=resume_from, global_workers=loop_config["global_workers"])
+                                resume_from=resume_from, global_workers=loop_config["global_workers"],
+                                strategy=strategy)
     if rank != 0:  # per-step metrics come from rank 0 alone, with no extra barrier
         result = trainer.fit()
     else:

@@ -135,3 +135,50 @@ def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tm
     assert {"checkpoint_committed", "validation"} <= set(kinds), " ".join(kinds)
     assert chaos[-1]["type"] == "completed" and "goodput" in chaos[-1]["message"]
     assert all(r.headers.get("x-api-key") == "chaos-token-123456" for r in webhook_receiver.requests)
+
+
+def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(config_file, tmp_path):
+    """num_workers [1, 2]: the group starts on the one node there is, grows when a second joins, shrinks
+    when one goes, and ends where a fixed 2-worker run does (the global batch never changes: each rank
+    takes its share of train_batch_size × 2)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    path = config_file(max_train_steps=150, checkpointing_steps=10, train_batch_size=2, optimizer="adamw",
+                       validation_steps=0)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    nodes = [cluster.add_node(num_cpus=1, resources=TRAINER)]
+    ray.init(address=cluster.address)
+    try:
+        def config(name: str, workers) -> ClusterConfig:
+            return ClusterConfig(num_workers=workers, resources_per_worker=TRAINER, storage_path=str(tmp_path / "runs"),
+                                 run_name=name, max_failures=3, elastic_resize_seconds=2, steward_poll_seconds=0.5)
+
+        storage = RunStorage(str(tmp_path / "runs"), "elastic")
+        results = []
+        thread = threading.Thread(target=lambda: results.append(launch(path, {}, config("elastic", [1, 2]))),
+                                  daemon=True)
+        thread.start()
+        _wait_for("a 1-worker attempt", lambda: any(e["world_size"] == 1 for e in _events(storage, "attempt")))
+        nodes.append(cluster.add_node(num_cpus=1, resources=TRAINER))  # capacity arrives: grow
+        _wait_for("the group to grow", lambda: any(e["world_size"] == 2 for e in _events(storage, "attempt")))
+        _wait_for("a checkpoint at 2 workers", lambda: any(
+            e["time"] > _events(storage, "attempt")[-1]["time"] for e in _events(storage, "checkpoint")))
+        cluster.remove_node(nodes.pop())  # and goes again: shrink
+        thread.join(timeout=900)
+        assert results and results[0].error is None, results and results[0].error
+        nodes.append(cluster.add_node(num_cpus=1, resources=TRAINER))
+        fixed = launch(path, {}, config("fixed", 2))
+        assert fixed.error is None
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+    sizes = [e["world_size"] for e in _events(storage, "attempt")]
+    resizes = _events(storage, "resize")
+    assert sizes[0] == 1 and 2 in sizes and sizes[-1] == 1, sizes
+    assert [(r["previous_world_size"], r["world_size"]) for r in resizes][:2] == [(1, 2), (2, 1)]
+    a, b = _adapter(fixed), _adapter(results[0])
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"elastic {sizes} vs fixed 2 workers: adapter max abs diff {diff:.3e}")
+    assert diff < 1e-4
