@@ -92,16 +92,27 @@ class Trainer:
         log_every: int = 10,
         rank: int = 0,
         world_size: int = 1,
+        strategy: str = "ddp",
     ):
         """`sampler` yields global batches (train_batch_size × world_size); this rank trains on its share.
-        Every rank keeps an identical replica of the adapter, optimizer and RNG; rank 0 alone writes."""
+        Every rank keeps an identical replica of the adapter, optimizer and RNG; rank 0 alone writes.
+        strategy "deepspeed" partitions the optimizer state and reduced gradients (ZeRO-2, relay_train/zero.py)."""
         self.config, self.model, self.dataset, self.sampler, self.store = config, model, dataset, sampler, store
         self.rank, self.world_size, self.is_writer = rank, world_size, rank == 0
         self.device, self.dtype = device, compute_dtype(config, device)
         self.hooks, self.log_every = hooks or Hooks(), log_every
         self.params = model.trainable_parameters()
         self.total_steps = total_train_steps(config, sampler.batches_per_epoch())
-        self.optimizer = build_optimizer(config, self.params)
+        self.zero = None  # ZeRO-2 owns backward, reduction, clipping and the step (strategy deepspeed)
+        if strategy == "deepspeed":
+            from relay_train.zero import ZeroStage2
+
+            self.zero = ZeroStage2(config, model.network, self.params)
+            self.optimizer = self.zero.optimizer  # the inner AdamW: the scheduler drives its lr
+        elif strategy == "ddp":
+            self.optimizer = build_optimizer(config, self.params)
+        else:
+            raise ValueError(f"strategy {strategy!r}: expected 'ddp' or 'deepspeed'")
         self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
         self.ema = AdapterEMA(model.network, config.ema_decay) if config.use_ema else None
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -110,13 +121,14 @@ class Trainer:
         self.empty_prompt = (dataset.empty_prompt_embeds, dataset.empty_pooled_embeds)
 
     # -- state -------------------------------------------------------------------------------
-    def payload(self) -> ckpt.CheckpointPayload:
+    def payload(self, optimizer_state: dict | None = None) -> ckpt.CheckpointPayload:
+        """`optimizer_state`: ZeRO-2's state consolidated from every rank (see save); else this replica's."""
         return ckpt.CheckpointPayload(
             step=self.step,
             adapter=self.adapter_tensors(),
             adapter_metadata=adapter_metadata(self.config, self.step),
             ema=self.ema.state_dict() if self.ema else None,
-            optimizer=self.optimizer.state_dict(),
+            optimizer=optimizer_state if optimizer_state is not None else self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             rng=ckpt.capture_rng(self.generator),
             training_state={"step": self.step, "total_steps": self.total_steps, "sampler": self.sampler.state_dict(),
@@ -135,7 +147,10 @@ class Trainer:
             if state.ema is None:
                 raise ckpt.CheckpointError(f"{folder}: use_ema is on but the checkpoint has no EMA adapter")
             self.ema.load_state_dict(state.ema)
-        self.optimizer.load_state_dict(state.optimizer)
+        if self.zero is not None:  # after the adapter: its fp32 master slice is refreshed from it
+            self.zero.load_consolidated_state_dict(state.optimizer)
+        else:
+            self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         self.sampler.load_state_dict(state.training_state["sampler"])
         ckpt.restore_rng(state.rng, self.generator)
@@ -145,8 +160,10 @@ class Trainer:
 
     def save(self) -> Path | None:
         folder = None
+        # ZeRO-2: every rank joins in gathering the optimizer state's slices; rank 0 writes it
+        optimizer_state = self.zero.consolidated_state_dict() if self.zero is not None else None
         if self.is_writer:
-            folder = self.store.save(self.payload())
+            folder = self.store.save(self.payload(optimizer_state))
             log.info("checkpoint %s written", folder)
         if self.hooks.on_checkpoint:
             self.hooks.on_checkpoint(self.step, folder)
@@ -168,14 +185,26 @@ class Trainer:
             )
             if share.stop > share.start:  # a partial global batch can leave a rank nothing to do
                 # weight by this rank's share so the sum over ranks is the global batch's mean
-                ((share.stop - share.start) / len(indices) / accum * loss).backward()
+                weighted = (share.stop - share.start) / len(indices) / accum * loss
+                if self.zero is not None:
+                    self.zero.backward(weighted)
+                else:
+                    weighted.backward()
                 loss_sum += loss.detach()
-        if self.hooks.sync_gradients:
-            self.hooks.sync_gradients(self.params)
-        grad_norm = clip_gradients(self.params, self.config.grad_clip_method, self.config.max_grad_norm)
-        self.optimizer.step()
+            elif self.zero is not None:
+                self.zero.backward(None)  # ZeRO reduces inside backward: every rank takes part
+        if self.zero is not None:  # reduce-scatter, clip and step this rank's slice, all-gather the weights
+            grad_norm = self.zero.step()
+        else:
+            if self.hooks.sync_gradients:
+                self.hooks.sync_gradients(self.params)
+            grad_norm = clip_gradients(self.params, self.config.grad_clip_method, self.config.max_grad_norm)
+            self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.zero is not None:
+            self.zero.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if self.ema is not None and self.step % self.config.ema_update_interval == 0:
             self.ema.update(self.model.network)
@@ -231,6 +260,7 @@ def build_trainer(
     store: ckpt.CheckpointIO | None = None,
     resume_from: Path | None = None,
     global_workers: int | None = None,
+    strategy: str = "ddp",
 ) -> Trainer:
     """Data first (then its encoders are freed), then the quantized transformer + LoKr, then state:
     from `resume_from` when given (the orchestrator's checkpoint), else per resume_from_checkpoint.
@@ -246,7 +276,8 @@ def build_trainer(
                                  keep_partial_batches=config.disable_bucket_pruning)
     model = build_adapter_model(config, model_path, device, seed=config.seed)
     store = store or ckpt.LocalCheckpointStore(Path(config.output_dir), keep=config.checkpoints_total_limit)
-    trainer = Trainer(config, model, dataset, sampler, store, device, hooks, rank=rank, world_size=world_size)
+    trainer = Trainer(config, model, dataset, sampler, store, device, hooks, rank=rank, world_size=world_size,
+                      strategy=strategy)
     folder = resume_from or resume_point(config, store)
     if folder is not None:
         trainer.restore(folder)
