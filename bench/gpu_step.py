@@ -415,15 +415,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for key in keys:
             results["configs"][key] = run_variant(VARIANTS[key], config, model, args, device, clock)
             log.info("(%s) %s", key, {k: v for k, v in results["configs"][key].items() if k != "step_times"})
+            save(results, args.out)  # after each config: a run cut short still leaves its figures
         if wants_render:
             results["render"] = time_renders(model, config, args, device, clock)
+            save(results, args.out)
         del model
         release(device)
     print(table(results))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
     return results
+
+
+def save(results: dict[str, Any], out: Path | None) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
