@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 from relay_train import checkpoint as ckpt
 from relay_train.config import ConfigError
+from state_equal import assert_tree_equal  # tests/ is on sys.path (conftest rootdir)
 
 STEPS, STOP = 6, 3
 RECIPE = dict(max_train_steps=STEPS, checkpointing_steps=100, lr_warmup_steps=2, ema_update_interval=2,
@@ -74,21 +75,6 @@ def _fill_caches(config_path: Path) -> None:
         build_missing(plan, model_path, torch.device("cpu"), torch.float32)
 
 
-def _assert_tree_equal(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{path} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{path}: keys differ"
-        for k in a:
-            _assert_tree_equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_tree_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
-
-
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
@@ -107,7 +93,7 @@ def test_zero2_resumes_bitwise_and_agrees_with_ddp(config_file, tmp_path, free_p
     assert resumed["started"] == STOP and resumed["step"] == STEPS
 
     for key in ("adapter", "ema", "optimizer", "scheduler"):
-        _assert_tree_equal(straight[key], resumed[key], key)
+        assert_tree_equal(straight[key], resumed[key], key)
     assert torch.equal(straight["generator"], resumed["generator"])
 
     # the same checkpoint layout as ddp, optimizer.pt in torch AdamW's per-parameter form
@@ -177,9 +163,9 @@ def test_ray_zero2_resubmit_resumes_bitwise(local_ray, config_file, tmp_path):
             finals[name] = ckpt.read_checkpoint(Path(folder))
     straight, resubmitted = finals["straight"], finals["resubmitted"]
     assert resubmitted.training_state["resumed_at"] == [STOP] and resubmitted.step == straight.step == STEPS
-    _assert_tree_equal(straight.adapter, resubmitted.adapter, "adapter")
-    _assert_tree_equal(straight.ema, resubmitted.ema, "ema")
-    _assert_tree_equal(straight.optimizer, resubmitted.optimizer, "optimizer")
-    _assert_tree_equal(straight.scheduler, resubmitted.scheduler, "scheduler")
+    assert_tree_equal(straight.adapter, resubmitted.adapter, "adapter")
+    assert_tree_equal(straight.ema, resubmitted.ema, "ema")
+    assert_tree_equal(straight.optimizer, resubmitted.optimizer, "optimizer")
+    assert_tree_equal(straight.scheduler, resubmitted.scheduler, "scheduler")
     # the step's generator (numpy's and python's global RNGs are unseeded per process and unused by a step)
     assert torch.equal(straight.rng["generator"], resubmitted.rng["generator"])

@@ -10,23 +10,9 @@ import torch
 from relay_train import checkpoint as ckpt
 from relay_train.model import ModelNotFoundError, build_adapter_model, resolve_model_path
 from relay_train.trainer import Hooks, build_trainer
+from state_equal import assert_tree_equal  # tests/ is on sys.path (conftest rootdir)
 
 SHORT = dict(checkpointing_steps=4, lr_warmup_steps=2, ema_update_interval=2, train_batch_size=2)
-
-
-def _assert_tree_equal(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{path} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{path}: keys differ"
-        for k in a:
-            _assert_tree_equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_tree_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 @pytest.mark.parametrize("optimizer", ["bnb-adamw8bit", "adamw"])
@@ -47,10 +33,10 @@ def test_resume_is_bitwise_identical(make_config, optimizer):
     assert resumed.step == n // 2
     assert resumed.fit().step == n
 
-    _assert_tree_equal(straight.model.network.state_dict(), resumed.model.network.state_dict(), "adapter")
-    _assert_tree_equal(straight.ema.state_dict(), resumed.ema.state_dict(), "ema")
-    _assert_tree_equal(straight.optimizer.state_dict(), resumed.optimizer.state_dict(), "optimizer")
-    _assert_tree_equal(straight.scheduler.state_dict(), resumed.scheduler.state_dict(), "scheduler")
+    assert_tree_equal(straight.model.network.state_dict(), resumed.model.network.state_dict(), "adapter")
+    assert_tree_equal(straight.ema.state_dict(), resumed.ema.state_dict(), "ema")
+    assert_tree_equal(straight.optimizer.state_dict(), resumed.optimizer.state_dict(), "optimizer")
+    assert_tree_equal(straight.scheduler.state_dict(), resumed.scheduler.state_dict(), "scheduler")
     assert straight.generator.get_state().equal(resumed.generator.get_state())
 
 
