@@ -25,7 +25,7 @@ PROGRESS = "relay/progress.json"
 
 
 class Steward:
-    """The steward's logic, usable in-process (tests, `relay train`); `RunSteward` is its actor."""
+    """The steward's logic, usable in-process (the unit tests); `RunSteward` is its actor."""
 
     def __init__(self, storage: RunStorage, total_steps: int = 0, poll_seconds: float = 5.0,
                  progress_every: float = 10.0, services: list | None = None):

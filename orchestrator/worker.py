@@ -157,7 +157,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if steward is not None:
             steward.attempt.remote(trainer.step, world_size, trainer.total_steps, resumed=resume_from is not None)
         with ProgressDisplay(trainer.total_steps, start_step=trainer.step) as progress:
-            hooks.on_step = progress if steward is None else StepForwarder(progress, steward, config, world_size)
+            hooks.on_step = (progress if steward is None else
+                             StepForwarder(progress, steward, config, loop_config["global_workers"]))
             result = trainer.fit()
         if steward is not None and not result.stopped_early:
             steward.record.remote("exported", result.step, files=[str(p) for p in result.exported],
@@ -169,9 +170,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 class StepForwarder:
     """on_step on rank 0: the progress display, and the metrics to the steward (W&B) without waiting."""
 
-    def __init__(self, progress: ProgressDisplay, steward, config: TrainConfig, world_size: int):
-        self.progress, self.steward = progress, steward
-        self.samples_per_step = config.train_batch_size * config.gradient_accumulation_steps * world_size
+    def __init__(self, progress: ProgressDisplay, steward, config: TrainConfig, global_workers: int):
+        self.progress, self.steward = progress, steward  # the global batch is sized for global_workers
+        self.samples_per_step = config.train_batch_size * config.gradient_accumulation_steps * global_workers
 
     def __call__(self, report: StepReport) -> None:
         self.progress(report)
