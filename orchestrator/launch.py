@@ -108,9 +108,17 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
     except BaseException as exc:
         ray.get(steward.close.remote({"type": "failed", "error": f"{type(exc).__name__}: {str(exc)[:500]}"}))
         raise
-    step = (result.metrics or {}).get("step")
-    ray.get(steward.close.remote({"type": "completed", **({"step": step} if step is not None else {})}))
+    if result.error:
+        final = {"type": "failed", "error": f"{type(result.error).__name__}: {str(result.error)[:500]}"}
+    else:
+        step = (result.metrics or {}).get("step")
+        final = {"type": "completed", **({"step": step} if step is not None else {})}
+    # the services finish what is queued: the final Hub push, the last validation, the webhook's queue
+    ray.get(steward.close.remote(final, timeout=FINAL_FLUSH_SECONDS))
     return result
+
+
+FINAL_FLUSH_SECONDS = 300  # per service, at the end of the run
 
 
 def start_steward(storage: RunStorage, cluster: ClusterConfig, config: TrainConfig):
