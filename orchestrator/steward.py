@@ -155,11 +155,16 @@ class Steward:
         return new
 
     def close(self, final: dict | None = None, timeout: float = 60.0) -> None:
-        """Stop watching after a last look at storage; record the run's end (with where the adapter is
-        and the goodput, on completion); let services flush."""
+        """Stop watching after a last look at storage, then end in an order that loses nothing: the
+        services that still make news (the last validation) finish first; then the run's end is
+        recorded (with where the adapter is and the goodput, on completion; the Hub's final push
+        follows it); then the others flush, the webhook last, since it hears everything."""
         self._stop.set()
         self._watcher.join(timeout=self.poll_seconds + 5)
         self.poll()
+        producers = [s for s in self.services if getattr(s, "makes_news", False)]
+        listeners = [s for s in reversed(self.services) if s not in producers]
+        self._close(producers, timeout)
         if final:
             final = dict(final)
             if final["type"] == "completed":
@@ -167,7 +172,14 @@ class Steward:
             self.record(final.pop("type"), **final)
         if self.progress:
             self._write_progress()
-        self._tell("close", timeout)
+        self._close(listeners, timeout)
+
+    def _close(self, services: list, timeout: float) -> None:
+        for service in services:
+            try:
+                service.close(timeout)
+            except Exception:
+                log.exception("steward service %s failed to close", type(service).__name__)
 
 
 def build_services(config, storage: RunStorage, record, wandb_dir: str | None = None, working_dir: str | None = None,
@@ -198,7 +210,7 @@ def build_services(config, storage: RunStorage, record, wandb_dir: str | None = 
 
     validation = ValidationService.for_run(config, storage, record, forward, working_dir=working_dir,
                                            resources=validation_resources or None)
-    # the notifier first: it hears every event, the others' warnings included
+    # the notifier first: it hears every event, the others' warnings included (and closes last)
     return [s for s in (notifier, tracker, mirror, validation) if s is not None]
 
 

@@ -347,6 +347,8 @@ class ValidationService:
     a `validation` event (scores and where the images are) and handed to `forward(step, summary, images)`,
     e.g. to the tracker's log_validation, the Hub mirror's note_validation and the webhook's images."""
 
+    makes_news = True  # the steward closes it before recording the run's end: its last results still count
+
     def __init__(self, pool_factory: Callable[[OnResult], ValidationPool], record: Callable[..., Any],
                  forward: OnResult | None = None):
         self.record, self.forward, self._started = record, forward, False

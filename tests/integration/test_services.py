@@ -39,7 +39,9 @@ def test_a_run_reaches_the_hub_wandb_and_the_webhook(config_file, tiny_clip, hub
     storage = RunStorage(str(tmp_path / "runs"), "e2e")
     events = Ledger(storage).events
     kinds = [e["type"] for e in events]
-    assert kinds[0] == "run_started" and kinds[-1] == "completed"
+    assert kinds[0] == "run_started" and "completed" in kinds
+    # the last validation is recorded before the run's end; the Hub's final push may follow it
+    assert max(i for i, k in enumerate(kinds) if k == "validation") < kinds.index("completed")
 
     # Hub: the newest five checkpoints, the adapters and the card; bytes equal to storage
     repo = hub_server.repos["relay/e2e"]
