@@ -55,6 +55,39 @@ class FitResult:
     losses: list[float] = field(default_factory=list)  # one per on_step report
 
 
+class ReplicatedUpdate:
+    """Strategy ddp (and one process): every rank holds the whole optimizer; gradients are summed over
+    ranks by `sync` (the orchestrator's all-reduce) before clipping and the step. The same interface as
+    relay_train.zero.ZeroStage2, so the loop does not care which it has."""
+
+    def __init__(self, config: TrainConfig, params: list[torch.nn.Parameter],
+                 sync: Callable[[list[torch.nn.Parameter]], None] | None):
+        self.params, self.sync = params, sync
+        self.clip_method, self.clip_limit = config.grad_clip_method, config.max_grad_norm
+        self.optimizer = build_optimizer(config, params)
+
+    def backward(self, loss: torch.Tensor | None) -> None:
+        if loss is not None:
+            loss.backward()
+
+    def step(self) -> torch.Tensor:
+        """Sum over ranks, clip, step; returns the gradient norm before clipping (no host sync)."""
+        if self.sync:
+            self.sync(self.params)
+        norm = clip_gradients(self.params, self.clip_method, self.clip_limit)
+        self.optimizer.step()
+        return norm
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def consolidated_state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_consolidated_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
 def total_train_steps(config: TrainConfig, batches_per_epoch: int) -> int:
     if config.max_train_steps > 0:
         return config.max_train_steps
@@ -103,16 +136,16 @@ class Trainer:
         self.hooks, self.log_every = hooks or Hooks(), log_every
         self.params = model.trainable_parameters()
         self.total_steps = total_train_steps(config, sampler.batches_per_epoch())
-        self.zero = None  # ZeRO-2 owns backward, reduction, clipping and the step (strategy deepspeed)
+        # Backward, gradient reduction, clipping and the optimizer step, one interface for both strategies.
         if strategy == "deepspeed":
             from relay_train.zero import ZeroStage2
 
-            self.zero = ZeroStage2(config, model.network, self.params)
-            self.optimizer = self.zero.optimizer  # the inner AdamW: the scheduler drives its lr
+            self.update: ReplicatedUpdate | ZeroStage2 = ZeroStage2(config, model.network, self.params)
         elif strategy == "ddp":
-            self.optimizer = build_optimizer(config, self.params)
+            self.update = ReplicatedUpdate(config, self.params, self.hooks.sync_gradients)
         else:
             raise ValueError(f"strategy {strategy!r}: expected 'ddp' or 'deepspeed'")
+        self.optimizer = self.update.optimizer  # the scheduler drives its lr
         self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
         self.ema = AdapterEMA(model.network, config.ema_decay) if config.use_ema else None
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -121,14 +154,13 @@ class Trainer:
         self.empty_prompt = (dataset.empty_prompt_embeds, dataset.empty_pooled_embeds)
 
     # -- state -------------------------------------------------------------------------------
-    def payload(self, optimizer_state: dict | None = None) -> ckpt.CheckpointPayload:
-        """`optimizer_state`: ZeRO-2's state consolidated from every rank (see save); else this replica's."""
+    def payload(self, optimizer_state: dict) -> ckpt.CheckpointPayload:
         return ckpt.CheckpointPayload(
             step=self.step,
             adapter=self.adapter_tensors(),
             adapter_metadata=adapter_metadata(self.config, self.step),
             ema=self.ema.state_dict() if self.ema else None,
-            optimizer=optimizer_state if optimizer_state is not None else self.optimizer.state_dict(),
+            optimizer=optimizer_state,
             scheduler=self.scheduler.state_dict(),
             rng=ckpt.capture_rng(self.generator),
             training_state={"step": self.step, "total_steps": self.total_steps, "sampler": self.sampler.state_dict(),
@@ -147,10 +179,7 @@ class Trainer:
             if state.ema is None:
                 raise ckpt.CheckpointError(f"{folder}: use_ema is on but the checkpoint has no EMA adapter")
             self.ema.load_state_dict(state.ema)
-        if self.zero is not None:  # after the adapter: its fp32 master slice is refreshed from it
-            self.zero.load_consolidated_state_dict(state.optimizer)
-        else:
-            self.optimizer.load_state_dict(state.optimizer)
+        self.update.load_consolidated_state_dict(state.optimizer)  # after the adapter (ZeRO refreshes from it)
         self.scheduler.load_state_dict(state.scheduler)
         self.sampler.load_state_dict(state.training_state["sampler"])
         ckpt.restore_rng(state.rng, self.generator)
@@ -160,8 +189,8 @@ class Trainer:
 
     def save(self) -> Path | None:
         folder = None
-        # ZeRO-2: every rank joins in gathering the optimizer state's slices; rank 0 writes it
-        optimizer_state = self.zero.consolidated_state_dict() if self.zero is not None else None
+        # every rank takes part (ZeRO-2 gathers the state's slices); rank 0 writes it
+        optimizer_state = self.update.consolidated_state_dict()
         if self.is_writer:
             folder = self.store.save(self.payload(optimizer_state))
             log.info("checkpoint %s written", folder)
@@ -185,26 +214,13 @@ class Trainer:
             )
             if share.stop > share.start:  # a partial global batch can leave a rank nothing to do
                 # weight by this rank's share so the sum over ranks is the global batch's mean
-                weighted = (share.stop - share.start) / len(indices) / accum * loss
-                if self.zero is not None:
-                    self.zero.backward(weighted)
-                else:
-                    weighted.backward()
+                self.update.backward((share.stop - share.start) / len(indices) / accum * loss)
                 loss_sum += loss.detach()
-            elif self.zero is not None:
-                self.zero.backward(None)  # ZeRO reduces inside backward: every rank takes part
-        if self.zero is not None:  # reduce-scatter, clip and step this rank's slice, all-gather the weights
-            grad_norm = self.zero.step()
-        else:
-            if self.hooks.sync_gradients:
-                self.hooks.sync_gradients(self.params)
-            grad_norm = clip_gradients(self.params, self.config.grad_clip_method, self.config.max_grad_norm)
-            self.optimizer.step()
+            else:
+                self.update.backward(None)  # ZeRO reduces inside backward: every rank takes part
+        grad_norm = self.update.step()
         self.scheduler.step()
-        if self.zero is not None:
-            self.zero.zero_grad()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+        self.update.zero_grad()
         self.step += 1
         if self.ema is not None and self.step % self.config.ema_update_interval == 0:
             self.ema.update(self.model.network)

@@ -44,7 +44,7 @@ def _rank_main(rank: int, world: int, port: int, config_path: str, strategy: str
                                 world_size=world, strategy=strategy, global_workers=global_workers)
         started = trainer.step
         result = trainer.fit()
-        optimizer = trainer.zero.consolidated_state_dict() if trainer.zero else trainer.optimizer.state_dict()
+        optimizer = trainer.update.consolidated_state_dict()  # every rank: ZeRO-2 gathers the slices
         if rank == 0:
             torch.save({"started": started, "step": result.step, "adapter": trainer.adapter_tensors(),
                         "ema": trainer.ema.state_dict(), "optimizer": optimizer,
