@@ -352,15 +352,6 @@ class TrainConfig(BaseModel):
                 f"{'is' if len(items) == 1 else 'are'} parsed but {'has' if len(items) == 1 else 'have'} "
                 "no effect in this run" for what, issue, items in groups if items]
 
-    def _active(self, key: str) -> bool:
-        value = getattr(self, key)
-        if key == "ema_validation" and not self.use_ema:
-            return False
-        return key in self.model_fields_set and bool(value) and value != "none"
-
-    def _pending_keys(self, keys: tuple[str, ...]) -> list[str]:
-        return [f"--{k}={_show(getattr(self, k))}" for k in keys if self._active(k)]
-
     def _pending_data(self) -> list[str]:
         """The few multidatabackend settings the data pipeline still ignores."""
         name = self.data_backend_config.name
@@ -385,14 +376,6 @@ def _show(value: Any) -> str:
     if isinstance(value, str):
         return repr(value if len(value) <= 40 else value[:37] + "...")
     return str(value)
-
-
-_VALIDATION_KEYS = (
-    "validation_steps", "validation_prompt", "validation_prompt_library",
-    *(k for k in TrainConfig.model_fields if k.startswith("validation_")
-      and k not in ("validation_steps", "validation_prompt", "validation_prompt_library")),
-    "evaluation_type", "ema_validation", "disable_benchmark",
-)
 
 
 def _note_lycoris_dims(c: TrainConfig) -> str | None:
