@@ -14,41 +14,50 @@ DEMO = Path("configs/demo")
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    """Start a local Ray cluster (or join RAY_ADDRESS's) and run the job on it."""
-    import ray
+    """Start a local Ray cluster (or join RAY_ADDRESS's) and run the job on it; exit codes as run_job's."""
+    from orchestrator.launch import run_job
 
-    from orchestrator.cluster import load_cluster_config
-    from orchestrator.launch import launch
+    sets = [*args.set, *base.flag_pairs(args.config_flags)]  # config keys as flags too (--key=value)
+    return run_job(args.config, args.cluster, sets, args.cluster_set, verbose=args.verbose)
 
-    from orchestrator.launch import StorageError
 
-    cluster = load_cluster_config(args.cluster, base.parse_overrides(args.cluster_set))
-    ray.init(include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        result = launch(args.config, base.parse_overrides(args.set), cluster)
-    except StorageError as exc:
-        log.error("%s", exc)
-        return 2
-    finally:
-        ray.shutdown()
-    if result.error:
-        log.error("run failed: %s", result.error)
-        return 1
-    log.info("run complete; latest checkpoint: %s", result.checkpoint.path if result.checkpoint else None)
-    return 0
+DEMO_ACTORS = 3  # the demo's 2 training workers and its validation actor
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The README's demo: tiny model + images where missing, then `launch` on configs/demo (local Ray, 2 workers)."""
+    """The README's demo: tiny model + images where missing, then `launch` on configs/demo (local Ray,
+    2 workers, validation on), sized to this machine."""
     from relay_train.demo_data import make_demo_dataset
     from relay_train.tiny_model import make_pipeline
+
+    from orchestrator.launch import local_cpus
+    from orchestrator.policy import share_cpus
 
     if not Path("demo/tiny-sd3/model_index.json").is_file():
         make_pipeline("demo/tiny-sd3")
     if not any(Path("demo/data").glob("*.txt")):
         make_demo_dataset("demo/data")
+    chosen = {pair.partition("=")[0] for pair in args.cluster_set}
+    cpus = local_cpus()
+    share = share_cpus(cpus, DEMO_ACTORS)
+    if share < 1:
+        log.info("this machine has %g CPU(s): the demo's 2 workers and validation actor take %g CPU each", cpus, share)
+    args.cluster_set = [*(f"{k}={share}" for k in ("cpus_per_worker", "validation_cpus") if k not in chosen),
+                        *args.cluster_set]
     args.config, args.cluster = DEMO / "config.json", DEMO / "cluster.json"
-    return cmd_launch(args)
+    code = cmd_launch(args)
+    if code == 0:
+        print(DEMO_OUTPUTS, file=sys.stderr)
+    return code
+
+
+DEMO_OUTPUTS = """
+where the demo's outputs are:
+  adapter       output/demo/sd35-demo-lokr.safetensors (and -ema)
+  checkpoints   output/ray/demo/checkpoint-*/ (newest 5)
+  validation    output/ray/demo/relay/validation/checkpoint-*/grid.png
+  ledger        output/ray/demo/relay/ledger.jsonl
+  status        relay status demo --storage output/ray"""
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -64,13 +73,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from orchestrator.status import status
+    """0: shown; 1: no such run there; 2: the storage cannot be read (bucket, credentials, endpoint)."""
+    from orchestrator.status import RunNotFound, status
 
     try:
         print(status(args.run, args.storage, args.endpoint, as_json=args.json, hub=not args.no_hub))
-    except FileNotFoundError as exc:
+    except RunNotFound as exc:
         log.error("%s", exc)
         return 1
+    except OSError as exc:
+        log.error("cannot read %s: %s", args.storage, str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+        return 2
     return 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import time
 from pathlib import Path
 
 from relay_train.config import ConfigError, TrainConfig, load_config
@@ -11,6 +13,8 @@ from relay_train.trainer import run_name as default_run_name
 
 from orchestrator import redact
 from orchestrator.cluster import ClusterConfig, storage_filesystem
+from orchestrator.display import DriverDisplay
+from orchestrator.policy import Ask, fit_decision
 from orchestrator.store import SNAPSHOT, RunStorage
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,72 @@ def check_resume_policy(config: TrainConfig, cluster: ClusterConfig, name: str) 
         ])
 
 
+class ResourceError(RuntimeError):
+    """The run asks for what the cluster cannot give: never (a fixed cluster), or not within the wait."""
+
+    def __init__(self, message: str, retryable: bool):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def validation_gpus(config: TrainConfig, cluster: ClusterConfig, cluster_gpus: float) -> float:
+    """GPUs per validation actor: validation_num_gpus, or 0 on a cluster without GPUs when
+    validation_cpu_fallback says the CPU will do (the local demo). Without that key an autoscaling
+    cluster waits for its GPU nodes rather than rendering on the CPU."""
+    if config.validation_num_gpus > 0 and not cluster_gpus and cluster.validation_cpu_fallback:
+        log.warning("validation_num_gpus=%g but the cluster has no GPU: validation actors run on the CPU "
+                    "(validation_cpu_fallback)", config.validation_num_gpus)
+        return 0.0
+    return config.validation_num_gpus
+
+
+def run_asks(config: TrainConfig, cluster: ClusterConfig, gpus_per_validator: float) -> list[Ask]:
+    """What the run will ask Ray for: the training workers and the validation actors (the steward and
+    Ray Train's controller take no CPU)."""
+    worker = {"CPU": cluster.cpus_per_worker, **({"GPU": 1.0} if cluster.use_gpu else {}),
+              **cluster.resources_per_worker}
+    asks = [Ask("training worker", cluster.num_workers if isinstance(cluster.num_workers, int) else cluster.num_workers[0],
+                worker, "num_workers, cpus_per_worker, use_gpu or resources_per_worker")]
+    if config.validation_steps > 0:
+        validator = {"CPU": cluster.validation_cpus, **({"GPU": gpus_per_validator} if gpus_per_validator else {}),
+                     **cluster.validation_resources}
+        asks.append(Ask("validation actor", config.validation_actors, validator,
+                        "validation_cpus or validation_resources (cluster config), validation_actors or "
+                        "validation_num_gpus (config; validation_cpu_fallback lets a GPU-less cluster render on the CPU)"))
+    return asks
+
+
+def node_resources() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+
+
+def wait_until_it_fits(config: TrainConfig, cluster: ClusterConfig, can_grow: bool,
+                       poll: float = 5.0) -> float:
+    """Check the run's request against the cluster before anything starts; returns the GPUs each
+    validation actor asks for. A fixed cluster that can never hold it is a ResourceError at once; a
+    growing one is waited for, up to resource_wait_seconds, with a line saying what for."""
+    deadline = time.monotonic() + cluster.resource_wait_seconds
+    said = None
+    while True:
+        nodes = node_resources()
+        gpus = validation_gpus(config, cluster, sum(n.get("GPU", 0) for n in nodes))
+        decision = fit_decision(run_asks(config, cluster, gpus), nodes, can_grow)
+        if decision.fits:
+            return gpus
+        if not decision.wait:
+            raise ResourceError(decision.message, retryable=False)
+        if time.monotonic() >= deadline:
+            raise ResourceError(f"waited {cluster.resource_wait_seconds:g} s for the cluster to grow: "
+                                + decision.message, retryable=True)
+        if decision.message != said:
+            log.warning("waiting up to %g s for the cluster to grow: %s", cluster.resource_wait_seconds,
+                        decision.message)
+            said = decision.message
+        time.sleep(poll)
+
+
 def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConfig):
     """Run (or resume, when <storage_path>/<run_name> exists) the training job; returns Ray's Result.
 
@@ -78,9 +148,10 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
     check_resume_policy(config, cluster, name)
     fs, storage_path = storage_filesystem(cluster)
     if not ray.is_initialized():
-        ray.init()
+        connect()
+    gpus = wait_until_it_fits(config, cluster, can_grow=cluster_can_grow(cluster))
     storage = RunStorage.from_cluster(cluster, name)
-    steward = start_steward(storage, cluster, config)
+    steward = start_steward(storage, cluster, config, validation_gpus=gpus)
     steward.run_started.remote(world_size=cluster.num_workers, storage=storage.uri(), config=config_summary(config),
                                hourly_cost=cluster.hourly_cost)
     trainer = TorchTrainer(
@@ -89,6 +160,8 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
                            "upload_mode": cluster.upload_mode, "working_dir": os.getcwd(), "run_name": name,
                            "preemption_check_steps": cluster.preemption_check_steps,
                            "global_workers": cluster.max_workers, "strategy": cluster.strategy,
+                           "gradient_bucket_mb": cluster.gradient_bucket_mb,
+                           "gradient_sync_dtype": cluster.gradient_sync_dtype,
                            "storage": storage.__getstate__()},
         scaling_config=ScalingConfig(num_workers=tuple(cluster.num_workers) if cluster.elastic else cluster.num_workers,
                                      use_gpu=cluster.use_gpu,
@@ -102,26 +175,102 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
                                          max_preemption_failures=cluster.max_preemption_failures),
         ),
     )
-    log.info("run %r: %s worker(s), storage %s", name, cluster.num_workers, cluster.storage_path)
+    log.info("run %r: %s worker(s), storage %s", name, cluster.num_workers, storage.uri())
+    display = DriverDisplay(lambda since: ray.get(steward.view.remote(since), timeout=10), storage.uri).start()
+    stop = StopRequest(steward)
     try:
-        result = trainer.fit()
+        with stop:
+            result = trainer.fit()
     except BaseException as exc:
-        ray.get(steward.close.remote({"type": "failed", "error": f"{type(exc).__name__}: {str(exc)[:500]}"}))
+        display.close()
+        ray.get(steward.close.remote({"type": "failed", "error": redact.redact(f"{type(exc).__name__}: {str(exc)[:500]}")},
+                                     timeout=FINAL_FLUSH_SECONDS))
         raise
+    step = (result.metrics or {}).get("step")
     if result.error:
-        final = {"type": "failed", "error": f"{type(result.error).__name__}: {str(result.error)[:500]}"}
+        final = {"type": "failed", "error": redact.redact(f"{type(result.error).__name__}: {str(result.error)[:500]}")}
+    elif stop.signal is not None:
+        final = {"type": "stopped", "signal": stop.signal, **({"step": step} if step is not None else {})}
     else:
-        step = (result.metrics or {}).get("step")
         final = {"type": "completed", **({"step": step} if step is not None else {})}
     # the services finish what is queued: the final Hub push, the last validation, the webhook's queue
     ray.get(steward.close.remote(final, timeout=FINAL_FLUSH_SECONDS))
+    display.close()
+    result.stopped_by = stop.signal
     return result
 
 
-FINAL_FLUSH_SECONDS = 300  # per service, at the end of the run
+FINAL_FLUSH_SECONDS = 300  # per service, at the end of the run (the webhook's own bound is shorter)
 
 
-def start_steward(storage: RunStorage, cluster: ClusterConfig, config: TrainConfig):
+class StopRequest:
+    """Ctrl-C / SIGTERM at the driver: the first asks the workers, through the steward, to checkpoint at
+    their next check and return (the run then resumes from it); a second one stops waiting at once (the
+    newest committed checkpoint is intact)."""
+
+    def __init__(self, steward):
+        self.steward, self.signal, self._old = steward, None, {}
+
+    def __enter__(self) -> StopRequest:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            log.error("second signal: not waiting for the checkpoint; the newest committed one is intact")
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("%s: checkpointing at the next step boundary, then stopping (again to stop at once)",
+                    signal.Signals(signum).name)
+        self.steward.request_stop.remote()
+
+
+def local_cpus() -> float:
+    """The CPUs a local Ray cluster started here would have (Ray counts the cgroup's limit, as here)."""
+    from ray._private.utils import get_num_cpus
+
+    return float(get_num_cpus())
+
+
+def cluster_can_grow(cluster: ClusterConfig) -> bool:
+    """Whether waiting can help: autoscaling true, or auto on a cluster this process joined (RAY_ADDRESS);
+    a local cluster this process started holds what it holds."""
+    if cluster.autoscaling != "auto":
+        return bool(cluster.autoscaling)
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def quiet_requested(verbose: bool) -> bool:
+    """Ray's own chatter and the actors' logs reach this terminal only with --verbose or a RAY_* log setting."""
+    return not verbose and not any(k in os.environ for k in ("RAY_LOGGING_LEVEL", "RAY_BACKEND_LOG_LEVEL"))
+
+
+def connect(verbose: bool = False) -> None:
+    """Join RAY_ADDRESS's cluster (a submitted job) or start a local one. The workers' and actors' own logs
+    stay in Ray's session folder unless asked for: this terminal shows the progress line and milestones."""
+    import ray
+
+    quiet = quiet_requested(verbose)
+    kwargs = {"log_to_driver": not quiet, "logging_level": logging.ERROR if quiet else logging.INFO}
+    if not os.environ.get("RAY_ADDRESS"):
+        kwargs["include_dashboard"] = False
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as exc:
+        raise ResourceError(f"cannot reach the Ray cluster at RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}: "
+                            f"{str(exc).splitlines()[0][:300]}. Start it (ray start --head) or unset RAY_ADDRESS "
+                            "to run on a local cluster", retryable=True) from exc
+
+
+def start_steward(storage: RunStorage, cluster: ClusterConfig, config: TrainConfig, validation_gpus: float = 0.0):
     """The run's steward actor, pinned to this (the head) node; a left-over one from a dead job is replaced."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -134,7 +283,8 @@ def start_steward(storage: RunStorage, cluster: ClusterConfig, config: TrainConf
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     steward = RunSteward.options(name=steward_name(storage.run_name), scheduling_strategy=here).remote(
         storage, config=config, wandb_dir=str(Path(config.output_dir).resolve()), working_dir=os.getcwd(),
-        validation_resources=cluster.validation_resources,
+        validation_options={"num_cpus": cluster.validation_cpus, "num_gpus": validation_gpus,
+                            "resources": cluster.validation_resources or None},
         poll_seconds=cluster.steward_poll_seconds)
     ray.get(steward.ready.remote())
     return steward
@@ -149,9 +299,11 @@ def config_summary(config: TrainConfig) -> dict:
     return {k: getattr(config, k) for k in keys if hasattr(config, k)}
 
 
-def run_job(config: str, cluster: str | None, sets: list[str], cluster_sets: list[str]) -> int:
-    """A job's whole life in this process (jobs/train.py, KubeRay's entrypoint): 0 completed, 1 failed
-    (retrying may help), 2 a configuration or storage error (it cannot)."""
+def run_job(config: str, cluster: str | None, sets: list[str], cluster_sets: list[str],
+            verbose: bool = False) -> int:
+    """A job's whole life in this process (jobs/train.py, KubeRay's entrypoint, relay launch): 0 completed,
+    1 failed (retrying may help), 2 a configuration, storage or resource error (it cannot), 130/143 stopped
+    by SIGINT/SIGTERM after a committed checkpoint (the same command resumes)."""
     import ray
 
     from relay_train.cli import parse_overrides
@@ -161,15 +313,23 @@ def run_job(config: str, cluster: str | None, sets: list[str], cluster_sets: lis
     try:
         cluster_config = load_cluster_config(cluster, parse_overrides(cluster_sets))
         overrides = parse_overrides(sets)
-        ray.init()  # inside a submitted job this joins its cluster; alone it starts a local one
+        connect(verbose)
         result = launch(config, overrides, cluster_config)
     except ConfigError as exc:
-        log.error("invalid config:\n%s", exc)
+        log.error("invalid config:\n%s", redact.redact(str(exc)))
         return 2
     except StorageError as exc:
         log.error("%s", exc)
         return 2
+    except ResourceError as exc:
+        log.error("cannot start: %s", exc)
+        return 1 if exc.retryable else 2
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
     if result.error:
-        log.error("run failed: %s", result.error)
+        log.error("run failed: %s", redact.redact(str(result.error)))
         return 1
+    if result.stopped_by:
+        return 128 + result.stopped_by
     return 0

@@ -1,9 +1,11 @@
 """The run ledger: one JSON line per event in `<run>/relay/ledger.jsonl`, written by the run's steward
 alone, and the report `relay status` and the goodput figure are read from.
 
-Events: run_started, attempt (a worker group began training: fresh, resumed, restarted), checkpoint
-(committed to storage), emergency_checkpoint, preemption_notice, validation, hub, warning, completed,
-failed. Each carries `time` (epoch seconds), `type` and, where it has one, `step`.
+Events (EventType below): run_started, attempt (a worker group began training; its reason is fresh,
+resubmitted, preemption, resize, node_lost or failure), progress, checkpoint (committed to storage),
+emergency_checkpoint, preemption_notice, resize, validation, hub_pushed, exported, warning,
+stop_requested, and the run's end: completed, stopped or failed. Each carries `time` (epoch seconds),
+`type` and, where it has one, `step`.
 
 Goodput is productive step time over wall time. An attempt's productive time is the time it spent on
 steps the run kept: steps it trained past the point the next attempt resumed from were lost and
@@ -15,17 +17,60 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from orchestrator.store import RunStorage
 
 LEDGER = "relay/ledger.jsonl"
 
 
+class EventType(StrEnum):
+    """Every kind of ledger event; the webhook, W&B and `relay status` are built from these."""
+
+    RUN_STARTED = "run_started"
+    ATTEMPT = "attempt"
+    PROGRESS = "progress"
+    CHECKPOINT = "checkpoint"
+    EMERGENCY_CHECKPOINT = "emergency_checkpoint"
+    PREEMPTION_NOTICE = "preemption_notice"
+    RESIZE = "resize"
+    VALIDATION = "validation"
+    HUB_PUSHED = "hub_pushed"
+    EXPORTED = "exported"
+    WARNING = "warning"
+    STOP_REQUESTED = "stop_requested"
+    COMPLETED = "completed"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+ENDINGS = (EventType.COMPLETED, EventType.STOPPED, EventType.FAILED)
+
+
+def parse_lines(data: bytes) -> tuple[list[dict], int]:
+    """The ledger's events, and how many lines could not be read (a line cut off by a crash mid-write
+    on a filesystem without atomic replace, or a stray edit): those are skipped, never fatal."""
+    events, bad = [], 0
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(event, dict) and "type" in event and isinstance(event.get("time"), (int, float)):
+            events.append(event)
+        else:
+            bad += 1
+    return events, bad
+
+
 class Ledger:
     def __init__(self, storage: RunStorage):
         self.storage = storage
         data = storage.read_bytes(LEDGER)
-        self.events: list[dict] = [json.loads(line) for line in data.decode().splitlines() if line.strip()] if data else []
+        self.events, self.unreadable = parse_lines(data) if data else ([], 0)
 
     def record(self, kind: str, step: int | None = None, **fields) -> dict:
         """Append one event and write the ledger back whole (an S3 object cannot be appended to; the
@@ -69,17 +114,27 @@ class Summary:
     attempts: list[Attempt] = field(default_factory=list)
     checkpoints: list[int] = field(default_factory=list)
     validations: list[dict] = field(default_factory=list)
-    state: str = "unknown"  # running | completed | failed
+    state: str = "unknown"  # not started | running | completed | stopped | failed
     last_event: dict | None = None
+    steps_lost: int = 0  # over all attempts
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
 
 
-def summarize(run: str, events: list[dict], now: float | None = None) -> Summary:
-    """Fold the ledger into the figures `relay status` shows."""
+def summarize(run: str, events: list[dict], now: float | None = None, progress: dict | None = None) -> Summary:
+    """Fold the ledger (and the steward's latest progress, newer than the ledger between attempts) into
+    the figures `relay status`, the completed event and the webhook show: the one source of the run's
+    state, step, steps lost and goodput."""
     s = Summary(run=run)
     attempts: list[Attempt] = []
     end: float | None = None
     for e in events:
         kind = e["type"]
+        if kind in ("run_started", "attempt"):  # a new job or worker group: the run goes on
+            s.state, end = "unknown", None
         if kind == "run_started":
             s.total_steps = e.get("total_steps", s.total_steps)
         elif kind == "attempt":
@@ -88,7 +143,7 @@ def summarize(run: str, events: list[dict], now: float | None = None) -> Summary
             if attempts:
                 prev = attempts[-1]
                 prev.steps_lost = e.get("steps_lost", max(prev.last_step - attempt.start_step, 0))
-                attempt.time_to_resume = attempt.started - prev.last_time
+                attempt.time_to_resume = e.get("time_to_resume", attempt.started - prev.last_time)
             attempts.append(attempt)
             s.total_steps = e.get("total_steps", s.total_steps)
         elif kind == "progress" and attempts:
@@ -102,19 +157,29 @@ def summarize(run: str, events: list[dict], now: float | None = None) -> Summary
             s.emergency_checkpoints.append(e)
         elif kind == "validation":
             s.validations.append(e)
-        elif kind in ("completed", "failed"):
+        elif kind in ENDINGS:
             s.state, end = kind, e["time"]
             if attempts and "step" in e:
                 attempts[-1].last_step, attempts[-1].last_time = e["step"], e["time"]
-        if kind in ("progress", "checkpoint", "emergency_checkpoint", "completed"):
+        if kind in ("progress", "checkpoint", "emergency_checkpoint", *ENDINGS) and "step" in e:
             s.step = max(s.step, e["step"])
         elif kind == "attempt":
             s.step = e["step"]  # a resume may go back to an earlier step
         s.last_event = e
     if not events:
+        s.state = "not started"
         return s
+    if progress and attempts and progress.get("time", 0) > attempts[-1].last_time and "step" in progress:
+        # the steward writes progress every few seconds; the ledger only at an attempt's end
+        if end is None or progress["time"] <= end:
+            attempts[-1].last_step = max(attempts[-1].last_step, progress["step"])
+            attempts[-1].last_time = progress["time"]
+        if s.state == "unknown":
+            s.step = max(s.step, progress["step"])
+            s.steps_per_second = progress.get("steps_per_second") or s.steps_per_second
+            s.total_steps = progress.get("total_steps") or s.total_steps
     if s.state == "unknown":
-        s.state = "running"
+        s.state = "running" if attempts else "starting"
     start = events[0]["time"]
     s.wall_seconds = (end or now or time.time()) - start
     for a in attempts:
@@ -123,6 +188,7 @@ def summarize(run: str, events: list[dict], now: float | None = None) -> Summary
         if trained > 0:
             s.productive_seconds += (a.last_time - a.started) * kept / trained
     s.attempts = attempts
+    s.steps_lost = sum(a.steps_lost or 0 for a in attempts)
     s.goodput = s.productive_seconds / s.wall_seconds if s.wall_seconds > 0 else None
     if s.steps_per_second and s.total_steps and s.state == "running":
         s.eta_seconds = (s.total_steps - s.step) / s.steps_per_second

@@ -48,33 +48,44 @@ CHECKPOINT_COMMITTED = "checkpoint_committed"
 HUB_PUSHED = "hub_pushed"
 VALIDATION = "validation"
 PREEMPTION_NOTICE = "preemption_notice"
-NODE_LOST = "node_lost"
-RESTART = "restart"
+NODE_LOST = "node_lost"  # a worker group ended because a node vanished without notice
+RESTART = "restart"  # a worker group ended on an error and Ray restarted it
 RESIZE = "resize"
 WARNING = "warning"
-FAILURE = "failure"
+FAILURE = "failure"  # the run ended failed
+STOPPED = "stopped"  # the run stopped on request, checkpoint committed
 COMPLETED = "completed"
 EVENT_TYPES = (RUN_STARTED, RESUMED, CHECKPOINT_COMMITTED, HUB_PUSHED, VALIDATION, PREEMPTION_NOTICE,
-               NODE_LOST, RESTART, RESIZE, WARNING, FAILURE, COMPLETED)
+               NODE_LOST, RESTART, RESIZE, WARNING, FAILURE, STOPPED, COMPLETED)
 
+_BACK = "{steps_lost} step(s) lost; back at step {step} after {time_to_resume} s"
 LEDGER_EVENTS: dict[str, tuple[str, str, str]] = {
-    # ledger type: (webhook type, severity, message); an "attempt" that is not fresh becomes "resumed"
+    # ledger type: (webhook type, severity, message). An "attempt" is keyed by its reason: a fresh one
+    # says nothing (run_started did), an unplanned one is an alert.
     "run_started": (RUN_STARTED, "info", "run started"),
-    "resumed": (RESUMED, "info", "resumed from step {step} ({reason})"),
+    "attempt:resubmitted": (RESUMED, "info", "resumed from step {step} (job resubmitted)"),
+    "attempt:preemption": (RESUMED, "info", "resumed from step {step} (preemption)"),
+    "attempt:resize": (RESUMED, "info", "resumed from step {step} (resize, {world_size} worker(s))"),
+    "attempt:node_lost": (NODE_LOST, "error", "a node was lost without notice: " + _BACK),
+    "attempt:failure": (RESTART, "error", "the worker group failed and was restarted: " + _BACK),
     "checkpoint": (CHECKPOINT_COMMITTED, "info", "checkpoint {step} committed: {uri}"),
     "emergency_checkpoint": (CHECKPOINT_COMMITTED, "warning", "emergency checkpoint at step {step}"),
     "hub_pushed": (HUB_PUSHED, "info", "checkpoint {step} pushed to the Hub"),
     # "validation" is not here: the steward sends it with its images (steward.build_services)
     "preemption_notice": (PREEMPTION_NOTICE, "warning", "preemption notice"),
-    "node_lost": (NODE_LOST, "error", "node lost"),
-    "restart": (RESTART, "warning", "worker group restarting"),
     "resize": (RESIZE, "info", "worker group resized from {previous_world_size} to {world_size} worker(s)"),
     "warning": (WARNING, "warning", "{message}"),
-    "failure": (FAILURE, "error", "run failed: {error}"),
     "failed": (FAILURE, "error", "run failed: {error}"),
+    "stopped": (STOPPED, "warning", "run stopped on request at step {step}; the same command resumes it"),
     "completed": (COMPLETED, "info", "run completed at step {step}: {adapters}; goodput {goodput}"),
-    "completion": (COMPLETED, "info", "run completed"),
 }
+
+class _Fields(dict):
+    """A message's fields for str.format_map: one the event lacks reads "?" rather than failing."""
+
+    def __missing__(self, key: str) -> str:
+        return "?"
+
 
 SEVERITIES = ("critical", "error", "warning", "info", "debug")
 """Most severe first; a backend's log_level sends its level and everything above it."""
@@ -477,16 +488,14 @@ class Notifier:
         """The steward's service hook: turn a ledger event into a webhook event (see LEDGER_EVENTS)."""
         kind = event.get("type")
         if kind == "attempt":
-            if event.get("reason", "fresh") == "fresh":
-                return
-            kind = "resumed"
+            kind = f"attempt:{event.get('reason', 'fresh')}"
         if kind not in LEDGER_EVENTS:
             return
         webhook_type, severity, template = LEDGER_EVENTS[kind]
         fields = {k: v for k, v in event.items() if k not in ("type", "step", "time")}
         try:
-            text = template.format(step=event.get("step"), **fields)
-        except (KeyError, IndexError, ValueError):
+            text = template.format_map(_Fields(fields, step=event.get("step")))
+        except (IndexError, ValueError):
             text = kind.replace("_", " ")
         self.event(webhook_type, severity, event.get("step"), text, fields)
 

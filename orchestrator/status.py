@@ -11,9 +11,9 @@ import logging
 import time
 from dataclasses import asdict
 
-from orchestrator.ledger import Ledger, summarize
+from orchestrator.ledger import LEDGER, Ledger, summarize
 from orchestrator.steward import PROGRESS
-from orchestrator.store import RunStorage
+from orchestrator.store import SNAPSHOT, RunStorage
 
 log = logging.getLogger(__name__)
 
@@ -21,20 +21,17 @@ VALIDATION = "relay/validation"
 
 
 def gather(storage: RunStorage, hub: bool = True, now: float | None = None) -> dict:
-    """Everything status shows, as plain data (what --json prints)."""
+    """Everything status shows, as plain data (what --json prints). Reads only; never writes."""
     now = now or time.time()
-    events = Ledger(storage).events
-    summary = summarize(storage.run_name, events, now)
+    ledger = Ledger(storage)
+    events = ledger.events
     progress = storage.read_json(PROGRESS) or {}
-    if progress.get("step", -1) >= summary.step and summary.state == "running":
-        summary.step = progress["step"]
-        summary.steps_per_second = progress.get("steps_per_second") or summary.steps_per_second
-        total = progress.get("total_steps") or summary.total_steps
-        if summary.steps_per_second and total:
-            summary.eta_seconds = (total - summary.step) / summary.steps_per_second
+    summary = summarize(storage.run_name, events, now, progress=progress)
     checkpoints = storage.checkpoint_steps()
+    if summary.state == "not started" and checkpoints:
+        summary.state = "unknown"  # checkpoints without a ledger: written by a run outside relay's steward
     hourly = next((e.get("hourly_cost") for e in reversed(events) if e["type"] == "run_started"), None)
-    report = {
+    return {
         "run": storage.run_name,
         "storage": storage.uri(),
         "state": summary.state,
@@ -46,25 +43,45 @@ def gather(storage: RunStorage, hub: bool = True, now: float | None = None) -> d
         "hub": hub_checkpoints(storage, checkpoints) if hub else None,
         "last_validation": last_validation(storage),
         "preemption_notices": summary.preemption_notices,
-        "emergency_checkpoints": [{"step": e["step"], "seconds_from_notice": e.get("seconds_from_notice")}
+        "emergency_checkpoints": [{"step": e.get("step"), "seconds_from_notice": e.get("seconds_from_notice")}
                                   for e in summary.emergency_checkpoints],
         "attempts": [asdict(a) for a in summary.attempts],
+        "steps_lost": summary.steps_lost,
         "goodput": summary.goodput,
         "wall_hours": summary.wall_seconds / 3600,
         "estimated_cost": round(hourly * summary.wall_seconds / 3600, 2) if hourly else None,
         "hourly_cost": hourly,
+        "adapters": next((e.get("files") for e in reversed(events) if e["type"] == "exported"), None),
+        "error": next((e.get("error") for e in reversed(events) if e["type"] == "failed"), None)
+        if summary.state == "failed" else None,
+        "ledger": storage.uri(LEDGER),
+        "ledger_unreadable_lines": ledger.unreadable,
         "last_event": summary.last_event,
     }
-    return report
+
+
+def variant_scores(doc: dict) -> dict[str, dict]:
+    """Per variant: {mean, min, max, ...} from a scores.json, whatever its vintage: `scores` is a dict by
+    variant (current), or `variants` is (older); variants without CLIP scores are left out."""
+    for key in ("scores", "variants"):
+        value = doc.get(key)
+        if isinstance(value, dict):
+            return {v: s for v, s in value.items() if isinstance(s, dict) and "mean" in s}
+    return {}
 
 
 def last_validation(storage: RunStorage) -> dict | None:
-    """The newest validation's scores (written by the validation pool beside the checkpoints)."""
-    names = [n for n in storage.listdir(VALIDATION) if n.startswith("checkpoint-")]
+    """The newest finished validation (its scores.json is written last, beside the images and grid.png)."""
+    names = [n for n in storage.listdir(VALIDATION) if n.startswith("checkpoint-") and n.split("-")[1].isdigit()]
     for name in sorted(names, key=lambda n: int(n.split("-")[1]), reverse=True):
-        scores = storage.read_json(f"{VALIDATION}/{name}/scores.json")
-        if scores is not None:
-            return {"step": int(name.split("-")[1]), "scores": scores}
+        try:
+            scores = storage.read_json(f"{VALIDATION}/{name}/scores.json")
+        except ValueError:
+            continue  # a half-written scores.json: that validation is not finished
+        if isinstance(scores, dict):
+            return {"step": int(name.split("-")[1]), "scores": variant_scores(scores),
+                    "grid": storage.uri(f"{VALIDATION}/{name}/{scores.get('grid') or 'grid.png'}"),
+                    "images": len(scores.get("images") or [])}
     return None
 
 
@@ -99,29 +116,31 @@ def _duration(seconds: float | None) -> str:
 
 def render(report: dict) -> str:
     """The terminal view (plain text: it reads the same in a pipe, a log, or a terminal)."""
-    rate = report["steps_per_second"]
-    total = report["total_steps"] or "?"
-    pct = f" ({100 * report['step'] / report['total_steps']:.1f}%)" if report["total_steps"] else ""
+    rate, total = report.get("steps_per_second"), report.get("total_steps")
+    pct = f" ({100 * report['step'] / total:.1f}%)" if total else ""
     lines = [
         f"run        {report['run']}  [{report['state']}]",
         f"storage    {report['storage']}",
-        f"step       {report['step']} / {total}{pct}",
-        f"rate       {f'{rate:.3f} steps/s' if rate else '-'}   ETA {_duration(report['eta_seconds'])}",
+        f"step       {report['step']} / {total or '?'}{pct}",
+        f"rate       {f'{rate:.3f} steps/s' if rate else '-'}   ETA {_duration(report.get('eta_seconds'))}",
         f"checkpoints {', '.join(map(str, report['checkpoints'])) or 'none yet'}",
     ]
-    hub = report["hub"]
+    if report.get("error"):
+        lines.append(f"error      {report['error']}")
+    if report.get("adapters"):
+        lines.append(f"adapter    {', '.join(report['adapters'])}")
+    hub = report.get("hub")
     if hub:
         shown = hub.get("error") or ", ".join(map(str, hub.get("checkpoints", []))) or "none yet"
         lines.append(f"hub        {hub['repo']}: {shown}")
-    val = report["last_validation"]
+    val = report.get("last_validation")
     if val:
-        parts = []
-        for variant, s in (val["scores"].get("variants") or val["scores"]).items():
-            if isinstance(s, dict) and "mean" in s:
-                parts.append(f"{variant} CLIP {s['mean']:.2f} (min {s['min']:.2f}, max {s['max']:.2f})")
-        lines.append(f"validation step {val['step']}: {'; '.join(parts) or 'no scores'}")
+        parts = [f"{variant} CLIP {s['mean']:.2f}" + (f" (min {s['min']:.2f}, max {s['max']:.2f})"
+                                                      if "min" in s and "max" in s else "")
+                 for variant, s in val["scores"].items()]
+        lines.append(f"validation step {val['step']}: {'; '.join(parts) or 'not scored'}; grid {val['grid']}")
     em = report["emergency_checkpoints"]
-    waits = ", ".join(f"{e['seconds_from_notice']:.1f} s" for e in em if e["seconds_from_notice"] is not None)
+    waits = ", ".join(f"{e['seconds_from_notice']:.1f} s" for e in em if e.get("seconds_from_notice") is not None)
     lines.append(f"preemptions {report['preemption_notices']} notice(s), {len(em)} emergency checkpoint(s)"
                  + (f" (notice to commit: {waits})" if waits else ""))
     restarts = report["attempts"][1:]
@@ -131,21 +150,31 @@ def render(report: dict) -> str:
             f"{_duration(a['time_to_resume'])})" for a in restarts))
         lost = [a["steps_lost"] for a in report["attempts"] if a["steps_lost"] is not None]
         lines.append(f"steps lost {', '.join(map(str, lost))}")
-    goodput = report["goodput"]
+    goodput = report.get("goodput")
     lines.append(f"goodput    {f'{100 * goodput:.1f}%' if goodput is not None else '-'} over "
                  f"{report['wall_hours']:.2f} h wall")
-    if report["estimated_cost"] is not None:
+    if report.get("estimated_cost") is not None:
         lines.append(f"cost       ~${report['estimated_cost']:.2f} at ${report['hourly_cost']:.2f}/h")
+    if report.get("ledger_unreadable_lines"):
+        lines.append(f"note       {report['ledger_unreadable_lines']} unreadable ledger line(s) skipped "
+                     f"({report['ledger']})")
     return "\n".join(lines)
+
+
+class RunNotFound(LookupError):
+    """No such run in that storage."""
 
 
 def status(run: str, storage_path: str, endpoint_url: str | None = None, as_json: bool = False,
            hub: bool = True) -> str:
     storage = RunStorage(storage_path, run, endpoint_url)
-    if not storage.exists("") and not storage.listdir():
-        raise FileNotFoundError(f"no run {run!r} in {storage_path}")
+    if not storage.listdir():
+        parent = RunStorage(storage_path, "", endpoint_url)
+        runs = [n for n in parent.listdir() if parent.exists(f"{n}/{LEDGER}") or parent.exists(f"{n}/{SNAPSHOT}")]
+        raise RunNotFound(f"no run {run!r} in {storage_path}" + (f"; runs there: {', '.join(runs)}" if runs else
+                                                                 "; it holds no runs"))
     report = gather(storage, hub=hub)
     return json.dumps(report, indent=2, default=str) if as_json else render(report)
 
 
-__all__ = ["gather", "render", "status"]
+__all__ = ["RunNotFound", "gather", "render", "status"]

@@ -16,7 +16,8 @@ import time
 
 import ray
 
-from orchestrator.ledger import Ledger
+from orchestrator.ledger import Ledger, summarize
+from orchestrator.policy import AttemptFacts, attempt_reason
 from orchestrator.store import RunStorage
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ class Steward:
         self.lock = threading.Lock()
         self.committed = set(self._ledger_steps("checkpoint"))
         self.progress: dict | None = storage.read_json(PROGRESS)
+        self.metrics: dict = {}  # rank 0's latest loss, lr, ... (what the driver's progress line shows)
+        self.stop_requested = False  # the driver asked the run to checkpoint and stop (Ctrl-C, SIGTERM)
+        self._nodes: set[str] = set()  # the cluster's live nodes when the current attempt began
         self._progress_written = 0.0
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="relay-steward-watch", daemon=True)
@@ -68,30 +72,30 @@ class Steward:
 
     def attempt(self, step: int, world_size: int, total_steps: int, resumed: bool) -> None:
         """A worker group is about to train from `step`. Close the previous attempt's books first: its
-        last progress is what the ledger needs to count the steps lost."""
+        last progress is what the ledger needs to count the steps lost and the time to resume."""
         self.total_steps = total_steps
         previous = [e for e in self.ledger.events if e["type"] == "attempt"]
         if self.progress and previous and self.progress.get("time", 0) > previous[-1]["time"]:
             self.record("progress", self.progress["step"], time=self.progress["time"],
                         steps_per_second=self.progress.get("steps_per_second"))
-        resized = bool(previous) and previous[-1].get("world_size") != world_size
-        if not resumed:
-            reason = "fresh"
-        elif not previous or self._job_started_after(previous[-1]):
-            reason = "resubmitted"
-        elif self._notice_since(previous[-1]):
-            reason = "preemption"
-        elif resized and world_size > previous[-1].get("world_size", world_size):
-            reason = "resize"  # an elastic group grew back: Ray restarted it with more workers
-        else:
-            reason = "failure"
+        last = previous[-1] if previous else {}
+        alive = alive_nodes()
+        facts = AttemptFacts(
+            resumed=resumed, first_in_job=bool(previous) and self._job_started_after(last),
+            had_attempt_before=bool(previous), notice_since_last=bool(previous) and self._notice_since(last),
+            nodes_lost_since_last=sorted(self._nodes - alive) if self._nodes and alive else [],
+            world_size=world_size, previous_world_size=last.get("world_size"))
+        reason = attempt_reason(facts)
+        self._nodes = alive
         lost = max(self.progress["step"] - step, 0) if (resumed and self.progress) else 0
-        if resized:
-            log.warning("worker group resized: %s → %d worker(s) at step %d", previous[-1].get("world_size"),
-                        world_size, step)
-            self.record("resize", step, world_size=world_size, previous_world_size=previous[-1].get("world_size"))
-        self.record("attempt", step, world_size=world_size, total_steps=total_steps, reason=reason, steps_lost=lost)
-        self.progress = {"step": step, "time": time.time(), "steps_per_second": None}
+        back_in = round(time.time() - self.progress["time"], 1) if (resumed and self.progress) else None
+        if previous and last.get("world_size") != world_size:
+            log.warning("worker group resized: %s → %d worker(s) at step %d", last.get("world_size"), world_size, step)
+            self.record("resize", step, world_size=world_size, previous_world_size=last.get("world_size"))
+        extra = {"nodes_lost": facts.nodes_lost_since_last} if facts.nodes_lost_since_last else {}
+        self.record("attempt", step, world_size=world_size, total_steps=total_steps, reason=reason, steps_lost=lost,
+                    **({"time_to_resume": back_in} if back_in is not None else {}), **extra)
+        self.progress = {"step": step, "time": time.time(), "steps_per_second": None, "total_steps": total_steps}
 
     def _job_started_after(self, event: dict) -> bool:
         return any(e["type"] == "run_started" and e["time"] > event["time"] for e in self.ledger.events)
@@ -105,6 +109,7 @@ class Steward:
         self.progress = {"step": step, "time": now, "total_steps": self.total_steps,
                          "steps_per_second": steps_per_second or (self.progress or {}).get("steps_per_second")}
         if metrics:
+            self.metrics = dict(metrics, step=step)
             self._tell("on_metrics", step, metrics)
         if now - self._progress_written >= self.progress_every:
             self._write_progress()
@@ -121,16 +126,34 @@ class Steward:
         if emergency:
             self.record("emergency_checkpoint", step, **fields)
 
-    def _completion(self) -> dict:
-        from orchestrator.ledger import summarize
-
-        summary = summarize(self.storage.run_name, self.ledger.events)
+    def _completion(self, step: int | None) -> dict:
+        """The completed event's figures, from the same fold of the ledger that `relay status` shows."""
+        end = {"time": time.time(), "type": "completed", **({"step": step} if step is not None else {})}
+        summary = summarize(self.storage.run_name, [*self.ledger.events, end], progress=self.progress)
         exported = [e for e in self.ledger.events if e["type"] == "exported"]
         files = exported[-1]["files"] if exported else []
         return {"adapters": ", ".join(files) or "see the last checkpoint",
                 "goodput": f"{100 * summary.goodput:.1f}%" if summary.goodput is not None else "unknown",
                 "preemptions": summary.preemption_notices, "restarts": max(len(summary.attempts) - 1, 0),
-                "wall_hours": round(summary.wall_seconds / 3600, 3)}
+                "steps_lost": summary.steps_lost, "wall_hours": round(summary.wall_seconds / 3600, 3)}
+
+    # -- what the driver asks -----------------------------------------------------------------------
+    def view(self, since: int = 0) -> dict:
+        """The driver's display: progress, rank 0's latest metrics, and the ledger's events from `since`."""
+        with self.lock:
+            events = self.ledger.events[since:]
+            count = len(self.ledger.events)
+        return {"progress": self.progress, "metrics": self.metrics, "events": events, "count": count,
+                "total_steps": self.total_steps}
+
+    def request_stop(self) -> None:
+        """Ctrl-C or SIGTERM at the driver: the workers checkpoint at their next check and return."""
+        if not self.stop_requested:
+            self.stop_requested = True
+            self.record("stop_requested", (self.progress or {}).get("step"))
+
+    def should_stop(self) -> bool:
+        return self.stop_requested
 
     # -- the watcher ------------------------------------------------------------------------------------
     def _watch(self) -> None:
@@ -149,7 +172,7 @@ class Steward:
             self.committed.add(step)
             if self.progress and self.progress.get("step", 0) <= step:
                 self.progress["time"] = max(self.progress["time"], time.time())
-            self.record("checkpoint", step, uri=self.storage.uri(f"checkpoint-{step}"), kept=steps[-5:])
+            self.record("checkpoint", step, uri=self.storage.uri(f"checkpoint-{step}"), kept=steps)
             if self.progress:
                 self._write_progress()
         return new
@@ -168,7 +191,7 @@ class Steward:
         if final:
             final = dict(final)
             if final["type"] == "completed":
-                final.update(self._completion())
+                final.update(self._completion(final.get("step")))
             self.record(final.pop("type"), **final)
         if self.progress:
             self._write_progress()
@@ -183,7 +206,7 @@ class Steward:
 
 
 def build_services(config, storage: RunStorage, record, wandb_dir: str | None = None, working_dir: str | None = None,
-                   validation_resources: dict | None = None) -> list:
+                   validation_options: dict | None = None) -> list:
     """What follows the run's events, per its config: the webhook notifier, the W&B tracker, the Hub
     mirror and the validation pool. `record(kind, step=None, **fields)` puts their own news (Hub
     commits, validations, warnings) in the ledger, which tells the others."""
@@ -209,7 +232,7 @@ def build_services(config, storage: RunStorage, record, wandb_dir: str | None = 
                            {"scores": summary.get("scores", {})}, images=pngs)
 
     validation = ValidationService.for_run(config, storage, record, forward, working_dir=working_dir,
-                                           resources=validation_resources or None)
+                                           **(validation_options or {}))
     # the notifier first: it hears every event, the others' warnings included (and closes last)
     return [s for s in (notifier, tracker, mirror, validation) if s is not None]
 
@@ -219,7 +242,7 @@ class RunSteward(Steward):
     """The steward as an actor beside the driver. Calls to it are fire-and-forget from workers."""
 
     def __init__(self, storage: RunStorage, config=None, wandb_dir: str | None = None, working_dir: str | None = None,
-                 validation_resources: dict | None = None, **kwargs):
+                 validation_options: dict | None = None, **kwargs):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if config is not None:
             from orchestrator import redact
@@ -228,10 +251,18 @@ class RunSteward(Steward):
         super().__init__(storage, **kwargs)
         if config is not None:  # after the ledger exists: the services record into it
             self.services.extend(build_services(config, storage, self.record, wandb_dir, working_dir,
-                                                validation_resources))
+                                                validation_options))
 
     def ready(self) -> bool:
         return True
+
+
+def alive_nodes() -> set[str]:
+    """The ids of the cluster's live nodes (empty outside Ray)."""
+    try:
+        return {n["NodeID"] for n in ray.nodes() if n.get("Alive")} if ray.is_initialized() else set()
+    except Exception:  # the GCS briefly unreachable: no node is reported lost
+        return set()
 
 
 def steward_name(run_name: str) -> str:

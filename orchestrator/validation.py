@@ -164,7 +164,9 @@ class ValidationPool:
         self.storage, self.on_result, self.max_retries = storage, on_result, max_retries
         self.queue_size = queue_size or self.config.validation_queue_size
         gpus = self.config.validation_num_gpus if num_gpus is None else num_gpus
-        if gpus > 0 and not ray.cluster_resources().get("GPU"):
+        if num_gpus is None and gpus > 0 and not ray.cluster_resources().get("GPU"):
+            # only when the caller left it to the config (in-process use, tests); a run's launch decides it
+            # up front from the cluster config's validation_cpu_fallback
             log.warning("validation_num_gpus=%g but the cluster has no GPU: validation actors run on the CPU", gpus)
             gpus = 0
         self._options = {"num_cpus": num_cpus, "num_gpus": gpus, "resources": dict(resources or {}),

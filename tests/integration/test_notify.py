@@ -50,6 +50,7 @@ RUN_EVENTS = [  # a run with a checkpoint, a validation, a preemption, a restart
     (notify.RESUMED, "info", 50, {"from_step": 50, "why": "node lost"}),
     (notify.RESIZE, "info", 60, {"workers": [2, 1]}),
     (notify.FAILURE, "error", 80, {"error": "RuntimeError: boom"}),
+    (notify.STOPPED, "warning", 90, {"signal": 2}),
     (notify.COMPLETED, "info", 300, {"adapter": "s3://b/run/final.safetensors", "goodput": 0.93}),
 ]
 

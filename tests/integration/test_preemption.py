@@ -115,7 +115,7 @@ def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tm
         assert emergency["committed"] and resumed["steps_lost"] == 0 and resumed["reason"] == "preemption"
     # Unannounced: back to the newest committed checkpoint. With async uploads that is up to one interval,
     # plus the steps trained while the newest checkpoint was still uploading (seconds, on a real run).
-    assert attempts[3]["reason"] == "failure" and 0 <= attempts[3]["steps_lost"] <= 2 * 10
+    assert attempts[3]["reason"] == "node_lost" and 0 <= attempts[3]["steps_lost"] <= 2 * 10
 
     summary = summarize("chaos", Ledger(storage).events)
     assert summary.state == "completed" and summary.step == 120
@@ -131,7 +131,9 @@ def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tm
     chaos = [r.json for r in webhook_receiver.requests if r.json.get("run") == "chaos"]
     kinds = [m["type"] for m in chaos]
     assert _in_order(kinds, ["run_started", "preemption_notice", "resumed", "preemption_notice", "resumed",
-                             "resumed", "completed"]), " ".join(kinds)
+                             "node_lost", "completed"]), " ".join(kinds)
+    alert = next(m for m in chaos if m["type"] == "node_lost")  # a loss without notice is an alert
+    assert alert["severity"] == "error" and "step(s) lost" in alert["message"], alert
     assert {"checkpoint_committed", "validation"} <= set(kinds), " ".join(kinds)
     assert chaos[-1]["type"] == "completed" and "goodput" in chaos[-1]["message"]
     assert all(r.headers.get("x-api-key") == "chaos-token-123456" for r in webhook_receiver.requests)

@@ -1,0 +1,137 @@
+"""The orchestrator's decisions, as pure functions of plain data: no Ray, no I/O, no clock.
+
+Executors (launch, the steward, the services) gather the facts, ask here, and carry out the answer,
+so every decision is unit-tested on its own (tests/unit/test_policy.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+Bundle = dict[str, float]  # one actor's resource request, Ray's names ("CPU", "GPU", custom)
+
+
+# -- what the run asks of the cluster ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One kind of actor the run needs: `count` of them, each asking for `bundle`."""
+
+    what: str  # for a person: "training worker", "validation actor"
+    count: int
+    bundle: Bundle
+    key: str  # the cluster.json key that sizes it, named in the refusal
+
+
+@dataclass(frozen=True)
+class FitDecision:
+    fits: bool  # every actor has a place on the cluster as it is (totals, not what is free now)
+    wait: bool  # it does not fit yet, but the cluster can grow: wait, up to a bound
+    message: str  # what was asked, what the cluster has, what to change (empty when it fits)
+
+
+def describe(bundle: Bundle) -> str:
+    return ", ".join(f"{_num(v)} {k}" for k, v in sorted(bundle.items()) if v) or "nothing"
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+def place(asks: list[Ask], nodes: list[Bundle]) -> Ask | None:
+    """First-fit decreasing of every actor onto the nodes' total resources; the first ask that finds no
+    node, or None when all fit. (Ray packs each actor whole on one node: 4 CPUs on two 2-CPU nodes never fit.)"""
+    free = [dict(n) for n in nodes]
+    actors = [(ask, ask.bundle) for ask in asks for _ in range(ask.count)]
+    actors.sort(key=lambda a: (a[1].get("GPU", 0), a[1].get("CPU", 0)), reverse=True)
+    for ask, bundle in actors:
+        node = next((n for n in free if all(n.get(k, 0) + 1e-9 >= v for k, v in bundle.items() if v)), None)
+        if node is None:
+            return ask
+        for k, v in bundle.items():
+            node[k] = node.get(k, 0) - v
+    return None
+
+
+def fit_decision(asks: list[Ask], nodes: list[Bundle], can_grow: bool) -> FitDecision:
+    """Whether the run can start on this cluster, should wait for it to grow, or can never start."""
+    missing = place(asks, nodes)
+    if missing is None:
+        return FitDecision(True, False, "")
+    total: Bundle = {}
+    for node in nodes:
+        for k, v in node.items():
+            total[k] = total.get(k, 0) + v
+    asked = "; ".join(f"{a.count} {a.what}(s) × {{{describe(a.bundle)}}}" for a in asks if a.count)
+    biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+    has = (f"{len(nodes)} node(s) with {describe({k: v for k, v in total.items() if k in ('CPU', 'GPU') or k in _custom(asks)})}"
+           f" in all, the largest {describe({k: v for k, v in biggest.items() if k in ('CPU', 'GPU') or k in _custom(asks)})}")
+    message = (f"the run asks for {asked}; the cluster has {has}: no place for a {missing.what} "
+               f"({describe(missing.bundle)}). Lower or change {missing.key} in the cluster config")
+    return FitDecision(False, can_grow, message)
+
+
+def _custom(asks: list[Ask]) -> set[str]:
+    return {k for a in asks for k in a.bundle if k not in ("CPU", "GPU")}
+
+
+def share_cpus(cpus: float, actors: int, most: float = 1.0) -> float:
+    """CPUs per actor so that `actors` of them fit on `cpus` (at most `most` each), rounded down to a
+    hundredth: the local demo's 2 workers and 1 validation actor on a 2-CPU machine get 0.66 each."""
+    if actors <= 0:
+        return most
+    return min(most, math.floor(100 * cpus / actors) / 100)
+
+
+# -- retention -----------------------------------------------------------------------------------------
+
+DEFAULT_KEEP = 5  # SimpleTuner's checkpoints_total_limit default, and the mission's "newest 5"
+
+
+def keep_count(limit: int | None) -> int:
+    """How many checkpoints every store keeps (local output_dir, storage_path via Ray, the Hub): the
+    config's checkpoints_total_limit, else DEFAULT_KEEP. One number everywhere."""
+    return limit if limit and limit > 0 else DEFAULT_KEEP
+
+
+def retention(steps: list[int], limit: int | None) -> tuple[list[int], list[int]]:
+    """(kept, dropped): the newest keep_count(limit) steps are kept, the rest dropped, each sorted."""
+    ordered = sorted(set(steps))
+    keep = keep_count(limit)
+    return ordered[-keep:], ordered[:-keep]
+
+
+# -- attempts ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttemptFacts:
+    """What the steward knows when a worker group starts training."""
+
+    resumed: bool  # it restored a checkpoint
+    first_in_job: bool  # no attempt yet in this job (a new or resubmitted job)
+    had_attempt_before: bool  # the run had an attempt before (in this job or an earlier one)
+    notice_since_last: bool  # a preemption notice arrived during the previous attempt
+    nodes_lost_since_last: list[str] = field(default_factory=list)  # nodes of the previous attempt now dead
+    world_size: int = 1
+    previous_world_size: int | None = None
+
+
+def attempt_reason(f: AttemptFacts) -> str:
+    """Why this worker group is training: fresh | resubmitted | preemption | resize | node_lost | failure."""
+    if not f.resumed:
+        return "fresh"
+    if not f.had_attempt_before or f.first_in_job:
+        return "resubmitted"
+    if f.notice_since_last:
+        return "preemption"
+    if f.nodes_lost_since_last:
+        return "node_lost"
+    if f.previous_world_size is not None and f.world_size > f.previous_world_size:
+        return "resize"  # an elastic group grew back: Ray restarted it with more workers
+    return "failure"
+
+
+UNPLANNED = ("node_lost", "failure")  # attempts that ended without warning: alerts, not news
