@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from relay_train.config import ConfigError
 
+MAX_BUCKET_MB = 4096  # a bucket past this is a typo (bytes for MiB?); the seed's whole adapter is ~760 MiB
+
 
 class ClusterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -30,6 +32,11 @@ class ClusterConfig(BaseModel):
     max_failures: int = Field(3, ge=-1, description="worker-group restarts after failures (-1: unlimited)")
     max_preemption_failures: int = Field(-1, ge=-1, description="restarts after preemptions (-1: unlimited)")
     strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="how adapter gradients are synced")
+    gradient_bucket_mb: float = Field(25.0, description="ddp: MiB of gradients per all-reduce, "
+                                      "launched while backward still runs (as DDP's bucket_cap_mb)")
+    gradient_sync_dtype: Literal["fp32", "bf16"] = Field("fp32", description="ddp: what the all-reduce sends; bf16 "
+                                                         "halves the bytes (gradients still accumulate in fp32) "
+                                                         "but the 1-vs-N-worker equality becomes approximate")
     upload_mode: Literal["async", "sync"] = Field("async", description="checkpoint upload: async never blocks the loop")
     elastic_resize_seconds: float = Field(60.0, gt=0, description="elastic runs: how often Ray looks for room "
                                           "to grow the group back")
@@ -38,6 +45,16 @@ class ClusterConfig(BaseModel):
     validation_resources: dict[str, float] = Field(default_factory=dict, description="custom resources each "
                                                    "validation actor asks for, e.g. {\"validation_gpu\": 1}: "
                                                    "it lands on validation nodes, never on training GPUs")
+    validation_cpus: float = Field(1.0, gt=0, description="CPUs each validation actor reserves (the demo shares "
+                                   "a small machine: fractions are fine)")
+    validation_cpu_fallback: bool = Field(False, description="on a cluster without GPUs, render validation on "
+                                          "the CPU instead of waiting for GPU nodes (the local demo)")
+    autoscaling: bool | Literal["auto"] = Field("auto", description="whether the cluster can grow: a request that "
+                                                "does not fit then waits (resource_wait_seconds) instead of failing "
+                                                "at once. auto: yes when joining a cluster (RAY_ADDRESS), no for a "
+                                                "local one this command starts")
+    resource_wait_seconds: float = Field(900.0, ge=0, description="how long a run that does not fit yet waits for "
+                                         "an autoscaling cluster to grow before it fails")
     hourly_price_worker: float = Field(0.0, ge=0, description="$/h of one training worker's instance (cost estimate)")
     hourly_price_head: float = Field(0.0, ge=0, description="$/h of the head node (cost estimate)")
     steward_poll_seconds: float = Field(5.0, gt=0, description="how often the steward looks for committed checkpoints")
@@ -48,6 +65,25 @@ class ClusterConfig(BaseModel):
         low, high = (value, value) if isinstance(value, int) else value
         if not 1 <= low <= high:
             raise ValueError(f"num_workers must be >= 1, or [min, max] with 1 <= min <= max; got {value}")
+        return value
+
+    @field_validator("gradient_bucket_mb")
+    @classmethod
+    def _bucket(cls, value):
+        if not 0 < value <= MAX_BUCKET_MB:
+            raise ValueError(f"gradient_bucket_mb must be in (0, {MAX_BUCKET_MB}] MiB; got {value}. 25 (the default) "
+                             "suits most links; smaller starts traffic earlier in backward, larger makes fewer calls")
+        return value
+
+    @field_validator("gradient_sync_dtype")
+    @classmethod
+    def _sync_dtype(cls, value, info):
+        if info.data.get("strategy") == "deepspeed" and value != "fp32":
+            raise ValueError(
+                "gradient_sync_dtype 'bf16' applies to strategy 'ddp' only. DeepSpeed reduces the gradients itself: "
+                "its own options are zero_optimization.overlap_comm (reduce buckets while backward runs) and "
+                "communication_data_type 'bf16' (reduce in bf16). Leave gradient_sync_dtype at 'fp32' with "
+                "strategy 'deepspeed', or use strategy 'ddp'")
         return value
 
     @property
