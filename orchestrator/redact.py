@@ -13,31 +13,17 @@ import logging
 import os
 import traceback
 from collections.abc import Iterable
-from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
 from relay_train.config import TrainConfig
+from relay_train.redaction import MASK, MIN_LENGTH, url_parts  # noqa: F401  (the masking rules, shared with config errors)
+from relay_train.redaction import mask as _mask
+from relay_train.redaction import plain as _plain
 
-MASK = "<hidden>"
-MIN_LENGTH = 8
-"""Shorter values are not masked: real keys and tokens are longer, and masking a short word (moto's
-test credential 'testing', say) would garble ordinary log text."""
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
               "AWS_SESSION_TOKEN", "WANDB_API_KEY")
 """Environment variables whose values are secrets."""
-
-
-def _plain(value: str | SecretStr | None) -> str | None:
-    return value.get_secret_value() if isinstance(value, SecretStr) else value
-
-
-def url_parts(url: str) -> list[str]:
-    """A webhook URL and its path: error messages (urllib3's 'Max retries exceeded with url: /api/...')
-    often show the path alone, and for Discord the path carries the token."""
-    parts = urlsplit(url)
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
-    return [url, path] if len(path.strip("/")) >= MIN_LENGTH else [url]
 
 
 def secret_values(config: TrainConfig | None = None, environ: dict[str, str] | None = None) -> set[str]:
@@ -82,10 +68,7 @@ class Redactor(logging.Filter):
         self._secrets = sorted((v for v in values if v and len(v) >= MIN_LENGTH), key=len, reverse=True)
 
     def redact(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, MASK)
-        return text
+        return _mask(text, self._secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Redact the record in place (message with its arguments, traceback, stack); never drops it."""

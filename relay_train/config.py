@@ -19,6 +19,7 @@ from pydantic import (
     AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SecretStr, model_validator,
 )
 
+from relay_train import config_compat as compat
 from relay_train.config_files import (
     DataBackendConfig,
     LycorisConfig,
@@ -34,6 +35,7 @@ from relay_train.config_files import (
     validate_field,
     with_defaults,
 )
+from relay_train.redaction import mask, secrets_in
 
 __all__ = [
     "ConfigError", "DataBackendConfig", "LycorisConfig", "TrainConfig", "WebhookConfig",
@@ -42,8 +44,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-KEY_ALIASES: dict[str, str] = {"flux_schedule_shift": "flow_schedule_shift"}
-"""Old or upstream key names and the field each one now sets."""
+KEY_ALIASES = compat.KEY_ALIASES
 
 SKIP_DISCOVERY_WORDS = ("vae", "aspect", "text", "metadata")
 _DERIVED = ("lycoris", "data_backends", "webhook", "source_path")
@@ -57,10 +58,10 @@ _FILE_KEYS: dict[str, tuple[str, ...]] = {
 
 
 class ConfigError(ValueError):
-    """Every problem found in a config, one per line."""
+    """Every problem found in a config, one per line; `secrets` (webhook URLs, tokens) are masked in each."""
 
-    def __init__(self, problems: list[str], source: str | Path | None = None) -> None:
-        self.problems = list(problems)
+    def __init__(self, problems: list[str], source: str | Path | None = None, secrets: set[str] | None = None) -> None:
+        self.problems = [mask(p, secrets or ()) for p in problems]
         head = f"{len(self.problems)} problem(s) in {source or 'the training config'}:"
         super().__init__("\n".join([head, *(f"  - {p}" for p in self.problems)]))
 
@@ -126,6 +127,14 @@ def _check_resolutions(text: str) -> str:
     return text
 
 
+def _output_dir(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("is empty: name the run folder, e.g. 'output/my-run'")
+    if isinstance(value, (str, Path)) and Path(value).exists() and not Path(value).is_dir():
+        raise ValueError("is a file, not a folder: checkpoints and exports need a folder; choose another path")
+    return value
+
+
 def _empty_is_none(value: Any) -> Any:
     return None if value == "" else value
 
@@ -157,33 +166,42 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, protected_namespaces=())
 
     # model
-    pretrained_model_name_or_path: str
-    """Base model: a Hub id or a local diffusers folder."""
+    pretrained_model_name_or_path: str | None = None
+    """Base model: a Hub id or a local diffusers folder (required unless model_flavour names it)."""
     model_family: Literal["sd3"] = "sd3"
     """Model architecture family."""
+    model_flavour: Literal["medium", "large"] | None = None
+    """SD3.5 variant; checked against the model, and names its Hub id when pretrained_model_name_or_path is unset."""
     model_type: Literal["lora"] = "lora"
     """Train an adapter on a frozen base."""
     lora_type: Literal["lycoris"] = "lycoris"
     """Adapter library; the LyCORIS file sets the adapter's shape."""
-    lycoris_config: OptionalPath = None
-    """LyCORIS config file (required with lora_type lycoris)."""
-    lora_rank: int | None = Field(None, gt=0)
+    lycoris_config: OptionalPath = Path("config/lycoris_config.json")
+    """LyCORIS config file (required with lora_type lycoris; also looked up beside config.json)."""
+    lora_rank: int = Field(16, gt=0)
     """PEFT LoRA rank; ignored with lycoris (linear_dim governs)."""
     lora_alpha: float | None = Field(None, gt=0)
     """PEFT LoRA alpha; ignored with lycoris (linear_alpha governs)."""
     init_lora: OptionalPath = None
     """Adapter safetensors to continue training from."""
+    init_lora_step: int | None = Field(None, ge=0)
+    """Step a fresh run continues from with init_lora; null reads the file's global_step metadata, 0 starts anew."""
     base_model_precision: Literal["int8-quanto", "no_change"] = "no_change"
     """Weight quantization of the frozen base transformer."""
+    base_model_default_dtype: Literal["bf16", "fp32"] = "bf16"
+    """dtype of a quantized base's unquantized weights on the accelerator (with mixed_precision no)."""
     quantize_via: Literal["cpu", "accelerator"] = "accelerator"
     """Device that quantizes the base before training."""
     mixed_precision: Literal["bf16", "no"] = "bf16"
     """Autocast dtype on the accelerator."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True
     """Recompute activations in backward to save memory."""
+    adapter_export_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """dtype of the exported adapter files: auto is bf16 with mixed_precision bf16 (as SimpleTuner writes), else fp32.
+    Checkpoints always keep fp32, so a resume is exact."""
 
     # run
-    output_dir: Path = Path("output")
+    output_dir: Annotated[Path, BeforeValidator(_output_dir)] = Path("output")
     """Run folder (relative to the working directory)."""
     seed: int = 42
     """Seed for sampling, noise and data order."""
@@ -191,33 +209,37 @@ class TrainConfig(BaseModel):
     """'latest', 'none', or a checkpoint path."""
     max_train_steps: int = Field(0, ge=0)
     """Optimizer steps to train; 0 uses num_train_epochs."""
-    num_train_epochs: int = Field(0, ge=0)
+    num_train_epochs: int = Field(1, ge=0)
     """Epochs to train, when max_train_steps is 0."""
-    checkpointing_steps: int = Field(500, ge=1)
-    """Steps between checkpoints."""
-    checkpoints_total_limit: int | None = Field(None, ge=1)
+    checkpoint_step_interval: int = Field(500, ge=1)
+    """Steps between checkpoints (legacy name: checkpointing_steps)."""
+    checkpoints_total_limit: int | None = Field(5, ge=1)
     """Newest checkpoints to keep; null keeps all."""
 
     # optimisation
-    train_batch_size: int = Field(1, ge=1)
+    train_batch_size: int = Field(4, ge=1)
     """Samples per device per step."""
     gradient_accumulation_steps: int = Field(1, ge=1)
     """Micro-batches per optimizer step."""
-    learning_rate: float = Field(1e-4, gt=0)
+    learning_rate: float = Field(4e-7, gt=0, le=1)
     """Peak learning rate."""
-    optimizer: Literal["bnb-adamw8bit", "adamw"] = "adamw"
-    """Optimizer for the adapter weights."""
-    lr_scheduler: Literal["constant_with_warmup", "constant", "cosine"] = "constant"
+    optimizer: Literal["adamw_bf16", "optimi-adamw", "bnb-adamw8bit", "adamw"] = "adamw_bf16"
+    """Optimizer for the adapter weights (AdamW variants with SimpleTuner's defaults for each; README, Config)."""
+    lr_scheduler: Literal["constant_with_warmup", "constant", "cosine", "polynomial", "linear"] = "constant_with_warmup"
     """Learning-rate schedule."""
     lr_warmup_steps: int = Field(0, ge=0)
     """Linear warmup steps (may exceed max_train_steps)."""
-    max_grad_norm: float = Field(1.0, ge=0)
+    lr_end: float = Field(4e-7, ge=0, le=1)
+    """Final learning rate of the polynomial schedule."""
+    lr_power: float = Field(0.8, gt=0, le=100)
+    """Power of the polynomial schedule's decay."""
+    max_grad_norm: float = Field(2.0, ge=0)
     """Clipping threshold; 0 disables clipping."""
     grad_clip_method: Literal["value", "norm"] = "value"
     """Clamp each gradient element ('value') or rescale the global norm ('norm')."""
-    caption_dropout_probability: float = Field(0.0, ge=0, le=1)
+    caption_dropout_probability: float = Field(0.1, ge=0, le=1)
     """Chance a caption is replaced by the empty prompt."""
-    flow_schedule_shift: float = Field(3.0, gt=0)
+    flow_schedule_shift: float = Field(3.0, gt=0, le=100)
     """Shift s of the flow-matching sigma schedule: s*sigma / (1 + (s-1)*sigma)."""
     use_ema: bool = False
     """Keep an exponential moving average of the adapter weights."""
@@ -225,6 +247,10 @@ class TrainConfig(BaseModel):
     """Steps between EMA updates."""
     ema_decay: float = Field(0.995, gt=0, lt=1)
     """EMA decay per update."""
+    nonfinite_policy: Literal["skip", "stop"] = "skip"
+    """A step whose loss or gradient norm is NaN/inf: 'skip' undoes its update and counts it; 'stop' ends the run."""
+    max_nonfinite_steps: int = Field(50, ge=1)
+    """With nonfinite_policy skip: this many non-finite steps in a row end the run (exit code 3)."""
 
     # data
     data_backend_config: Path
@@ -237,7 +263,7 @@ class TrainConfig(BaseModel):
     """Decimal places aspect ratios are rounded to when bucketing."""
     aspect_bucket_alignment: Annotated[int, AfterValidator(_check_alignment)] = 64
     """Bucket edges snap to multiples of this many pixels."""
-    minimum_image_size: float = Field(0, ge=0)
+    minimum_image_size: Annotated[float, BeforeValidator(lambda v: 0 if v is None else v)] = Field(0, ge=0)
     """Skip images smaller than this (0 keeps all)."""
     vae_batch_size: int = Field(4, ge=1)
     """Images per VAE batch when caching latents."""
@@ -247,23 +273,35 @@ class TrainConfig(BaseModel):
     """Keep aspect buckets smaller than one batch."""
     skip_file_discovery: Annotated[str, BeforeValidator(_skip_words)] = ""
     """Discovery steps to skip: words from vae, aspect, text, metadata."""
-    compress_disk_cache: bool = False
+    compress_disk_cache: bool = True
     """Compress cached latents and embeddings on disk."""
+    vae_cache_ondemand: bool = False
+    """SimpleTuner encodes latents during training; Relay encodes each image once before training either way."""
 
     # validation
-    validation_steps: int = Field(0, ge=0)
-    """Steps between validation renders; 0 disables them."""
+    validation_step_interval: int = Field(100, ge=0)
+    """Steps between validation renders (legacy name: validation_steps); 0 disables them."""
+    validation_disable: bool = False
+    """Turn validation off whatever the interval."""
     validation_seed: int | None = None
     """Seed for validation renders; null uses seed."""
     validation_resolution: Annotated[str, BeforeValidator(_number_as_text),
-                                     AfterValidator(_check_resolutions)] = "1024x1024"
+                                     AfterValidator(_check_resolutions)] = "256"
     """Render sizes: 'WxH' or 'N', comma-separated."""
-    validation_negative_prompt: str = ""
+    validation_negative_prompt: str = "blurry, cropped, ugly"
     """Negative prompt for validation renders."""
-    validation_guidance: float = Field(7.0, ge=0)
+    validation_guidance: float = Field(7.5, ge=0, le=100)
     """Classifier-free guidance scale for validation."""
-    validation_guidance_rescale: float = Field(0.0, ge=0)
+    validation_guidance_rescale: float = Field(0.0, ge=0, le=1)
     """Guidance rescale for validation."""
+    validation_guidance_skip_layers: list[int] | None = None
+    """SD3 skip-layer guidance: transformer blocks skipped for the extra guidance pass (e.g. [7, 8, 9])."""
+    validation_guidance_skip_layers_start: float = Field(0.01, ge=0, le=1)
+    """Fraction of the sampling steps where skip-layer guidance starts."""
+    validation_guidance_skip_layers_stop: float = Field(0.2, ge=0, le=1)
+    """Fraction of the sampling steps where skip-layer guidance stops."""
+    validation_guidance_skip_scale: float = Field(2.8, ge=0, le=100)
+    """Scale of the skip-layer guidance."""
     validation_num_inference_steps: int = Field(30, ge=1)
     """Sampler steps per validation render."""
     validation_prompt: str | None = None
@@ -274,9 +312,9 @@ class TrainConfig(BaseModel):
     """Extra validation prompts: a JSON list (or name -> prompt object), or a text file of one prompt a line."""
     validation_torch_compile: bool = False
     """torch.compile the validation pipeline."""
-    validation_lycoris_strength: float = 1.0
+    validation_lycoris_strength: float = Field(1.0, ge=-10, le=10)
     """Adapter multiplier during validation."""
-    evaluation_type: Literal["clip", "none"] | None = None
+    evaluation_type: Literal["clip", "none"] | None = "none"
     """Score validation renders (CLIP score)."""
     ema_validation: Literal["none", "ema_only", "comparison"] = "comparison"
     """With use_ema: render with the EMA weights, or both for comparison."""
@@ -325,6 +363,7 @@ class TrainConfig(BaseModel):
     """The config file this was read from."""
 
     _renamed: list[tuple[str, str]] = PrivateAttr(default_factory=list)
+    _matched: list[tuple[str, Any]] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -334,6 +373,18 @@ class TrainConfig(BaseModel):
         return self
 
     @property
+    def checkpointing_steps(self) -> int:
+        """Steps between checkpoints (checkpoint_step_interval), under the name the loop reads."""
+        return self.checkpoint_step_interval
+
+    @property
+    def validation_steps(self) -> int:
+        """Steps between validations; 0 when validation is off (validation_disable, an interval of 0, or no
+        prompt at all: Relay renders only the prompts it is given)."""
+        prompts = self.validation_prompt or self.validation_prompt_library or self.validation_prompt_file
+        return 0 if self.validation_disable or not prompts else self.validation_step_interval
+
+    @property
     def validation_resolutions(self) -> list[tuple[int, int]]:
         """validation_resolution as (width, height) pairs."""
         return parse_resolutions(self.validation_resolution)
@@ -341,7 +392,10 @@ class TrainConfig(BaseModel):
     def mapping_notes(self) -> list[str]:
         """The SimpleTuner semantics this run maps explicitly, to log at start-up."""
         notes = [f"'{old}' is read as '--{new}' (renamed upstream)" for old, new in self._renamed]
-        return notes + [n for n in (rule(self) for rule in _NOTE_RULES) if n]
+        notes += [f"SimpleTuner option '--{key}={_show(value)}' is what Relay does anyway; accepted"
+                  for key, value in self._matched]
+        notes += [n for n in (rule(self) for rule in _NOTE_RULES) if n]
+        return notes + compat.default_notes(self.model_fields_set, self.__dict__)
 
     def pending_features(self) -> list[str]:
         """Settings parsed now whose feature arrives in a later issue, grouped by feature."""
@@ -379,7 +433,7 @@ def _show(value: Any) -> str:
 
 
 def _note_lycoris_dims(c: TrainConfig) -> str | None:
-    if c.lora_rank is None and c.lora_alpha is None:
+    if not {"lora_rank", "lora_alpha"} & c.model_fields_set:
         return None
     dims = (f"linear_dim={c.lycoris.linear_dim}, linear_alpha={c.lycoris.linear_alpha:g}"
             if c.lycoris else "linear_dim and linear_alpha")
@@ -405,7 +459,7 @@ def _note_benchmark(c: TrainConfig) -> str | None:
 
 
 def _note_length(c: TrainConfig) -> str | None:
-    if c.max_train_steps > 0 and c.num_train_epochs > 0:
+    if c.max_train_steps > 0 and c.num_train_epochs > 0 and "num_train_epochs" in c.model_fields_set:
         return (f"--num_train_epochs={c.num_train_epochs} is ignored: "
                 f"--max_train_steps={c.max_train_steps} sets the run length")
     return None
@@ -420,7 +474,60 @@ def _note_clipping(c: TrainConfig) -> str | None:
     return None
 
 
-_NOTE_RULES = (_note_lycoris_dims, _note_quantize, _note_benchmark, _note_length, _note_clipping)
+OPTIMIZER_NOTES = {
+    "adamw_bf16": "torch AdamW with SimpleTuner's adamw_bf16 settings (betas 0.9/0.999, eps 1e-6, weight decay "
+                  "1e-2); the adapter's weights and moments stay fp32 where SimpleTuner keeps them in bf16, so "
+                  "each update is the same AdamW step computed without bf16 rounding",
+    "optimi-adamw": "torch AdamW with SimpleTuner's optimi-adamw settings (betas 0.9/0.99, eps 1e-6, weight decay "
+                    "0); the adapter's weights are fp32, where optimi's Kahan summation does nothing, so the "
+                    "update is optimi's",
+    "adamw": "torch AdamW (SimpleTuner's torch-adamw: betas 0.9/0.999, eps 1e-8, weight decay 1e-2)",
+    "bnb-adamw8bit": "bitsandbytes AdamW8bit (betas 0.9/0.999, eps 1e-6, weight decay 1e-2, as SimpleTuner)",
+}
+
+
+def _note_optimizer(c: TrainConfig) -> str | None:
+    return f"--optimizer={c.optimizer}: {OPTIMIZER_NOTES[c.optimizer]}"
+
+
+def _note_schedule(c: TrainConfig) -> str | None:
+    if c.lr_scheduler == "constant" and c.lr_warmup_steps > 0:
+        return (f"--lr_scheduler=constant with --lr_warmup_steps={c.lr_warmup_steps} runs as constant_with_warmup, "
+                "as SimpleTuner does")
+    if c.lr_scheduler == "cosine":
+        return ("--lr_scheduler=cosine: diffusers' cosine (linear warmup over lr_warmup_steps, then half a cosine "
+                "to 0 at the last step); SimpleTuner 4.10.1's own cosine restarts every lr_warmup_steps")
+    if c.lr_scheduler == "polynomial":
+        return (f"--lr_scheduler=polynomial: warmup over {c.lr_warmup_steps} steps, then "
+                f"(lr - lr_end)·(1 - t)^{c.lr_power:g} + lr_end down to --lr_end={c.lr_end:g}")
+    return None
+
+
+def _note_vae_ondemand(c: TrainConfig) -> str | None:
+    if not c.vae_cache_ondemand:
+        return None
+    return ("--vae_cache_ondemand=true: Relay still encodes each image's latents once, before the first step, "
+            "and reuses them on resume; the latents are the same, only the time they are computed differs")
+
+
+def _note_dtype(c: TrainConfig) -> str | None:
+    if c.base_model_precision == "no_change" or c.mixed_precision == "bf16":
+        return None
+    dtype = "bf16" if c.base_model_default_dtype == "bf16" else "fp32"
+    return (f"--base_model_default_dtype={c.base_model_default_dtype}: the quantized base's other weights run in "
+            f"{dtype} on the accelerator (fp32 on the CPU)")
+
+
+def _note_init_lora(c: TrainConfig) -> str | None:
+    if c.init_lora is None:
+        return None
+    start = ("the step in its global_step metadata" if c.init_lora_step is None else f"step {c.init_lora_step}")
+    return (f"--init_lora: a fresh run starts from the adapter's weights at {start} (the LR schedule and the "
+            "step count continue from there); an existing checkpoint in output_dir takes precedence")
+
+
+_NOTE_RULES = (_note_lycoris_dims, _note_quantize, _note_benchmark, _note_length, _note_clipping, _note_optimizer,
+               _note_schedule, _note_vae_ondemand, _note_dtype, _note_init_lora)
 
 USER_KEYS: tuple[str, ...] = tuple(k for k in TrainConfig.model_fields if k not in _DERIVED)
 """Keys a config file may set (without the leading '--')."""
@@ -447,6 +554,16 @@ def cross_field_problems(values: Mapping[str, Any], bad: set[str]) -> list[str]:
     for key in ("push_to_hub", "push_checkpoints_to_hub"):
         if key not in bad and "hub_model_id" not in bad and values[key] and not values["hub_model_id"]:
             problems.append(f"'--{key}' is true but '--hub_model_id' is not set: name the Hub repository")
+    if not bad & {"lr_scheduler", "lr_end", "learning_rate"} and values["lr_scheduler"] == "polynomial" and \
+            values["lr_end"] >= values["learning_rate"]:
+        problems.append(f"'--lr_end' ({values['lr_end']:g}) must be below '--learning_rate' "
+                        f"({values['learning_rate']:g}) for the polynomial schedule to decay: lower --lr_end")
+    if not bad & {"init_lora_step", "init_lora"} and values["init_lora_step"] and values["init_lora"] is None:
+        problems.append("'--init_lora_step' needs '--init_lora': name the adapter file to continue from")
+    if not bad & {"init_lora_step", "max_train_steps"} and values["init_lora_step"] and \
+            0 < values["max_train_steps"] <= values["init_lora_step"]:
+        problems.append(f"'--init_lora_step' ({values['init_lora_step']}) must be below '--max_train_steps' "
+                        f"({values['max_train_steps']}): raise --max_train_steps, or set --init_lora_step 0 to start anew")
     return problems
 
 
@@ -461,28 +578,69 @@ def _same(key: str, a: Any, b: Any) -> bool:
     return not errors_a and not errors_b and first == second
 
 
-def _canonical(raw: Mapping[str, Any], problems: list[str]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-    """Strip '--', apply KEY_ALIASES, report unknown keys and conflicting spellings."""
+class _Read:
+    """What reading the raw keys found besides the values: renamed keys and refused-but-matching options."""
+
+    def __init__(self) -> None:
+        self.renamed: list[tuple[str, str]] = []
+        self.matched: list[tuple[str, Any]] = []
+        self.spelled: dict[str, str] = {}  # field -> the key as written, for messages
+
+    def as_written(self, problem: str) -> str:
+        """A field's problem named by the key the user wrote ('--checkpointing_steps', not its new name)."""
+        name = problem[3:].split("'", 1)[0] if problem.startswith("'--") else ""
+        written = self.spelled.get(name)
+        return problem.replace(f"'--{name}'", f"'{written}'", 1) if written and written != f"--{name}" else problem
+
+
+def _refusal(key: str, name: str, value: Any, read: _Read) -> str | None:
+    """The problem for a SimpleTuner option or value Relay refuses; None when the key may go on."""
+    if name in compat.REFUSED:
+        if compat.matches_relay(name, value):
+            read.matched.append((name, value))
+            return ""
+        return compat.refused_problem(name, f"'{key}'")
+    return compat.refused_value_problem(name, value, f"'{key}'")
+
+
+def _canonical(raw: Mapping[str, Any], problems: list[str], read: _Read) -> dict[str, Any]:
+    """Strip '--', apply the aliases, refuse what Relay does not implement, report unknown keys (with a
+    suggestion only among keys that accept the value) and conflicting spellings."""
     values: dict[str, Any] = {}
     spelled: dict[str, str] = {}
-    renamed: list[tuple[str, str]] = []
     for key, value in raw.items():
         if not isinstance(key, str):
             problems.append(f"key {key!r} is not a string")
             continue
-        name = canonical_key(key)
-        if name is None:
-            problems.append(unknown_key_problem(key, USER_KEYS, Where(dashes="--"), KEY_ALIASES))
+        bare = key.removeprefix("--")
+        if bare in compat.NEGATED_ALIASES:
+            parsed, errors = validate_field(TrainConfig, compat.NEGATED_ALIASES[bare], value, f"'{key}'")
+            bare, value = compat.NEGATED_ALIASES[bare], (not parsed if not errors else value)
+            read.renamed.append((key, bare))
+        name = canonical_key(bare) or bare
+        refusal = _refusal(key, name, value, read)
+        if refusal is not None:
+            problems.extend([refusal] if refusal else [])
             continue
-        if key.removeprefix("--") in KEY_ALIASES:
-            renamed.append((key, name))
+        if name not in USER_KEYS:
+            problems.append(unknown_key_problem(key, USER_KEYS, Where(dashes="--"), KEY_ALIASES,
+                                                fits=lambda k, v=value: not validate_field(TrainConfig, k, v, k)[1]))
+            continue
+        if bare in KEY_ALIASES:
+            read.renamed.append((key, name))
+        if isinstance(value, str) and value.strip().lower() in compat.VALUE_ALIASES.get(name, {}):
+            mapped = compat.VALUE_ALIASES[name][value.strip().lower()]
+            read.renamed.append((f"{key}={value}", f"{name}={mapped}"))
+            value = mapped
         if name in values and not _same(name, values[name], value):
             problems.append(f"'{spelled[name]}' and '{key}' both set '--{name}', to {values[name]!r} "
                             f"and {value!r}: keep only '--{name}'")
             continue
         values.setdefault(name, value)
         spelled.setdefault(name, key)
-    return values, renamed
+    for name, key in spelled.items():
+        read.spelled[name] = key if key.startswith("--") else f"--{key}" if key == name else key
+    return values
 
 
 def _resolve_files(good: dict[str, Any], base_dir: Path, problems: list[str]) -> None:
@@ -513,40 +671,83 @@ def _load_files(good: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
     return derived
 
 
+def _family_problem(values: Mapping[str, Any]) -> str | None:
+    """Another model family's config is refused in one line: none of its other keys mean anything here."""
+    family = values.get("model_family")
+    if isinstance(family, str) and family.strip().lower() != "sd3":
+        return (f"SimpleTuner model family {family!r} is not supported by Terminus Relay: "
+                f"{compat.FAMILIES_WORDS}")
+    return None
+
+
+def _flavour_problems(good: dict[str, Any], read: _Read) -> list[str]:
+    """model_flavour names the model when pretrained_model_name_or_path is unset, and must match it when both are."""
+    flavour, model = good.get("model_flavour"), good.get("pretrained_model_name_or_path")
+    if model is None:
+        if flavour is None:
+            about = (TrainConfig.model_fields["pretrained_model_name_or_path"].description or "").rstrip(".")
+            return [f"missing required key '--pretrained_model_name_or_path' ({about})"]
+        good["pretrained_model_name_or_path"] = compat.MODEL_FLAVOURS[flavour]
+        read.renamed.append((f"--model_flavour={flavour}", f"pretrained_model_name_or_path={compat.MODEL_FLAVOURS[flavour]}"))
+        return []
+    if flavour is None:
+        return []
+    hub_ids = {v.lower(): k for k, v in compat.MODEL_FLAVOURS.items()}
+    named = hub_ids.get(str(model).lower())
+    transformer = Path(model).expanduser() / "transformer" / "config.json"
+    if named is None and transformer.is_file():
+        try:
+            arch = json.loads(transformer.read_text(encoding="utf-8"))
+            named = "medium" if arch.get("dual_attention_layers") else "large"
+        except (ValueError, OSError, AttributeError):
+            named = None
+    if named is not None and named != flavour:
+        return [(f"'--model_flavour': got {flavour!r}, but '--pretrained_model_name_or_path' {model!r} is an "
+                 f"SD3.5 {named.title()} model: set --model_flavour {named!r}, or remove it")]
+    return []
+
+
 def parse_config(raw: dict[str, Any], base_dir: Path, *, overrides: Mapping[str, Any] | None = None,
                  source_path: Path | None = None) -> TrainConfig:
     """Validate a SimpleTuner-style config dict; referenced files are looked up from base_dir."""
     if not isinstance(raw, dict):
         raise ConfigError([f"the config must be a JSON object of '--key': value, got {type(raw).__name__}"],
                           source_path)
+    secrets = secrets_in(raw) | secrets_in(dict(overrides or {}))
     problems: list[str] = []
-    values, renamed = _canonical(raw, problems)
+    read = _Read()
+    values = _canonical(raw, problems, read)
     if overrides:
-        extra, renamed_too = _canonical(overrides, problems)
-        values.update(extra)
-        renamed += renamed_too
+        values.update(_canonical(overrides, problems, read))
+    if family := _family_problem(values):
+        raise ConfigError([family], source_path, secrets)
     good, errors = field_problems(TrainConfig, values, Where(dashes="--"), known=USER_KEYS)
-    problems += errors + cross_field_problems(with_defaults(TrainConfig, good), set(values) - set(good))
+    problems[:0] = _flavour_problems(good, read) if "pretrained_model_name_or_path" not in set(values) - set(good) else []
+    if good.get("lora_type", "lycoris") == "lycoris" and "lycoris_config" not in values:
+        good["lycoris_config"] = TrainConfig.model_fields["lycoris_config"].default  # SimpleTuner's default path
+    problems += [read.as_written(e) for e in errors]
+    problems += cross_field_problems(with_defaults(TrainConfig, good), set(values) - set(good))
     _resolve_files(good, Path(base_dir), problems)
     derived = _load_files(good, problems)
     if problems:
-        raise ConfigError(problems, source_path)
+        raise ConfigError(problems, source_path, secrets)
     config = TrainConfig.model_validate({**good, **derived, "source_path": source_path})
-    config._renamed = renamed
+    config._renamed, config._matched = read.renamed, read.matched
     return config
 
 
-def load_config(path: str | Path, overrides: dict[str, object] | None = None) -> TrainConfig:
+def load_config(path: str | Path, overrides: Mapping[str, object] | None = None) -> TrainConfig:
     """Read, validate and resolve a SimpleTuner-style config.json; raises ConfigError."""
     path = Path(path)
     raw, problems = read_json(path)
+    secrets = secrets_in(raw) | secrets_in(dict(overrides or {}))
     if raw is None:
-        raise ConfigError(problems, path)
+        raise ConfigError(problems, path, secrets)
     try:
         config = parse_config(raw, path.parent, overrides=overrides, source_path=path)
     except ConfigError as exc:
-        raise ConfigError(problems + exc.problems, path) from None
+        raise ConfigError(problems + exc.problems, path, secrets) from None
     if problems:
-        raise ConfigError(problems, path)
+        raise ConfigError(problems, path, secrets)
     logger.debug("loaded training config from %s", path)
     return config

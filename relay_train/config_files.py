@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -50,12 +51,17 @@ class Where:
 
 
 def unknown_key_problem(key: str, known: Iterable[str], where: Where,
-                        aliases: Mapping[str, str] | None = None) -> str:
-    """One line naming an unknown key and, when one is close, the key probably meant."""
+                        aliases: Mapping[str, str] | None = None, fits: Callable[[str], bool] | None = None) -> str:
+    """One line naming an unknown key and, when one is close, the key probably meant. With `fits`, a
+    key is suggested only if it would accept the value written (a key of the same kind): a device name
+    is never steered to a decay rate."""
     aliases = aliases or {}
     bare = key.lstrip("-")
     style = key[: len(key) - len(bare)]
-    matches = difflib.get_close_matches(bare, [*known, *aliases], n=1, cutoff=0.6)
+    candidates = [*known, *aliases]
+    if fits is not None:
+        candidates = [c for c in candidates if fits(aliases.get(c, c))]
+    matches = difflib.get_close_matches(bare, candidates, n=1, cutoff=0.6)
     text = f"unknown key '{key}'"
     if matches:
         text += f": did you mean '{style}{aliases.get(matches[0], matches[0])}'?"
@@ -131,10 +137,21 @@ def _error_line(field: FieldInfo, label: str, value: Any, error: Mapping[str, An
     if loc:
         return f"{label}{loc}: got {show_value(error['input'])}; {error['msg']}"
     if error["type"] == "value_error":
-        return f"{label}: got {got}; {str(error['ctx']['error'])}"
+        return f"{label}: got {got}; {error['ctx']['error']!s}"
     if error["type"] == "missing":
         return f"{label}: is required ({(field.description or '').rstrip('.')})"
     return f"{label}: got {got}; {expectation(field)}"
+
+
+def _finite(value: Any) -> bool:
+    """NaN and ±inf are never a sane setting (JSON's Infinity and NaN parse to them)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
 
 
 def validate_field(model: type[BaseModel], name: str, value: Any, label: str) -> tuple[Any, list[str]]:
@@ -143,10 +160,14 @@ def validate_field(model: type[BaseModel], name: str, value: Any, label: str) ->
     if isinstance(value, bool) and _numeric(field.annotation):
         return None, [f"{label}: got {value!r}; {expectation(field)}"]
     try:
-        return _adapter(model, name).validate_python(value), []
+        parsed = _adapter(model, name).validate_python(value)
     except ValidationError as exc:
         lines = [_error_line(field, label, value, e) for e in exc.errors(include_url=False)]
         return None, list(dict.fromkeys(lines))
+    if not _finite(parsed):
+        shown = show_value(value, _is_secret(field.annotation))
+        return None, [f"{label}: got {shown}; must be a finite number ({expectation(field).removeprefix('must be ')})"]
+    return parsed, []
 
 
 def field_problems(model: type[BaseModel], data: Mapping[str, Any], where: Where,
@@ -198,6 +219,8 @@ def read_json(path: Path) -> tuple[Any, list[str]]:
 
     try:
         data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=pairs)
+    except UnicodeDecodeError as exc:
+        return None, [f"{path}: is not UTF-8 text (byte {exc.start} cannot be decoded); save it as UTF-8 JSON"]
     except OSError as exc:
         return None, [f"{path}: cannot be read ({exc.strerror or exc}); check the path"]
     except json.JSONDecodeError as exc:
@@ -472,8 +495,8 @@ def _webhook_source(source: Path | SecretStr) -> tuple[Any, str, list[str]]:
     try:
         return json.loads(source.get_secret_value()), "webhook_config", []
     except json.JSONDecodeError as exc:
-        return None, "webhook_config", [f"'--webhook_config': inline JSON is not valid at line {exc.lineno} "
-                                        f"column {exc.colno}: {exc.msg}"]
+        where = f"line {exc.lineno} column {exc.colno}"
+        return None, "webhook_config", [f"'--webhook_config': inline JSON is not valid at {where}: {exc.msg}"]
 
 
 def load_webhook(source: Path | SecretStr) -> tuple[list[WebhookConfig], list[str]]:

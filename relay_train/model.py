@@ -71,8 +71,11 @@ def pick_device() -> torch.device:
 
 
 def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
-    """bf16 on the GPU when asked; the CPU always runs fp32 (bf16 matmuls there are slow and imprecise)."""
-    return torch.bfloat16 if config.mixed_precision == "bf16" and device.type == "cuda" else torch.float32
+    """bf16 on the GPU with mixed_precision bf16, or for a quantized base with base_model_default_dtype bf16
+    (SimpleTuner's weight dtype rule); the CPU always runs fp32 (bf16 matmuls there are slow and imprecise)."""
+    quantized_bf16 = config.base_model_precision != "no_change" and config.base_model_default_dtype == "bf16"
+    wants_bf16 = config.mixed_precision == "bf16" or quantized_bf16
+    return torch.bfloat16 if wants_bf16 and device.type == "cuda" else torch.float32
 
 
 @dataclass
@@ -143,8 +146,24 @@ def build_adapter_model(config: TrainConfig, model_path: Path, device: torch.dev
     return AdapterModel(transformer=transformer, network=network)
 
 
+def adapter_file_step(path: Path) -> int | None:
+    """The step an adapter file was saved at: SimpleTuner's `global_step` metadata (Relay writes it too),
+    else Relay's older `step`; None when neither is there."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = fh.metadata() or {}
+    for key in ("global_step", "step"):
+        try:
+            return int(metadata[key])
+        except (KeyError, ValueError):
+            continue
+    return None
+
+
 def load_adapter_weights(network: torch.nn.Module, path: Path) -> None:
-    """Continue from an exported adapter (--init_lora); the shapes must match the LyCORIS config."""
+    """Continue from an adapter file (--init_lora): Relay's export or SimpleTuner's, in bf16 or fp32 (the
+    values are copied into the network's fp32 weights). The shapes must match the LyCORIS config."""
     from safetensors.torch import load_file
 
     state = load_file(str(path))

@@ -170,7 +170,7 @@ def test_wrong_types_and_impossible_values_are_reported_together(workdir: Path) 
         "'--checkpointing_steps': got 0; must be an integer >= 1",
         "'--train_batch_size': got 'two'; must be an integer >= 1",
         "'--caption_dropout_probability': got 1.5; must be a number >= 0 and <= 1",
-        "'--learning_rate': got True; must be a number > 0",
+        "'--learning_rate': got True; must be a number > 0 and <= 1",
         "'--use_ema': got 'maybe'; expected true or false",
         "'--checkpoints_total_limit': got 0; must be an integer >= 1 (or null)",
         "'--max_train_steps': got -1; must be an integer >= 0",
@@ -183,8 +183,9 @@ def test_wrong_types_and_impossible_values_are_reported_together(workdir: Path) 
 
 
 def test_cross_field_problems_join_the_same_error(workdir: Path) -> None:
-    raw = minimal(**{"--max_train_steps": 0, "--push_to_hub": True, "--seed": "x"})
-    del raw["--lycoris_config"]
+    # num_train_epochs and lycoris_config have SimpleTuner's defaults (1, config/lycoris_config.json): unset them
+    raw = minimal(**{"--max_train_steps": 0, "--num_train_epochs": 0, "--push_to_hub": True, "--seed": "x",
+                     "--lycoris_config": None})
     problems = problems_of(raw, workdir)
     assert "'--seed': got 'x'; must be an integer" in problems
     assert any("'--max_train_steps' and '--num_train_epochs' are both 0" in p for p in problems)
@@ -289,7 +290,7 @@ def test_invalid_json_names_the_line(workdir: Path) -> None:
 def test_direct_construction_checks_fields_together() -> None:
     with pytest.raises(ValueError, match="both 0"):
         TrainConfig(pretrained_model_name_or_path="m", data_backend_config=Path("d.json"),
-                    lycoris_config=Path("l.json"))
+                    lycoris_config=Path("l.json"), num_train_epochs=0)
 
 
 # ---------------------------------------------------------------- secrets and reports

@@ -1,0 +1,76 @@
+"""Masking secrets in text: pure functions shared by config errors (here) and every log line
+(orchestrator/redact.py installs them on the logging system)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import SecretStr
+
+MASK = "<hidden>"
+MIN_LENGTH = 8
+"""Shorter values are not masked: real keys and tokens are longer, and masking a short word (moto's
+test credential 'testing', say) would garble ordinary text."""
+SECRET_KEY_WORDS = ("webhook", "callback_url", "token", "secret", "password", "api_key", "access_key")
+"""A config key containing one of these holds a secret (webhook_url, auth_token, aws_secret_access_key...)."""
+
+
+def plain(value: str | SecretStr | None) -> str | None:
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+def url_parts(url: str) -> list[str]:
+    """A URL and its path: error messages (urllib3's 'Max retries exceeded with url: /api/...') often
+    show the path alone, and for Discord the path carries the token."""
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    return [url, path] if len(path.strip("/")) >= MIN_LENGTH else [url]
+
+
+def mask(text: str, secrets: Iterable[str | SecretStr]) -> str:
+    """text with every secret (of at least MIN_LENGTH characters) replaced by MASK, longest first so a
+    URL is masked whole before its path is."""
+    values = {plain(s) for s in secrets}
+    for secret in sorted((v for v in values if v and len(v) >= MIN_LENGTH), key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text
+
+
+def _secret_key(key: Any) -> bool:
+    return isinstance(key, str) and any(word in key.lower() for word in SECRET_KEY_WORDS)
+
+
+def _inline_json(text: str) -> Any:
+    if text.strip()[:1] not in ("{", "["):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def secrets_in(data: Any, secret: bool = False) -> set[str]:
+    """Every secret a raw (not yet validated) config holds: the values under secret-looking keys, the
+    URLs and tokens of inline webhook JSON, and every http(s) URL written under such a key."""
+    found: set[str] = set()
+    if isinstance(data, dict):
+        for key, value in data.items():
+            found |= secrets_in(value, secret or _secret_key(key))
+    elif isinstance(data, list):
+        for item in data:
+            found |= secrets_in(item, secret)
+    elif isinstance(data, (str, SecretStr)):
+        text = plain(data) or ""
+        inline = _inline_json(text)
+        if inline is not None:
+            found |= secrets_in(inline, secret)
+            if secret:
+                found.add(text)
+        elif secret:
+            found.add(text)
+            if text.startswith(("http://", "https://")):
+                found.update(url_parts(text))
+    return {value for value in found if len(value) >= MIN_LENGTH}
