@@ -13,6 +13,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,9 @@ from relay_train.storage import FileStore
 CACHE_FORMAT = 1  # bump when the stored layout changes: every key changes with it
 SUFFIX, GZ_SUFFIX = ".safetensors", ".safetensors.gz"
 CLIP_TOKENS, T5_TOKENS = 77, 154  # the seed's dataset notes; SD3 sequence = 77 + 154 = 231
+CORRUPT_REPORT = "corrupt_cache_entries.json"  # entries found corrupt and removed, beside them
+
+log = logging.getLogger(__name__)
 
 
 def digest(data: bytes) -> str:
@@ -104,5 +109,31 @@ class TensorCache:
         self._names[key], self._sizes[key] = name, len(blob)
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
-        name = self._names.get(key, key + (GZ_SUFFIX if self.compress else SUFFIX))
-        return unpack(self.store.read(name))
+        return unpack(self.store.read(self._name(key)))
+
+    def _name(self, key: str) -> str:
+        return self._names.get(key, key + (GZ_SUFFIX if self.compress else SUFFIX))
+
+    def describe_entry(self, key: str) -> str:
+        return self.store.describe(self._name(key))
+
+    def quarantine(self, key: str, reason: str) -> None:
+        """Remove a corrupt entry (so the next plan sees it missing and encodes it again) and list it in
+        CORRUPT_REPORT. Best effort: a read-only cache keeps the entry, and the caller skips it anyway."""
+        name = self._name(key)
+        try:
+            self.store.delete(name)
+        except Exception as exc:  # noqa: BLE001 - a read-only or vanished entry: the report still says why
+            log.warning("could not remove corrupt cache entry %s: %s", self.store.describe(name), exc)
+        self._names.pop(key, None)
+        self._sizes.pop(key, None)
+        try:
+            report = json.loads(self.store.read(CORRUPT_REPORT))
+            entries = report["entries"] if isinstance(report, dict) and isinstance(report.get("entries"), list) else []
+        except (FileNotFoundError, ValueError):
+            entries = []
+        entries.append({"entry": name, "reason": reason, "removed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        try:
+            self.store.write(CORRUPT_REPORT, json.dumps({"entries": entries[-1000:]}, indent=2).encode())
+        except Exception as exc:  # noqa: BLE001 - the warning in the log already names the entry
+            log.warning("could not write %s: %s", self.store.describe(CORRUPT_REPORT), exc)

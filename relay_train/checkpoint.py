@@ -1,21 +1,28 @@
-"""Checkpoints: what one holds, how it is written (manifest last, then an atomic rename), how it is
-verified and read back, and the local store that keeps the newest N.
+"""Checkpoints: what one holds, how it is written (manifest last, fsync, then an atomic rename), how it
+is verified and read back, the local store that keeps the newest N, and the lock that keeps one run
+per output_dir.
 
-A checkpoint is complete only when manifest.json is present and every file it lists has the
-listed size and sha256. Anything else is never loaded.
+A checkpoint is complete only when manifest.json is present, is well-formed (the schema below), agrees
+with its folder's name, and every file it lists has the listed size and sha256. Anything else is
+never loaded.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import shutil
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol, Self
 
 import numpy as np
 import torch
@@ -28,10 +35,21 @@ ADAPTER, ADAPTER_EMA = "adapter.safetensors", "adapter_ema.safetensors"
 OPTIMIZER, SCHEDULER, RNG = "optimizer.pt", "scheduler.pt", "rng_state.pt"
 TRAINING_STATE, CONFIG = "training_state.json", "config.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+REQUIRED = (ADAPTER, OPTIMIZER, SCHEDULER, RNG, TRAINING_STATE, CONFIG)  # ADAPTER_EMA only with use_ema
+MANIFEST_FORMAT = 1
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is incomplete, corrupt, or does not belong to this run."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); the earlier checkpoints are intact."""
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds this output_dir."""
 
 
 @dataclass
@@ -102,8 +120,58 @@ def write_checkpoint(folder: Path, payload: CheckpointPayload) -> None:
         for p in sorted(folder.iterdir())
         if p.name != MANIFEST
     }
-    manifest = {"format": 1, "step": payload.step, "files": files}
+    manifest = {"format": MANIFEST_FORMAT, "step": payload.step, "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    # Durability: the data and the folder's entries reach the disk before the caller renames the folder,
+    # so a power loss cannot leave a renamed checkpoint whose files are empty. One fsync per file
+    # (8 files, every checkpointing_steps): milliseconds on a local SSD.
+    for path in folder.iterdir():
+        fsync_path(path)
+    fsync_path(folder)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a folder (its entries: names created, renamed or removed in it)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def manifest_problems(manifest: object, folder_name: str | None = None) -> list[str]:
+    """Schema of manifest.json, cross-checked with the folder's name ("checkpoint-N" must say step N).
+    Pure: every problem found, empty when the manifest is well-formed."""
+    if not isinstance(manifest, dict):
+        return [f"the manifest is a JSON {type(manifest).__name__}, expected an object"]
+    problems = []
+    if manifest.get("format") != MANIFEST_FORMAT:
+        problems.append(f"format {manifest.get('format')!r}: expected {MANIFEST_FORMAT}")
+    step = manifest.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        problems.append(f"step {step!r}: expected a whole number >= 0")
+    else:
+        named = _NAME.match(folder_name or "")
+        if named and int(named.group(1)) != step:
+            problems.append(f"step {step} disagrees with the folder's name {folder_name!r}")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return problems + [f"files: expected an object of file name -> {{size, sha256}}, got {type(files).__name__}"]
+    for name, entry in files.items():
+        if not name or "/" in name or "\\" in name or name in (".", "..") or name == MANIFEST:
+            problems.append(f"files: {name!r} is not a plain file name")
+        elif not isinstance(entry, dict):
+            problems.append(f"files[{name!r}]: expected {{size, sha256}}, got {type(entry).__name__}")
+        else:
+            size, sha = entry.get("size"), entry.get("sha256")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                problems.append(f"files[{name!r}].size {size!r}: expected a whole number >= 0")
+            if not isinstance(sha, str) or not _SHA256.match(sha):
+                problems.append(f"files[{name!r}].sha256 {sha!r}: expected 64 hex digits")
+    missing = [name for name in REQUIRED if name not in files]
+    if missing:
+        problems.append(f"files: {', '.join(missing)} not listed")
+    return problems
 
 
 def verify_checkpoint(folder: Path, check_hashes: bool = True) -> dict:
@@ -115,10 +183,12 @@ def verify_checkpoint(folder: Path, check_hashes: bool = True) -> dict:
         raise CheckpointError(f"{folder}: no {MANIFEST} (the write never finished)")
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError) as exc:
+    except (ValueError, OSError) as exc:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{folder}: unreadable {MANIFEST}: {exc}") from exc
-    for name, entry in files.items():
+    problems = manifest_problems(manifest, folder.name)
+    if problems:
+        raise CheckpointError(f"{folder}: malformed {MANIFEST}: {'; '.join(problems)}")
+    for name, entry in manifest["files"].items():
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{folder}: {name} is listed in the manifest but missing")
@@ -130,21 +200,38 @@ def verify_checkpoint(folder: Path, check_hashes: bool = True) -> dict:
 
 
 def read_checkpoint(folder: Path) -> CheckpointPayload:
+    """Verify, then load. A file that matches its hash yet does not parse (or a training state that
+    names another step) is a CheckpointError naming the file, never a raw loader error."""
     manifest = verify_checkpoint(folder)
     from safetensors import safe_open
 
-    with safe_open(str(folder / ADAPTER), framework="pt") as fh:
-        metadata = fh.metadata() or {}
+    def load(name: str, reader):
+        try:
+            return reader(folder / name)
+        except Exception as exc:  # any loader failure means this file is unusable
+            raise CheckpointError(f"{folder}: {name} does not load: {type(exc).__name__}: {str(exc)[:200]}") from exc
+
+    def adapter_metadata(path: Path) -> dict[str, str]:
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.metadata() or {}
+
+    def tensors(path: Path) -> dict:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    training_state = load(TRAINING_STATE, lambda p: json.loads(p.read_text()))
+    if not isinstance(training_state, dict) or training_state.get("step") != manifest["step"]:
+        got = training_state.get("step") if isinstance(training_state, dict) else training_state
+        raise CheckpointError(f"{folder}: {TRAINING_STATE} says step {got!r}, the manifest step {manifest['step']}")
     return CheckpointPayload(
         step=manifest["step"],
-        adapter=load_file(str(folder / ADAPTER)),
-        adapter_metadata=metadata,
-        ema=load_file(str(folder / ADAPTER_EMA)) if (folder / ADAPTER_EMA).is_file() else None,
-        optimizer=torch.load(folder / OPTIMIZER, map_location="cpu", weights_only=True),
-        scheduler=torch.load(folder / SCHEDULER, map_location="cpu", weights_only=True),
-        rng=torch.load(folder / RNG, map_location="cpu", weights_only=True),
-        training_state=json.loads((folder / TRAINING_STATE).read_text()),
-        config_json=(folder / CONFIG).read_text(),
+        adapter=load(ADAPTER, lambda p: load_file(str(p))),
+        adapter_metadata=load(ADAPTER, adapter_metadata),
+        ema=load(ADAPTER_EMA, lambda p: load_file(str(p))) if ADAPTER_EMA in manifest["files"] else None,
+        optimizer=load(OPTIMIZER, tensors),
+        scheduler=load(SCHEDULER, tensors),
+        rng=load(RNG, tensors),
+        training_state=training_state,
+        config_json=load(CONFIG, lambda p: p.read_text()),
     )
 
 
@@ -179,10 +266,21 @@ class LocalCheckpointStore:
         final = self.root / f"checkpoint-{payload.step}"
         partial = self.root / f"checkpoint-{payload.step}.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        write_checkpoint(partial, payload)
+        try:
+            write_checkpoint(partial, payload)
+        except BaseException as exc:  # a full disk, or an interrupt: never leave a half-written folder
+            free = _free_bytes(self.root)
+            shutil.rmtree(partial, ignore_errors=True)
+            if isinstance(exc, Exception) and (_is_disk_full(exc) or free < _MIN_FREE):
+                raise CheckpointWriteError(
+                    f"no space left to write {partial.name} in {self.root} ({_human(free)} free when it failed); "
+                    "the partial folder was removed and the earlier checkpoints are intact: free some space, then "
+                    "run the same command to resume") from exc
+            raise
         if final.exists():  # the same step saved again (an emergency save right after a scheduled one)
             shutil.rmtree(final)
         partial.rename(final)  # atomic on one filesystem: readers see all of it or none
+        fsync_path(self.root)  # the rename itself is durable
         self.prune()
         return final
 
@@ -191,13 +289,28 @@ class LocalCheckpointStore:
         found = [p for p in self.root.glob("checkpoint-*") if checkpoint_step(p) is not None and (p / MANIFEST).is_file()]
         return sorted(found, key=checkpoint_step, reverse=True)
 
-    def latest(self) -> Path | None:
-        for folder in self.checkpoints():
+    def scan(self) -> list[tuple[Path, str | None]]:
+        """Every `checkpoint-N` folder, newest first, with why it cannot be resumed (None: usable). Checks
+        hashes until the first usable one; older ones are only listed."""
+        folders = sorted((p for p in self.root.glob("checkpoint-*") if checkpoint_step(p) is not None and p.is_dir()),
+                         key=checkpoint_step, reverse=True)
+        found: list[tuple[Path, str | None]] = []
+        for folder in folders:
+            if any(reason is None for _, reason in found):
+                found.append((folder, None))
+                continue
             try:
                 verify_checkpoint(folder)
-                return folder
+                found.append((folder, None))
             except CheckpointError as exc:
-                log.warning("skipping incomplete checkpoint: %s", exc)
+                found.append((folder, str(exc).removeprefix(f"{folder}: ")))
+        return found
+
+    def latest(self) -> Path | None:
+        for folder, reason in self.scan():
+            if reason is None:
+                return folder
+            log.warning("skipping checkpoint %s: %s", folder, reason)
         return None
 
     def prune(self) -> list[Path]:
@@ -208,3 +321,80 @@ class LocalCheckpointStore:
         for stale in self.root.glob("checkpoint-*.partial"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a crash mid-write; never loadable
         return [by_step[s] for s in pruned]
+
+
+_MIN_FREE = 16 << 20  # a write that failed with less than this free is reported as a full disk
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain, or the loaders' own words for it (torch's zip writer says only
+    "file write failed"; safetensors says StorageFull)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(words in str(exc) for words in ("No space left", "StorageFull", "QuotaExceeded")):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+class RunLock:
+    """An exclusive lock on one output_dir for the life of a run (fcntl.flock on `.relay-train.lock`).
+
+    The kernel drops the lock when the process exits, however it exits (kill -9 included), so a crash
+    never leaves a stale lock. The file holds the holder's pid and host for the refusal message.
+    (flock over NFS is per host: it does not exclude a second run on another machine.)"""
+
+    NAME = ".relay-train.lock"
+
+    def __init__(self, folder: Path):
+        self.folder, self.path = Path(folder), Path(folder) / self.NAME
+        self._fh: IO[str] | None = None
+
+    def acquire(self) -> Self:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise RunLockedError(f"output_dir {self.folder} is a file, not a folder: point output_dir at a folder")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")  # noqa: SIM115 (held for the run) never truncate before holding the lock: the holder's details live there
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise RunLockedError(f"output_dir {self.folder} is in use by another `relay train` ({holder}); "
+                                 "wait for it to finish, stop it, or choose another output_dir") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> Self:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -29,25 +29,41 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
     return overrides
 
 
-class StopOnSignal:
-    """SIGINT/SIGTERM ask the loop to checkpoint and return at the next step boundary; a second one kills."""
+# `relay train`'s exit codes (README, "Commands"). 1 is left to Python: an unexpected error, with its traceback.
+EXIT_OK, EXIT_USAGE, EXIT_NONFINITE, EXIT_LOCKED, EXIT_DISK_FULL, EXIT_INTERRUPTED = 0, 2, 3, 4, 5, 130
 
-    def __init__(self) -> None:
-        self.requested = False
+
+class StopOnSignal:
+    """SIGINT/SIGTERM ask the loop to checkpoint and return at the next step boundary.
+
+    A second signal while that checkpoint is being written only says so: the write finishes, then the
+    run stops (a third abandons it: the partial folder is removed, the previous checkpoint stays). A
+    second signal before the checkpoint began aborts at once (exit 130) without writing anything."""
+
+    def __init__(self, is_saving: Callable[[], bool] = lambda: False) -> None:
+        self.requested, self.is_saving, self.pressed_while_saving = False, is_saving, 0
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("signal %d: checkpointing at the next step boundary (send again to abort)", signum)
+        if not self.requested:
+            self.requested = True
+            log.warning("signal %d: checkpointing at the next step boundary, then stopping (send again to abort)",
+                        signum)
+            return
+        if self.is_saving() and not self.pressed_while_saving:
+            self.pressed_while_saving += 1
+            log.warning("signal %d: still writing the checkpoint; stopping as soon as it is complete (send once more "
+                        "to abandon it: the previous checkpoint stays)", signum)
+            return
+        raise KeyboardInterrupt
 
     def __call__(self, step: int) -> bool:
         return self.requested
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from relay_train.checkpoint import RunLock
     from relay_train.config import load_config
     from relay_train.progress import ProgressDisplay
     from relay_train.trainer import Hooks, build_trainer
@@ -57,17 +73,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         log.info("config: %s", note)
     for warning in config.pending_features():
         log.warning("config: %s", warning)
-    hooks = Hooks(should_stop=StopOnSignal())
-    trainer = build_trainer(config, hooks=hooks)
-    with ProgressDisplay(trainer.total_steps, start_step=trainer.step) as progress:
-        hooks.on_step = progress
-        result = trainer.fit()
+    stop = StopOnSignal()
+    hooks = Hooks(should_stop=stop)
+    with RunLock(config.output_dir):  # one run per output_dir, held until this process ends
+        trainer = build_trainer(config, hooks=hooks)
+        stop.is_saving = lambda: trainer.saving
+        with ProgressDisplay(trainer.total_steps, start_step=trainer.step) as progress:
+            hooks.on_step = progress
+            result = trainer.fit()
     if result.stopped_early:
         log.warning("stopped at step %d/%d; %s holds everything. Run the same command to resume.",
                     result.step, result.total_steps, result.last_checkpoint)
-        return 0
+        return EXIT_OK
     log.info("done: %d steps; adapter: %s", result.step, ", ".join(map(str, result.exported)))
-    return 0
+    return EXIT_OK
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -150,9 +169,14 @@ def configure_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None, extend: Callable[[argparse._SubParsersAction], None] | None = None) -> int:
-    from relay_train.checkpoint import CheckpointError
+    from relay_train.checkpoint import (
+        CheckpointError,
+        CheckpointWriteError,
+        RunLockedError,
+    )
     from relay_train.config import ConfigError
     from relay_train.model import ModelNotFoundError
+    from relay_train.nonfinite import NonFiniteError
 
     args = build_parser(extend).parse_args(argv)
     configure_logging(args.verbose)
@@ -162,7 +186,20 @@ def main(argv: list[str] | None = None, extend: Callable[[argparse._SubParsersAc
         log.error("invalid config:\n%s", exc)
     except (ModelNotFoundError, CheckpointError, FileNotFoundError, NotImplementedError, ValueError) as exc:
         log.error("%s", exc, exc_info=args.verbose)
-    return 2
+    except NonFiniteError as exc:
+        log.error("training stopped: %s", exc, exc_info=args.verbose)
+        return EXIT_NONFINITE
+    except RunLockedError as exc:
+        log.error("%s", exc)
+        return EXIT_LOCKED
+    except CheckpointWriteError as exc:
+        log.error("%s", exc, exc_info=args.verbose)
+        return EXIT_DISK_FULL
+    except KeyboardInterrupt:
+        log.error("interrupted before a checkpoint was complete: nothing was lost beyond the steps since the newest "
+                  "complete checkpoint, which is kept; run the same command to resume from it")
+        return EXIT_INTERRUPTED
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ loads a text encoder or the VAE.
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,13 @@ import torch
 from PIL import Image
 
 from relay_train.buckets import Bucket, bucket_for
-from relay_train.caches import TensorCache, component_fingerprint, latent_key, text_key
+from relay_train.caches import (
+    CORRUPT_REPORT,
+    TensorCache,
+    component_fingerprint,
+    latent_key,
+    text_key,
+)
 from relay_train.config import DataBackendConfig, TrainConfig
 from relay_train.discovery import ImageRecord, discover, report_problems
 from relay_train.storage import FileStore, cache_store, image_store
@@ -75,7 +82,12 @@ class DatasetPlan:
 
 
 class EncodedDataset:
-    """Samples by bucket; `batch` reads their cache entries (in parallel, for S3)."""
+    """Samples by bucket; `batch` reads their cache entries (in parallel, for S3).
+
+    A cache entry that does not decode (truncated, corrupted) never ends the run: it is reported with
+    its name, removed from the cache so that the next start encodes it again, and every sample that
+    uses it is replaced, for the rest of this run, by the next usable sample of its bucket (so batch
+    shapes, and the data order of every other sample, are unchanged on every rank)."""
 
     def __init__(self, buckets: dict[Bucket, list[SampleRef]], latent_caches: list[TensorCache], text_cache: TensorCache,
                  empty_key: str, memory_budget: int = MEMORY_BUDGET, stats: BuildStats | None = None) -> None:
@@ -85,33 +97,85 @@ class EncodedDataset:
                     for refs in buckets.values() for r in refs)
         self._memo: dict[tuple[int, str], dict[str, torch.Tensor]] | None = {} if total <= memory_budget else None
         self._pool = ThreadPoolExecutor(max_workers=8)
-        empty = self._read(-1, empty_key)
+        self.bad: set[tuple[int, str]] = set()  # (backend, key) of entries found corrupt; -1 is the text cache
+        try:
+            empty = self._read(-1, empty_key)
+        except CorruptEntryError as exc:
+            self._report(exc)
+            raise ValueError(f"{exc}; it was removed: run again to encode it anew") from exc
         self.empty_prompt_embeds, self.empty_pooled_embeds = empty["prompt_embeds"], empty["pooled_embeds"]
 
     def bucket_sizes(self) -> dict[Bucket, int]:
         return {b: len(refs) for b, refs in self.buckets.items()}
 
     def batch(self, bucket: Bucket, indices: list[int]) -> BucketTensors:
-        refs = [self.buckets[bucket][i] for i in indices]
-        wanted = [(r.backend, r.latent) for r in refs] + [(-1, r.text) for r in refs]
-        if self._memo is not None and all(k in self._memo for k in wanted):
-            entries = [self._memo[k] for k in wanted]
-        else:  # each read is a GET on S3: overlap them
-            entries = list(self._pool.map(lambda k: self._read(*k), wanted))
+        while True:  # ends: each pass either reads every entry or marks at least one more entry bad
+            refs = [self._usable(bucket, i) for i in indices]
+            wanted = [(r.backend, r.latent) for r in refs] + [(-1, r.text) for r in refs]
+            if self._memo is not None and all(k in self._memo for k in wanted):
+                entries = [self._memo[k] for k in wanted]
+                break
+            # each read is a GET on S3: overlap them
+            results = list(self._pool.map(self._try_read, wanted))
+            failed = [r for r in results if isinstance(r, CorruptEntryError)]
+            if not failed:
+                entries = results
+                break
+            for exc in failed:
+                if (exc.backend, exc.key) not in self.bad:
+                    self.bad.add((exc.backend, exc.key))
+                    self._report(exc)
         latents, texts = entries[: len(refs)], entries[len(refs):]
         return BucketTensors(torch.stack([e["latents"] for e in latents]),
                              torch.stack([e["prompt_embeds"] for e in texts]),
                              torch.stack([e["pooled_embeds"] for e in texts]))
 
+    def _usable(self, bucket: Bucket, index: int) -> SampleRef:
+        """The sample, or (when one of its entries is corrupt) the next usable one of its bucket."""
+        refs = self.buckets[bucket]
+        for step in range(len(refs)):
+            ref = refs[(index + step) % len(refs)]
+            if (ref.backend, ref.latent) not in self.bad and (-1, ref.text) not in self.bad:
+                return ref
+        raise ValueError(f"every sample of aspect bucket {bucket[0]}x{bucket[1]} has a corrupt cache entry (see the "
+                         "warnings above; they were removed): run again, or `relay precompute`, to encode them anew")
+
+    def _try_read(self, item: tuple[int, str]) -> dict[str, torch.Tensor] | CorruptEntryError:
+        try:
+            return self._read(*item)
+        except CorruptEntryError as exc:
+            return exc
+
     def _read(self, backend: int, key: str) -> dict[str, torch.Tensor]:
         if self._memo is not None and (backend, key) in self._memo:
             return self._memo[(backend, key)]
         cache = self.text_cache if backend < 0 else self.latent_caches[backend]
-        # Stored in the encoder's dtype (bf16 on a GPU); the step gets fp32 and autocasts itself.
-        entry = {k: v.float() for k, v in cache.get(key).items()}
+        try:
+            # Stored in the encoder's dtype (bf16 on a GPU); the step gets fp32 and autocasts itself.
+            entry = {k: v.float() for k, v in cache.get(key).items()}
+        except Exception as exc:  # truncated gzip, a bad safetensors header, a vanished file...
+            raise CorruptEntryError(backend, key, cache.describe_entry(key),
+                                    f"{type(exc).__name__}: {str(exc)[:120]}") from exc
         if self._memo is not None:
             self._memo[(backend, key)] = entry
         return entry
+
+    def _report(self, exc: CorruptEntryError) -> None:
+        cache = self.text_cache if exc.backend < 0 else self.latent_caches[exc.backend]
+        users = sum(1 for refs in self.buckets.values() for r in refs
+                    if (r.backend, r.latent) == (exc.backend, exc.key) or (exc.backend < 0 and r.text == exc.key))
+        log.warning("%s; %d sample(s) use it and are skipped this run (replaced by another of their bucket); the entry "
+                    "is removed so that the next start encodes it again (report: %s)", exc, users,
+                    cache.store.describe(CORRUPT_REPORT))
+        cache.quarantine(exc.key, exc.reason)
+
+
+class CorruptEntryError(RuntimeError):
+    """A cache entry that exists but does not decode."""
+
+    def __init__(self, backend: int, key: str, name: str, reason: str) -> None:
+        super().__init__(f"cache entry {name} is corrupt ({reason})")
+        self.backend, self.key, self.name, self.reason = backend, key, name, reason
 
 
 # ---------------------------------------------------------------- planning
@@ -159,6 +223,43 @@ def target_bucket(record: ImageRecord, config: TrainConfig, backend: DataBackend
                       config.aspect_bucket_alignment)
 
 
+@dataclass(frozen=True)
+class ModelLimits:
+    """The largest bucket side, in pixels, the transformer takes: its position embedding covers
+    pos_embed_max_size patches per side, a patch is patch_size latents, a latent is vae_scale pixels
+    (diffusers' SD3 pipeline: 2 ** (len(vae block_out_channels) - 1))."""
+
+    pos_embed_max_size: int
+    patch_size: int
+    vae_scale: int
+
+    @property
+    def max_side(self) -> int:
+        return self.pos_embed_max_size * self.patch_size * self.vae_scale
+
+    @classmethod
+    def of(cls, model_path: Path) -> ModelLimits | None:
+        """From the model's transformer/ and vae/ config.json; None when the model sets no limit."""
+        try:
+            transformer = json.loads((Path(model_path) / "transformer" / "config.json").read_text())
+            vae = json.loads((Path(model_path) / "vae" / "config.json").read_text())
+        except (OSError, ValueError):
+            log.debug("no transformer/vae config under %s: bucket sizes are not checked against the model", model_path)
+            return None
+        if not transformer.get("pos_embed_max_size") or "patch_size" not in transformer:
+            return None
+        return cls(int(transformer["pos_embed_max_size"]), int(transformer["patch_size"]),
+                   2 ** (len(vae.get("block_out_channels", [0])) - 1))
+
+    def problem(self, bucket: Bucket) -> str | None:
+        width, height = bucket
+        if max(width, height) <= self.max_side:
+            return None
+        return (f"too big for the model: its bucket {width}x{height} (aspect {max(width, height) / min(width, height):.1f}:1) "
+                f"has a side over {self.max_side} px, the transformer's limit (pos_embed_max_size "
+                f"{self.pos_embed_max_size} x patch_size {self.patch_size} x VAE scale {self.vae_scale})")
+
+
 def _skip_words(config: TrainConfig, backend: DataBackendConfig) -> set[str]:
     return set(config.skip_file_discovery.split()) | set(backend.skip_file_discovery.replace(",", " ").split())
 
@@ -172,6 +273,7 @@ def plan_dataset(config: TrainConfig, model_path: Path) -> DatasetPlan:
     empty_key = text_key("", text_fp)
     plan = DatasetPlan(config, backends, [], text_cache, defaultdict(list), {}, {empty_key: ""}, empty_key)
     skip_text = False
+    limits = ModelLimits.of(model_path)
     for index, backend in enumerate(backends):
         store, cache = image_store(backend), vae_cache_store(config, backend)
         plan.latent_caches.append(TensorCache(cache, config.compress_disk_cache))
@@ -179,6 +281,11 @@ def plan_dataset(config: TrainConfig, model_path: Path) -> DatasetPlan:
         skip_text |= "text" in skip
         found = discover(backend, store, cache, backend.minimum_image_size or config.minimum_image_size,
                          trust_index=bool(skip & {"metadata", "aspect"}))
+        if limits is not None:  # an image whose bucket the transformer cannot embed would end the run at its batch
+            too_big = {r.key: reason for r in found.records
+                       if (reason := limits.problem(target_bucket(r, config, backend)))}
+            found.records = [r for r in found.records if r.key not in too_big]
+            found.problems += sorted(too_big.items())
         report_problems(backend, store, cache, found.problems, config.delete_problematic_images)
         plan.problems += len(found.problems)
         if not found.records:

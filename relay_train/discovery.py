@@ -1,7 +1,8 @@
 """File discovery for one image backend: which images train, with what caption and size.
 
-Every image is read and fully decoded once, so corrupt, truncated and zero-byte files are caught
-here, not in the middle of training. What was learnt (content hash, size, caption, or why the file
+Every image is read and fully decoded once, so corrupt, truncated and zero-byte files, and images
+over the decoder's pixel limit, are caught here, not in the middle of training (any exception at the
+per-image boundary is a reason, never the end of the run). What was learnt (content hash, size, caption, or why the file
 is unusable) goes into `index.json` in the backend's VAE cache folder, keyed by each file's stamp
 (mtime+size locally, ETag on S3): a later run with unchanged files lists the folder and reads
 nothing else. Bad files are skipped, counted and listed in `problematic_images.json` beside it.
@@ -48,21 +49,38 @@ class Discovery:
     files_read: int = 0  # images downloaded and decoded this time (0 on a warm start)
 
 
-def inspect_image(data: bytes) -> tuple[tuple[int, int] | None, str | None]:
+def inspect_image(data: bytes, max_pixels: int | None = None) -> tuple[tuple[int, int] | None, str | None]:
     """(size, None) for a usable image, (None, reason) otherwise. Decodes fully: verify() alone
-    passes truncated JPEGs."""
+    passes truncated JPEGs. Images over `max_pixels` (default: Pillow's MAX_IMAGE_PIXELS, its guard
+    against decompression bombs) are rejected from the header, before any pixel is decoded."""
     if not data:
         return None, "empty file"
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            if limit and width * height > limit:
+                return None, _too_many_pixels(width, height, limit)
             im.load()
             return im.size, None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        return None, f"too many pixels ({str(exc)[:120]})"
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is this file's problem, never the run's
+        if isinstance(exc, UnidentifiedImageError):
+            return None, "unreadable (not an image Pillow can identify)"
         return None, f"unreadable ({exc.__class__.__name__}: {str(exc)[:80]})"
 
 
+def _too_many_pixels(width: int, height: int, limit: int) -> str:
+    return (f"too many pixels ({width}x{height} = {width * height:,}, over the decoder's limit of {limit:,}: "
+            "Pillow's MAX_IMAGE_PIXELS, a guard against decompression bombs)")
+
+
 def _probe(store: FileStore, info: FileInfo) -> dict[str, Any]:
-    data = store.read(info.key)
+    try:
+        data = store.read(info.key)
+    except Exception as exc:  # noqa: BLE001 - a file that cannot be read is skipped, and probed again next start
+        return {"stamp": None, "error": f"could not be read ({exc.__class__.__name__}: {str(exc)[:80]})"}
     size, error = inspect_image(data)
     entry: dict[str, Any] = {"stamp": info.stamp, "digest": digest(data)}
     return entry | ({"error": error} if error else {"size": list(size)})
@@ -169,7 +187,8 @@ def _size_problem(size: list[int], minimum: float) -> str | None:
 
 
 def problem_kind(reason: str) -> str:
-    for kind in ("empty file", "unreadable", "no caption"):
+    for kind in ("empty file", "unreadable", "no caption", "too many pixels", "too big for the model",
+                 "could not be read"):
         if reason.startswith(kind):
             return kind
     return "too small"

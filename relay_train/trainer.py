@@ -17,8 +17,10 @@ from relay_train.buckets import BucketBatchSampler
 from relay_train.config import TrainConfig
 from relay_train.data import EncodedDataset, encode_dataset
 from relay_train.model import AdapterModel, build_adapter_model, compute_dtype, pick_device, resolve_model_path
+from relay_train.nonfinite import NonFiniteError, StepGuard, nonfinite_tensors
 from relay_train.parallel import shard_of
 from relay_train.optim import AdapterEMA, build_optimizer, build_scheduler, clip_gradients
+from relay_train.resume import ConfigChange, classify_config_changes, refusal_message
 from relay_train.step import train_step
 
 log = logging.getLogger(__name__)
@@ -148,6 +150,13 @@ class Trainer:
         self.optimizer = self.update.optimizer  # the scheduler drives its lr
         self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
         self.ema = AdapterEMA(model.network, config.ema_decay) if config.use_ema else None
+        # Non-finite steps (relay_train/nonfinite.py): undone on the device under policy skip, counted in
+        # `nonfinite` (not yet read by the host, in a row) and read at the loop's existing host syncs.
+        self.guard = StepGuard(self.optimizer, self.params, undo=config.nonfinite_policy == "skip",
+                               use_loss=world_size == 1)
+        self.nonfinite = torch.zeros(2, device=device)
+        self.nonfinite_total = 0
+        self.saving = False  # a checkpoint is being gathered or written (the CLI's second Ctrl-C asks)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.resumed_at: list[int] = []  # every step this run resumed at, carried through checkpoints
@@ -165,7 +174,7 @@ class Trainer:
             rng=ckpt.capture_rng(self.generator),
             training_state={"step": self.step, "total_steps": self.total_steps, "sampler": self.sampler.state_dict(),
                             "world_size": self.world_size, "resumed_at": self.resumed_at,
-                            "saved_at": time.time()},
+                            "nonfinite_steps": self.nonfinite_total, "saved_at": time.time()},
             config_json=self.config.resolved_json(),
         )
 
@@ -173,35 +182,135 @@ class Trainer:
         return {k: v.detach().cpu().contiguous() for k, v in self.model.network.state_dict().items()}
 
     def restore(self, folder: Path) -> None:
+        """Continue from a checkpoint, after checking this run may (relay_train/resume.py): refused config
+        changes are one CheckpointError listing them all; allowed and warned ones are applied and logged."""
         state = ckpt.read_checkpoint(folder)
-        self.model.network.load_state_dict(state.adapter)
-        if self.ema is not None:
-            if state.ema is None:
-                raise ckpt.CheckpointError(f"{folder}: use_ema is on but the checkpoint has no EMA adapter")
-            self.ema.load_state_dict(state.ema)
-        self.update.load_consolidated_state_dict(state.optimizer)  # after the adapter (ZeRO refreshes from it)
-        self.scheduler.load_state_dict(state.scheduler)
-        self.sampler.load_state_dict(state.training_state["sampler"])
-        ckpt.restore_rng(state.rng, self.generator)
+        lr_changed = self._check_resume(folder, state)
+        sampler = state.training_state.get("sampler")
+        try:
+            self.model.network.load_state_dict(state.adapter)
+            if self.ema is not None:
+                if state.ema is None:
+                    raise ckpt.CheckpointError(f"{folder}: use_ema is on but the checkpoint has no EMA adapter")
+                self.ema.load_state_dict(state.ema)
+            self.update.load_consolidated_state_dict(state.optimizer)  # after the adapter (ZeRO refreshes from it)
+            self.scheduler.load_state_dict(state.scheduler)
+            if not isinstance(sampler, dict):
+                raise TypeError(f"{ckpt.TRAINING_STATE} has no sampler state")
+            self.sampler.load_state_dict(sampler)
+            ckpt.restore_rng(state.rng, self.generator)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            if isinstance(exc, ckpt.CheckpointError):
+                raise
+            raise ckpt.CheckpointError(f"{folder}: its state does not fit this run ({type(exc).__name__}: "
+                                       f"{str(exc)[:300]})") from exc
+        if lr_changed:
+            self._apply_learning_rate()
         self.step = state.step
         self.resumed_at = [*state.training_state.get("resumed_at", []), self.step]
+        self.nonfinite_total = int(state.training_state.get("nonfinite_steps", 0))
         log.info("resumed from %s at step %d/%d", folder, self.step, self.total_steps)
 
+    def _check_resume(self, folder: Path, state: ckpt.CheckpointPayload) -> bool:
+        """Classify every difference between the checkpoint's saved config and this run's; refuse, warn
+        or log each. Returns whether learning_rate changed (the restored optimizer must be told)."""
+        try:
+            saved = json.loads(state.config_json)
+            assert isinstance(saved, dict)
+        except (ValueError, AssertionError) as exc:
+            raise ckpt.CheckpointError(f"{folder}: {ckpt.CONFIG} is not a JSON object of settings") from exc
+        defaults = {k: json.loads(json.dumps(f.default, default=str)) for k, f in TrainConfig.model_fields.items()
+                    if not f.is_required() and f.default_factory is None}
+        changes = classify_config_changes(saved, self.config.resolved_dict(), state.step, defaults)
+        refused = [c for c in changes if c.verdict == "refused"]
+        if self.total_steps < state.step and not any(c.key == "max_train_steps" for c in refused):
+            refused.append(ConfigChange("total steps", state.step, self.total_steps, "refused",
+                                        "the run would end before the checkpoint's step: raise max_train_steps "
+                                        "or num_train_epochs"))
+        if refused:
+            raise ckpt.CheckpointError(refusal_message(str(folder), refused))
+        for change in changes:
+            if change.verdict == "allowed":
+                log.info("resume: %s: applied", change.describe())
+            else:
+                log.warning("resume: %s", change.describe())
+        return any(c.key == "learning_rate" for c in changes)
+
+    def _apply_learning_rate(self) -> None:
+        """The restored optimizer and schedule carry the checkpoint's learning rate; set this run's, at the
+        schedule's current position, so the config saved with the next checkpoint is the one that ran."""
+        lr, scheduler = self.config.learning_rate, self.scheduler
+        scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = lr
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        if lambdas:  # LambdaLR: lr = base · λ(step), as its step() computes it
+            current = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, lambdas)]
+            for group, value in zip(self.optimizer.param_groups, current):
+                group["lr"] = value
+            scheduler._last_lr = current
+        log.info("resume: learning rate %g applied to the restored optimizer (now %g at step %d)",
+                 lr, self.optimizer.param_groups[0]["lr"], scheduler.last_epoch)
+
     def save(self) -> Path | None:
+        """Every rank takes part (ZeRO-2 gathers the state's slices); rank 0 writes. Refuses (NonFiniteError,
+        on every rank alike) to write an adapter or EMA holding NaN/inf. A save is a host sync already, so
+        the non-finite counters are read here too."""
         folder = None
-        # every rank takes part (ZeRO-2 gathers the state's slices); rank 0 writes it
-        optimizer_state = self.update.consolidated_state_dict()
-        if self.is_writer:
-            folder = self.store.save(self.payload(optimizer_state))
-            log.info("checkpoint %s written", folder)
+        self.saving = True
+        try:
+            self.check_nonfinite(*self.nonfinite.tolist())
+            self.require_finite_state(f"checkpoint-{self.step} not written")
+            optimizer_state = self.update.consolidated_state_dict()
+            if self.is_writer:
+                folder = self.store.save(self.payload(optimizer_state))
+                log.info("checkpoint %s written", folder)
+        finally:
+            self.saving = False
         if self.hooks.on_checkpoint:
             self.hooks.on_checkpoint(self.step, folder)
         return folder
 
+    @torch.no_grad()
+    def require_finite_state(self, what: str) -> None:
+        """NonFiniteError unless the adapter and its EMA are finite. One host sync: call where one is paid."""
+        tensors = [p.detach().float() for p in self.params] + (list(self.ema.shadow.values()) if self.ema else [])
+        if bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):
+            return
+        names = nonfinite_tensors({k: v.detach().cpu() for k, v in self.model.network.state_dict().items()})
+        names += [f"EMA {n}" for n in nonfinite_tensors(self.ema.state_dict() if self.ema else {})]
+        raise NonFiniteError(f"{what}: the adapter holds NaN or inf ({len(names)} tensor(s), e.g. "
+                             f"{', '.join(names[:3]) or 'a norm that overflows'}); the earlier checkpoints are intact")
+
+    def check_nonfinite(self, unread: float, in_a_row: float) -> None:
+        """Act on the non-finite counters the host just read (policy: nonfinite_policy, max_nonfinite_steps)."""
+        if not unread:
+            return
+        self.nonfinite[0] = 0
+        self.nonfinite_total += int(unread)
+        def where() -> str:
+            last = self.store.latest() if self.is_writer else None
+            return f"the newest checkpoint is {last}" if last else "no checkpoint of this run is kept"
+
+        if self.config.nonfinite_policy == "stop":
+            raise NonFiniteError(
+                f"step {self.step}: the loss or gradient norm became NaN/inf ({int(unread)} step(s) since the last "
+                f"check) and nonfinite_policy is stop. Nothing non-finite was written; {where()}. Lower "
+                "learning_rate and resume, or set nonfinite_policy skip")
+        if in_a_row >= self.config.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"step {self.step}: {int(in_a_row)} non-finite steps in a row (max_nonfinite_steps "
+                f"{self.config.max_nonfinite_steps}): training has diverged. Their updates were undone and nothing "
+                f"non-finite was written; {where()}. Check learning_rate, flow_schedule_shift and the data, "
+                "then resume")
+        log.warning("step %d: %d non-finite step(s) skipped since the last report (%d in this run, %d in a row now)",
+                    self.step, int(unread), self.nonfinite_total, int(in_a_row))
+
     # -- loop ----------------------------------------------------------------------------------
-    def optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """gradient_accumulation_steps micro-batches, clip, step; returns the mean loss and the gradient
-        norm before clipping (tensors: no sync)."""
+    def optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """gradient_accumulation_steps micro-batches, clip, step; returns the mean loss, the gradient norm
+        before clipping, and whether the step was finite (tensors: no sync). A non-finite step's update
+        is undone on the device under nonfinite_policy skip (relay_train/nonfinite.py)."""
         accum = self.config.gradient_accumulation_steps
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(accum):
@@ -218,25 +327,33 @@ class Trainer:
                 loss_sum += loss.detach()
             else:
                 self.update.backward(None)  # ZeRO reduces inside backward: every rank takes part
+        snapshot = self.guard.before()
         grad_norm = self.update.step()
+        ok = self.guard.after(snapshot, loss_sum, grad_norm)
+        bad = (~ok).to(self.nonfinite.dtype)
+        self.nonfinite = torch.stack([self.nonfinite[0] + bad, (self.nonfinite[1] + 1) * bad])  # unread, in a row
         self.scheduler.step()
         self.update.zero_grad()
         self.step += 1
         if self.ema is not None and self.step % self.config.ema_update_interval == 0:
             self.ema.update(self.model.network)
-        return loss_sum / accum, grad_norm
+        return loss_sum / accum, grad_norm, ok
 
     def fit(self) -> FitResult:
         result = FitResult(step=self.step, total_steps=self.total_steps, stopped_early=False, last_checkpoint=None)
-        window = torch.zeros(2, device=self.device)  # loss, grad norm sums since the last report
+        # loss and grad norm sums over the finite steps since the last report, and their count
+        window = torch.zeros(3, device=self.device)
+        one = torch.ones((), device=self.device)
         window_start, t0, saved_at = self.step, time.perf_counter(), None
         while self.step < self.total_steps:
-            loss, grad_norm = self.optimizer_step()
-            window[0] += loss
-            window[1] += grad_norm.to(window.device)
+            loss, grad_norm, ok = self.optimizer_step()
+            step_values = torch.stack([loss.to(window.device), grad_norm.to(window.device).reshape(()), one])
+            window += torch.where(ok.to(window.device), step_values, torch.zeros_like(step_values))
             if self.step % self.log_every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - t0
-                mean_loss, mean_norm = (window / (self.step - window_start)).tolist()  # the one host sync
+                loss_sum, norm_sum, finite, unread, in_a_row = torch.cat([window, self.nonfinite]).tolist()  # the one host sync
+                self.check_nonfinite(unread, in_a_row)
+                mean_loss, mean_norm = (loss_sum / finite, norm_sum / finite) if finite else (math.nan, math.nan)
                 report = StepReport(self.step, self.total_steps, mean_loss, self.scheduler.get_last_lr()[0],
                                     self.sampler.epoch, (self.step - window_start) / max(elapsed, 1e-9), mean_norm)
                 result.losses.append(report.loss)
@@ -258,9 +375,13 @@ class Trainer:
 
     def export(self, out_dir: Path) -> list[Path]:
         """The final adapter and its EMA twin as single safetensors files, as the model card ships them."""
+        adapter, ema = self.adapter_tensors(), self.ema.state_dict() if self.ema else None
+        bad = nonfinite_tensors(adapter) + [f"EMA {n}" for n in nonfinite_tensors(ema or {})]
+        if bad:  # never reached when every save checked the state; the last guard before users get a file
+            raise NonFiniteError(f"export refused: {len(bad)} adapter tensor(s) hold NaN or inf ({', '.join(bad[:3])})")
         out_dir.mkdir(parents=True, exist_ok=True)
         base = f"sd35-{run_name(self.config)}-lokr"
-        paths = ckpt.save_adapters(self.adapter_tensors(), self.ema.state_dict() if self.ema else None,
+        paths = ckpt.save_adapters(adapter, ema,
                                    adapter_metadata(self.config, self.step),
                                    out_dir / f"{base}.safetensors", out_dir / f"{base}-ema.safetensors")
         log.info("exported %s", ", ".join(str(p) for p in paths))
@@ -301,12 +422,34 @@ def build_trainer(
 
 
 def resume_point(config: TrainConfig, store: ckpt.CheckpointIO) -> Path | None:
-    """resume_from_checkpoint: 'none' → fresh; 'latest' → newest complete checkpoint, if any; else that path."""
+    """resume_from_checkpoint: 'none' → fresh; 'latest' → newest usable checkpoint, if any; else that path.
+
+    'latest' over a store that holds checkpoint folders none of which can be resumed is refused, listing
+    each and why: starting again from step 0 would silently replace them."""
     choice = config.resume_from_checkpoint
+    scan = getattr(store, "scan", None)  # LocalCheckpointStore; another CheckpointIO only has latest()
     if choice == "none":
+        found = scan() if scan else []
+        if found:
+            log.warning("resume_from_checkpoint none: starting at step 0 in %s, which holds %d checkpoint folder(s) "
+                        "from an earlier run (%s); they are replaced or pruned as this run saves", config.output_dir,
+                        len(found), ", ".join(f.name for f, _ in found[:5]))
         return None
     if choice == "latest":
-        return store.latest()
+        if scan is None:
+            return store.latest()
+        found = scan()
+        usable = [folder for folder, reason in found if reason is None]
+        for folder, reason in found:
+            if reason is not None and (not usable or ckpt.checkpoint_step(folder) > ckpt.checkpoint_step(usable[0])):
+                log.warning("skipping checkpoint %s: %s", folder, reason)
+        if usable or not found:
+            return usable[0] if usable else None
+        lines = [f"{config.output_dir} holds {len(found)} checkpoint folder(s) and none can be resumed:"]
+        lines += [f"  - {folder.name}: {reason}" for folder, reason in found]
+        lines.append("  set resume_from_checkpoint none (--set resume_from_checkpoint=none) to start a new run "
+                     "that replaces them, or move them away")
+        raise ckpt.CheckpointError("\n".join(lines))
     folder = Path(choice)
     if not folder.is_dir():
         folder = Path(config.output_dir) / choice  # SimpleTuner also accepts a bare "checkpoint-N"

@@ -373,8 +373,12 @@ def validate_offline(config: TrainConfig, checkpoint: Path, out: Path | None = N
     elif checkpoint.is_file() and checkpoint.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(checkpoint), framework="pt") as fh:
-            step = int((fh.metadata() or {}).get("step", 0))
+        try:
+            with safe_open(str(checkpoint), framework="pt") as fh:
+                step = int((fh.metadata() or {}).get("step", 0))
+        except Exception as exc:  # a truncated or corrupt file: one line, not the loader's traceback
+            raise ckpt.CheckpointError(f"--checkpoint {checkpoint}: not a readable adapter file (truncated or corrupt: "
+                                       f"{str(exc)[:120]})") from exc
         adapters = {ADAPTER: checkpoint}
     else:
         raise FileNotFoundError(f"--checkpoint {checkpoint}: neither a checkpoint folder nor an adapter .safetensors file")

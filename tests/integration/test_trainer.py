@@ -67,7 +67,10 @@ def test_explicit_resume_path_must_be_complete(make_config):
     (broken / "manifest.json").unlink()
     with pytest.raises(ckpt.CheckpointError, match="manifest"):
         build_trainer(make_config(**SHORT, max_train_steps=8, resume_from_checkpoint=str(broken)))
-    fresh = build_trainer(make_config(**SHORT, max_train_steps=8))  # latest: the broken one is ignored
+    # latest: the only checkpoint is broken, so starting over would silently replace it: refused
+    with pytest.raises(ckpt.CheckpointError, match=r"none can be resumed:\n  - checkpoint-4: no manifest"):
+        build_trainer(make_config(**SHORT, max_train_steps=8))
+    fresh = build_trainer(make_config(**SHORT, max_train_steps=8, resume_from_checkpoint="none"))
     assert fresh.step == 0
 
 
