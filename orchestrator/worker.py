@@ -16,7 +16,7 @@ from ray.train import Checkpoint, CheckpointUploadMode
 
 from relay_train import checkpoint as ckpt
 from relay_train.config import TrainConfig, load_config
-from relay_train.parallel import allreduce_gradients
+from relay_train.parallel import GradientSync
 from relay_train.progress import ProgressDisplay
 from relay_train.trainer import Hooks, StepReport, build_trainer
 
@@ -64,12 +64,43 @@ class PreemptionWatch:
         self.every, self.reporter, self.steward, self.rank = every, reporter, steward, rank
         self.notice = None  # PreemptionInfo once seen
         self.noticed_at = self.noticed_step = None
+        self.stopped = False  # the driver asked the run to stop (Ctrl-C, SIGTERM)
+        self._asking = None  # rank 0's pending steward.should_stop() call
+
+    def _stop_agreed(self) -> bool:
+        """Whether the driver asked to stop, agreed by every rank at this step. Rank 0 asks the steward
+        without waiting (the answer is picked up at a later check); one tiny all-reduce then makes every
+        rank stop at the same step (a few microseconds on NCCL, well under a millisecond on gloo)."""
+        import torch
+        import torch.distributed as dist
+
+        asked = False
+        if self.rank == 0 and self.steward is not None:
+            if self._asking is None:
+                self._asking = self.steward.should_stop.remote()
+            ready, _ = ray.wait([self._asking], timeout=0)
+            if ready:
+                self._asking = None
+                try:
+                    asked = bool(ray.get(ready[0]))
+                except ray.exceptions.RayError:  # the steward is gone: it cannot have asked
+                    asked = False
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([1.0 if asked else 0.0], device=ray.train.torch.get_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            asked = bool(flag.item())
+        return asked
 
     def __call__(self, step: int) -> bool:
         if self.steward is not None and self.rank == 0:
             self.steward.tick.remote(step)
         if self.every <= 0 or step % self.every:
             return False
+        if self._stop_agreed():
+            log.warning("stop requested at the driver: checkpointing at step %d, then returning", step)
+            self.reporter.emergency = True  # uploaded before report returns: committed when the run ends
+            self.stopped = True
+            return True
         info = ray.train.get_preemption_info()
         if info is None:
             return False
@@ -130,6 +161,20 @@ def enter_job_directory(path: str) -> None:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train's entry point on every rank. An error is told to the steward (the driver shows it, the
+    webhook hears it) before Ray sees it and restarts the group."""
+    try:
+        train_worker(loop_config)
+    except Exception as exc:
+        steward = get_steward(loop_config["run_name"])
+        if steward is not None:
+            rank = ray.train.get_context().get_world_rank()
+            steward.record.remote("warning", message=redact.redact(
+                f"rank {rank} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"))
+        raise
+
+
+def train_worker(loop_config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     enter_job_directory(loop_config["working_dir"])
     config = load_config(loop_config["config_path"], loop_config["overrides"])
@@ -141,15 +186,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     reporter = CheckpointReporter(loop_config["upload_mode"], steward)
     watch = PreemptionWatch(loop_config["preemption_check_steps"], reporter, steward, rank)
     strategy = loop_config.get("strategy", "ddp")  # deepspeed: ZeRO-2 reduces the gradients itself
-    hooks = Hooks(on_checkpoint=reporter, should_stop=watch,
-                  sync_gradients=allreduce_gradients if world_size > 1 and strategy == "ddp" else None)
+    sync = GradientSync(bucket_mb=loop_config.get("gradient_bucket_mb", 25.0),
+                        dtype=loop_config.get("gradient_sync_dtype", "fp32"))  # ddp's overlapped all-reduce
+    hooks = Hooks(on_checkpoint=reporter, should_stop=watch)
     if world_size > 1:
         fill_caches_once(config, rank)
     with restored_checkpoint() as resume_from:
         trainer = build_trainer(config, hooks=hooks, device=ray.train.torch.get_device(), rank=rank,
                                 world_size=world_size, store=ckpt.LocalCheckpointStore(staging),
                                 resume_from=resume_from, global_workers=loop_config["global_workers"],
-                                strategy=strategy)
+                                strategy=strategy, gradient_sync=sync)
     if rank != 0:  # per-step metrics come from rank 0 alone, with no extra barrier
         result = trainer.fit()
     else:

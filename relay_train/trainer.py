@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,8 +19,8 @@ from relay_train.config import TrainConfig
 from relay_train.data import EncodedDataset, encode_dataset
 from relay_train.model import AdapterModel, build_adapter_model, compute_dtype, pick_device, resolve_model_path
 from relay_train.nonfinite import NonFiniteError, StepGuard, nonfinite_tensors
-from relay_train.parallel import shard_of
-from relay_train.optim import AdapterEMA, build_optimizer, build_scheduler, clip_gradients
+from relay_train.optim import AdapterEMA, build_scheduler
+from relay_train.parallel import GradientSync, Update, build_update, shard_of
 from relay_train.resume import ConfigChange, classify_config_changes, refusal_message
 from relay_train.step import train_step
 
@@ -44,7 +45,6 @@ class Hooks:
     on_step: Callable[[StepReport], None] | None = None  # every `log_every` steps (a host sync)
     on_checkpoint: Callable[[int, Path | None], None] | None = None  # checkpoint-N complete (None off the writer)
     should_stop: Callable[[int], bool] | None = None  # True → checkpoint now and return
-    sync_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None  # data parallel: sum over ranks
 
 
 @dataclass
@@ -57,39 +57,6 @@ class FitResult:
     losses: list[float] = field(default_factory=list)  # one per on_step report
 
 
-class ReplicatedUpdate:
-    """Strategy ddp (and one process): every rank holds the whole optimizer; gradients are summed over
-    ranks by `sync` (the orchestrator's all-reduce) before clipping and the step. The same interface as
-    relay_train.zero.ZeroStage2, so the loop does not care which it has."""
-
-    def __init__(self, config: TrainConfig, params: list[torch.nn.Parameter],
-                 sync: Callable[[list[torch.nn.Parameter]], None] | None):
-        self.params, self.sync = params, sync
-        self.clip_method, self.clip_limit = config.grad_clip_method, config.max_grad_norm
-        self.optimizer = build_optimizer(config, params)
-
-    def backward(self, loss: torch.Tensor | None) -> None:
-        if loss is not None:
-            loss.backward()
-
-    def step(self) -> torch.Tensor:
-        """Sum over ranks, clip, step; returns the gradient norm before clipping (no host sync)."""
-        if self.sync:
-            self.sync(self.params)
-        norm = clip_gradients(self.params, self.clip_method, self.clip_limit)
-        self.optimizer.step()
-        return norm
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def consolidated_state_dict(self) -> dict:
-        return self.optimizer.state_dict()
-
-    def load_consolidated_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
-
-
 def total_train_steps(config: TrainConfig, batches_per_epoch: int) -> int:
     if config.max_train_steps > 0:
         return config.max_train_steps
@@ -97,17 +64,34 @@ def total_train_steps(config: TrainConfig, batches_per_epoch: int) -> int:
 
 
 def adapter_metadata(config: TrainConfig, step: int) -> dict[str, str]:
-    """safetensors metadata: what a loader needs to rebuild the network, and the model spec."""
+    """safetensors metadata: what a loader needs to rebuild the network, and the model spec. As SimpleTuner
+    writes it: the LyCORIS file's JSON as written, and `global_step` (what its init_lora reads); `step` too."""
     return {
         "format": "pt",
-        "lycoris_config": json.dumps(config.lycoris.raw(), sort_keys=True),
+        "lycoris_config": json.dumps(config.lycoris.raw()),
+        "global_step": str(step),
         "step": str(step),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-v3-medium/lycoris-lokr",
         "modelspec.implementation": "lycoris",
         "modelspec.title": run_name(config),
-        "base_model": config.pretrained_model_name_or_path,
+        "base_model": base_model_name(config.pretrained_model_name_or_path),
     }
+
+
+def base_model_name(model: str) -> str:
+    """A Hub id as is; a local folder by its name only (never the training machine's path)."""
+    path = Path(model).expanduser()
+    if not path.is_absolute() and not model.startswith((".", "~")) and model.count("/") == 1 and not path.is_dir():
+        return model
+    return path.resolve().name or model
+
+
+def export_dtype(config: TrainConfig) -> torch.dtype:
+    """adapter_export_dtype: auto writes bf16 for mixed_precision bf16, as SimpleTuner does (half the size)."""
+    if config.adapter_export_dtype == "auto":
+        return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+    return torch.bfloat16 if config.adapter_export_dtype == "bf16" else torch.float32
 
 
 def run_name(config: TrainConfig) -> str:
@@ -128,25 +112,22 @@ class Trainer:
         rank: int = 0,
         world_size: int = 1,
         strategy: str = "ddp",
+        update: Update | None = None,
+        gradient_sync: GradientSync | None = None,
     ):
         """`sampler` yields global batches (train_batch_size × world_size); this rank trains on its share.
         Every rank keeps an identical replica of the adapter, optimizer and RNG; rank 0 alone writes.
-        strategy "deepspeed" partitions the optimizer state and reduced gradients (ZeRO-2, relay_train/zero.py)."""
+        `update` does backward, the sum over ranks, clipping and the step; by default
+        `build_update(strategy, world_size, ...)`: "ddp" all-reduces gradients (overlapped with backward,
+        per `gradient_sync`), "deepspeed" partitions the optimizer state (ZeRO-2, relay_train/zero.py)."""
         self.config, self.model, self.dataset, self.sampler, self.store = config, model, dataset, sampler, store
         self.rank, self.world_size, self.is_writer = rank, world_size, rank == 0
         self.device, self.dtype = device, compute_dtype(config, device)
         self.hooks, self.log_every = hooks or Hooks(), log_every
         self.params = model.trainable_parameters()
         self.total_steps = total_train_steps(config, sampler.batches_per_epoch())
-        # Backward, gradient reduction, clipping and the optimizer step, one interface for both strategies.
-        if strategy == "deepspeed":
-            from relay_train.zero import ZeroStage2
-
-            self.update: ReplicatedUpdate | ZeroStage2 = ZeroStage2(config, model.network, self.params)
-        elif strategy == "ddp":
-            self.update = ReplicatedUpdate(config, self.params, self.hooks.sync_gradients)
-        else:
-            raise ValueError(f"strategy {strategy!r}: expected 'ddp' or 'deepspeed'")
+        # Backward, gradient reduction, clipping and the optimizer step, one interface for every strategy.
+        self.update = update if update is not None else build_update(strategy, world_size, config, model.network, self.params, gradient_sync)
         self.optimizer = self.update.optimizer  # the scheduler drives its lr
         self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
         self.ema = AdapterEMA(model.network, config.ema_decay) if config.use_ema else None
@@ -383,7 +364,8 @@ class Trainer:
         base = f"sd35-{run_name(self.config)}-lokr"
         paths = ckpt.save_adapters(adapter, ema,
                                    adapter_metadata(self.config, self.step),
-                                   out_dir / f"{base}.safetensors", out_dir / f"{base}-ema.safetensors")
+                                   out_dir / f"{base}.safetensors", out_dir / f"{base}-ema.safetensors",
+                                   dtype=export_dtype(self.config))
         log.info("exported %s", ", ".join(str(p) for p in paths))
         return paths
 
@@ -398,6 +380,7 @@ def build_trainer(
     resume_from: Path | None = None,
     global_workers: int | None = None,
     strategy: str = "ddp",
+    gradient_sync: GradientSync | None = None,
 ) -> Trainer:
     """Data first (then its encoders are freed), then the quantized transformer + LoKr, then state:
     from `resume_from` when given (the orchestrator's checkpoint), else per resume_from_checkpoint.
@@ -414,11 +397,33 @@ def build_trainer(
     model = build_adapter_model(config, model_path, device, seed=config.seed)
     store = store or ckpt.LocalCheckpointStore(Path(config.output_dir), keep=config.checkpoints_total_limit)
     trainer = Trainer(config, model, dataset, sampler, store, device, hooks, rank=rank, world_size=world_size,
-                      strategy=strategy)
+                      strategy=strategy, gradient_sync=gradient_sync)
     folder = resume_from or resume_point(config, store)
     if folder is not None:
         trainer.restore(folder)
+    elif config.init_lora is not None:
+        continue_from_init_lora(trainer, config)
     return trainer
+
+
+def continue_from_init_lora(trainer: Trainer, config: TrainConfig) -> None:
+    """A fresh run from an adapter file starts at init_lora_step, or the file's global_step when that is
+    unset (as SimpleTuner): the step count and the LR schedule continue from there; data order starts anew."""
+    from relay_train.model import adapter_file_step
+
+    start = config.init_lora_step if config.init_lora_step is not None else adapter_file_step(config.init_lora) or 0
+    if start == 0:
+        return
+    if start >= trainer.total_steps:
+        raise ValueError(f"--init_lora {config.init_lora}: it was saved at step {start}, at or past this run's "
+                         f"{trainer.total_steps} steps. Set --init_lora_step 0 to train it anew, or raise "
+                         "--max_train_steps to continue it")
+    trainer.step = start
+    trainer.scheduler.last_epoch = start - 1
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": here on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        trainer.scheduler.step()  # sets the LR of step `start`
+    log.info("init_lora: continuing from step %d of %d", start, trainer.total_steps)
 
 
 def resume_point(config: TrainConfig, store: ckpt.CheckpointIO) -> Path | None:

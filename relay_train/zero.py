@@ -71,8 +71,8 @@ class ClippedAdamW(torch.optim.AdamW):
 
 
 class ZeroStage2:
-    """The adapter's optimizer under DeepSpeed ZeRO-2. Every method is called on every rank, in the
-    same order: backward, step and both state methods run collectives.
+    """The adapter's optimizer under DeepSpeed ZeRO-2, a relay_train.parallel.Update. Every method is
+    called on every rank, in the same order: backward, step and both state methods run collectives.
 
     `optimizer` is the inner torch optimizer: the LR scheduler drives its `lr`, as with `ddp`.
     """
@@ -111,8 +111,8 @@ class ZeroStage2:
         self.zero = self.engine.optimizer  # DeepSpeedZeroOptimizer
         self.params = params
         if [id(p) for p in self.zero.bit16_groups[0]] != [id(p) for p in params] or len(self.zero.bit16_groups) != 1:
-            raise RuntimeError("DeepSpeed reordered or regrouped the adapter's parameters; optimizer.pt could not "
-                               "be written in per-parameter order (issue 4)")
+            raise RuntimeError("DeepSpeed reordered or regrouped the adapter's parameters, so optimizer.pt could not "
+                               f"be written in per-parameter order: use deepspeed {MIN_DEEPSPEED}, or cluster strategy 'ddp'")
         self.optimizer.before_step = self._clip
         self._zero_loss: torch.Tensor | None = None
 

@@ -30,7 +30,6 @@ def _rank_main(rank: int, world: int, port: int, config_path: str, strategy: str
     import torch.distributed as dist
 
     from relay_train.config import load_config
-    from relay_train.parallel import allreduce_gradients
     from relay_train.trainer import Hooks, build_trainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -38,8 +37,7 @@ def _rank_main(rank: int, world: int, port: int, config_path: str, strategy: str
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        hooks = Hooks(should_stop=(lambda step: step == stop_at) if stop_at else None,
-                      sync_gradients=allreduce_gradients if strategy == "ddp" else None)
+        hooks = Hooks(should_stop=(lambda step: step == stop_at) if stop_at else None)
         trainer = build_trainer(load_config(config_path), hooks=hooks, device=torch.device("cpu"), rank=rank,
                                 world_size=world, strategy=strategy, global_workers=global_workers)
         started = trainer.step
