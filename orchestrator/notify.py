@@ -440,6 +440,8 @@ class Notifier:
     (None keeps undelivered messages in memory only); project: Discord's prefix when a backend has no
     message_prefix. `close(timeout)` delivers what it can within timeout, then spools the rest."""
 
+    close_seconds = 30.0  # at a run's end the steward waits at most this long: the spool keeps the rest
+
     def __init__(self, backends: list[WebhookConfig], run_name: str, spool: RunStorage | None = None, *,
                  project: str | None = None, max_queue: int = 256, policy: RetryPolicy = RetryPolicy(),
                  secrets: list[str | SecretStr] = ()) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import asdict
 
@@ -93,15 +94,29 @@ def hub_checkpoints(storage: RunStorage, checkpoints: list[int]) -> dict | None:
     repo = config.get("hub_model_id")
     if not repo or not (config.get("push_to_hub") or config.get("push_checkpoints_to_hub")):
         return None
-    try:
-        from huggingface_hub import HfApi
+    answer: dict = {}
 
-        files = HfApi().list_repo_files(repo)
-    except Exception as exc:
-        return {"repo": repo, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-    steps = sorted({int(f.split("/")[1].split("-")[1]) for f in files
-                    if f.startswith("checkpoints/checkpoint-") and f.count("/") >= 2})
+    def ask() -> None:
+        try:
+            from huggingface_hub import HfApi
+
+            answer["files"] = HfApi().list_repo_files(repo)
+        except Exception as exc:  # any failure of the Hub is shown as the answer, never raised
+            answer["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+    # the client retries a refused connection for ~20 s: a person asking for status waits HUB_WAIT at most
+    asking = threading.Thread(target=ask, name="relay-status-hub", daemon=True)
+    asking.start()
+    asking.join(HUB_WAIT_SECONDS)
+    if "files" not in answer:
+        return {"repo": repo, "error": answer.get("error", f"no answer within {HUB_WAIT_SECONDS:g} s")}
+    steps = sorted({int(f.split("/")[1].split("-")[1]) for f in answer["files"]
+                    if f.startswith("checkpoints/checkpoint-") and f.count("/") >= 2
+                    and f.split("/")[1].split("-")[1].isdigit()})
     return {"repo": repo, "checkpoints": steps}
+
+
+HUB_WAIT_SECONDS = 8.0
 
 
 def _duration(seconds: float | None) -> str:

@@ -199,8 +199,8 @@ class Steward:
 
     def _close(self, services: list, timeout: float) -> None:
         for service in services:
-            try:
-                service.close(timeout)
+            try:  # a service may bound its own wait (the webhook: a dead receiver never holds the end)
+                service.close(min(timeout, getattr(service, "close_seconds", timeout)))
             except Exception:
                 log.exception("steward service %s failed to close", type(service).__name__)
 

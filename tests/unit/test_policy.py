@@ -1,0 +1,64 @@
+"""The orchestrator's pure decisions (orchestrator/policy.py): no Ray, no I/O."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.policy import Ask, AttemptFacts, attempt_reason, fit_decision, keep_count, place, retention, share_cpus
+
+WORKER = "num_workers, cpus_per_worker"
+
+
+def test_two_workers_and_a_validator_at_one_cpu_never_fit_a_two_cpu_machine() -> None:
+    asks = [Ask("training worker", 2, {"CPU": 1.0}, WORKER), Ask("validation actor", 1, {"CPU": 1.0}, "validation_cpus")]
+    decision = fit_decision(asks, [{"CPU": 2.0, "memory": 1e9}], can_grow=False)
+    assert not decision.fits and not decision.wait
+    msg = decision.message
+    assert "2 training worker(s) × {1 CPU}" in msg and "1 validation actor(s) × {1 CPU}" in msg
+    assert "1 node(s) with 2 CPU" in msg and "memory" not in msg  # what the cluster has, in the units asked
+    assert "validation_cpus" in msg or WORKER in msg  # the key to change
+
+
+def test_the_demo_share_fits_and_so_does_a_bigger_machine() -> None:
+    share = share_cpus(2, 3)
+    assert share == 0.66
+    asks = [Ask("training worker", 2, {"CPU": share}, WORKER), Ask("validation actor", 1, {"CPU": share}, "v")]
+    assert fit_decision(asks, [{"CPU": 2.0}], can_grow=False).fits
+    assert share_cpus(16, 3) == 1.0  # never more than one CPU each
+
+
+def test_an_actor_must_fit_on_one_node() -> None:
+    asks = [Ask("training worker", 1, {"CPU": 4.0}, WORKER)]
+    assert place(asks, [{"CPU": 2.0}, {"CPU": 2.0}]) is asks[0]
+    assert place(asks, [{"CPU": 2.0}, {"CPU": 4.0}]) is None
+
+
+def test_gpus_and_custom_resources_are_checked() -> None:
+    asks = [Ask("training worker", 4, {"CPU": 8, "GPU": 1, "train_gpu": 1}, WORKER),
+            Ask("validation actor", 1, {"CPU": 1, "GPU": 1, "validation_gpu": 1}, "validation_resources")]
+    head = {"CPU": 8}
+    gpu_node = {"CPU": 32, "GPU": 4, "train_gpu": 4}
+    val_node = {"CPU": 8, "GPU": 1, "validation_gpu": 1}
+    assert fit_decision(asks, [head, gpu_node, val_node], can_grow=False).fits
+    waiting = fit_decision(asks, [head, gpu_node], can_grow=True)  # the validation node is still coming up
+    assert not waiting.fits and waiting.wait and "validation actor" in waiting.message
+
+
+def test_retention_is_one_number_everywhere() -> None:
+    assert keep_count(None) == 5 and keep_count(0) == 5 and keep_count(3) == 3
+    assert retention([50, 10, 30, 20, 40, 60], None) == ([20, 30, 40, 50, 60], [10])
+    assert retention([10, 20], 3) == ([10, 20], [])
+
+
+@pytest.mark.parametrize("facts, reason", [
+    (AttemptFacts(resumed=False, first_in_job=True, had_attempt_before=False, notice_since_last=False), "fresh"),
+    (AttemptFacts(resumed=True, first_in_job=True, had_attempt_before=True, notice_since_last=False), "resubmitted"),
+    (AttemptFacts(resumed=True, first_in_job=False, had_attempt_before=True, notice_since_last=True), "preemption"),
+    (AttemptFacts(resumed=True, first_in_job=False, had_attempt_before=True, notice_since_last=False,
+                  nodes_lost_since_last=["n1"]), "node_lost"),
+    (AttemptFacts(resumed=True, first_in_job=False, had_attempt_before=True, notice_since_last=False,
+                  world_size=4, previous_world_size=2), "resize"),
+    (AttemptFacts(resumed=True, first_in_job=False, had_attempt_before=True, notice_since_last=False), "failure"),
+])
+def test_attempt_reason(facts: AttemptFacts, reason: str) -> None:
+    assert attempt_reason(facts) == reason
