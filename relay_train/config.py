@@ -135,6 +135,16 @@ def _output_dir(value: Any) -> Any:
     return value
 
 
+def _json_list(value: Any) -> Any:
+    """SimpleTuner takes a list written as JSON text too ("[7, 8, 9]")."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return _empty_is_none(value)
+
+
 def _empty_is_none(value: Any) -> Any:
     return None if value == "" else value
 
@@ -294,7 +304,7 @@ class TrainConfig(BaseModel):
     """Classifier-free guidance scale for validation."""
     validation_guidance_rescale: float = Field(0.0, ge=0, le=1)
     """Guidance rescale for validation."""
-    validation_guidance_skip_layers: list[int] | None = None
+    validation_guidance_skip_layers: Annotated[list[int] | None, BeforeValidator(_json_list)] = None
     """SD3 skip-layer guidance: transformer blocks skipped for the extra guidance pass (e.g. [7, 8, 9])."""
     validation_guidance_skip_layers_start: float = Field(0.01, ge=0, le=1)
     """Fraction of the sampling steps where skip-layer guidance starts."""
@@ -391,20 +401,20 @@ class TrainConfig(BaseModel):
 
     def mapping_notes(self) -> list[str]:
         """The SimpleTuner semantics this run maps explicitly, to log at start-up."""
-        notes = [f"'{old}' is read as '--{new}' (renamed upstream)" for old, new in self._renamed]
+        notes = [f"'{old}' is read as '--{new}' (SimpleTuner's current name)" for old, new in self._renamed]
         notes += [f"SimpleTuner option '--{key}={_show(value)}' is what Relay does anyway; accepted"
                   for key, value in self._matched]
         notes += [n for n in (rule(self) for rule in _NOTE_RULES) if n]
         return notes + compat.default_notes(self.model_fields_set, self.__dict__)
 
     def pending_features(self) -> list[str]:
-        """Settings parsed now whose feature arrives in a later issue, grouped by feature."""
+        """Settings parsed now whose feature is not built yet, grouped by feature."""
         groups = [
-            ("per-dataset sampling weights and random crop aspects are", 3, self._pending_data()),
+            ("per-dataset sampling weights and random crop aspects are", self._pending_data()),
         ]
-        return [f"{what} not built yet (issue {issue}): {', '.join(items)} "
+        return [f"{what} not built yet: {', '.join(items)} "
                 f"{'is' if len(items) == 1 else 'are'} parsed but {'has' if len(items) == 1 else 'have'} "
-                "no effect in this run" for what, issue, items in groups if items]
+                "no effect in this run" for what, items in groups if items]
 
     def _pending_data(self) -> list[str]:
         """The few multidatabackend settings the data pipeline still ignores."""
@@ -526,8 +536,19 @@ def _note_init_lora(c: TrainConfig) -> str | None:
             "step count continue from there); an existing checkpoint in output_dir takes precedence")
 
 
-_NOTE_RULES = (_note_lycoris_dims, _note_quantize, _note_benchmark, _note_length, _note_clipping, _note_optimizer,
-               _note_schedule, _note_vae_ondemand, _note_dtype, _note_init_lora)
+def _note_text_embeds(c: TrainConfig) -> str | None:
+    default = next((b for b in c.data_backends if b.dataset_type == "text_embeds" and b.default and not b.disabled),
+                   None)
+    linked = [b for b in c.data_backends if b.text_embeds and default and b.text_embeds != default.id]
+    if not linked:
+        return None
+    where = ", ".join(f"{c.data_backend_config.name}[{b.id}].text_embeds={b.text_embeds!r}" for b in linked)
+    return (f"{where}: Relay caches each caption's embeddings once, in the default text_embeds backend "
+            f"{default.id!r}; the embeddings are the same whichever cache holds them")
+
+
+_NOTE_RULES = (_note_text_embeds, _note_lycoris_dims, _note_quantize, _note_benchmark, _note_length, _note_clipping,
+               _note_optimizer, _note_schedule, _note_vae_ondemand, _note_dtype, _note_init_lora)
 
 USER_KEYS: tuple[str, ...] = tuple(k for k in TrainConfig.model_fields if k not in _DERIVED)
 """Keys a config file may set (without the leading '--')."""
@@ -538,6 +559,17 @@ def canonical_key(key: str) -> str | None:
     name = key.removeprefix("--")
     name = KEY_ALIASES.get(name, name)
     return name if name in USER_KEYS else None
+
+
+def skip_layer_guidance(config: TrainConfig) -> dict[str, Any]:
+    """StableDiffusion3Pipeline's skip-layer guidance arguments, when validation_guidance_skip_layers is set
+    (as SimpleTuner passes them); empty otherwise."""
+    if not config.validation_guidance_skip_layers:
+        return {}
+    return {"skip_guidance_layers": list(config.validation_guidance_skip_layers),
+            "skip_layer_guidance_scale": config.validation_guidance_skip_scale,
+            "skip_layer_guidance_start": config.validation_guidance_skip_layers_start,
+            "skip_layer_guidance_stop": config.validation_guidance_skip_layers_stop}
 
 
 def cross_field_problems(values: Mapping[str, Any], bad: set[str]) -> list[str]:
@@ -688,7 +720,8 @@ def _flavour_problems(good: dict[str, Any], read: _Read) -> list[str]:
             about = (TrainConfig.model_fields["pretrained_model_name_or_path"].description or "").rstrip(".")
             return [f"missing required key '--pretrained_model_name_or_path' ({about})"]
         good["pretrained_model_name_or_path"] = compat.MODEL_FLAVOURS[flavour]
-        read.renamed.append((f"--model_flavour={flavour}", f"pretrained_model_name_or_path={compat.MODEL_FLAVOURS[flavour]}"))
+        read.renamed.append((f"--model_flavour={flavour}",
+                             f"pretrained_model_name_or_path={compat.MODEL_FLAVOURS[flavour]}"))
         return []
     if flavour is None:
         return []

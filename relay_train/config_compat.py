@@ -203,6 +203,9 @@ def matches_relay(key: str, value: Any) -> bool:
 # ---------------------------------------------------------------- defaults
 
 DEFAULT_DIFFERENCES: dict[str, tuple[str, str]] = {
+    "model_family": ("none (the key is required)", "Relay trains SD3 only"),
+    "model_type": ("'full'", "Relay trains adapters only; full fine-tuning is refused when asked for"),
+    "lora_type": ("'standard' (PEFT LoRA)", "Relay trains LyCORIS adapters; standard is refused when asked for"),
     "output_dir": ("'simpletuner-results'", "the folder's name only; it changes nothing that trains"),
     "seed": ("none (a new random seed each start)",
              "a resumed run must draw the same noise and data order as an uninterrupted one"),
@@ -220,5 +223,6 @@ def default_notes(set_keys: set[str], values: Mapping[str, Any]) -> list[str]:
     for key, (theirs, why) in DEFAULT_DIFFERENCES.items():
         if key in set_keys or key not in values:
             continue
-        notes.append(f"--{key} is not set: Relay uses {values[key]!r} where SimpleTuner 4.10.1 uses {theirs} ({why})")
+        ours = "no value" if values[key] is None else repr(str(values[key]) if hasattr(values[key], "parts") else values[key])
+        notes.append(f"--{key} is not set: Relay uses {ours} where SimpleTuner 4.10.1 uses {theirs} ({why})")
     return notes

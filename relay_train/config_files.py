@@ -248,10 +248,32 @@ def resolve_file(value: Path, base_dir: Path,
 # ---------------------------------------------------------------- LyCORIS config
 
 
+# What lycoris-lora 4.1 reads (lycoris/wrapper.py): create_lycoris's keyword arguments, the preset keys
+# LycorisNetwork.apply_preset accepts, and the per-module settings of module_algo_map / name_algo_map
+# (create_single_module's and LokrModule's arguments). Anything else would be ignored silently, or fail
+# inside LyCORIS after the data work.
+LYCORIS_EXTRA_KEYS = (
+    "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "use_tucker", "use_scalar",
+    "block_size", "train_norm", "constraint", "rescaled", "dora_wd", "wd_on_output", "unbalanced_factorization",
+    "decompose_both", "rank_dropout_scale", "rs_lora", "use_cp", "use_conv_cp", "disable_conv_cp",
+)
+PRESET_KEYS = (
+    "enable_conv", "target_module", "target_name", "module_algo_map", "name_algo_map", "lora_prefix",
+    "use_fnmatch", "unet_target_module", "unet_target_name", "text_encoder_target_module",
+    "text_encoder_target_name", "exclude_name",
+)
+MODULE_KEYS = (
+    "algo", "dim", "alpha", "factor", "use_tucker", "use_scalar", "decompose_both", "rank_dropout_scale",
+    "weight_decompose", "wd_on_out", "full_matrix", "bypass_mode", "rs_lora", "unbalanced_factorization",
+    "dropout", "rank_dropout", "module_dropout",
+)
+
+
 class _PresetShape(BaseModel):
     model_config = ConfigDict(extra="allow")
     target_module: list[str] = []
     module_algo_map: dict[str, dict[str, Any]] = {}
+    name_algo_map: dict[str, dict[str, Any]] = {}
 
 
 def _check_preset(preset: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -273,12 +295,12 @@ class LycorisConfig(BaseModel):
 
     algo: Literal["lokr"]
     """LyCORIS algorithm; this trainer builds LoKr adapters."""
-    multiplier: float = 1.0
+    multiplier: float = Field(1.0, ge=-100, le=100)
     """Adapter output scale while training."""
-    linear_dim: int = Field(gt=0)
-    """LoKr rank; with full_matrix a large value (10000) means the full matrix."""
-    linear_alpha: float
-    """LoKr alpha (scale = alpha / dim, unless full_matrix)."""
+    linear_dim: int = Field(4, gt=0)
+    """LoKr rank; with full_matrix a large value (10000) means the full matrix (LyCORIS's default: 4)."""
+    linear_alpha: float = Field(1.0, ge=-1e6, le=1e6)
+    """LoKr alpha (scale = alpha / dim, unless full_matrix; LyCORIS's default: 1)."""
     factor: Annotated[int, AfterValidator(_check_factor)] = -1
     """Kronecker factor for modules the preset does not override; -1 lets LyCORIS choose."""
     full_matrix: bool = False
@@ -300,6 +322,26 @@ class LycorisConfig(BaseModel):
         return json.loads(json.dumps(self._raw)) if self._raw else self.model_dump()
 
 
+def _unknown(keys: Iterable[Any], known: tuple[str, ...], where: Where) -> list[str]:
+    return [unknown_key_problem(str(k), known, where) for k in keys if k not in known]
+
+
+def lycoris_key_problems(data: Mapping[str, Any], name: str) -> list[str]:
+    """Keys LyCORIS would not read: at the top, in apply_preset, and in each module's or name's settings."""
+    top = (*LycorisConfig.model_fields, *LYCORIS_EXTRA_KEYS)
+    problems = _unknown(data, top, Where(name))
+    preset = data.get("apply_preset")
+    if not isinstance(preset, dict):
+        return problems
+    problems += _unknown(preset, PRESET_KEYS, Where(f"{name}.apply_preset"))
+    for map_key in ("module_algo_map", "name_algo_map"):
+        entries = preset.get(map_key)
+        for target, settings in (entries.items() if isinstance(entries, dict) else ()):
+            if isinstance(settings, dict):
+                problems += _unknown(settings, MODULE_KEYS, Where(f"{name}.apply_preset.{map_key}[{target}]"))
+    return problems
+
+
 def load_lycoris(path: Path) -> tuple[LycorisConfig | None, list[str]]:
     data, problems = read_json(path)
     if data is None:
@@ -307,6 +349,7 @@ def load_lycoris(path: Path) -> tuple[LycorisConfig | None, list[str]]:
     if not isinstance(data, dict):
         return None, [*problems, f"{path.name}: must be a JSON object, got {type(data).__name__}"]
     _, errors = field_problems(LycorisConfig, data, Where(path.name))
+    errors += lycoris_key_problems(data, path.name)
     if errors or problems:
         return None, problems + errors
     config = LycorisConfig.model_validate(data)
@@ -332,6 +375,8 @@ class DataBackendConfig(BaseModel):
     """Training images, or the cache of text-encoder outputs."""
     default: bool = False
     """For text_embeds: the cache that every image dataset uses."""
+    text_embeds: str | None = None
+    """For an image dataset: the id of the text_embeds backend holding its caption embeddings (null: the default)."""
     disabled: bool = False
     """Skip this entry entirely."""
     instance_data_dir: str | None = None
@@ -413,6 +458,13 @@ def _set_checks(entries: list[Mapping[str, Any]], name: str) -> list[str]:
                         f"(found {len(defaults)})")
     if not any(e.get("dataset_type", "image") == "image" for e in live):
         problems.append(f"{name}: no enabled image backend; add one with dataset_type 'image'")
+    text_ids = [e.get("id") for e in text]
+    for entry in live:
+        link = entry.get("text_embeds")
+        if entry.get("dataset_type", "image") == "image" and link is not None and link not in text_ids:
+            known = ", ".join(repr(i) for i in text_ids) or "none"
+            problems.append(f"{name}[{entry.get('id')}].text_embeds: got {link!r}; it must name an enabled "
+                            f"text_embeds backend (ids: {known})")
     return problems
 
 

@@ -272,10 +272,11 @@ def test_bad_backend_entries_join_the_same_error(workdir: Path) -> None:
 
 def test_bad_lycoris_file_is_reported(workdir: Path) -> None:
     (workdir / "configs/run/lycoris_config.json").write_text(
-        json.dumps({"algo": "locon", "linear_alpha": 1, "factor": 0, "apply_preset": {"target_module": "Attention"}}))
+        json.dumps({"algo": "locon", "linear_alpha": 1, "factor": 0, "apply_preset": {"target_module": "Attention"},
+                    "linear_dims": 8}))  # linear_dim has LyCORIS's default (4): a misspelling would go unseen
     problems = problems_of(minimal(), workdir)
     assert "lycoris_config.json.algo: got 'locon'; expected one of 'lokr'" in problems
-    assert any(p.startswith("lycoris_config.json: missing required key 'linear_dim'") for p in problems)
+    assert "lycoris_config.json: unknown key 'linear_dims': did you mean 'linear_dim'?" in problems
     assert any(p.startswith("lycoris_config.json.factor: got 0; must be -1") for p in problems)
     assert any(p.startswith("lycoris_config.json.apply_preset") for p in problems)
 

@@ -74,3 +74,49 @@ def test_lr_schedules(name, expected):
         opt.step()
         sched.step()
     assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_optimizers_use_simpletuners_settings_for_each():
+    from relay_train.optim import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    expected = {"adamw_bf16": ((0.9, 0.999), 1e-6, 1e-2), "optimi-adamw": ((0.9, 0.99), 1e-6, 0.0),
+                "adamw": ((0.9, 0.999), 1e-8, 1e-2)}
+    for name, (betas, eps, decay) in expected.items():
+        opt = build_optimizer(SimpleNamespace(optimizer=name, learning_rate=1e-3), params)
+        group = opt.param_groups[0]
+        assert isinstance(opt, torch.optim.AdamW) and group["lr"] == 1e-3, name
+        assert (group["betas"], group["eps"], group["weight_decay"]) == (betas, eps, decay), name
+    bnb = pytest.importorskip("bitsandbytes")
+    opt = build_optimizer(SimpleNamespace(optimizer="bnb-adamw8bit", learning_rate=1e-3), params)
+    assert isinstance(opt, bnb.optim.AdamW8bit) and opt.param_groups[0]["eps"] == 1e-6
+
+
+def test_optimi_adamw_on_fp32_weights_is_the_optimi_update():
+    """optimi's AdamW (decouple_lr False, no Kahan summation on fp32): m, v as Adam's; p -= lr*(m̂/(√v̂+eps) + wd·p)."""
+    from relay_train.optim import build_optimizer
+
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = build_optimizer(SimpleNamespace(optimizer="optimi-adamw", learning_rate=0.1), [p])
+    g = torch.tensor([0.5, 0.25])
+    p.grad = g.clone()
+    opt.step()
+    m, v = 0.1 * g, 0.01 * g * g  # one step of (1-b1)·g and (1-b2)·g², b = (0.9, 0.99)
+    m_hat, v_hat = m / 0.1, v / 0.01
+    assert torch.allclose(p.detach(), torch.tensor([1.0, -2.0]) - 0.1 * m_hat / (v_hat.sqrt() + 1e-6))
+
+
+def test_polynomial_decays_to_lr_end_and_constant_with_warmup_is_mapped():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    config = SimpleNamespace(lr_scheduler="polynomial", lr_warmup_steps=2, lr_end=0.1, lr_power=2.0)
+    sched = build_scheduler(config, opt, total_steps=6)
+    got = []
+    for _ in range(7):
+        got.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    # warmup 0, 0.5; then (1 - 0.1)·(1 - t)² + 0.1 with t = (step - 2) / 4
+    assert got == pytest.approx([0.0, 0.5, 1.0, 0.60625, 0.325, 0.15625, 0.1], abs=1e-6)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(SimpleNamespace(lr_scheduler="constant", lr_warmup_steps=2), opt, total_steps=4)
+    assert sched.get_last_lr()[0] == 0.0  # SimpleTuner runs constant with warmup steps as constant_with_warmup
