@@ -4,7 +4,8 @@
         --cluster configs/sd3/cluster.json
 
 Joins the cluster the job was submitted to, then runs (or resumes, by run name) the training job.
-Exit codes: 0 completed, 1 failed (a resubmission may help), 2 configuration or storage error.
+Exit codes: 0 completed, 1 failed (a resubmission may help), 2 configuration, storage or resource error,
+130/143 stopped by SIGINT/SIGTERM after a committed checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir: relay_train, orchestrator
 
-from orchestrator.launch import run_job  # noqa: E402
+from orchestrator.launch import run_job
+from relay_train.cli import configure_logging
+from relay_train.config import ConfigError
+from relay_train.config_cli import flag_pairs
 
 
 def main() -> int:
@@ -25,9 +29,15 @@ def main() -> int:
     parser.add_argument("--cluster", help="cluster.json (workers, storage_path, failure limits)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--cluster-set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_job(args.config, args.cluster, args.set, args.cluster_set)
+    parser.add_argument("-v", "--verbose", action="store_true", help="Ray's and the workers' own logs too")
+    args, flags = parser.parse_known_args()  # config keys as SimpleTuner-style flags: --key=value, --key value
+    configure_logging(args.verbose)
+    try:
+        sets = [*args.set, *flag_pairs(flags)]
+    except ConfigError as exc:
+        logging.getLogger("relay").error("invalid config:\n%s", exc)
+        return 2
+    return run_job(args.config, args.cluster, sets, args.cluster_set, verbose=args.verbose)
 
 
 if __name__ == "__main__":

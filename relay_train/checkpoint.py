@@ -97,12 +97,16 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def save_adapters(adapter: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None, metadata: dict[str, str],
-                  path: Path, ema_path: Path) -> list[Path]:
-    """The adapter (and its EMA twin, when kept) as LyCORIS-named safetensors; used by checkpoints and export."""
-    save_file(adapter, str(path), metadata=metadata)
+                  path: Path, ema_path: Path, dtype: torch.dtype | None = None) -> list[Path]:
+    """The adapter (and its EMA twin, when kept) as LyCORIS-named safetensors; used by checkpoints (as they
+    are: fp32, so a resume is exact) and by export (dtype bf16 where SimpleTuner writes bf16)."""
+    def cast(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return tensors if dtype is None else {k: v.to(dtype).contiguous() for k, v in tensors.items()}
+
+    save_file(cast(adapter), str(path), metadata=metadata)
     if ema is None:
         return [path]
-    save_file(ema, str(ema_path), metadata={**metadata, "ema": "true"})
+    save_file(cast(ema), str(ema_path), metadata={**metadata, "ema": "true"})
     return [path, ema_path]
 
 

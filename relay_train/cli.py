@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import signal
 import warnings
 import sys
 from pathlib import Path
 from typing import Callable
 
+from relay_train.config_cli import config_overrides, flag_pairs, parse_overrides  # noqa: F401  (for the orchestrator)
+
 log = logging.getLogger("relay")
 
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, object]:
-    """`--set key=value`: value parsed as JSON when it can be (numbers, true/false), else kept a string."""
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except ValueError:
-            overrides[key] = value
-    return overrides
+CONFIG_FLAG_COMMANDS = ("train", "launch", "demo")
+"""Subcommands that also take config keys as SimpleTuner-style flags (--key=value, --key value)."""
 
 
 # `relay train`'s exit codes (README, "Commands"). 1 is left to Python: an unexpected error, with its traceback.
@@ -68,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from relay_train.progress import ProgressDisplay
     from relay_train.trainer import Hooks, build_trainer
 
-    config = load_config(args.config, parse_overrides(args.set))
+    config = load_config(args.config, config_overrides(args.set, args.config_flags))
     for note in config.mapping_notes():
         log.info("config: %s", note)
     for warning in config.pending_features():
@@ -155,6 +147,13 @@ def configure_logging(verbose: bool) -> None:
                         datefmt="%H:%M:%S")
     if verbose:
         return
+    # before the imports below: bitsandbytes warns at import that it has no 4-bit CPU kernels (we use its
+    # 8-bit Adam only), and DeepSpeed that it fell back to the CPU accelerator
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import torch
+
+    if not torch.cuda.is_available():  # what DeepSpeed would pick anyway, said so it does not warn
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import diffusers
     import lycoris.logging  # noqa: F401  (it sets its own level at import: import before overriding)
     import transformers
@@ -164,7 +163,6 @@ def configure_logging(verbose: bool) -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "no 4-bit CPU kernels": we use 8-bit Adam only
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
@@ -178,7 +176,11 @@ def main(argv: list[str] | None = None, extend: Callable[[argparse._SubParsersAc
     from relay_train.model import ModelNotFoundError
     from relay_train.nonfinite import NonFiniteError
 
-    args = build_parser(extend).parse_args(argv)
+    parser = build_parser(extend)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in CONFIG_FLAG_COMMANDS:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.config_flags = extra  # config keys as flags: checked with the config, all problems at once
     configure_logging(args.verbose)
     try:
         return args.func(args)

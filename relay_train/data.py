@@ -137,8 +137,7 @@ class EncodedDataset:
             ref = refs[(index + step) % len(refs)]
             if (ref.backend, ref.latent) not in self.bad and (-1, ref.text) not in self.bad:
                 return ref
-        raise ValueError(f"every sample of aspect bucket {bucket[0]}x{bucket[1]} has a corrupt cache entry (see the "
-                         "warnings above; they were removed): run again, or `relay precompute`, to encode them anew")
+        raise UnusableBatchError(f"every sample of aspect bucket {bucket[0]}x{bucket[1]} has a corrupt cache entry")
 
     def _try_read(self, item: tuple[int, str]) -> dict[str, torch.Tensor] | CorruptEntryError:
         try:
@@ -170,6 +169,10 @@ class EncodedDataset:
         cache.quarantine(exc.key, exc.reason)
 
 
+class UnusableBatchError(ValueError):
+    """No sample of a batch's bucket can be read: the trainer takes the next batch instead."""
+
+
 class CorruptEntryError(RuntimeError):
     """A cache entry that exists but does not decode."""
 
@@ -187,9 +190,9 @@ def image_backends(config: TrainConfig) -> list[DataBackendConfig]:
         raise ValueError("data_backend_config: no enabled image backend")
     for backend in backends:
         if backend.vae_cache_clear_each_epoch:
-            raise NotImplementedError(f"data backend {backend.id!r}: vae_cache_clear_each_epoch is not built (issue 3)")
+            raise NotImplementedError(f"data backend {backend.id!r}: vae_cache_clear_each_epoch is not built yet")
     if len(backends) > 1 and any(b.probability != 1.0 for b in backends):
-        raise NotImplementedError("per-backend sampling 'probability' is not built (issue 3): every sample is drawn "
+        raise NotImplementedError("per-backend sampling 'probability' is not built yet: every sample is drawn "
                                   "once per epoch; remove 'probability' or set it to 1.0")
     return backends
 

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from relay_train import checkpoint as ckpt
 from relay_train.caches import T5_TOKENS
-from relay_train.config import LycorisConfig, TrainConfig
+from relay_train.config import LycorisConfig, TrainConfig, skip_layer_guidance
 from relay_train.model import ModelNotFoundError, attach_lokr, compute_dtype, quantize_base
 from relay_train.prompts import validation_prompts
 
@@ -330,7 +330,7 @@ class Validator:
             out = self.pipeline(
                 prompt=prompt, negative_prompt=config.validation_negative_prompt, width=width, height=height,
                 num_inference_steps=config.validation_num_inference_steps, guidance_scale=config.validation_guidance,
-                generator=generator, max_sequence_length=T5_TOKENS,
+                generator=generator, max_sequence_length=T5_TOKENS, **skip_layer_guidance(config),
             )
         return out.images[0]
 
