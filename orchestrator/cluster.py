@@ -37,6 +37,9 @@ class ClusterConfig(BaseModel):
     gradient_sync_dtype: Literal["fp32", "bf16"] = Field("fp32", description="ddp: what the all-reduce sends; bf16 "
                                                          "halves the bytes (gradients still accumulate in fp32) "
                                                          "but the 1-vs-N-worker equality becomes approximate")
+    collective_timeout_seconds: float = Field(1800.0, gt=0, description="how long a collective (a gradient "
+                                              "all-reduce) waits for a peer before the group fails and Ray restarts "
+                                              "it from the last checkpoint (torch.distributed's timeout)")
     upload_mode: Literal["async", "sync"] = Field("async", description="checkpoint upload: async never blocks the loop")
     elastic_resize_seconds: float = Field(60.0, gt=0, description="elastic runs: how often Ray looks for room "
                                           "to grow the group back")

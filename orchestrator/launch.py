@@ -132,7 +132,7 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
     with the run's outcome whether training finished or failed."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from orchestrator.worker import train_loop_per_worker
 
@@ -156,6 +156,7 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
                                hourly_cost=cluster.hourly_cost)
     trainer = TorchTrainer(
         train_loop_per_worker,
+        torch_config=TorchConfig(timeout_s=cluster.collective_timeout_seconds),  # a collective's wait for a peer
         train_loop_config={"config_path": str(Path(config_path).resolve()), "overrides": overrides or {},
                            "upload_mode": cluster.upload_mode, "working_dir": os.getcwd(), "run_name": name,
                            "preemption_check_steps": cluster.preemption_check_steps,

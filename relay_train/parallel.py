@@ -247,8 +247,14 @@ class BucketedAllReduce:
             self._cut_buckets()
         for b in range(self.next_launch, len(self.buckets)):
             self._launch(b)
+        started = time.monotonic()
         for b, bucket in enumerate(self.buckets):
-            self.works[b].wait()  # the process group's timeout bounds this (a dead peer raises here)
+            try:
+                self.works[b].wait()  # bounded by the process group's timeout: a dead peer raises here
+            except RuntimeError as exc:
+                raise RuntimeError(f"gradient all-reduce of bucket {b + 1}/{len(self.buckets)} failed after "
+                                   f"{time.monotonic() - started:.0f} s: a peer is gone or the network is cut "
+                                   f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
             self.works[b] = None
             self._mark("done", b)
             flat, offset = self.flats[b], 0

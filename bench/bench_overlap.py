@@ -1,0 +1,240 @@
+"""`python bench/bench_ray.py overlap`: ddp's gradient all-reduce, blocking vs overlapped with backward,
+on two Ray nodes in two network namespaces joined by a tc-shaped link (tests/support/netns.py).
+
+The model: the tiny SD3 pipeline with its transformer widened to SD3.5 Medium's width (24 heads × 64 =
+1536) over 2 layers, and the seed's LoKr config (configs/sd3/lycoris_config.json), so every adapter
+tensor has the seed's production shape: ~7M trainable parameters a layer, as sd35m's ~8M. Images are
+all 64×64 (one bucket: every step has the same shapes). One sample per rank per step, the demo recipe
+otherwise (int8 base, gradient checkpointing, clip by value), adamw, no EMA, no checkpoints.
+
+Modes, each measured on both ranks at once (one intra-op thread each, one core each):
+- single: each rank trains alone (world size 1, the same per-rank batch): the step without any sync;
+- blocking: one flat fp32 all-reduce after backward (the previous path);
+- overlap-fp32, overlap-bf16: bucketed all-reduces launched from gradient hooks during backward.
+Exposed communication = step − single step; hidden_fraction = 1 − exposed / standalone all-reduce.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WIDE = {"num_attention_heads": 24, "attention_head_dim": 64, "caption_projection_dim": 1536, "num_layers": 2,
+        "dual_attention_layers": ()}
+MODES = ("single", "blocking", "overlap-fp32", "overlap-bf16")
+
+
+def prepare(root: Path) -> Path:
+    """The widened tiny pipeline, 64×64 demo images and a config; returns the config path."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+    from PIL import Image
+
+    from relay_train.demo_data import make_demo_dataset
+    from relay_train.tiny_model import make_pipeline, transformer_config
+
+    model = make_pipeline(root / "wide-sd3")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        SD3Transformer2DModel(**{**transformer_config("tiny"), **WIDE}).save_pretrained(model / "transformer")
+    data = make_demo_dataset(root / "data", count=32)
+    for image in list(data.glob("*.png")):
+        if Image.open(image).size != (64, 64):
+            image.unlink()
+            image.with_suffix(".txt").unlink()
+    backends = json.loads((REPO / "configs/demo/multidatabackend.json").read_text())
+    backends[0]["instance_data_dir"] = str(data)
+    backends[1]["cache_dir"] = str(root / "cache/text")
+    (root / "backends.json").write_text(json.dumps(backends))
+    raw = json.loads((REPO / "configs/demo/config.json").read_text())
+    raw.update({"--pretrained_model_name_or_path": str(model), "--data_backend_config": str(root / "backends.json"),
+                "--lycoris_config": str(REPO / "configs/sd3/lycoris_config.json"), "--output_dir": str(root / "out"),
+                "--train_batch_size": 1, "--max_train_steps": 100_000, "--checkpointing_steps": 100_000,
+                "--optimizer": "adamw", "use_ema": False, "--resume_from_checkpoint": "none",
+                "--caption_dropout_probability": 0.0})
+    config = root / "config.json"
+    config.write_text(json.dumps(raw, indent=1))
+    from relay_train.config import load_config
+    from relay_train.data import plan_dataset
+    from relay_train.model import resolve_model_path
+    from relay_train.precompute import build_missing
+
+    loaded = load_config(config)
+    plan = plan_dataset(loaded, resolve_model_path(loaded.pretrained_model_name_or_path))
+    if not plan.complete:  # encode once here: the ranks only read the caches
+        build_missing(plan, resolve_model_path(loaded.pretrained_model_name_or_path), torch.device("cpu"),
+                      torch.float32)
+    return config
+
+
+class Rank:
+    """One training process (a Ray actor pinned to one node): builds a trainer per mode, times steps."""
+
+    def __init__(self, rank: int, master: str, port: int, config_path: str, bucket_mb: float):
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        os.environ.update(MASTER_ADDR=master, MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        self.rank, self.config_path, self.bucket_mb = rank, config_path, bucket_mb
+        self.trainers: dict = {}
+        self.timelines: list = []
+
+    def node_ip(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
+
+    def build(self, mode: str) -> int:
+        import torch
+
+        from relay_train.config import load_config
+        from relay_train.parallel import GradientSync
+        from relay_train.trainer import build_trainer
+
+        sync = {"single": GradientSync(), "single-blocking": GradientSync(overlap=False),
+                "blocking": GradientSync(overlap=False), "overlap-fp32": GradientSync(bucket_mb=self.bucket_mb),
+                "overlap-bf16": GradientSync(bucket_mb=self.bucket_mb, dtype="bf16")}[mode]
+        world = 1 if mode.startswith("single") else 2
+        trainer = build_trainer(load_config(self.config_path), device=torch.device("cpu"), rank=0 if world == 1 else self.rank,
+                                world_size=world, gradient_sync=sync)
+        self.trainers[mode] = trainer
+        return sum(p.numel() for p in trainer.params)
+
+    def steps(self, mode: str, count: int, trace: bool = False) -> list[float]:
+        """`count` optimizer steps; seconds each. With `trace`, a timeline of backward and the buckets."""
+        trainer = self.trainers[mode]
+        reducer = getattr(trainer.update, "reducer", None)
+        marks: list = []
+        backward = trainer.update.backward
+        if trace and reducer is not None and reducer.buckets is not None:
+            reducer.timeline = marks
+
+            def timed_backward(loss):  # instrumentation only: the same call, bracketed by clock reads
+                marks.append(("backward", -1, time.perf_counter()))
+                backward(loss)
+                marks.append(("backward_end", -1, time.perf_counter()))
+
+            trainer.update.backward = timed_backward
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            marks.append(("step", -1, start))
+            trainer.optimizer_step()
+            times.append(time.perf_counter() - start)
+            marks.append(("step_end", -1, time.perf_counter()))
+        trainer.update.backward = backward
+        if reducer is not None:
+            reducer.timeline = None
+        if trace and len(marks) > 2:
+            self.timelines.append(marks)
+        return times
+
+    def allreduce(self, numel: int, dtype: str, reps: int) -> list[float]:
+        """The standalone all-reduce of the adapter's gradients: one flat buffer, nothing else running."""
+        import torch
+        import torch.distributed as dist
+
+        flat = torch.ones(numel, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+        times = []
+        for _ in range(reps):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(flat)
+            times.append(time.perf_counter() - start)
+        return times
+
+    def timeline(self) -> list:
+        return self.timelines
+
+
+def driver(config_path: str, out: str, rounds: int, steps: int, bucket_mb: float) -> None:
+    """Runs inside node a: one Rank per node, every mode in interleaved rounds, figures to `out`."""
+    import ray
+
+    ray.init(configure_logging=False, log_to_driver=False)
+    RemoteRank = ray.remote(Rank)
+    head = os.environ["RAY_ADDRESS"].split(":")[0]
+    ranks = [RemoteRank.options(num_cpus=1, resources={node: 1}).remote(n, head, 29500, config_path, bucket_mb)
+             for n, node in enumerate(("node_a", "node_b"))]
+    ips = ray.get([r.node_ip.remote() for r in ranks])
+    numel = None
+    for mode in ("single-blocking", *MODES):
+        numel = ray.get([r.build.remote(mode) for r in ranks])[0]
+    figures: dict[str, list[float]] = {m: [] for m in ("single-blocking", *MODES)}
+    for mode in figures:  # warm-up; the overlapped modes record their bucket order here
+        ray.get([r.steps.remote(mode, 2) for r in ranks])
+    standalone = {"fp32": [], "bf16": []}
+    for round_ in range(rounds):
+        for mode in figures:
+            times = ray.get([r.steps.remote(mode, steps, trace=round_ == rounds - 1 and mode == "overlap-fp32")
+                             for r in ranks])
+            figures[mode] += [max(a, b) for a, b in zip(*times)]  # a step ends when its slower rank does
+        for dtype in standalone:
+            times = ray.get([r.allreduce.remote(numel, dtype, 3) for r in ranks])
+            standalone[dtype] += [max(a, b) for a, b in zip(*times)]
+    timeline = ray.get(ranks[0].timeline.remote())
+    Path(out).write_text(json.dumps({"ips": ips, "numel": numel, "figures": figures, "standalone": standalone,
+                                     "timeline": timeline}))
+
+
+def report(result: dict, rate_mbit: float, bucket_mb: float) -> None:
+    med = {mode: statistics.median(times) for mode, times in result["figures"].items()}
+    ar = {dtype: statistics.median(times) for dtype, times in result["standalone"].items()}
+    mib = result["numel"] * 4 / (1 << 20)
+    print(f"two Ray nodes {result['ips']} over a veth link shaped to {rate_mbit} Mbit/s each way; adapter "
+          f"{result['numel'] / 1e6:.2f}M fp32 parameters ({mib:.1f} MiB), buckets of {bucket_mb} MiB")
+    print(f"{'mode':<14} {'step s':>8} {'standalone all-reduce s':>24} {'exposed comm s':>15}")
+    single = med["single"]
+    for mode in MODES:
+        wire = "bf16" if mode.endswith("bf16") else "fp32"
+        standalone = "" if mode == "single" else f"{ar[wire]:.3f}"
+        exposed = "" if mode == "single" else f"{med[mode] - single:.3f}"
+        print(f"{mode:<14} {med[mode]:>8.3f} {standalone:>24} {exposed:>15}")
+    hidden = {m: 1 - (med[m] - single) / ar["bf16" if m.endswith("bf16") else "fp32"]
+              for m in ("blocking", "overlap-fp32", "overlap-bf16")}
+    print("hidden share of the all-reduce: " + ", ".join(f"{m} {h:.2f}" for m, h in hidden.items()))
+    print(f"1 worker, this build vs the blocking build (both sync nothing): step ratio single-blocking/single "
+          f"{med['single-blocking'] / single:.3f} (speed ratio; >= 0.98 is the goal)")
+    if result["timeline"]:
+        marks = result["timeline"][-1]
+        steps = [i for i, m in enumerate(marks) if m[0] == "step"]
+        last = marks[steps[-1]:]
+        t0 = last[0][2]
+        print("timeline of the last traced step on rank 0 (ms from the step's start):")
+        print("  " + "  ".join(f"{what}{'' if b < 0 else b}@{1000 * (t - t0):.0f}" for what, b, t in last))
+    print(f"hidden_fraction={hidden['overlap-fp32']:.3f}")
+
+
+def bench_overlap(rate_mbit: float, rounds: int, steps: int, bucket_mb: float) -> None:
+    sys.path.insert(0, str(REPO / "tests"))
+    from support.netns import RayOnTwoNodes, TwoNodes, unavailable
+
+    reason = unavailable()
+    if reason:
+        print(f"overlap bench skipped: {reason}")
+        return
+    with tempfile.TemporaryDirectory(prefix="ovl") as tmp:
+        root = Path(tmp)
+        config = prepare(root)
+        out = root / "figures.json"
+        with TwoNodes(rate_mbit=rate_mbit) as nodes, \
+                RayOnTwoNodes(nodes, root, cpus=(2, 1), resources=({"node_a": 1}, {"node_b": 1})) as cluster:
+            done = cluster.run_driver([sys.executable, __file__, "--driver", str(config), str(out), str(rounds),
+                                       str(steps), str(bucket_mb)], timeout=3000)
+            if done.returncode != 0:
+                raise RuntimeError(f"the bench driver failed:\n{done.stdout[-6000:]}")
+        report(json.loads(out.read_text()), rate_mbit, bucket_mb)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--driver"]:
+    sys.path.insert(0, str(REPO))
+    config_path, out, rounds, steps, bucket_mb = sys.argv[2:7]
+    driver(config_path, out, int(rounds), int(steps), float(bucket_mb))
