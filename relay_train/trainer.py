@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 
 from relay_train import checkpoint as ckpt
-from relay_train.buckets import BucketBatchSampler
+from relay_train.buckets import Bucket, BucketBatchSampler
 from relay_train.config import TrainConfig
-from relay_train.data import EncodedDataset, encode_dataset
+from relay_train.data import BucketTensors, EncodedDataset, UnusableBatchError, encode_dataset
 from relay_train.model import AdapterModel, build_adapter_model, compute_dtype, pick_device, resolve_model_path
 from relay_train.nonfinite import NonFiniteError, StepGuard, nonfinite_tensors
 from relay_train.optim import AdapterEMA, build_scheduler
@@ -295,10 +295,10 @@ class Trainer:
         accum = self.config.gradient_accumulation_steps
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(accum):
-            bucket, indices = self.sampler.next_batch()
+            bucket, indices, batch = self.next_batch()
             share = shard_of(len(indices), self.rank, self.world_size)
             loss = train_step(
-                self.model.transformer, self.dataset.batch(bucket, indices), self.empty_prompt, self.generator,
+                self.model.transformer, batch, self.empty_prompt, self.generator,
                 shift=self.config.flow_schedule_shift, caption_dropout=self.config.caption_dropout_probability,
                 device=self.device, dtype=self.dtype, share=share,
             )
@@ -319,6 +319,18 @@ class Trainer:
         if self.ema is not None and self.step % self.config.ema_update_interval == 0:
             self.ema.update(self.model.network)
         return loss_sum / accum, grad_norm, ok
+
+    def next_batch(self) -> tuple[Bucket, list[int], BucketTensors]:
+        """The sampler's next batch, read from the caches. A batch none of whose samples can be read (every
+        cache entry of its bucket corrupt: see EncodedDataset) is passed over, the same on every rank."""
+        for _ in range(self.sampler.batches_per_epoch() + 1):
+            bucket, indices = self.sampler.next_batch()
+            try:
+                return bucket, indices, self.dataset.batch(bucket, indices)
+            except UnusableBatchError as exc:
+                log.warning("step %d: batch passed over: %s", self.step + 1, exc)
+        raise ValueError("no batch of a whole epoch could be read: the caches are corrupt (see the warnings above; the "
+                         "bad entries were removed): run again, or `relay precompute`, to encode them anew")
 
     def fit(self) -> FitResult:
         result = FitResult(step=self.step, total_steps=self.total_steps, stopped_early=False, last_checkpoint=None)
