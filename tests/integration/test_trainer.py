@@ -97,7 +97,7 @@ def test_exported_adapter_reloads_through_lycoris(make_config, tiny_model):
     import lycoris
     from safetensors.torch import load_file
 
-    config = make_config(**SHORT, max_train_steps=8)
+    config = make_config(**SHORT, max_train_steps=8, adapter_export_dtype="fp32")  # bitwise: keep fp32
     trainer = build_trainer(config)
     result = trainer.fit()
     plain, ema = result.exported
@@ -126,9 +126,11 @@ def test_exported_adapter_reloads_through_lycoris(make_config, tiny_model):
 
 
 def test_init_lora_continues_from_an_export(make_config):
-    first = build_trainer(make_config(**SHORT, max_train_steps=4, out="first"))
+    first = build_trainer(make_config(**SHORT, max_train_steps=4, out="first", adapter_export_dtype="fp32"))
     exported = first.fit().exported[0]
-    second = build_trainer(make_config(**SHORT, max_train_steps=4, out="second", init_lora=str(exported)))
+    # init_lora_step 0: train it anew (unset, the run would continue from the file's step 4, i.e. be done)
+    second = build_trainer(make_config(**SHORT, max_train_steps=4, out="second", init_lora=str(exported),
+                                       init_lora_step=0))
     for name, tensor in first.model.network.state_dict().items():
         assert torch.equal(second.model.network.state_dict()[name], tensor)
 
