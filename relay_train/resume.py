@@ -18,7 +18,8 @@ Verdict = Literal["allowed", "refused", "warned"]
 # Keys that may change freely between runs of one training: length, bookkeeping, validation, where
 # results go. learning_rate is applied to the restored optimizer and schedule (see Trainer.restore).
 ALLOWED = frozenset({
-    "max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit", "output_dir",
+    "max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpoint_step_interval", "checkpoints_total_limit",
+    "output_dir", "adapter_export_dtype", "init_lora_step", "vae_cache_ondemand",
     "resume_from_checkpoint", "learning_rate", "lr_warmup_steps", "gradient_checkpointing", "quantize_via",
     "lycoris_config", "data_backend_config", "vae_batch_size", "delete_problematic_images",
     "skip_file_discovery", "compress_disk_cache", "lora_rank", "lora_alpha", "init_lora",
