@@ -217,9 +217,19 @@ DEFAULT_DIFFERENCES: dict[str, tuple[str, str]] = {
 """Relay's deliberate default differences: key -> (SimpleTuner 4.10.1's default, why Relay differs)."""
 
 
+UNSET_REFUSED_NOTES: dict[str, str] = {
+    "attention_mechanism": "--attention_mechanism is not set: Relay uses diffusers' attention (PyTorch SDPA picks "
+                           "its kernel) where SimpleTuner 4.10.1 defaults to 'kohaku-fa-auto'",
+    "validation_disable_unconditional": "--validation_disable_unconditional is not set: Relay renders only the "
+                                        "prompts it is given, where SimpleTuner 4.10.1 adds a render of the empty "
+                                        "prompt at each validation",
+}
+"""Options Relay does not implement whose SimpleTuner default differs from what Relay does: noted when unset."""
+
+
 def default_notes(set_keys: set[str], values: Mapping[str, Any]) -> list[str]:
     """A start-up line for each deliberately different default that this config relied on."""
-    notes = []
+    notes = [note for key, note in UNSET_REFUSED_NOTES.items() if key not in set_keys]
     for key, (theirs, why) in DEFAULT_DIFFERENCES.items():
         if key in set_keys or key not in values:
             continue
