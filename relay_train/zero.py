@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from relay_train.config import TrainConfig
-from relay_train.optim import ADAMW_BETAS, ADAMW_EPS, ADAMW_WEIGHT_DECAY
+from relay_train.optim import OPTIMIZER_SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ BUCKET_ELEMENTS = 50_000_000
 def check_config(config: TrainConfig) -> list[str]:
     """Problems with running this recipe under ZeRO-2 (empty when it can run)."""
     problems = []
-    if config.optimizer != "adamw":
+    if config.optimizer == "bnb-adamw8bit":
         problems.append(
             f"--optimizer {config.optimizer!r} with cluster strategy 'deepspeed' (ZeRO-2) is not supported: its "
             "block-quantized state cannot be consolidated into one exact optimizer.pt. Set --optimizer adamw, or "
@@ -89,8 +89,8 @@ class ZeroStage2:
         if Version(deepspeed.__version__) < Version(MIN_DEEPSPEED):
             raise RuntimeError(f"strategy deepspeed needs deepspeed>={MIN_DEEPSPEED}; found {deepspeed.__version__}")
         self.clip_method, self.clip_limit = config.grad_clip_method, config.max_grad_norm
-        self.optimizer = ClippedAdamW(params, lr=config.learning_rate, betas=ADAMW_BETAS, eps=ADAMW_EPS,
-                                      weight_decay=ADAMW_WEIGHT_DECAY)
+        # adamw, adamw_bf16 and optimi-adamw are all torch AdamW on fp32 weights, each with its own settings
+        self.optimizer = ClippedAdamW(params, lr=config.learning_rate, **OPTIMIZER_SETTINGS[config.optimizer])
         bucket = max(1, min(BUCKET_ELEMENTS, sum(p.numel() for p in params)))
         ds_config = {
             "train_micro_batch_size_per_gpu": config.train_batch_size,
