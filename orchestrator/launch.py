@@ -181,7 +181,7 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
     stop = StopRequest(steward)
     try:
         with stop:
-            result = trainer.fit()
+            result = fit_off_the_main_thread(trainer)
     except BaseException as exc:
         display.close()
         ray.get(steward.close.remote({"type": "failed", "error": redact.redact(f"{type(exc).__name__}: {str(exc)[:500]}")},
@@ -202,6 +202,29 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
 
 
 FINAL_FLUSH_SECONDS = 300  # per service, at the end of the run (the webhook's own bound is shorter)
+
+
+def fit_off_the_main_thread(trainer):
+    """trainer.fit() on a helper thread, so that Ray Train installs no SIGINT handler of its own (it
+    aborts the run at once, losing the steps since the last checkpoint) and the main thread's
+    StopRequest decides what a signal does."""
+    import threading
+
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread as is
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="relay-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # short waits: signal handlers run between them
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 class StopRequest:
