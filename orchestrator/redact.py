@@ -17,13 +17,16 @@ from collections.abc import Iterable
 from pydantic import SecretStr
 
 from relay_train.config import TrainConfig
-from relay_train.redaction import MASK, MIN_LENGTH, url_parts  # noqa: F401  (the masking rules, shared with config errors)
+from relay_train.redaction import (  # noqa: F401  (the masking rules, shared with config errors)
+    MASK,
+    MIN_LENGTH,
+    SECRET_ENV,
+    environment_secrets,
+    url_parts,
+)
 from relay_train.redaction import mask as _mask
 from relay_train.redaction import plain as _plain
 
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-              "AWS_SESSION_TOKEN", "WANDB_API_KEY")
-"""Environment variables whose values are secrets."""
 
 
 def secret_values(config: TrainConfig | None = None, environ: dict[str, str] | None = None) -> set[str]:
@@ -38,20 +41,8 @@ def secret_values(config: TrainConfig | None = None, environ: dict[str, str] | N
         found.add(_plain(hook.auth_token) or "")
     for backend in (config.data_backends if config else []):
         found.update(_plain(v) or "" for v in (backend.aws_access_key_id, backend.aws_secret_access_key))
-    found.update(environ.get(name, "") for name in SECRET_ENV)
-    found.add(_saved_hf_token(environ) or "")
+    found |= environment_secrets(environ)
     return {value for value in found if len(value) >= MIN_LENGTH}
-
-
-def _saved_hf_token(environ: dict[str, str]) -> str | None:
-    """The token `hf auth login` stored, read as huggingface_hub does (HF_TOKEN_PATH, else HF_HOME/token)."""
-    path = environ.get("HF_TOKEN_PATH") or os.path.join(
-        environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "token")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read().strip() or None
-    except OSError:
-        return None
 
 
 class Redactor(logging.Filter):

@@ -35,7 +35,7 @@ from relay_train.config_files import (
     validate_field,
     with_defaults,
 )
-from relay_train.redaction import mask, secrets_in
+from relay_train.redaction import environment_secrets, mask, secrets_in
 
 __all__ = [
     "ConfigError", "DataBackendConfig", "LycorisConfig", "TrainConfig", "WebhookConfig",
@@ -61,7 +61,8 @@ class ConfigError(ValueError):
     """Every problem found in a config, one per line; `secrets` (webhook URLs, tokens) are masked in each."""
 
     def __init__(self, problems: list[str], source: str | Path | None = None, secrets: set[str] | None = None) -> None:
-        self.problems = [mask(p, secrets or ()) for p in problems]
+        hidden = (secrets or set()) | environment_secrets()  # as every log line masks them
+        self.problems = [mask(p, hidden) for p in problems]
         head = f"{len(self.problems)} problem(s) in {source or 'the training config'}:"
         super().__init__("\n".join([head, *(f"  - {p}" for p in self.problems)]))
 

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -14,6 +15,9 @@ MASK = "<hidden>"
 MIN_LENGTH = 8
 """Shorter values are not masked: real keys and tokens are longer, and masking a short word (moto's
 test credential 'testing', say) would garble ordinary text."""
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+              "AWS_SESSION_TOKEN", "WANDB_API_KEY")
+"""Environment variables whose values are secrets."""
 SECRET_KEY_WORDS = ("webhook", "callback_url", "token", "secret", "password", "api_key", "access_key")
 """A config key containing one of these holds a secret (webhook_url, auth_token, aws_secret_access_key...)."""
 
@@ -73,4 +77,22 @@ def secrets_in(data: Any, secret: bool = False) -> set[str]:
             found.add(text)
             if text.startswith(("http://", "https://")):
                 found.update(url_parts(text))
+    return {value for value in found if len(value) >= MIN_LENGTH}
+
+
+def saved_hf_token(environ: Mapping[str, str]) -> str | None:
+    """The token `hf auth login` stored, read as huggingface_hub does (HF_TOKEN_PATH, else HF_HOME/token)."""
+    path = environ.get("HF_TOKEN_PATH") or os.path.join(
+        environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "token")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
+def environment_secrets(environ: Mapping[str, str] | None = None) -> set[str]:
+    """The secret environment variables' values and the saved Hugging Face token."""
+    environ = os.environ if environ is None else environ
+    found = {environ.get(name, "") for name in SECRET_ENV} | {saved_hf_token(environ) or ""}
     return {value for value in found if len(value) >= MIN_LENGTH}

@@ -333,3 +333,9 @@ def test_every_other_family_example_is_refused_in_one_line(workdir: Path) -> Non
                                        f"{compat.FAMILIES_WORDS}"], name
         refused += 1
     assert refused >= 100 and len(not_json) <= 1, not_json
+
+
+def test_environment_secrets_are_masked_in_config_errors(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_realLookingToken0123456789")
+    [line] = problems_of(workdir, minimal(validation_prompt=["hf_realLookingToken0123456789"]))
+    assert line.startswith("'--validation_prompt': got ") and "hf_realLookingToken" not in line and "<hidden>" in line
