@@ -80,7 +80,7 @@ class LatentEncoder:
                     data = store.read(str(batch["image_key"][i]))
                     pixels.append(load_pixels(data, bucket, self.backends[int(batch["backend"][i])], _seed(keys[i])))
                     good.append(i)
-                except (OSError, ValueError) as exc:  # vanished or changed since discovery: skip, never crash
+                except Exception as exc:  # vanished or changed since discovery (any decoder error): skip, never crash
                     log.warning("latent for %s not encoded: %s", batch["image_key"][i], exc)
             if good:
                 self._encode(torch.stack(pixels), [keys[i] for i in good], [int(batch["backend"][i]) for i in good])
