@@ -137,6 +137,8 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
     from orchestrator.worker import train_loop_per_worker
 
     config = load_config(config_path, overrides)
+    for note in config.mapping_notes():  # how SimpleTuner's semantics map here, and defaults that differ
+        log.info("config: %s", note)
     if cluster.strategy == "deepspeed":  # before any worker starts: a recipe ZeRO-2 cannot run fails here
         from relay_train.zero import check_config
 
