@@ -202,6 +202,11 @@ class Trainer:
             raise ckpt.CheckpointError(f"{folder}: {ckpt.CONFIG} is not a JSON object of settings") from exc
         defaults = {k: json.loads(json.dumps(f.default, default=str)) for k, f in TrainConfig.model_fields.items()
                     if not f.is_required() and f.default_factory is None}
+        if isinstance(saved.get("lycoris"), dict) and self.config.lycoris is not None:  # as this version reads it
+            try:
+                saved["lycoris"] = type(self.config.lycoris).model_validate(saved["lycoris"]).model_dump(mode="json")
+            except ValueError:
+                pass  # no longer valid at all: compared as saved, and refused if it differs
         changes = classify_config_changes(saved, self.config.resolved_dict(), state.step, defaults)
         refused = [c for c in changes if c.verdict == "refused"]
         if self.total_steps < state.step and not any(c.key == "max_train_steps" for c in refused):
@@ -255,8 +260,8 @@ class Trainer:
     @torch.no_grad()
     def require_finite_state(self, what: str) -> None:
         """NonFiniteError unless the adapter and its EMA are finite. One host sync: call where one is paid."""
-        tensors = [p.detach().float() for p in self.params] + (list(self.ema.shadow.values()) if self.ema else [])
-        if bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):
+        groups = [[p.detach().float() for p in self.params], list(self.ema.shadow.values()) if self.ema else []]
+        if all(bool(torch.isfinite(torch.stack(torch._foreach_norm(g))).all()) for g in groups if g):
             return
         names = nonfinite_tensors({k: v.detach().cpu() for k, v in self.model.network.state_dict().items()})
         names += [f"EMA {n}" for n in nonfinite_tensors(self.ema.state_dict() if self.ema else {})]

@@ -261,7 +261,7 @@ def test_a_second_run_on_one_output_dir_is_refused_and_double_ctrl_c_keeps_state
     if first.returncode == EXIT_INTERRUPTED:  # the second arrived before the checkpoint began
         assert "interrupted before a checkpoint was complete" in err
     else:  # it arrived while the checkpoint was being written: the write finished first
-        assert first.returncode == 0 and "stopped at step" in err, err[-3000:]
+        assert first.returncode == 128 + signal.SIGINT and "stopped at step" in err, err[-3000:]
     out = tmp_path / "out"
     assert not list(out.glob("*.partial"))
     for folder in out.glob("checkpoint-*"):
@@ -315,8 +315,11 @@ def test_kill_9_at_random_points_then_resume_is_bitwise_an_uninterrupted_run(con
     a, b = tmp_path / "straight", out
     for name in ("sd35-straight-lokr.safetensors", "sd35-straight-lokr-ema.safetensors"):
         assert_tree_equal(load_file(str(a / name)), load_file(str(b / name.replace("straight", "chaos"))), name)
-    for name in (ckpt.OPTIMIZER, ckpt.SCHEDULER, ckpt.RNG):
+    for name in (ckpt.OPTIMIZER, ckpt.SCHEDULER):
         assert_tree_equal(torch.load(a / "checkpoint-10" / name, weights_only=True),
                           torch.load(b / "checkpoint-10" / name, weights_only=True), name)
+    rng_a, rng_b = (torch.load(x / "checkpoint-10" / ckpt.RNG, weights_only=True) for x in (a, b))
+    for name in ("generator", "torch"):  # numpy's and Python's start from OS entropy in each process; unused
+        assert_tree_equal(rng_a[name], rng_b[name], f"rng.{name}")
     assert_tree_equal(load_file(str(a / "checkpoint-10" / ckpt.ADAPTER_EMA)),
                       load_file(str(b / "checkpoint-10" / ckpt.ADAPTER_EMA)), "ema")
