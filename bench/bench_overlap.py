@@ -1,10 +1,13 @@
 """`python bench/bench_ray.py overlap`: ddp's gradient all-reduce, blocking vs overlapped with backward,
 on two Ray nodes in two network namespaces joined by a tc-shaped link (tests/support/netns.py).
 
-The model: the tiny SD3 pipeline with its transformer widened to SD3.5 Medium's width (24 heads × 64 =
-1536) over 2 layers, and the seed's LoKr config (configs/sd3/lycoris_config.json), so every adapter
-tensor has the seed's production shape: ~7M trainable parameters a layer, as sd35m's ~8M. Images are
-all 64×64 (one bucket: every step has the same shapes). One sample per rank per step, the demo recipe
+The model: the tiny SD3 pipeline with its transformer widened to 768 (12 heads × 64, half SD3.5
+Medium's 1536) over 8 layers, with the seed's LoKr config (configs/sd3/lycoris_config.json): 14.2M
+trainable fp32 parameters (54 MiB), ~1.8M a layer. Eight layers rather than two at full width (the
+same adapter size and compute) because backward produces a layer's gradients together: with two
+layers the last one's attention (over a third of the adapter) is ready only as backward ends, which
+no bucketing can hide; sd35m has 24 layers. Images are all 64×64 (one bucket: every step has the
+same shapes). One sample per rank per step, the demo recipe
 otherwise (int8 base, gradient checkpointing, clip by value), adamw, no EMA, no checkpoints.
 
 Modes, each measured on both ranks at once (one intra-op thread each, one core each):
@@ -25,7 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WIDE = {"num_attention_heads": 24, "attention_head_dim": 64, "caption_projection_dim": 1536, "num_layers": 2,
+WIDE = {"num_attention_heads": 12, "attention_head_dim": 64, "caption_projection_dim": 768, "num_layers": 8,
         "dual_attention_layers": ()}
 MODES = ("single", "blocking", "overlap-fp32", "overlap-bf16")
 
@@ -213,6 +216,30 @@ def report(result: dict, rate_mbit: float, bucket_mb: float) -> None:
     print(f"hidden_fraction={hidden['overlap-fp32']:.3f}")
 
 
+# Measured on one H100 (bench/RESULTS.md, bench/gpu_step_h100.json): the production step and its backward.
+H100_STEP_S, H100_BACKWARD_SHARE, ADAPTER_PARAMS = 1.782, 0.67, 198.8e6
+
+
+def production_arithmetic(bucket_mb: float = 25.0) -> None:
+    """Ring all-reduce: each node sends 2(N-1)/N of the gradient bytes. Blocking adds all of it to the
+    step; overlapped hides what fits in backward and leaves the last bucket's all-reduce exposed."""
+    backward = H100_STEP_S * H100_BACKWARD_SHARE
+    print(f"production, per step: {H100_STEP_S} s on an H100, backward {backward:.3f} s, adapter "
+          f"{ADAPTER_PARAMS / 1e6:.1f}M params ({ADAPTER_PARAMS * 4 / 2**30:.2f} GiB fp32), buckets {bucket_mb} MiB")
+    print(f"{'nodes':>5} {'Gb/s':>5} {'wire':>5} {'all-reduce s':>12} {'blocking step':>13} {'overlapped step':>15} "
+          f"{'speed blocking':>14} {'speed overlapped':>16}")
+    for nodes in (4, 8):
+        for gbps in (10, 25, 100):
+            for wire, size in (("fp32", 4), ("bf16", 2)):
+                share = 2 * (nodes - 1) / nodes
+                allreduce = share * ADAPTER_PARAMS * size * 8 / (gbps * 1e9)
+                last = share * bucket_mb * 2**20 * (size / 4) * 8 / (gbps * 1e9)
+                blocking = H100_STEP_S + allreduce
+                overlapped = H100_STEP_S + max(0.0, allreduce - backward) + last
+                print(f"{nodes:>5} {gbps:>5} {wire:>5} {allreduce:>12.3f} {blocking:>13.3f} {overlapped:>15.3f} "
+                      f"{H100_STEP_S / blocking:>14.2f} {H100_STEP_S / overlapped:>16.2f}")
+
+
 def bench_overlap(rate_mbit: float, rounds: int, steps: int, bucket_mb: float) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from support.netns import RayOnTwoNodes, TwoNodes, unavailable
@@ -226,12 +253,13 @@ def bench_overlap(rate_mbit: float, rounds: int, steps: int, bucket_mb: float) -
         config = prepare(root)
         out = root / "figures.json"
         with TwoNodes(rate_mbit=rate_mbit) as nodes, \
-                RayOnTwoNodes(nodes, root, cpus=(2, 1), resources=({"node_a": 1}, {"node_b": 1})) as cluster:
+                RayOnTwoNodes(nodes, cpus=(2, 1), resources=({"node_a": 1}, {"node_b": 1})) as cluster:
             done = cluster.run_driver([sys.executable, __file__, "--driver", str(config), str(out), str(rounds),
                                        str(steps), str(bucket_mb)], timeout=3000)
             if done.returncode != 0:
                 raise RuntimeError(f"the bench driver failed:\n{done.stdout[-6000:]}")
         report(json.loads(out.read_text()), rate_mbit, bucket_mb)
+    production_arithmetic()
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--driver"]:

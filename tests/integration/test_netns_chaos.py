@@ -29,6 +29,9 @@ def _wait(what: str, condition, seconds: float) -> float:
     return time.monotonic()
 
 
+TIMED_OUT = "gradient all-reduce of bucket"  # relay_train.parallel's error when a wait fails
+
+
 def _committed(run: Path) -> list[int]:
     snapshot = run / "checkpoint_manager_snapshot.json"
     text = snapshot.read_text() if snapshot.is_file() else ""
@@ -45,7 +48,7 @@ def test_cut_link_times_out_the_allreduce_and_ray_resumes_from_the_last_commit(c
                          validation_steps=0)
     log, out, runs = tmp_path / "driver.log", tmp_path / "result.json", tmp_path / "runs"
     with TwoNodes(rate_mbit=200) as nodes, \
-            RayOnTwoNodes(nodes, tmp_path, cpus=(3, 1), resources=({"trainer": 1}, {"trainer": 1})) as cluster:
+            RayOnTwoNodes(nodes, cpus=(3, 1), resources=({"trainer": 1}, {"trainer": 1})) as cluster:
         with open(log, "w") as sink:
             driver = nodes.popen(0, [sys.executable, __file__, str(config), str(runs), str(out)],
                                  {**cluster.env, "RAY_ADDRESS": cluster.address}, stdout=sink,
@@ -54,8 +57,7 @@ def test_cut_link_times_out_the_allreduce_and_ray_resumes_from_the_last_commit(c
         nodes.cut()
         cut_at = time.monotonic()
         committed_at_cut = _committed(runs / "cut")[-1]
-        failed_at = _wait("the gradient all-reduce's timeout",
-                          lambda: "gradient all-reduce of bucket" in log.read_text(errors="replace"), 180)
+        failed_at = _wait("the gradient all-reduce's timeout", lambda: cluster.logged(TIMED_OUT), 180)
         for pid in subprocess.run(["ip", "netns", "pids", nodes.names[1]], capture_output=True, text=True,
                                   timeout=30).stdout.split():  # node b is lost; a fresh one replaces it
             subprocess.run(["kill", "-9", pid], capture_output=True, timeout=30)
@@ -77,9 +79,13 @@ def test_cut_link_times_out_the_allreduce_and_ray_resumes_from_the_last_commit(c
 
 def _driver(config: str, runs: str, out: str) -> None:
     """Runs inside node a: the run as users launch it, 2 workers, one per node."""
+    import ray
+
     from orchestrator.cluster import ClusterConfig
     from orchestrator.launch import launch
     from relay_train import checkpoint as ckpt
+
+    ray.init(log_to_driver=True)  # the workers' errors in this driver's log too
 
     cluster = ClusterConfig(num_workers=2, resources_per_worker={"trainer": 1}, storage_path=runs, run_name="cut",
                             max_failures=3, preemption_check_steps=0, gradient_bucket_mb=0.004,

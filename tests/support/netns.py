@@ -4,7 +4,7 @@ A truer multi-node cluster than ray.cluster_utils: every byte between the nodes 
 own control and object traffic) crosses one link with a bandwidth limit, and the link can be cut.
 
     with TwoNodes(rate_mbit=200) as nodes:          # namespaces + veth + tbf on both ends
-        with RayOnTwoNodes(nodes, tmp_path) as ray_nodes:  # a Ray head in node a, a worker in node b
+        with RayOnTwoNodes(nodes) as ray_nodes:           # a Ray head in node a, a worker in node b
             ray_nodes.run_driver([python, script, ...], timeout=300)  # the driver runs inside node a
             nodes.cut()                              # `ip link set down`: the link goes dead
 
@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -196,10 +197,12 @@ class RayOnTwoNodes:
 
     PORT = 6379
 
-    def __init__(self, nodes: TwoNodes, workdir: Path, cpus: tuple[float, float] = (1, 1),
-                 resources: tuple[dict, dict] = ({}, {}), object_store_mb: int = 256, env: dict | None = None):
+    def __init__(self, nodes: TwoNodes, cpus: tuple[float, float] = (1, 1), resources: tuple[dict, dict] = ({}, {}),
+                 object_store_mb: int = 256, env: dict | None = None):
         self.nodes, self.cpus, self.resources = nodes, cpus, resources
-        self.temp_dir = Path(workdir) / "ray"  # short: unix socket paths are limited to 107 bytes
+        # Ray's session (sockets, logs) in a short folder of its own: unix socket paths are limited to 107
+        # bytes; deleted with the cluster.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rn-", dir="/tmp"))
         self.object_store = object_store_mb * (1 << 20)
         # Token auth off: the cluster's only network is the veth pair inside these two namespaces.
         self.env = {"GLOO_SOCKET_IFNAME": IFNAME, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
@@ -211,13 +214,22 @@ class RayOnTwoNodes:
         return f"{self.nodes.ips[0]}:{self.PORT}"
 
     def __enter__(self) -> RayOnTwoNodes:
-        self.start_node(0)
-        self.start_node(1)
-        self.wait_for_nodes(2, timeout=90)
+        try:
+            self.start_node(0)
+            self.start_node(1)
+            self.wait_for_nodes(2, timeout=90)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         self.nodes.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def logged(self, text: str) -> bool:
+        """Whether any Ray worker process has written `text` to its log."""
+        return any(text in f.read_text(errors="replace") for f in self.temp_dir.glob("session_*/logs/worker-*"))
 
     def _ray(self) -> str:
         return str(Path(sys.executable).with_name("ray"))
