@@ -129,3 +129,22 @@ def test_shard_of_covers_the_batch_once():
         for world in (1, 2, 3, 4):
             shares = [shard_of(count, r, world) for r in range(world)]
             assert [i for s in shares for i in range(count)[s]] == list(range(count))
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), 1e6])
+def test_gradient_bucket_mb_out_of_range_is_a_config_error(bad):
+    from orchestrator.cluster import load_cluster_config
+    from relay_train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="gradient_bucket_mb must be in"):
+        load_cluster_config(None, {"gradient_bucket_mb": bad})
+
+
+def test_bf16_sync_with_deepspeed_names_deepspeeds_own_options():
+    from orchestrator.cluster import load_cluster_config
+    from relay_train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="overlap_comm.*communication_data_type"):
+        load_cluster_config(None, {"strategy": "deepspeed", "gradient_sync_dtype": "bf16"})
+    assert load_cluster_config(None, {"gradient_sync_dtype": "bf16"}).gradient_sync_dtype == "bf16"
+    assert load_cluster_config(None, {}).gradient_bucket_mb == 25
