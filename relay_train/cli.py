@@ -34,12 +34,13 @@ class StopOnSignal:
 
     def __init__(self, is_saving: Callable[[], bool] = lambda: False) -> None:
         self.requested, self.is_saving, self.pressed_while_saving = False, is_saving, 0
+        self.signum = 0
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if not self.requested:
-            self.requested = True
+            self.requested, self.signum = True, signum
             log.warning("signal %d: checkpointing at the next step boundary, then stopping (send again to abort)",
                         signum)
             return
@@ -76,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.stopped_early:
         log.warning("stopped at step %d/%d; %s holds everything. Run the same command to resume.",
                     result.step, result.total_steps, result.last_checkpoint)
-        return EXIT_OK
+        return 128 + stop.signum if stop.signum else EXIT_OK  # the shell's "ended by this signal", as relay launch
     log.info("done: %d steps; adapter: %s", result.step, ", ".join(map(str, result.exported)))
     return EXIT_OK
 

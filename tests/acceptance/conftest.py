@@ -7,11 +7,15 @@ changes and untracked files laid on top (so a developer tests what they see; CI'
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +97,47 @@ def background():
             proc.wait(timeout=30)
 
 
+@pytest.fixture
+def head(fresh_clone, background, tmp_path_factory):
+    """`ray start --head` on loopback with the clone's venv first on PATH (so a job's `python` is the
+    clone's), in its own process group. Yields (dashboard address, GCS address, start_node): start_node
+    adds a worker node with the given custom resources and returns its process."""
+    import socket
+
+    def free() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    gcs, dashboard = free(), free()
+    temp = tempfile.mkdtemp(prefix="ra")  # short: Ray's socket paths must fit 107 characters
+    env = fresh_clone.env(PATH=f"{fresh_clone.root / '.venv/bin'}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled")
+    common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    background([fresh_clone.ray, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}", *common],
+               env=env, cwd=fresh_clone.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dashboard}"
+
+    def answers() -> bool:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
+
+    wait_for("the Ray head's job API", answers, timeout=180)
+
+    def start_node(resources: dict[str, float], cpus: int = 1) -> subprocess.Popen:
+        return background([fresh_clone.ray, "start", f"--address=127.0.0.1:{gcs}", f"--num-cpus={cpus}",
+                           f"--resources={json.dumps(resources)}", *common],
+                          env=env, cwd=fresh_clone.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    yield address, f"127.0.0.1:{gcs}", start_node, env
+    shutil.rmtree(temp, ignore_errors=True)
+
+
 def wait_for(what: str, check, timeout: float, every: float = 1.0):
     """Poll `check()` until it returns something truthy; fail naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -102,3 +147,33 @@ def wait_for(what: str, check, timeout: float, every: float = 1.0):
             return value
         time.sleep(every)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def poll():
+    """wait_for, for the tests: poll(what, check, timeout)."""
+    return wait_for
+
+
+@pytest.fixture
+def user_files(fresh_clone, tmp_path):
+    """A user's own recipe for a cluster: the demo's config with the model, the data and the caches at
+    absolute paths (a job's working directory is a copy), made with the user's commands where missing."""
+    root = fresh_clone.root
+    for command, marker in ((".venv/bin/relay make-tiny-model demo/tiny-sd3", "demo/tiny-sd3/model_index.json"),
+                            (".venv/bin/relay make-demo-data demo/data", "demo/data")):
+        if not (root / marker).exists():
+            made = fresh_clone.run(command, timeout=300)
+            assert made.returncode == 0, made.stderr[-2000:]
+    backends = json.loads((root / "configs/demo/multidatabackend.json").read_text())
+    backends[0]["instance_data_dir"] = str(root / "demo/data")
+    backends[0]["cache_dir_vae"] = str(tmp_path / "cache/vae")
+    backends[1]["cache_dir"] = str(tmp_path / "cache/text")
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
+    config = json.loads((root / "configs/demo/config.json").read_text())
+    config.update({"--pretrained_model_name_or_path": str(root / "demo/tiny-sd3"),
+                   "--data_backend_config": str(tmp_path / "multidatabackend.json"),
+                   "--lycoris_config": str(root / "configs/demo/lycoris_config.json"),
+                   "--output_dir": str(tmp_path / "out"), "--validation_steps": 0})
+    (tmp_path / "config.json").write_text(json.dumps(config, indent=1))
+    return tmp_path / "config.json"

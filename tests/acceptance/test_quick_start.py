@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO  # tests/acceptance/conftest.py
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,105 @@
+"""The README's cluster command against a running head, storage on S3 (moto on loopback), and the
+spot agent as its own process: what a user types, as processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SUBMIT = "ray job submit --working-dir . -- python jobs/train.py --config {config} --cluster {cluster}"
+
+
+def _cluster(tmp_path, name: str, bucket: str, endpoint: str, **extra) -> str:
+    path = tmp_path / f"cluster-{name}.json"
+    path.write_text(json.dumps({"num_workers": 1, "storage_path": f"s3://{bucket}/runs", "storage_endpoint_url": endpoint,
+                                "run_name": name, "max_failures": 3, "preemption_check_steps": 5, **extra}))
+    return str(path)
+
+
+def _status(clone, run: str, bucket: str, endpoint: str, env: dict) -> dict | None:
+    got = subprocess.run([clone.relay, "status", run, "--storage", f"s3://{bucket}/runs", "--endpoint", endpoint, "--json",
+                          "--no-hub"], cwd=clone.root, env=env, capture_output=True, text=True, timeout=120)
+    return json.loads(got.stdout) if got.returncode == 0 else None
+
+
+def test_ray_job_submit_status_while_it_trains_and_a_resubmit_resumes(fresh_clone, head, user_files, s3_bucket,
+                                                                      s3_endpoint, background, poll, tmp_path):
+    address, _, _, env = head
+    _, bucket = s3_bucket
+    cluster = _cluster(tmp_path, "job", bucket, s3_endpoint)
+    env = {**env, "RAY_ADDRESS": address}
+    command = SUBMIT.format(config=user_files, cluster=cluster)
+    job = background(["bash", "-c", command + " --set max_train_steps=200 --set checkpointing_steps=50"],
+                     cwd=fresh_clone.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = poll("relay status to show the run training", lambda: (
+        (s := _status(fresh_clone, "job", bucket, s3_endpoint, env)) and s["state"] == "running" and s["step"] > 0 and s),
+        timeout=600)
+    assert seen["total_steps"] == 200 and seen["storage"] == f"s3://{bucket}/runs/job"
+    out, _ = job.communicate(timeout=900)
+    assert job.returncode == 0, out[-5000:]
+    assert "succeeded" in out and "completed at step 200" in out and "checkpoint 200 committed: s3://" in out
+    assert "(RayTrainWorker" not in out and "PlacementGroupCleaner" not in out  # the driver's view only
+
+    again = subprocess.run(["bash", "-c", command + " --max_train_steps=250 --checkpointing_steps=50"],
+                           cwd=fresh_clone.root, env=env, capture_output=True, text=True, timeout=900)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-5000:]
+    assert "resumed at step 200" in out and "completed at step 250" in out
+    final = _status(fresh_clone, "job", bucket, s3_endpoint, env)
+    assert final["state"] == "completed" and final["step"] == 250 and final["checkpoints"][-1] == 250
+    assert [a["reason"] for a in final["attempts"]] == ["fresh", "resubmitted"]
+
+
+def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(fresh_clone, head, user_files, s3_bucket, s3_endpoint,
+                                                            background, poll, webhook_receiver, tmp_path):
+    from fake_imds import FakeMetadata  # tests/fake_imds.py
+
+    address, gcs, start_node, env = head
+    _, bucket = s3_bucket
+    env = {**env, "RAY_ADDRESS": address}
+    node = start_node({"spot": 1})
+    find = [fresh_clone.python, "-c", "import json, ray; ray.init(address='" + gcs + "', logging_level='ERROR'); "
+            "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] and n['Resources'].get('spot')]))"]
+
+    def spot_nodes() -> list[str]:
+        found = subprocess.run(find, env=env, capture_output=True, text=True, timeout=120)
+        return json.loads(found.stdout.strip().splitlines()[-1]) if found.returncode == 0 and found.stdout.strip() else []
+
+    spot_node = poll("the spot node to join", lambda: (ids := spot_nodes()) and ids[0], timeout=120)
+    imds = FakeMetadata()
+    try:
+        agent = background([fresh_clone.relay, "spot-agent", "--cloud", "aws", "--aws-endpoint", imds.url,
+                            "--ray-address", gcs, "--node-id", spot_node, "--interval", "0.5"],
+                           cwd=fresh_clone.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        hook = json.dumps({"webhook_type": "raw", "callback_url": webhook_receiver.url("/relay"), "log_level": "info"})
+        cluster = _cluster(tmp_path, "spot", bucket, s3_endpoint, resources_per_worker={"spot": 1}, max_failures=1)
+        job = background(["bash", "-c", SUBMIT.format(config=user_files, cluster=cluster)
+                          + f" --set max_train_steps=400 --set checkpointing_steps=100 --set 'webhook_config={hook}'"],
+                         cwd=fresh_clone.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        poll("training to pass step 20", lambda: (s := _status(fresh_clone, "spot", bucket, s3_endpoint, env))
+             and s["state"] == "running" and s["step"] > 20, timeout=600)
+        imds.announce(seconds=30)
+        report = poll("the emergency checkpoint", lambda: (s := _status(fresh_clone, "spot", bucket, s3_endpoint, env))
+                      and s["emergency_checkpoints"] and s, timeout=180)
+        emergency = report["emergency_checkpoints"][0]["step"]
+        agent_out, _ = agent.communicate(timeout=60)
+        assert agent.returncode == 0, agent_out[-2000:]  # it drained the node, and is done
+        os.killpg(node.pid, signal.SIGKILL)  # the cloud takes the node...
+        start_node({"spot": 1})  # ...and capacity comes back as a new one
+        out, _ = job.communicate(timeout=900)
+    finally:
+        imds.close()
+    assert job.returncode == 0, out[-5000:]
+    assert f"preemption notice at step {emergency}" in out and f"resumed at step {emergency} (preempted" in out
+    final = _status(fresh_clone, "spot", bucket, s3_endpoint, env)
+    assert final["state"] == "completed" and final["step"] == 400
+    resumed = final["attempts"][1]
+    assert resumed["reason"] == "preemption" and resumed["start_step"] == emergency and final["attempts"][0]["steps_lost"] == 0
+    kinds = [r.json["type"] for r in webhook_receiver.requests]
+    assert "preemption_notice" in kinds and "resumed" in kinds and kinds[-1] == "completed", kinds
