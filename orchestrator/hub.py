@@ -125,7 +125,7 @@ class HubSettings:
         return cls(repo_id=config.hub_model_id, run_name=run_name or config_run_name(config),
                    base_model=config.pretrained_model_name_or_path,
                    push_checkpoints=config.push_checkpoints_to_hub, push_adapters=config.push_to_hub,
-                   keep=config.checkpoints_total_limit or 5, private=config.hub_private,
+                   keep=ckpt.keep_count(config.checkpoints_total_limit), private=config.hub_private,
                    super_squash=config.super_squash_history, total_steps=config.max_train_steps,
                    summary=config_summary(config), **overrides)
 

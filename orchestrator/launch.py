@@ -14,7 +14,7 @@ from relay_train.trainer import run_name as default_run_name
 from orchestrator import redact
 from orchestrator.cluster import ClusterConfig, storage_filesystem
 from orchestrator.display import DriverDisplay
-from orchestrator.policy import Ask, fit_decision
+from orchestrator.policy import Ask, fit_decision, keep_count
 from orchestrator.store import SNAPSHOT, RunStorage
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
                                         if cluster.elastic else {})),
         run_config=RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints_total_limit),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_count(config.checkpoints_total_limit)),
             failure_config=FailureConfig(max_failures=cluster.max_failures,
                                          max_preemption_failures=cluster.max_preemption_failures),
         ),

@@ -9,6 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from relay_train.checkpoint import DEFAULT_KEEP, keep_count, keep_newest
+
+__all__ = ["DEFAULT_KEEP", "Ask", "AttemptFacts", "FitDecision", "attempt_reason", "fit_decision", "keep_count",
+           "keep_newest", "place", "retention", "share_cpus"]
+
 Bundle = dict[str, float]  # one actor's resource request, Ray's names ("CPU", "GPU", custom)
 
 
@@ -86,21 +91,14 @@ def share_cpus(cpus: float, actors: int, most: float = 1.0) -> float:
 
 
 # -- retention -----------------------------------------------------------------------------------------
-
-DEFAULT_KEEP = 5  # SimpleTuner's checkpoints_total_limit default, and the mission's "newest 5"
-
-
-def keep_count(limit: int | None) -> int:
-    """How many checkpoints every store keeps (local output_dir, storage_path via Ray, the Hub): the
-    config's checkpoints_total_limit, else DEFAULT_KEEP. One number everywhere."""
-    return limit if limit and limit > 0 else DEFAULT_KEEP
+# One rule for every store: relay_train.checkpoint.keep_count / keep_newest (the trainer's local folder
+# uses it too, and relay_train never imports the orchestrator), imported above with the other policies.
 
 
 def retention(steps: list[int], limit: int | None) -> tuple[list[int], list[int]]:
-    """(kept, dropped): the newest keep_count(limit) steps are kept, the rest dropped, each sorted."""
-    ordered = sorted(set(steps))
-    keep = keep_count(limit)
-    return ordered[-keep:], ordered[:-keep]
+    """(kept, dropped), each oldest first: the newest keep_count(limit) steps are kept."""
+    kept, dropped = keep_newest(steps, limit)
+    return sorted(kept), sorted(dropped)
 
 
 # -- attempts ------------------------------------------------------------------------------------------

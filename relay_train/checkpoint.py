@@ -244,12 +244,20 @@ def checkpoint_step(folder: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+DEFAULT_KEEP = 5  # SimpleTuner's checkpoints_total_limit default, and the mission's "newest 5"
+
+
+def keep_count(limit: int | None) -> int:
+    """How many checkpoints every store keeps (output_dir, storage_path through Ray, the Hub): the config's
+    checkpoints_total_limit, else DEFAULT_KEEP. The one retention number; every store asks here."""
+    return limit if limit and limit > 0 else DEFAULT_KEEP
+
+
 def keep_newest(steps: list[int], limit: int | None) -> tuple[list[int], list[int]]:
-    """Policy: (kept, pruned) when only the newest `limit` checkpoints survive."""
-    ordered = sorted(steps, reverse=True)
-    if limit is None:
-        return ordered, []
-    return ordered[:limit], ordered[limit:]
+    """Policy: (kept, pruned), newest first, when only the newest keep_count(limit) checkpoints survive."""
+    ordered = sorted(set(steps), reverse=True)
+    keep = keep_count(limit)
+    return ordered[:keep], ordered[keep:]
 
 
 class CheckpointIO(Protocol):

@@ -412,7 +412,7 @@ def build_trainer(
     sampler = BucketBatchSampler(dataset.bucket_sizes(), config.train_batch_size * (global_workers or world_size), config.seed,
                                  keep_partial_batches=config.disable_bucket_pruning)
     model = build_adapter_model(config, model_path, device, seed=config.seed)
-    store = store or ckpt.LocalCheckpointStore(Path(config.output_dir), keep=config.checkpoints_total_limit)
+    store = store or ckpt.LocalCheckpointStore(Path(config.output_dir), keep=ckpt.keep_count(config.checkpoints_total_limit))
     trainer = Trainer(config, model, dataset, sampler, store, device, hooks, rank=rank, world_size=world_size,
                       strategy=strategy, gradient_sync=gradient_sync)
     folder = resume_from or resume_point(config, store)
