@@ -30,6 +30,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from orchestrator.policy import backoff, retry_after
 from relay_train import checkpoint as ckpt
 from relay_train.config import TrainConfig
 from relay_train.trainer import run_name as config_run_name
@@ -61,10 +62,10 @@ def plan_checkpoints(on_hub: set[int], pending: set[int], keep: int) -> tuple[li
 
 
 def retry_delay(failures: int, base_s: float, cap_s: float, retry_after: float | None) -> float:
-    """Exponential backoff (base·2^(n-1), capped); a server's Retry-After wins, bounded by the cap."""
+    """Exponential backoff (policy.backoff); a server's Retry-After wins, bounded by the cap."""
     if retry_after is not None:
         return min(max(retry_after, 0.0), cap_s)
-    return min(base_s * 2 ** max(failures - 1, 0), cap_s)
+    return backoff(failures, base_s, cap_s)
 
 
 class CommitWindow:
@@ -568,11 +569,7 @@ class HubMirror:
 def _retry_after(exc: Exception) -> float | None:
     """Retry-After (seconds) from an HTTP error the client raised, when the server sent one."""
     response = getattr(exc, "response", None)
-    value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+    return retry_after(getattr(response, "headers", None)) if response is not None else None
 
 
 # ----------------------------------------------------------------------------------------- model card

@@ -35,6 +35,7 @@ from typing import Any
 import requests
 from pydantic import SecretStr
 
+from orchestrator.policy import backoff, retry_after
 from orchestrator.redact import Redactor, installed, url_parts
 from orchestrator.store import RunStorage
 from relay_train.config_files import WebhookConfig
@@ -150,8 +151,7 @@ def retry_delay(status: int | None, retry_after: float | None, attempt: int, pol
         return None
     if status == 429 and retry_after is not None:
         return max(0.0, retry_after)
-    ceiling = min(policy.cap, policy.base * 2 ** max(0, attempt - 1))
-    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+    return backoff(attempt, policy.base, policy.cap, jitter=(rng or random).random())
 
 
 def drop_choice(severities: list[str]) -> int:
@@ -412,15 +412,10 @@ class _Channel:
 def _retry_after(answer: requests.Response) -> float | None:
     """Discord's 429 body carries retry_after in seconds (float); the Retry-After header is the fallback."""
     try:
-        value = answer.json().get("retry_after")
-        if value is not None:
-            return float(value)
-    except (ValueError, AttributeError):
-        pass
-    try:
-        return float(answer.headers["Retry-After"])
-    except (KeyError, ValueError):
-        return None
+        body = answer.json()
+    except ValueError:
+        body = None
+    return retry_after(answer.headers, body)
 
 
 def _respect_bucket(answer: requests.Response) -> None:

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 from relay_train.checkpoint import DEFAULT_KEEP, keep_count, keep_newest
 
-__all__ = ["DEFAULT_KEEP", "Ask", "AttemptFacts", "FitDecision", "attempt_reason", "fit_decision", "keep_count",
-           "keep_newest", "place", "retention", "share_cpus"]
+__all__ = ["COMPLETED", "CONFIG_ERROR", "DEFAULT_KEEP", "GAVE_UP", "RETRYABLE", "STOPPED", "Ask", "AttemptFacts",
+           "FitDecision", "attempt_reason", "backoff", "fit_decision", "keep_count", "keep_newest", "place",
+           "retention", "retry_after", "share_cpus", "supervise_outcome"]
 
 Bundle = dict[str, float]  # one actor's resource request, Ray's names ("CPU", "GPU", custom)
 
@@ -133,3 +134,57 @@ def attempt_reason(f: AttemptFacts) -> str:
 
 
 UNPLANNED = ("node_lost", "failure")  # attempts that ended without warning: alerts, not news
+
+
+# -- retries -------------------------------------------------------------------------------------------
+
+
+def backoff(attempt: int, base: float, cap: float, jitter: float | None = None) -> float:
+    """Seconds before try `attempt + 1` after `attempt` failures: base·2^(attempt−1), at most cap. With
+    `jitter` (a uniform draw in [0, 1)) half the delay is randomised, so that restarted senders do not
+    retry in step. The one backoff of the Hub mirror, the webhooks and the supervisor."""
+    ceiling = min(cap, base * 2 ** max(0, attempt - 1))
+    return ceiling if jitter is None else ceiling / 2 + jitter * ceiling / 2
+
+
+def retry_after(headers, body: dict | None = None) -> float | None:
+    """Seconds a server asked us to wait: Discord's JSON `retry_after` first, then the Retry-After
+    header, in seconds or as an HTTP date; None when neither says."""
+    if isinstance(body, dict) and body.get("retry_after") is not None:
+        try:
+            return max(0.0, float(body["retry_after"]))
+        except (TypeError, ValueError):
+            pass
+    value = headers.get("Retry-After") if headers is not None else None
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        import time
+
+        return max(0.0, when.timestamp() - time.time())
+
+
+# -- the supervisor ------------------------------------------------------------------------------------
+
+COMPLETED, RETRYABLE, CONFIG_ERROR, GAVE_UP, STOPPED = 0, 1, 2, 3, 4  # relay supervise's exit codes
+
+
+def supervise_outcome(status: str, driver_exit_code: int | None) -> int:
+    """What one finished submission means for the supervisor: COMPLETED, STOPPED (a person ran
+    `ray job stop`), CONFIG_ERROR (jobs/train.py exited 2: configuration, storage or a request that
+    can never fit; no retry helps) or RETRYABLE (anything else, a lost head included)."""
+    if status == "SUCCEEDED":
+        return COMPLETED
+    if status == "STOPPED":
+        return STOPPED
+    if status == "FAILED" and driver_exit_code == CONFIG_ERROR:
+        return CONFIG_ERROR
+    return RETRYABLE

@@ -19,9 +19,10 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from orchestrator.policy import COMPLETED, CONFIG_ERROR, GAVE_UP, RETRYABLE, STOPPED, backoff, supervise_outcome
+
 log = logging.getLogger(__name__)
 
-COMPLETED, RETRYABLE, CONFIG_ERROR, GAVE_UP, STOPPED = 0, 1, 2, 3, 4
 
 
 @dataclass
@@ -59,7 +60,7 @@ def supervise(opts: SuperviseOptions, sleep=time.sleep) -> int:
             return outcome
         if attempt == opts.max_tries:
             break
-        wait = min(opts.backoff * 2 ** (attempt - 1), opts.max_backoff)
+        wait = backoff(attempt, opts.backoff, opts.max_backoff)
         log.warning("supervisor: try %d/%d ended: %s; resubmitting in %.0f s", attempt, opts.max_tries, detail, wait)
         sleep(wait)
     log.error("supervisor: gave up after %d tries", opts.max_tries)
@@ -69,8 +70,6 @@ def supervise(opts: SuperviseOptions, sleep=time.sleep) -> int:
 def run_once(opts: SuperviseOptions, attempt: int) -> tuple[int, str]:
     """One submission, watched to its end. The head may vanish meanwhile: wait for a head to answer
     again (a replaced head knows nothing of our job, which then counts as failed)."""
-    from ray.job_submission import JobStatus
-
     client = connect(opts)
     if client is None:
         return RETRYABLE, f"no head answered at {opts.address} for {opts.head_wait:.0f} s"
@@ -100,15 +99,14 @@ def run_once(opts: SuperviseOptions, attempt: int) -> tuple[int, str]:
                 info = client.get_job_info(submission)
             except Exception:
                 return RETRYABLE, "the head was replaced and the job with it"
-        if info.status == JobStatus.SUCCEEDED:
-            return COMPLETED, f"job {submission} completed"
-        if info.status == JobStatus.STOPPED:
-            return STOPPED, f"job {submission} was stopped"
-        if info.status == JobStatus.FAILED:
-            code = getattr(info, "driver_exit_code", None)
-            if code == CONFIG_ERROR:
-                return CONFIG_ERROR, f"job {submission} failed on its configuration: see `ray job logs {submission}`"
-            return RETRYABLE, f"job {submission} failed (exit code {code}): {(info.message or '')[:200]}"
+        if not info.status.is_terminal():
+            continue
+        code = getattr(info, "driver_exit_code", None)
+        outcome = supervise_outcome(str(info.status.value), code)
+        detail = {COMPLETED: f"job {submission} completed", STOPPED: f"job {submission} was stopped",
+                  CONFIG_ERROR: f"job {submission} failed on its configuration: see `ray job logs {submission}`"}
+        return outcome, detail.get(outcome, f"job {submission} ended {info.status.value} (exit code {code}): "
+                                            f"{(info.message or '')[:200]}")
 
 
 def connect(opts: SuperviseOptions):

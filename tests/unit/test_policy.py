@@ -62,3 +62,32 @@ def test_retention_is_one_number_everywhere() -> None:
 ])
 def test_attempt_reason(facts: AttemptFacts, reason: str) -> None:
     assert attempt_reason(facts) == reason
+
+
+def test_one_backoff_doubles_to_a_cap_with_optional_jitter() -> None:
+    from orchestrator.policy import backoff
+
+    assert [backoff(n, 2.0, 30.0) for n in (1, 2, 3, 4, 5, 6)] == [2, 4, 8, 16, 30, 30]
+    assert backoff(3, 1.0, 60.0, jitter=0.0) == 2.0 and backoff(3, 1.0, 60.0, jitter=0.999) == pytest.approx(4.0, 0.01)
+
+
+def test_retry_after_reads_discord_bodies_seconds_and_http_dates() -> None:
+    from email.utils import formatdate
+    import time
+
+    from orchestrator.policy import retry_after
+
+    assert retry_after({"Retry-After": "7"}) == 7.0
+    assert retry_after({"Retry-After": "1"}, {"retry_after": 0.25}) == 0.25  # Discord's body is finer
+    assert retry_after({}, None) is None and retry_after(None) is None and retry_after({"Retry-After": "soon"}) is None
+    assert 25 <= retry_after({"Retry-After": formatdate(time.time() + 30, usegmt=True)}) <= 30
+
+
+@pytest.mark.parametrize("status, code, outcome", [
+    ("SUCCEEDED", 0, 0), ("STOPPED", None, 4), ("FAILED", 2, 2), ("FAILED", 1, 1), ("FAILED", None, 1),
+    ("FAILED", 143, 1),  # a driver ended by SIGTERM (a head going away): resubmit
+])
+def test_supervise_outcome(status: str, code: int | None, outcome: int) -> None:
+    from orchestrator.policy import supervise_outcome
+
+    assert supervise_outcome(status, code) == outcome
