@@ -1,4 +1,4 @@
-"""The `deepspeed` strategy: ZeRO stage 2 over the adapter (issue 4).
+"""The `deepspeed` strategy: ZeRO stage 2 over the adapter.
 
 Each rank keeps the whole adapter (the forward needs it) but owns only 1/N of its optimizer state and
 of its reduced gradients: DeepSpeed flattens the adapter's parameters into one buffer, reduce-scatters
@@ -40,7 +40,9 @@ ADAMW_STATE = ("exp_avg", "exp_avg_sq")  # the per-element tensors of torch Adam
 # The version this was tested with. Older ones may lack `gradient_allreduce_op` or
 # `managed_gradient_accumulation` and ignore them, which would silently average gradients or
 # reduce at the wrong boundary.
-MIN_DEEPSPEED = "0.19.8"
+DEEPSPEED_VERSION = "0.19.8"  # pinned exactly (pyproject): the state layout below reads ZeRO-2's internals
+# (bit16_groups, single_partition_of_fp32_groups, _hp_mapping, _lazy_init_hp_params_optimizer_state);
+# tests/unit/test_deepspeed_pin.py checks the pin and that those names still exist.
 # Elements per gradient-reduction / weight all-gather bucket. DeepSpeed's default (5e8) allocates a
 # 2 GB fp32 staging buffer per rank whatever the model's size; the seed's adapter has ~90M elements.
 BUCKET_ELEMENTS = 50_000_000
@@ -86,8 +88,10 @@ class ZeroStage2:
         import deepspeed
         from packaging.version import Version
 
-        if Version(deepspeed.__version__) < Version(MIN_DEEPSPEED):
-            raise RuntimeError(f"strategy deepspeed needs deepspeed>={MIN_DEEPSPEED}; found {deepspeed.__version__}")
+        if Version(deepspeed.__version__) != Version(DEEPSPEED_VERSION):
+            raise RuntimeError(f"strategy deepspeed is built for deepspeed=={DEEPSPEED_VERSION} (it reads ZeRO-2's "
+                               f"internal state layout); found {deepspeed.__version__}. Install "
+                               f"deepspeed=={DEEPSPEED_VERSION}, or use cluster strategy 'ddp'")
         self.clip_method, self.clip_limit = config.grad_clip_method, config.max_grad_norm
         # adamw, adamw_bf16 and optimi-adamw are all torch AdamW on fp32 weights, each with its own settings
         self.optimizer = ClippedAdamW(params, lr=config.learning_rate, **OPTIMIZER_SETTINGS[config.optimizer])
@@ -112,7 +116,7 @@ class ZeroStage2:
         self.params = params
         if [id(p) for p in self.zero.bit16_groups[0]] != [id(p) for p in params] or len(self.zero.bit16_groups) != 1:
             raise RuntimeError("DeepSpeed reordered or regrouped the adapter's parameters, so optimizer.pt could not "
-                               f"be written in per-parameter order: use deepspeed {MIN_DEEPSPEED}, or cluster strategy 'ddp'")
+                               f"be written in per-parameter order: use deepspeed {DEEPSPEED_VERSION}, or cluster strategy 'ddp'")
         self.optimizer.before_step = self._clip
         self._zero_loss: torch.Tensor | None = None
 
