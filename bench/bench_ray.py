@@ -3,7 +3,7 @@
     python bench/bench_ray.py steps  [--steps 300]   # (a) 1-worker Ray run vs `relay train`, same config
     python bench/bench_ray.py upload [--mib 350]     # (b) loop blocked per checkpoint: ASYNC vs SYNC upload to S3
     python bench/bench_ray.py preemption [--calls 200]  # cost of one get_preemption_info barrier, 2 workers
-    python bench/bench_ray.py overlap [--rate-mbit 300] [--rounds 3] [--steps 4] [--bucket-mb 2]
+    python bench/bench_ray.py overlap [--rate-mbit 120] [--rounds 5] [--steps 2] [--bucket-mb 1]
         # gradient all-reduce blocking vs overlapped with backward, two nodes over a shaped link
         # (bench/bench_overlap.py; needs root and `ip netns`)
 
@@ -166,19 +166,19 @@ def bench_preemption(calls: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["steps", "upload", "preemption", "overlap"])
-    parser.add_argument("--steps", type=int, default=None, help="steps: 300; overlap: timed steps per mode and round, 4")
+    parser.add_argument("--steps", type=int, default=None, help="steps: 300; overlap: timed steps per mode and round, 2")
     parser.add_argument("--mib", type=int, default=350)
     parser.add_argument("--calls", type=int, default=200)
-    parser.add_argument("--rate-mbit", type=float, default=300.0, help="overlap: the link's rate, each way")
-    parser.add_argument("--rounds", type=int, default=3, help="overlap: interleaved rounds of every mode")
-    parser.add_argument("--bucket-mb", type=float, default=2.0, help="overlap: gradient_bucket_mb")
+    parser.add_argument("--rate-mbit", type=float, default=120.0, help="overlap: the link's rate, each way")
+    parser.add_argument("--rounds", type=int, default=5, help="overlap: interleaved rounds of every mode")
+    parser.add_argument("--bucket-mb", type=float, default=1.0, help="overlap: gradient_bucket_mb")
     args = parser.parse_args()
     if args.what == "steps":
         bench_steps(args.steps or 300)
     elif args.what == "overlap":
         from bench_overlap import bench_overlap
 
-        bench_overlap(args.rate_mbit, args.rounds, args.steps or 4, args.bucket_mb)
+        bench_overlap(args.rate_mbit, args.rounds, args.steps or 2, args.bucket_mb)
     elif args.what == "upload":
         bench_upload(args.mib)
     else:
