@@ -279,11 +279,31 @@ def quiet_requested(verbose: bool) -> bool:
     return not verbose and not any(k in os.environ for k in ("RAY_LOGGING_LEVEL", "RAY_BACKEND_LOG_LEVEL"))
 
 
+def check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """One TCP connect to RAY_ADDRESS's host:port before ray.init, which would otherwise retry for minutes
+    with a screenful of warnings. "auto", "local" and ray:// client addresses are left to Ray."""
+    from urllib.parse import urlparse
+
+    if not address or address in ("auto", "local") or address.startswith("ray://"):
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if not parsed.hostname or not parsed.port:
+        return
+    import socket
+
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=timeout).close()
+    except OSError as exc:
+        raise ResourceError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {exc.strerror or exc}. Start "
+                            "it (ray start --head) or unset RAY_ADDRESS to run on a local cluster", retryable=True) from exc
+
+
 def connect(verbose: bool = False) -> None:
     """Join RAY_ADDRESS's cluster (a submitted job) or start a local one. The workers' and actors' own logs
     stay in Ray's session folder unless asked for: this terminal shows the progress line and milestones."""
     import ray
 
+    check_reachable(os.environ.get("RAY_ADDRESS"))
     quiet = quiet_requested(verbose)
     kwargs = {"log_to_driver": not quiet, "logging_level": logging.ERROR if quiet else logging.INFO}
     if not os.environ.get("RAY_ADDRESS"):
