@@ -522,7 +522,7 @@ class _Read:
 
 def _refusal(key: str, name: str, value: Any, read: _Read) -> str | None:
     """The problem for a SimpleTuner option or value Relay refuses; None when the key may go on."""
-    if name in compat.REFUSED:
+    if name not in USER_KEYS and compat.refused_group(name):
         if compat.matches_relay(name, value):
             read.matched.append((name, value))
             return ""

@@ -129,8 +129,43 @@ _REFUSED_KEYS: dict[str, str] = {
     "checkpoint": "delete_invalid_checkpoints",
 }
 
-REFUSED: dict[str, str] = {key: reason for reason, keys in _REFUSED_KEYS.items() for key in keys.split()}
+_REFUSED_MORE = {
+    "accelerate": "aspect_bucket_worker_count aws_max_pool_connections dataloader_prefetch "
+                  "dataloader_prefetch_qlen dataloader_prefetch_device_threshold_mb metadata_update_interval",
+    "dataset": "conditioning_multidataset_sampling disable_multiline_split data_aesthetic_score delete_nsfw_images "
+               "framerate max_grounding_entities",
+    "loss": "soft_min_snr_sigma_data snr_weight flow_cubic_schedule_weights flow_timesteps_mode "
+            "disable_segmented_timestep_sampling audio_flow_schedule_shift",
+    "memory": "offload_param_path",
+    "model": "pretrained_gemma_model_name_or_path pretrained_grounding_model_name_or_path "
+             "qwen_text_encoder_model_name_or_path",
+    "lora": "disable_assistant_lora",
+    "tracker": "print_filenames print_sampler_statistics debug_aspect_buckets debug_dataset_loader "
+               "webhook_reporting_interval i_know_what_i_am_doing merge_environment_config configs_dir",
+    "validation": "validation_external_background validation_internal_guidance_scale "
+                  "validation_stitch_input_location",
+}
+
+REFUSED: dict[str, str] = {key: reason for table in (_REFUSED_KEYS, _REFUSED_MORE)
+                           for reason, keys in table.items() for key in keys.split()}
 """SimpleTuner options Relay does not implement -> the group whose alternative the refusal names."""
+
+REFUSED_PREFIXES: dict[str, str] = {
+    **dict.fromkeys(("crepa_", "urepa_", "irepa_", "xm_", "nextlat_", "layersync_", "twinflow_", "internal_guidance_",
+                     "scheduled_sampling_", "mixflow_", "diff2flow_"), "loss"),
+    **dict.fromkeys(("ramtorch_", "musubi_", "gradient_checkpointing_"), "memory"),
+    "sdnq_": "quant", "vae_enable_": "cache", "dynamo_": "accelerate", "fsdp_": "accelerate",
+    "audio_": "dataset", "nsfw_check_": "dataset", "assistant_lora_": "lora", "singlora_": "lora",
+    "validation_adapter_": "validation",
+}
+"""Families of SimpleTuner options, by name prefix (its regularisers, offloading, quantizers...)."""
+
+
+def refused_group(key: str) -> str | None:
+    """The group of a SimpleTuner option Relay does not implement, or None."""
+    if key in REFUSED:
+        return REFUSED[key]
+    return next((group for prefix, group in REFUSED_PREFIXES.items() if key.startswith(prefix)), None)
 
 MATCHES_RELAY: dict[str, tuple[Any, ...]] = {
     "controlnet": (False,), "train_text_encoder": (False,), "use_dora": (False,), "num_validation_images": (1,),
@@ -169,7 +204,7 @@ FAMILIES_WORDS = "it trains Stable Diffusion 3.x (model_family sd3) LyCORIS adap
 
 def refused_problem(key: str, shown: str) -> str:
     """The one line for a SimpleTuner option Relay does not implement."""
-    return f"SimpleTuner option {shown} is not supported by Terminus Relay: {_ALTERNATIVES[REFUSED[key]]}"
+    return f"SimpleTuner option {shown} is not supported by Terminus Relay: {_ALTERNATIVES[refused_group(key)]}"
 
 
 def refused_value_problem(key: str, value: Any, shown: str) -> str | None:

@@ -93,6 +93,14 @@ def test_legacy_aliases_are_simpletuners() -> None:
     assert unknown == []
 
 
+def test_every_simpletuner_option_is_implemented_aliased_or_refused() -> None:
+    theirs = registry_defaults()
+    loose = sorted(k for k in theirs if k not in USER_KEYS and k not in compat.KEY_ALIASES
+                   and not compat.refused_group(k))
+    assert loose == []  # none would meet a bare "unknown key", or a suggestion of another key
+    assert not [k for k in USER_KEYS if compat.refused_group(k)]
+
+
 # ---------------------------------------------------------------- names
 
 
