@@ -60,6 +60,7 @@ _ALTERNATIVES = {
     "tracker": "Relay reports to Weights & Biases (report_to wandb) and to webhooks (webhook_config)",
     "validation": "Relay renders validation_prompt (and the prompt library / file) on its validation actors",
     "checkpoint": "Relay checkpoints every checkpoint_step_interval steps and keeps checkpoints_total_limit",
+    "uncond": "a dropped caption uses the empty prompt's cached embeddings (SimpleTuner's empty_string)",
 }
 
 _REFUSED_KEYS: dict[str, str] = {
@@ -140,6 +141,7 @@ _REFUSED_MORE = {
     "model": "pretrained_gemma_model_name_or_path pretrained_grounding_model_name_or_path "
              "qwen_text_encoder_model_name_or_path",
     "lora": "disable_assistant_lora",
+    "uncond": "sd3_clip_uncond_behaviour sd3_t5_uncond_behaviour",  # SimpleTuner's sd3 model registry
     "tracker": "print_filenames print_sampler_statistics debug_aspect_buckets debug_dataset_loader "
                "webhook_reporting_interval i_know_what_i_am_doing merge_environment_config configs_dir",
     "validation": "validation_external_background validation_internal_guidance_scale "
@@ -174,6 +176,7 @@ MATCHES_RELAY: dict[str, tuple[Any, ...]] = {
     "snr_gamma": (None,), "lora_dropout": (0, 0.0), "validation_noise_scheduler": (None, "flow_matching"),
     "vae_cache_disable": (False,), "text_cache_ondemand": (False,), "validation_randomize": (False,),
     "num_eval_images": (0,), "eval_steps_interval": (None, 0), "fsdp_enable": (False,),
+    "sd3_clip_uncond_behaviour": ("empty_string",), "sd3_t5_uncond_behaviour": (None, "empty_string"),
 }
 """A refused option set to the value that is what Relay does anyway is accepted (and logged as such)."""
 

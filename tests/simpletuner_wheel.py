@@ -73,6 +73,7 @@ def registry_defaults() -> dict[str, tuple[object, list[str]]]:
 
 
 def registry_source() -> str:
-    """The text of SimpleTuner's field registry sections."""
+    """The text of SimpleTuner's field registry: its sections and the model families' own fields."""
+    folders = (REGISTRY, "simpletuner/helpers/models/field_registry/")
     with wheel() as zf:
-        return "\n".join(zf.read(n).decode() for n in zf.namelist() if n.startswith(REGISTRY) and n.endswith(".py"))
+        return "\n".join(zf.read(n).decode() for n in zf.namelist() if n.startswith(folders) and n.endswith(".py"))
