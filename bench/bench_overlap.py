@@ -191,7 +191,7 @@ def driver(config_path: str, out: str, rounds: int, steps: int, bucket_mb: float
         ray.get([r.steps.remote(mode, 2) for r in ranks])
     standalone = {"fp32": [], "bf16": []}
     for round_ in range(rounds):  # interleaved, so every mode sees the machine's load alike
-        for mode in figures:
+        for mode in (list(figures) if round_ % 2 == 0 else list(reversed(figures))):  # no mode always first
             times = ray.get([r.steps.remote(mode, steps, trace=round_ == rounds - 1 and mode == "overlap-fp32")
                              for r in ranks])
             for a, b in zip(*times):
