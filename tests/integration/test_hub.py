@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import HfApi
 
 from orchestrator.hub import HubMirror, HubSettings, StorageFetch
 from orchestrator.store import SNAPSHOT, RunStorage
@@ -74,7 +75,9 @@ def test_eight_checkpoints_leave_the_newest_five_byte_for_byte(hub_server, s3_bu
     storage = RunStorage(f"s3://{bucket}/runs", "run", endpoint_url=s3_endpoint)
     ray = FakeRay(storage, tmp_path)
     warnings: list[str] = []
-    mirror = HubMirror(_settings(), fetch=StorageFetch(storage), warn=warnings.append, work_dir=tmp_path / "hub")
+    api = HfApi(endpoint=hub_server.url)  # the real client, injected, pointed at the loopback Hub
+    mirror = HubMirror(_settings(), api=api, fetch=StorageFetch(storage), warn=warnings.append,
+                       work_dir=tmp_path / "hub").start()
     for step in range(1, 9):
         ray.commit(step)
         mirror.submit(step)
@@ -100,7 +103,7 @@ def test_a_failing_hub_never_blocks_training_and_the_mirror_catches_up(hub_serve
     storage = RunStorage(str(tmp_path / "store"), "run")
     ray = FakeRay(storage, tmp_path)
     warnings: list[str] = []
-    mirror = HubMirror(_settings(), fetch=StorageFetch(storage), warn=warnings.append, work_dir=tmp_path / "hub")
+    mirror = HubMirror(_settings(), fetch=StorageFetch(storage), warn=warnings.append, work_dir=tmp_path / "hub").start()
     assert mirror.flush(10)  # repo created and listed
     hub_server.fail(429, seconds=3.0, retry_after=1, path="/commit/")  # the commit rate limit for 3 s ...
     hub_server.fail(500, seconds=3.0, start_in=3.0)  # ... then a sick Hub, every endpoint, for 3 s more
@@ -135,7 +138,7 @@ def test_a_failing_hub_never_blocks_training_and_the_mirror_catches_up(hub_serve
 def test_killed_mid_push_then_a_new_mirror_reconciles(hub_server, tmp_path):
     storage = RunStorage(str(tmp_path / "store"), "run")
     ray = FakeRay(storage, tmp_path)
-    first = HubMirror(_settings(), fetch=StorageFetch(storage), work_dir=tmp_path / "hub1", warn=lambda m: None)
+    first = HubMirror(_settings(), fetch=StorageFetch(storage), work_dir=tmp_path / "hub1", warn=lambda m: None).start()
     for step in range(1, 6):
         ray.commit(step)
         first.submit(step)
@@ -153,7 +156,7 @@ def test_killed_mid_push_then_a_new_mirror_reconciles(hub_server, tmp_path):
     hub_server.heal()
     commits_before = len(hub_server.repos[REPO_ID].commits)
 
-    second = HubMirror(_settings(), fetch=StorageFetch(storage), work_dir=tmp_path / "hub2")
+    second = HubMirror(_settings(), fetch=StorageFetch(storage), work_dir=tmp_path / "hub2").start()
     second.reconcile(storage.checkpoint_steps())
     assert second.close(30), second.status()
     _assert_mirrors(hub_server, storage, [4, 5, 6, 7, 8])
@@ -172,7 +175,7 @@ def test_falling_behind_coalesces_and_respects_the_commit_limit(hub_server, tmp_
     storage = RunStorage(str(tmp_path / "store"), "run")
     ray = FakeRay(storage, tmp_path)
     mirror = HubMirror(_settings(commits_per_window=2, window_s=1.5), fetch=StorageFetch(storage),
-                       work_dir=tmp_path / "hub")
+                       work_dir=tmp_path / "hub").start()
     for step in range(1, 9):
         ray.commit(step)
         mirror.submit(step)
@@ -191,7 +194,7 @@ def test_super_squash_frees_the_space_of_pruned_checkpoints(hub_server, tmp_path
     storage = RunStorage(str(tmp_path / "store"), "run")
     ray = FakeRay(storage, tmp_path, keep=3)
     mirror = HubMirror(_settings(keep=3, super_squash=True, squash_interval_s=0.0), fetch=StorageFetch(storage),
-                       work_dir=tmp_path / "hub")
+                       work_dir=tmp_path / "hub").start()
     for step in range(1, 6):
         ray.commit(step)
         mirror.submit(step)
@@ -225,6 +228,8 @@ def test_hub_adapter_loads_with_lycoris(hub_server, make_config, tmp_path, tiny_
     storage = RunStorage(str(Path(config.output_dir).parent), "run")
     storage.write_json(SNAPSHOT, {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint-2"}]})
     mirror = HubMirror.for_run(config, storage, work_dir=tmp_path / "hub")
+    if mirror is not None:
+        mirror.start()
     assert mirror is not None and mirror.close(30), mirror.status()
 
     repo = hub_server.repos[REPO_ID]

@@ -1,0 +1,97 @@
+"""The Hub repo's README.md: a `huggingface_hub.ModelCard` whose metadata is a `ModelCardData`.
+
+Built from the settings and what the repo holds after a commit, nothing else (no clock), so the same
+inputs give the same bytes and an unchanged card is never a new commit.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from orchestrator.hub_plan import CHECKPOINTS, HubSettings
+from relay_train.config import TrainConfig
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+TAGS = ["lycoris", "lokr", "stable-diffusion-3", "text-to-image"]
+
+
+def config_summary(config: TrainConfig) -> dict[str, str]:
+    """What a reader of the card needs to reproduce the run; a fixed list of keys, so no secret leaks."""
+    rows = {
+        "base model": config.pretrained_model_name_or_path,
+        "base precision": config.base_model_precision,
+        "adapter": f"LyCORIS {config.lycoris.algo}" if config.lycoris else config.lora_type,
+        "optimizer": f"{config.optimizer}, lr {config.learning_rate:g}, {config.lr_scheduler} "
+                     f"(warmup {config.lr_warmup_steps})",
+        "batch": f"{config.train_batch_size} per device x {config.gradient_accumulation_steps} accumulation",
+        "clipping": f"{config.grad_clip_method} {config.max_grad_norm:g}",
+        "flow schedule shift": f"{config.flow_schedule_shift:g}",
+        "EMA": f"decay {config.ema_decay:g} every {config.ema_update_interval} steps" if config.use_ema else "off",
+        "resolution": f"{config.resolution} ({config.resolution_type})",
+        "mixed precision": config.mixed_precision,
+        "checkpointing": f"every {config.checkpointing_steps} steps",
+    }
+    if config.lycoris:
+        lyco = config.lycoris
+        rows["adapter"] += (f" (factor {lyco.factor}, linear_dim {lyco.linear_dim}, "
+                            f"linear_alpha {lyco.linear_alpha:g})")
+    return rows
+
+
+def card_data(settings: HubSettings) -> ModelCardData:
+    """The card's metadata block. A local base model is left out: the Hub rejects a path there."""
+    base = settings.base_model if _HUB_ID.match(settings.base_model) and not Path(settings.base_model).exists() else None
+    return ModelCardData(library_name="lycoris", pipeline_tag="text-to-image", tags=list(TAGS), base_model=base)
+
+
+def model_card(settings: HubSettings, *, step: int | None, final: bool, checkpoints: list[int],
+               images: dict[int, list[str]], scores: dict[int, dict]) -> str:
+    """README.md: what the adapter is, how it was trained, how it validates, how to load it."""
+    body = _body(settings, step=step, final=final, checkpoints=checkpoints, images=images, scores=scores)
+    card = ModelCard(f"---\n{card_data(settings).to_yaml()}\n---\n\n{body}")
+    return str(card)
+
+
+def _body(s: HubSettings, *, step: int | None, final: bool, checkpoints: list[int], images: dict[int, list[str]],
+          scores: dict[int, dict]) -> str:
+    adapter, ema = s.adapter_names
+    progress = "unknown" if step is None else (f"{step}" + (f" of {s.total_steps}" if s.total_steps else ""))
+    state = "final" if final else "training in progress"
+    lines = [f"# {s.run_name}: LyCORIS LoKr adapter for {s.base_model}", "",
+             f"Trained with Terminus Relay. Step {progress} ({state}).", "", "## Files", "",
+             "| file | what it is |", "|---|---|"]
+    if s.push_adapters:
+        lines += [f"| `{ema}` | the EMA of the adapter weights (recommended; present when EMA is on) |",
+                  f"| `{adapter}` | the adapter weights at step {step} |"]
+    if s.push_checkpoints:
+        names = ", ".join(f"`checkpoint-{c}`" for c in checkpoints) or "none yet"
+        lines.append(f"| `{CHECKPOINTS}/` | the newest {s.keep} resumable checkpoints: {names} |")
+    lines += ["", "## Training config", "", "| setting | value |", "|---|---|",
+              *(f"| {k} | {v} |" for k, v in s.summary.items())]
+    if images or scores:
+        lines += ["", "## Validation", ""]
+        keys = sorted({k for row in scores.values() for k in row})
+        if keys:
+            lines += ["| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+            lines += [f"| {st} | " + " | ".join(_fmt(scores[st].get(k)) for k in keys) + " |" for st in sorted(scores)]
+            lines.append("")
+        latest = max(images, default=None)
+        if latest is not None:
+            lines += [f"Images at step {latest}:", "",
+                      *(f"![{Path(p).stem}]({p})" for p in images[latest])]
+    lines += ["", "## How to load", "", "```python", "import torch",
+              "from diffusers import StableDiffusion3Pipeline", "from huggingface_hub import hf_hub_download",
+              "from lycoris import create_lycoris_from_weights", "",
+              f'pipe = StableDiffusion3Pipeline.from_pretrained("{s.base_model}", torch_dtype=torch.bfloat16)',
+              f'path = hf_hub_download("{s.repo_id}", "{ema if s.push_adapters else adapter}")',
+              "wrapper, _ = create_lycoris_from_weights(1.0, path, pipe.transformer)",
+              "wrapper.merge_to()  # or wrapper.apply_to() to keep it separate",
+              'pipe.to("cuda")', "```", ""]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))

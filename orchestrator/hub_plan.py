@@ -1,0 +1,218 @@
+"""The Hub mirror's decisions, as pure functions of plain data: no client, no clock, no files.
+
+`plan_round(settings, view, pending, images)` takes what the repo holds (a `HubView`, listed once) and
+what is waiting (committed checkpoint steps, validation images) and returns the one commit to make
+next (a `Round`), or None when the repo already matches. `Round.after(view)` is what the repo holds
+once that commit lands, so the executor (orchestrator/hub.py) never lists again after a success.
+Retention is relay_train.checkpoint's rule (`keep_newest`), backoff and Retry-After are policy.py's.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from orchestrator.policy import backoff
+from relay_train import checkpoint as ckpt
+from relay_train.config import TrainConfig
+from relay_train.trainer import run_name as config_run_name
+
+CHECKPOINTS, VALIDATION, CARD = "checkpoints", "validation", "README.md"
+SCORES = "scores.json"
+_CHECKPOINT_DIR = re.compile(rf"^{CHECKPOINTS}/checkpoint-(\d+)/")
+_VALIDATION_DIR = re.compile(rf"^{VALIDATION}/step-(\d+)/")
+
+Images = list[tuple[str, bytes]]  # (file name, PNG bytes)
+
+
+@dataclass
+class HubSettings:
+    repo_id: str
+    run_name: str
+    base_model: str
+    push_checkpoints: bool = True
+    push_adapters: bool = True
+    keep: int = 5
+    private: bool = True
+    super_squash: bool = False
+    squash_interval_s: float = 3600.0
+    """Squash at most this often: each squash is a commit and rewrites the repo's history."""
+    commits_per_window: int = 120
+    window_s: float = 3600.0
+    backoff_base_s: float = 2.0
+    backoff_max_s: float = 300.0
+    warn_every_s: float = 600.0
+    """While failing, warn on the first failure, then at most this often."""
+    total_steps: int = 0
+    summary: dict[str, str] = field(default_factory=dict)
+    """The training config in a few lines, for the model card (never secrets)."""
+
+    @property
+    def adapter_names(self) -> tuple[str, str]:
+        base = f"sd35-{self.run_name}-lokr"
+        return f"{base}.safetensors", f"{base}-ema.safetensors"
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, run_name: str | None = None, **overrides) -> HubSettings | None:
+        """None when the config pushes nothing to the Hub."""
+        from orchestrator.hub_card import config_summary  # the card's module builds on this one
+
+        if not (config.push_to_hub or config.push_checkpoints_to_hub):
+            return None
+        return cls(repo_id=config.hub_model_id, run_name=run_name or config_run_name(config),
+                   base_model=config.pretrained_model_name_or_path,
+                   push_checkpoints=config.push_checkpoints_to_hub, push_adapters=config.push_to_hub,
+                   keep=ckpt.keep_count(config.checkpoints_total_limit), private=config.hub_private,
+                   super_squash=config.super_squash_history, total_steps=config.max_train_steps,
+                   summary=config_summary(config), **overrides)
+
+
+# -- what the repo holds ---------------------------------------------------------------------------
+
+
+def checkpoint_folder(step: int) -> str:
+    return f"{CHECKPOINTS}/checkpoint-{step}/"
+
+
+def validation_folder(step: int) -> str:
+    return f"{VALIDATION}/step-{step}/"
+
+
+@dataclass(frozen=True)
+class HubView:
+    """The repo as the mirror knows it: whole checkpoints (manifest present), validation steps, every file."""
+
+    steps: frozenset[int] = frozenset()
+    validation: frozenset[int] = frozenset()
+    files: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_files(cls, files: set[str] | frozenset[str]) -> HubView:
+        """From a recursive listing of the repo's files. A checkpoint folder without its manifest is a
+        torn upload from some other writer: it does not count, and the next plan replaces it."""
+        steps = {int(m.group(1)) for p in files if (m := _CHECKPOINT_DIR.match(p)) and p.endswith("/" + ckpt.MANIFEST)}
+        validation = {int(m.group(1)) for p in files if (m := _VALIDATION_DIR.match(p))}
+        return cls(frozenset(steps), frozenset(validation), frozenset(files))
+
+    def image_names(self, step: int) -> list[str]:
+        prefix = validation_folder(step)
+        return sorted(p for p in self.files if p.startswith(prefix) and not p.endswith(".json"))
+
+    def scores_to_read(self, known: set[int]) -> list[int]:
+        """Validation steps whose scores.json is on the Hub but not in memory (a restarted mirror)."""
+        return sorted(s for s in self.validation - known if validation_folder(s) + SCORES in self.files)
+
+
+# -- decisions ------------------------------------------------------------------------------------
+
+
+def plan_checkpoints(on_hub: set[int], pending: set[int], keep: int) -> tuple[list[int], list[int]]:
+    """(add, delete): the Hub should hold the newest `keep` of every step known (on the Hub or pending).
+    A pending step older than those is skipped: uploading it would only delete it again."""
+    desired = set(ckpt.keep_newest(list(on_hub | pending), keep)[0])
+    return sorted(desired - on_hub), sorted(on_hub - desired)
+
+
+def retry_delay(failures: int, base_s: float, cap_s: float, retry_after: float | None) -> float:
+    """Exponential backoff (policy.backoff); a server's Retry-After wins, bounded by the cap."""
+    if retry_after is not None:
+        return min(max(retry_after, 0.0), cap_s)
+    return backoff(failures, base_s, cap_s)
+
+
+@dataclass
+class Round:
+    """One commit's worth of work."""
+
+    add: list[int]
+    delete: list[int]
+    root: int | None  # the step whose adapters go to the repo's root
+    images: dict[int, Images]
+    drop_validation: list[int]
+
+    @property
+    def fetch(self) -> list[int]:
+        """Checkpoints whose files this commit reads from storage."""
+        return sorted({*self.add, *([self.root] if self.root is not None else [])})
+
+    def message(self) -> str:
+        newest = max(self.fetch, default=None)
+        message = f"checkpoint-{newest}" if newest is not None else "validation and model card"
+        if self.delete:
+            message += f"; prune {', '.join(f'checkpoint-{s}' for s in self.delete)}"
+        return message
+
+    def after(self, view: HubView, settings: HubSettings) -> HubView:
+        """The repo once this commit lands (checkpoint folders are counted by their manifest)."""
+        gone = tuple(checkpoint_folder(s) for s in self.delete) + tuple(validation_folder(s) for s in self.drop_validation)
+        files = {p for p in view.files if not p.startswith(gone)}
+        files |= {checkpoint_folder(s) + ckpt.MANIFEST for s in self.add}
+        if self.root is not None:
+            files.add(settings.adapter_names[0])
+        for step, images in self.images.items():
+            files |= {validation_folder(step) + name for name, _ in images} | {validation_folder(step) + SCORES}
+        return HubView(frozenset((view.steps | set(self.add)) - set(self.delete)),
+                       frozenset((view.validation | set(self.images)) - set(self.drop_validation)), frozenset(files | {CARD}))
+
+    def card_step(self, view: HubView) -> int | None:
+        """The step the card describes: the newest checkpoint held or pushed to the root after the commit."""
+        after = (view.steps | set(self.add)) - set(self.delete)
+        return max([*after, *([self.root] if self.root is not None else [])], default=None)
+
+    def card_images(self, after: HubView) -> dict[int, list[str]]:
+        """The images the card links, per validation step held after the commit, in upload order."""
+        shown = {}
+        for step in sorted(after.validation):
+            names = ([validation_folder(step) + name for name, _ in self.images[step]] if step in self.images
+                     else after.image_names(step))
+            if names:
+                shown[step] = names
+        return shown
+
+
+def plan_round(settings: HubSettings, view: HubView, pending: set[int], images: dict[int, Images]) -> Round | None:
+    """The next commit: the newest `keep` checkpoints of the repo and pending together, the newest
+    adapters at the root when a newer step is pending (or the root lacks them), new validation images
+    and the pruning of old ones. None when the repo already matches (the pending steps are settled)."""
+    s = settings
+    add, delete = plan_checkpoints(set(view.steps), pending, s.keep) if s.push_checkpoints else ([], [])
+    known = view.steps | pending
+    root = None
+    if s.push_adapters and known and max(known) in pending:
+        newest = max(known)
+        if newest > max(view.steps, default=-1) or s.adapter_names[0] not in view.files:
+            root = newest
+    keep_validation = set(ckpt.keep_newest(list(view.validation | set(images)), s.keep)[0])
+    new_images = {step: imgs for step, imgs in images.items() if step in keep_validation}
+    drop_validation = sorted(view.validation - keep_validation)
+    if not (add or delete or root is not None or new_images or drop_validation):
+        return None
+    return Round(add, delete, root, new_images, drop_validation)
+
+
+def newest_pending(steps: list[int] | set[int], keep: int) -> tuple[list[int], list[int]]:
+    """(kept, dropped) among steps waiting for the Hub: only the newest `keep` can ever reach it."""
+    return ckpt.keep_newest(list(steps), keep)
+
+
+class CommitWindow:
+    """At most `limit` commits in any `window_s` seconds (sliding window). The clock is passed in."""
+
+    def __init__(self, limit: int, window_s: float, clock: Callable[[], float] = time.monotonic):
+        if limit < 1:
+            raise ValueError(f"the Hub commit limit must be at least 1 per window, got {limit}")
+        self.limit, self.window_s, self.clock = limit, window_s, clock
+        self.times: deque[float] = deque()
+
+    def wait_s(self) -> float:
+        """Seconds until one more commit fits (0 when it fits now)."""
+        now = self.clock()
+        while self.times and now - self.times[0] >= self.window_s:
+            self.times.popleft()
+        return 0.0 if len(self.times) < self.limit else self.times[0] + self.window_s - now
+
+    def record(self) -> None:
+        self.times.append(self.clock())
