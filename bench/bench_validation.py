@@ -84,7 +84,7 @@ def main() -> None:
             results: list[tuple[int, float]] = []
             pool = ValidationPool(REPO / "configs/demo/config.json", overrides(args.steps, args.every, root / "on" / "out"),
                                   RunStorage(str(root), "on"), on_result=lambda s, summary, _: results.append(
-                                      (s, summary["seconds"])), num_actors=1, num_gpus=0, working_dir=str(REPO))
+                                      (s, summary["seconds"])), num_actors=1, num_gpus=0, working_dir=str(REPO)).start()
             pool.loads()  # the actor's pipeline is loaded before timing starts
             on, blocked = train(args.steps, args.every, root / "on", pool=pool)
             drained = pool.wait_idle(timeout=300)

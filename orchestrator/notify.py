@@ -433,7 +433,8 @@ class Notifier:
 
     backends: the config's `webhook` list; run_name: shown in every message; spool: the run's storage
     (None keeps undelivered messages in memory only); project: Discord's prefix when a backend has no
-    message_prefix. `close(timeout)` delivers what it can within timeout, then spools the rest."""
+    message_prefix. `start()` starts one delivery thread per backend (`with Notifier(...)` does it);
+    `close(timeout)` delivers what it can within timeout, then spools the rest."""
 
     close_seconds = 30.0  # at a run's end the steward waits at most this long: the spool keeps the rest
 
@@ -447,11 +448,17 @@ class Notifier:
         self._redactor = Redactor(secret)
         self.channels = [_Channel(i, b, self) for i, b in enumerate(backends)]
         self.keys = {c.key for c in self.channels}
-        self._closed = False
+        self._closed = self._started = False
         self._late = 0
         self._seq = itertools.count()
-        for channel in self.channels:
-            channel.thread.start()
+
+    def start(self) -> Notifier:
+        """Start the delivery threads (once). Events queued before it are delivered once it runs."""
+        if not self._started and not self._closed:
+            self._started = True
+            for channel in self.channels:
+                channel.thread.start()
+        return self
 
     def adopter(self, kind: str) -> _Channel | None:
         return next((c for c in self.channels if c.backend.webhook_type == kind), None)
@@ -516,13 +523,16 @@ class Notifier:
             with channel.cond:
                 channel.closing_at = cutoff
                 channel.cond.notify_all()
+        started = self._started
         for channel in self.channels:  # past the cutoff each thread spools its own queue and ends
-            channel.thread.join(max(0.0, cutoff + 0.05 - time.monotonic()))
-        for channel in self.channels:  # a thread stuck in a request that began before close: spool for it
-            if channel.thread.is_alive():
+            if started:
+                channel.thread.join(max(0.0, cutoff + 0.05 - time.monotonic()))
+        for channel in self.channels:  # a thread stuck in a request that began before close, or none: spool for it
+            if channel.thread.is_alive() or not started:
                 channel._spool_pending()
         for channel in self.channels:
-            channel.thread.join(max(0.0, start + timeout - time.monotonic()))
+            if started:
+                channel.thread.join(max(0.0, start + timeout - time.monotonic()))
         lost = sum(1 for c in self.channels for m in c.queue if m.spooled is None)
         if lost or any(c.thread.is_alive() for c in self.channels):
             log.warning("webhooks: %d message(s) neither delivered nor spooled at close", lost)
@@ -530,7 +540,7 @@ class Notifier:
         return True
 
     def __enter__(self) -> Notifier:
-        return self
+        return self.start()
 
     def __exit__(self, *exc) -> None:
         self.close()

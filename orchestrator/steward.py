@@ -33,7 +33,7 @@ class Steward:
         self.storage, self.total_steps = storage, total_steps
         self.ledger = Ledger(storage)
         self.poll_seconds, self.progress_every = poll_seconds, progress_every
-        self.services = services or []  # objects with on_event(event: dict) (and optional close(timeout))
+        self.services = services or []  # objects with on_event(event: dict) (optional start(), close(timeout))
         self.lock = threading.Lock()
         self.committed = set(self._ledger_steps("checkpoint"))
         self.progress: dict | None = storage.read_json(PROGRESS)
@@ -43,7 +43,13 @@ class Steward:
         self._progress_written = 0.0
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="relay-steward-watch", daemon=True)
-        self._watcher.start()
+
+    def start(self) -> Steward:
+        """Start the services (those with a start()), then the thread that watches storage. Once."""
+        if self._watcher.ident is None:
+            self._tell("start")
+            self._watcher.start()
+        return self
 
     def _ledger_steps(self, kind: str) -> list[int]:
         return [e["step"] for e in self.ledger.events if e["type"] == kind]
@@ -183,7 +189,8 @@ class Steward:
         recorded (with where the adapter is and the goodput, on completion; the Hub's final push
         follows it); then the others flush, the webhook last, since it hears everything."""
         self._stop.set()
-        self._watcher.join(timeout=self.poll_seconds + 5)
+        if self._watcher.ident is not None:
+            self._watcher.join(timeout=self.poll_seconds + 5)
         self.poll()
         producers = [s for s in self.services if getattr(s, "makes_news", False)]
         listeners = [s for s in reversed(self.services) if s not in producers]
@@ -209,7 +216,8 @@ def build_services(config, storage: RunStorage, record, wandb_dir: str | None = 
                    validation_options: dict | None = None) -> list:
     """What follows the run's events, per its config: the webhook notifier, the W&B tracker, the Hub
     mirror and the validation pool. `record(kind, step=None, **fields)` puts their own news (Hub
-    commits, validations, warnings) in the ledger, which tells the others."""
+    commits, validations, warnings) in the ledger, which tells the others. Built, not started:
+    Steward.start() starts them."""
     from orchestrator.hub import HubMirror
     from orchestrator.notify import VALIDATION, Notifier
     from orchestrator.tracking import Tracker
@@ -252,6 +260,7 @@ class RunSteward(Steward):
         if config is not None:  # after the ledger exists: the services record into it
             self.services.extend(build_services(config, storage, self.record, wandb_dir, working_dir,
                                                 validation_options))
+        self.start()  # the actor is the run's composition root: its services run as soon as it exists
 
     def ready(self) -> bool:
         return True

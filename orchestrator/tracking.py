@@ -44,6 +44,9 @@ class NullTracker:
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         pass
 
+    def start(self) -> NullTracker:
+        return self
+
     def close(self, timeout: float = 30.0) -> None:
         pass
 
@@ -79,7 +82,8 @@ def _picture(image: Any):
 
 
 class Tracker:
-    """One W&B run fed from a bounded queue by a background thread. Build it with Tracker.open."""
+    """One W&B run fed from a bounded queue by a background thread. Build it with Tracker.open; `start()`
+    starts the thread (rows queued before it are logged once it runs, or at finish)."""
 
     def __init__(self, run, max_queue: int = 1024) -> None:
         self.run = run
@@ -90,7 +94,13 @@ class Tracker:
         self._closing = False
         self._failed = False
         self._thread = threading.Thread(target=self._drain, name="wandb-tracker", daemon=True)
-        self._thread.start()
+
+    def start(self) -> Tracker:
+        """Start the thread that logs queued rows to W&B (once)."""
+        with self._cond:
+            if self._thread.ident is None:
+                self._thread.start()
+        return self
 
     @classmethod
     def open(cls, config: TrainConfig, run_name: str, storage: RunStorage | None = None, *,
@@ -188,6 +198,7 @@ class Tracker:
         with self._cond:
             self._closing = True
             self._cond.notify()
+        self.start()  # never started: it logs what is queued now, then ends
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("W&B: %d row(s) not logged within %.0f s of finish", len(self._queue), timeout)

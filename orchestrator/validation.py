@@ -151,10 +151,11 @@ class ValidatorActor:
 class ValidationPool:
     """Bounded queue + Ray actors. `submit` never blocks; results reach `on_result` in this process.
 
-    Life: construct (actors start loading at once), `benchmark()`, `reconcile()` on a resume, `submit(step)`
-    per committed checkpoint, `close(timeout)`. `on_result(step, summary, images)` runs on the pool's thread:
-    step 0 is the benchmark; summary is scores.json's content; images are (file name, PNG bytes), each
-    image then grid.png. Relative paths in the config resolve from `working_dir` (default: this cwd)."""
+    Life: construct (actors start loading at once), `start()` (the dispatch thread), `benchmark()`,
+    `reconcile()` on a resume, `submit(step)` per committed checkpoint, `close(timeout)`.
+    `on_result(step, summary, images)` runs on the pool's thread: step 0 is the benchmark; summary is
+    scores.json's content; images are (file name, PNG bytes), each image then grid.png. Relative paths
+    in the config resolve from `working_dir` (default: this cwd)."""
 
     def __init__(self, config: TrainConfig | str | Path, overrides: dict | None, storage: RunStorage,
                  on_result: OnResult | None = None, num_actors: int | None = None, num_gpus: float | None = None,
@@ -186,7 +187,13 @@ class ValidationPool:
         self.restarts = 0
         self._closing = self._stopped = False
         self._thread = threading.Thread(target=self._dispatch, name="validation-pool", daemon=True)
-        self._thread.start()
+
+    def start(self) -> ValidationPool:
+        """Start the thread that hands queued jobs to idle actors and collects results (once)."""
+        with self._lock:
+            if self._thread.ident is None and not self._stopped:
+                self._thread.start()
+        return self
 
     def _new_actor(self):
         return self._actor_class.options(**self._options).remote(*self._args)
@@ -240,12 +247,14 @@ class ValidationPool:
         Returns False when work was left (storage shows it unfinished; `reconcile` re-runs it next time)."""
         with self._lock:
             self._closing = True
-        drained = self.wait_idle(timeout)
+            started = self._thread.ident is not None
+        drained = self.wait_idle(timeout) if started else not (self._queue or self._running)
         with self._lock:
             self._stopped = True
             left = list(self._queue) + [job for _, job in self._running.values()]
             self._lock.notify_all()
-        self._thread.join(timeout=5)
+        if started:
+            self._thread.join(timeout=5)
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         if left:
@@ -355,6 +364,10 @@ class ValidationService:
                  forward: OnResult | None = None):
         self.record, self.forward, self._started = record, forward, False
         self.pool = pool_factory(self._on_result)
+
+    def start(self) -> ValidationService:
+        self.pool.start()
+        return self
 
     @classmethod
     def for_run(cls, config: TrainConfig | str | Path, storage: RunStorage, record: Callable[..., Any],

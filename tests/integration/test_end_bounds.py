@@ -18,6 +18,7 @@ def test_a_dead_webhook_holds_the_end_of_a_run_about_30_seconds(webhook_receiver
     notifier = Notifier([hook], "run", spool=storage)
     assert notifier.close_seconds <= 30
     steward = Steward(storage, poll_seconds=3600, services=[notifier])
+    steward.start()  # starts the notifier too
     steward.run_started(total_steps=10)
     steward.attempt(0, world_size=1, total_steps=10, resumed=False)
     start = time.monotonic()

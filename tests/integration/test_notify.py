@@ -112,7 +112,7 @@ def test_trouble_never_blocks_and_everything_arrives_after_recovery(webhook_rece
     receiver = webhook_receiver
     {"refuse": receiver.refuse, "close": receiver.close_connections, "slow": lambda: receiver.slow(0.5),
      "429": lambda: receiver.rate_limit(6, retry_after=0.15), "500": lambda: receiver.fail(6)}[trouble]()
-    notifier = Notifier([raw_hook(receiver)], "run-1", policy=FAST)
+    notifier = Notifier([raw_hook(receiver)], "run-1", policy=FAST).start()
     try:
         times = _blocking_times(notifier, 40)
         time.sleep(0.6)  # the sender is retrying (or waiting on the slow receiver) meanwhile
@@ -148,7 +148,7 @@ def test_training_rate_holds_while_the_webhook_is_down(webhook_receiver) -> None
     _train_rate(100, None)  # warm-up
     baseline = _train_rate(300, None)
     webhook_receiver.refuse()
-    down = Notifier([raw_hook(webhook_receiver)], "run-1", policy=FAST)
+    down = Notifier([raw_hook(webhook_receiver)], "run-1", policy=FAST).start()
     rate_down = _train_rate(300, down)
     webhook_receiver.up()
     webhook_receiver.slow(0.2)
@@ -174,7 +174,7 @@ def test_undelivered_messages_are_spooled_and_sent_by_the_next_notifier(webhook_
         storage = RunStorage(str(tmp_path / "runs"), "run-1")
     hooks = [raw_hook(webhook_receiver), discord_hook(webhook_receiver)]
     webhook_receiver.refuse()
-    first = Notifier(hooks, "run-1", spool=storage, policy=FAST)
+    first = Notifier(hooks, "run-1", spool=storage, policy=FAST).start()
     shot = [("val.png", png("green"))]
     for step in range(5):
         first.event(notify.CHECKPOINT_COMMITTED, "info", step, f"checkpoint {step}", images=shot if step == 2 else None)
@@ -190,7 +190,7 @@ def test_undelivered_messages_are_spooled_and_sent_by_the_next_notifier(webhook_
 
     webhook_receiver.up()
     start = time.perf_counter()
-    second = Notifier(hooks, "run-1", spool=storage, policy=FAST)
+    second = Notifier(hooks, "run-1", spool=storage, policy=FAST).start()
     second.event(notify.RESUMED, "info", 4, "resumed from checkpoint 4")
     got = webhook_receiver.wait_for(14, timeout=20)
     delivered_in = time.perf_counter() - start
@@ -207,7 +207,7 @@ def test_undelivered_messages_are_spooled_and_sent_by_the_next_notifier(webhook_
 
 def test_a_full_queue_drops_the_oldest_least_severe(webhook_receiver, caplog) -> None:
     webhook_receiver.refuse()
-    notifier = Notifier([raw_hook(webhook_receiver, log_level="debug")], "run-1", max_queue=4, policy=FAST)
+    notifier = Notifier([raw_hook(webhook_receiver, log_level="debug")], "run-1", max_queue=4, policy=FAST).start()
     notifier.event(notify.WARNING, "info", 0, "info")
     deadline = time.monotonic() + 5
     while notifier.stats()[0]["retries"] < 1 and time.monotonic() < deadline:  # its first try failed: in
@@ -231,7 +231,7 @@ def test_secrets_stay_out_of_payloads_and_logs(webhook_receiver, caplog) -> None
     try:
         with caplog.at_level(logging.DEBUG):
             webhook_receiver.refuse()
-            notifier = Notifier(hooks, "run-1", policy=FAST)
+            notifier = Notifier(hooks, "run-1", policy=FAST).start()
             leak = f"upload failed: {hooks[1].url.get_secret_value()} token={hf_token} key={aws_key} api={TOKEN}"
             notifier.event(notify.WARNING, "warning", 3, leak, {"detail": {"nested": leak}})
             time.sleep(0.3)

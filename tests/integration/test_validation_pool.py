@@ -91,7 +91,7 @@ def test_pool_renders_each_validation_step_from_s3_and_loads_once(local_ray, tra
     results, ledger = Results(), []
     # as the steward runs it: the run's first event queues the benchmark and what storage lacks (2, 4)
     service = ValidationService.for_run(path, storage, record=lambda *a, **kw: ledger.append((a, kw)),
-                                        forward=results, num_actors=1)
+                                        forward=results, num_actors=1).start()
     pool = service.pool
     try:
         started = time.perf_counter()
@@ -129,7 +129,7 @@ def test_an_actor_killed_mid_validation_is_replaced_and_the_step_rerun(local_ray
     results = Results()
     # 2 variants x 3 sizes: the kill lands after the first image and before the sixth
     sizes = {"validation_resolution": "32x32,48x48,64x64", "validation_num_inference_steps": 4}
-    pool = ValidationPool(path, sizes, storage, on_result=results, num_actors=1)
+    pool = ValidationPool(path, sizes, storage, on_result=results, num_actors=1).start()
     try:
         first = pool.actors[0]
         assert pool.loads() == [1]  # the actor is up (pipeline loaded) before the job arrives
