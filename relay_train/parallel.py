@@ -278,7 +278,8 @@ class BucketedAllReduce:
         order[:len(seen)] = torch.tensor(seen, dtype=torch.int64)
         dist.broadcast(order, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
         chosen = [i for i in order.tolist() if i >= 0]
-        chosen += [i for i in reversed(range(len(self.params))) if i not in set(chosen)]
+        placed = set(chosen)
+        chosen += [i for i in reversed(range(len(self.params))) if i not in placed]
         element = torch.empty((), dtype=self.wire).element_size()
         buckets: list[list[int]] = [[]]
         size = 0
