@@ -10,14 +10,15 @@ import pytest
 from support.netns import IFNAME, TwoNodes, unavailable  # tests/ is on sys.path (conftest rootdir)
 
 SERVER = """
-import socket, sys
+import socket, sys, time
 s = socket.socket(); s.bind((sys.argv[1], 5001)); s.listen(1); s.settimeout(20)
-c, _ = s.accept(); c.settimeout(5); n = 0
+c, _ = s.accept(); c.settimeout(5); n = 0; start = None
 while True:
     d = c.recv(1 << 20)
     if not d: break
+    start = start or time.perf_counter()
     n += len(d)
-print(n)
+print(n, time.perf_counter() - start)
 """
 CLIENT = """
 import socket, sys, time
@@ -50,7 +51,8 @@ def nodes():
 
 
 def _send(nodes: TwoNodes, mib: int, timeout: float, cut_after: float | None = None) -> tuple[str, str]:
-    """Send `mib` MiB from node a to node b: (the client's seconds or "stalled", the bytes node b got)."""
+    """Send `mib` MiB from node a to node b: (the client's seconds or "stalled", "<bytes> <seconds>" as
+    node b received them)."""
     server = nodes.popen(1, [sys.executable, "-c", SERVER, nodes.ips[1]], stdout=subprocess.PIPE, text=True)
     client = nodes.popen(0, [sys.executable, "-c", CLIENT, nodes.ips[1], str(mib), str(timeout)],
                          stdout=subprocess.PIPE, text=True)
@@ -67,19 +69,20 @@ def _send(nodes: TwoNodes, mib: int, timeout: float, cut_after: float | None = N
 
 def test_the_link_runs_at_its_shaped_rate_and_a_cut_stalls_it(nodes):
     rate = nodes.rate_mbit
-    seconds, received = _send(nodes, 8, timeout=30)
-    mbit = 8 * 8 * 1.048576 / float(seconds)
-    print(f"8 MiB over the {rate} Mbit/s link: {seconds} s, {mbit:.1f} Mbit/s")
-    assert received == str(8 << 20)
-    assert 0.6 * rate < mbit < 1.3 * rate  # tbf's rate, not the bare veth's
+    _, received = _send(nodes, 8, timeout=30)
+    count, seconds = received.split()
+    mbit = int(count) * 8 / 1e6 / float(seconds)  # as received: the sender's buffers do not count
+    print(f"8 MiB over the {rate} Mbit/s link: {float(seconds):.3f} s, {mbit:.1f} Mbit/s")
+    assert int(count) == 8 << 20
+    assert 0.7 * rate < mbit < 1.2 * rate  # tbf's rate, not the bare veth's
 
     nodes.shape(None)  # unshaped: much faster
-    seconds, _ = _send(nodes, 8, timeout=30)
-    assert 8 * 8 * 1.048576 / float(seconds) > 3 * rate
+    _, received = _send(nodes, 8, timeout=30)
+    assert int(received.split()[0]) * 8 / 1e6 / float(received.split()[1]) > 3 * rate
 
     nodes.shape(rate)
     stalled, received = _send(nodes, 64, timeout=3, cut_after=1.0)  # 13 s at 40 Mbit/s: cut mid-transfer
-    assert stalled == "stalled" and received != str(64 << 20)
+    assert stalled == "stalled" and not received.startswith(str(64 << 20))
     nodes.restore()
 
 
