@@ -130,12 +130,17 @@ def head(fresh_clone, background, tmp_path_factory):
     wait_for("the Ray head's job API", answers, timeout=180)
 
     def start_node(resources: dict[str, float], cpus: int = 1) -> subprocess.Popen:
+        # a temp dir of its own: nodes sharing one on a machine would clear each other's job working dirs
+        own = tempfile.mkdtemp(prefix="rn")
+        temps.append(own)
         return background([fresh_clone.ray, "start", f"--address=127.0.0.1:{gcs}", f"--num-cpus={cpus}",
-                           f"--resources={json.dumps(resources)}", *common],
+                           f"--resources={json.dumps(resources)}", f"--temp-dir={own}", *common],
                           env=env, cwd=fresh_clone.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
+    temps = [temp]
     yield address, f"127.0.0.1:{gcs}", start_node, env
-    shutil.rmtree(temp, ignore_errors=True)
+    for folder in temps:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def wait_for(what: str, check, timeout: float, every: float = 1.0):

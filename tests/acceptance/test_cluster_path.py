@@ -82,11 +82,23 @@ def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(fresh_clone, head, 
         job = background(["bash", "-c", SUBMIT.format(config=user_files, cluster=cluster)
                           + f" --set max_train_steps=400 --set checkpointing_steps=100 --set 'webhook_config={hook}'"],
                          cwd=fresh_clone.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        poll("training to pass step 20", lambda: (s := _status(fresh_clone, "spot", bucket, s3_endpoint, env))
-             and s["state"] == "running" and s["step"] > 20, timeout=600)
+        def training_past_20():
+            if job.poll() is not None:
+                pytest.fail(f"the job ended early ({job.returncode}): {job.communicate()[0][-4000:]}")
+            return (s := _status(fresh_clone, "spot", bucket, s3_endpoint, env)) and s["state"] == "running" \
+                and s["step"] > 20
+
+        poll("training to pass step 20", training_past_20, timeout=600)
         imds.announce(seconds=30)
-        report = poll("the emergency checkpoint", lambda: (s := _status(fresh_clone, "spot", bucket, s3_endpoint, env))
-                      and s["emergency_checkpoints"] and s, timeout=180)
+
+        def emergency_checkpoint():
+            if job.poll() is not None:
+                agent.kill()
+                pytest.fail(f"the job ended before its emergency checkpoint ({job.returncode}):\n"
+                            f"{job.communicate()[0][-3000:]}\nagent:\n{agent.communicate()[0][-2000:]}")
+            return (s := _status(fresh_clone, "spot", bucket, s3_endpoint, env)) and s["emergency_checkpoints"] and s
+
+        report = poll("the emergency checkpoint", emergency_checkpoint, timeout=180)
         emergency = report["emergency_checkpoints"][0]["step"]
         agent_out, _ = agent.communicate(timeout=60)
         assert agent.returncode == 0, agent_out[-2000:]  # it drained the node, and is done
