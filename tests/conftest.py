@@ -94,9 +94,9 @@ def free_port():
 
 @pytest.fixture
 def webhook_receiver():
-    """A loopback webhook receiver (tests/webhook_receiver.py) that records requests; can be made down,
+    """A loopback webhook receiver (tests/support/webhook_receiver.py) that records requests; can be made down,
     slow or rate-limited."""
-    from webhook_receiver import WebhookReceiver  # tests/ is on sys.path (conftest rootdir)
+    from support.webhook_receiver import WebhookReceiver  # tests/ is on sys.path (conftest rootdir)
 
     with WebhookReceiver() as receiver:
         yield receiver
@@ -128,14 +128,14 @@ def s3_bucket(s3_endpoint, request):
 
 @pytest.fixture
 def hub_server(monkeypatch):
-    """The loopback Hub (tests/hub_server.py) on a free port, with HF_ENDPOINT pointing at it for this test.
+    """The loopback Hub (tests/support/hub_server.py) on a free port, with HF_ENDPOINT pointing at it for this test.
 
     Yields the HubServer: `.url`, `.repos` (repo id -> Repo: files, commits), `.state.token` (the token it
     accepts), `.fail(status, count=N | seconds=S, retry_after=...)` and `.heal()`. The server speaks LFS,
     not Xet, so the client's documented HF_HUB_DISABLE_XET switch is set too."""
     import huggingface_hub.constants as hf_constants
 
-    from hub_server import HubServer  # tests/ is on sys.path (conftest rootdir)
+    from support.hub_server import HubServer  # tests/ is on sys.path (conftest rootdir)
 
     server = HubServer(token="hf_loopbackTestToken0123456789").start()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
@@ -155,7 +155,8 @@ def ray_head(free_port):
     temp = tempfile.mkdtemp(prefix="rj")  # short: Ray's socket paths must fit 107 characters
     # A throwaway loopback head: no token auth (a machine with ~/.ray/auth_token would otherwise turn it on).
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                             "--node-ip-address=127.0.0.1", f"--port={gcs}",
                              "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dashboard}", f"--temp-dir={temp}", "--disable-usage-stats"],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

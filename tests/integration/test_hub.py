@@ -1,4 +1,4 @@
-"""The Hub mirror against the loopback Hub (tests/hub_server.py) through the real huggingface_hub client,
+"""The Hub mirror against the loopback Hub (tests/support/hub_server.py) through the real huggingface_hub client,
 with checkpoints in a real RunStorage (moto S3 or a local folder) that looks as Ray leaves it."""
 
 from __future__ import annotations

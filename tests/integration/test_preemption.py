@@ -19,7 +19,7 @@ from orchestrator.launch import launch
 from orchestrator.ledger import Ledger, summarize
 from orchestrator.store import RunStorage
 from relay_train import checkpoint as ckpt
-from fake_imds import FakeMetadata  # tests/ is on sys.path (conftest rootdir)
+from support.fake_imds import FakeMetadata  # tests/ is on sys.path (conftest rootdir)
 
 pytestmark = pytest.mark.slow
 TRAINER = {"trainer": 1}
@@ -57,7 +57,7 @@ def _adapter(result) -> dict[str, torch.Tensor]:
 
 def _announce_and_drain(cluster, node, seconds: float = 90) -> spot.Notice:
     """The node's own agent, as `relay spot-agent` runs it, against a fake metadata service."""
-    metadata = FakeMetadata()
+    metadata = FakeMetadata().start()
     try:
         source = spot.detect_cloud(aws_endpoint=metadata.url, gcp_endpoint="http://127.0.0.1:9")
         assert spot.run_agent(source, cluster.address, node.node_id, interval=0.1, max_polls=2) is None  # 404s
@@ -91,13 +91,13 @@ def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tm
     thread.start()
     timings = []
     for n, announced in enumerate((True, True, False), start=1):
-        _wait_for(f"attempt {n}", lambda: len(_events(storage, "attempt")) >= n)
+        _wait_for(f"attempt {n}", lambda n=n: len(_events(storage, "attempt")) >= n)
         victim = nodes[0] if n != 2 else nodes[1]
         lost_at = time.time()
         if announced:
             notice = _announce_and_drain(cluster, victim)
             assert notice is not None and notice.cloud == "aws"
-            _wait_for("the emergency checkpoint", lambda: len(_events(storage, "emergency_checkpoint")) >= n)
+            _wait_for("the emergency checkpoint", lambda n=n: len(_events(storage, "emergency_checkpoint")) >= n)
         else:  # no warning: a checkpoint commits, then the node simply goes
             _wait_for("a checkpoint after the restart", lambda: any(
                 e["time"] > _events(storage, "attempt")[-1]["time"] for e in _events(storage, "checkpoint")))

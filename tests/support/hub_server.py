@@ -5,7 +5,7 @@ create_repo, repo info, preupload + commit (regular and LFS files, deletions), t
 Repos live in memory. Every commit keeps a snapshot of the tree, so a test can count commits and the
 bytes history holds (what super_squash_history frees). `fail(...)` makes the server answer 429 (with
 Retry-After) or 5xx for the next N requests or for a time window, as the real Hub does when it is
-rate limiting or unwell.
+rate limiting or unwell (a support.loopback.Fault, as every loopback server's).
 
 It speaks LFS, not Xet: with `hf_xet` installed the 2.4 client always uploads through Xet unless
 `HF_HUB_DISABLE_XET` is set (see `huggingface_hub.utils._runtime.is_xet_available`), so the
@@ -23,8 +23,9 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlparse
+from urllib.parse import unquote
+
+from support.loopback import Fault, LoopbackServer, Request
 
 LFS_SUFFIXES = (".safetensors", ".pt", ".bin", ".png", ".jpg", ".jpeg", ".webp", ".ckpt")
 LFS_MIN_SIZE = 10 * 1024 * 1024  # the Hub's threshold for binary-by-size
@@ -88,148 +89,85 @@ class Repo:
         return self.files[path].data
 
 
-@dataclass
-class Fault:
-    status: int
-    remaining: int | None  # requests left to fail, or None for a time window
-    until: float | None
-    retry_after: float | None
-    path: re.Pattern | None
-    since: float = 0.0
-
-    def active(self, now: float) -> bool:
-        if now < self.since or (self.remaining is not None and self.remaining <= 0):
-            return False
-        return self.until is None or now < self.until
-
-
 class HubState:
-    """What the server holds and how it misbehaves; shared by the handler threads under one lock."""
+    """What the server holds; shared by the handler threads under one lock."""
 
-    def __init__(self, token: str | None = None, user: str = "relay-tester"):
+    def __init__(self, server: HubServer, token: str | None = None, user: str = "relay-tester"):
         self.token, self.user = token, user
         self.repos: dict[str, Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content, uploaded by PUT before a commit
-        self.faults: list[Fault] = []
-        self.requests: list[tuple[str, str, int]] = []  # (method, path, status) of every request
         self.unauthorized = 0  # requests whose Authorization header did not carry the token
         self.lock = threading.RLock()
-
-    def fail(self, status: int = 429, *, count: int | None = None, seconds: float | None = None,
-             retry_after: float | None = None, path: str | None = None, start_in: float = 0.0) -> None:
-        """Answer `status` to the next `count` requests, or to all requests for `seconds` (matching the
-        regex `path` when given), starting `start_in` seconds from now. 429s carry Retry-After (default
-        1 s) as the real Hub's do."""
-        if count is None and seconds is None:
-            raise ValueError("fail() needs count= or seconds=")
-        if status == 429 and retry_after is None:
-            retry_after = 1
-        since = time.monotonic() + start_in
-        with self.lock:
-            self.faults.append(Fault(status, count, since + seconds if seconds is not None else None,
-                                     retry_after, re.compile(path) if path else None, since))
-
-    def heal(self) -> None:
-        with self.lock:
-            self.faults.clear()
-
-    def take_fault(self, path: str) -> Fault | None:
-        now = time.monotonic()
-        with self.lock:
-            for fault in self.faults:
-                if fault.active(now) and (fault.path is None or fault.path.search(path)):
-                    if fault.remaining is not None:
-                        fault.remaining -= 1
-                    return fault
-        return None
+        self._server = server
 
     def count(self, method: str, pattern: str, status: int | None = None) -> int:
-        with self.lock:
-            return sum(1 for m, p, s in self.requests if m == method and re.search(pattern, p)
-                       and (status is None or s == status))
+        return self._server.count(method, pattern, status)
 
 
-class HubServer:
-    """The server on 127.0.0.1:port in a daemon thread."""
+class HubServer(LoopbackServer):
+    """The Hub on 127.0.0.1:port (`url`), serving from daemon threads once started."""
+
+    name = "hub-server"
 
     def __init__(self, port: int = 0, token: str | None = None):
-        self.state = HubState(token=token)
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.state = self.state  # type: ignore[attr-defined]
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.httpd.base_url = self.url  # type: ignore[attr-defined]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="hub-server", daemon=True)
-
-    def start(self) -> HubServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(port)
+        self.state = HubState(self, token=token)
 
     @property
     def repos(self) -> dict[str, Repo]:
         return self.state.repos
 
-    def fail(self, *args, **kwargs) -> None:
-        self.state.fail(*args, **kwargs)
+    def fail(self, status: int | Fault = 429, *, count: int | None = None, seconds: float | None = None,
+             retry_after: float | None = None, path: str | None = None, start_in: float = 0.0) -> None:
+        """Answer `status` to the next `count` requests, or to all requests for `seconds` (matching the
+        regex `path` when given), starting `start_in` seconds from now. 429s carry Retry-After (default
+        1 s) as the real Hub's do. Any other Fault may be passed as it is."""
+        if isinstance(status, Fault):
+            return super().fail(status)
+        if count is None and seconds is None:
+            raise ValueError("fail() needs count= or seconds=")
+        if status == 429 and retry_after is None:
+            retry_after = 1
+        super().fail(Fault("status", status=status, count=count, seconds=seconds, retry_after=retry_after,
+                           path=path, start_in=start_in))
 
-    def heal(self) -> None:
-        self.state.heal()
+    def fault_answer(self, fault: Fault) -> tuple[bytes, dict[str, str], str]:
+        message = f"injected {fault.status}"
+        return json.dumps({"error": message}).encode(), {"X-Error-Message": message}, "application/json"
+
+    def handle(self, handler, request: Request) -> None:
+        call = _Call(self, handler, request)
+        for verb, pattern, endpoint in _ROUTES:
+            match = pattern.fullmatch(request.path)
+            if match and (verb == request.method or (verb == "GET" and request.method == "HEAD")):
+                if not endpoint.__name__.startswith("_lfs_put") and not call._authorized():
+                    return call._error(401, "Invalid credentials in Authorization header")
+                try:
+                    with self.state.lock:
+                        return endpoint(call, match, request.query, request.body)
+                except Exception as exc:  # a server bug: answer 500 with its text rather than hang the client
+                    return call._error(500, f"hub_server error: {exc!r}")
+        call._error(404, f"no route for {request.method} {request.path}")
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: ThreadingHTTPServer
+class _Call:
+    """One request as the endpoints below see it: its headers, the server's state, and how to answer."""
 
-    def log_message(self, format, *args) -> None:  # noqa: A002 - quiet: tests read state, not stderr
-        pass
+    def __init__(self, server: HubServer, handler, request: Request):
+        self.server, self.handler, self.request = server, handler, request
+        self.headers, self.command = handler.headers, request.method
 
     @property
     def state(self) -> HubState:
-        return self.server.state  # type: ignore[attr-defined]
+        return self.server.state
 
-    # -- plumbing ---------------------------------------------------------------------------------------
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_HEAD(self) -> None:
-        self._dispatch("HEAD")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            return self.rfile.read(length)
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while (size := int(self.rfile.readline().strip() or b"0", 16)) > 0:
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-            self.rfile.readline()
-            return b"".join(chunks)
-        return b""
+    @property
+    def base_url(self) -> str:
+        return str(self.server.url)
 
     def _send(self, status: int, body: bytes | dict | list = b"", headers: dict[str, str] | None = None,
               content_type: str = "application/json") -> None:
-        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-        with self.state.lock:
-            self.state.requests.append((self.command, urlparse(self.path).path, status))
+        self.server.reply(self.handler, status, body, headers, content_type)
 
     def _error(self, status: int, message: str, code: str | None = None, headers: dict | None = None) -> None:
         extra = {"X-Error-Message": message, **({"X-Error-Code": code} if code else {}), **(headers or {})}
@@ -244,25 +182,6 @@ class _Handler(BaseHTTPRequestHandler):
             with self.state.lock:
                 self.state.unauthorized += 1
         return ok
-
-    def _dispatch(self, method: str) -> None:
-        url = urlparse(self.path)
-        body = self._body() if method in ("POST", "PUT") else b""
-        fault = self.state.take_fault(url.path)
-        if fault is not None:
-            headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
-            return self._error(fault.status, f"injected {fault.status}", headers=headers)
-        for verb, pattern, handler in _ROUTES:
-            match = pattern.fullmatch(url.path)
-            if match and (verb == method or (verb == "GET" and method == "HEAD")):
-                if not handler.__name__.startswith("_lfs_put") and not self._authorized():
-                    return self._error(401, "Invalid credentials in Authorization header")
-                try:
-                    with self.state.lock:
-                        return handler(self, match, parse_qs(url.query), body)
-                except Exception as exc:  # a server bug: answer 500 with its text rather than hang the client
-                    return self._error(500, f"hub_server error: {exc!r}")
-        self._error(404, f"no route for {method} {url.path}")
 
     def _repo(self, match: re.Match) -> Repo | None:
         repo = self.state.repos.get(unquote(match["repo"]))
@@ -280,7 +199,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _create_repo(self, match, query, body) -> None:
         payload = json.loads(body or b"{}")
         repo_id = f"{payload.get('organization') or self.state.user}/{payload['name']}"
-        url = f"{self.server.base_url}/{repo_id}"  # type: ignore[attr-defined]
+        url = f"{self.base_url}/{repo_id}"
         if repo_id in self.state.repos:
             return self._send(409, {"error": "You already created this model repo", "url": url})
         repo = Repo(repo_id, private=payload.get("visibility") == "private")
@@ -317,7 +236,7 @@ class _Handler(BaseHTTPRequestHandler):
         if (repo := self._repo(match)) is None:
             return
         request = json.loads(body)
-        base = self.server.base_url  # type: ignore[attr-defined]
+        base = self.base_url
         objects = []
         for obj in request["objects"]:
             entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
@@ -377,7 +296,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 return self._error(400, f"unknown commit operation {key!r}")
         commit = repo.commit(header["summary"], files)
-        base = self.server.base_url  # type: ignore[attr-defined]
+        base = self.base_url
         self._send(200, {"success": True, "commitOid": commit.oid, "commitUrl": f"{base}/{repo.repo_id}/commit/{commit.oid}",
                          "pullRequestUrl": None})
 
@@ -435,16 +354,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 _ROUTES = [
-    ("POST", re.compile(r"/api/repos/create"), _Handler._create_repo),
-    ("POST", re.compile(r"/api/validate-yaml"), _Handler._validate_yaml),
-    ("POST", re.compile(rf"/api/models/{_REPO}/preupload/(?P<rev>[^/]+)"), _Handler._preupload),
-    ("POST", re.compile(rf"/api/models/{_REPO}/commit/(?P<rev>[^/]+)"), _Handler._commit),
-    ("POST", re.compile(rf"/api/models/{_REPO}/super-squash/(?P<rev>[^/]+)"), _Handler._super_squash),
-    ("GET", re.compile(rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?"), _Handler._tree),
-    ("GET", re.compile(rf"/api/models/{_REPO}/commits/(?P<rev>[^/]+)"), _Handler._commits),
-    ("GET", re.compile(rf"/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?"), _Handler._repo_info),
-    ("POST", re.compile(rf"/{_REPO}\.git/info/lfs/objects/batch"), _Handler._lfs_batch),
-    ("PUT", re.compile(rf"/lfs-upload/{_REPO}/(?P<oid>[0-9a-f]{{64}})"), _Handler._lfs_put),
-    ("POST", re.compile(rf"/lfs-verify/{_REPO}"), _Handler._lfs_verify),
-    ("GET", re.compile(rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)"), _Handler._resolve),
+    ("POST", re.compile(r"/api/repos/create"), _Call._create_repo),
+    ("POST", re.compile(r"/api/validate-yaml"), _Call._validate_yaml),
+    ("POST", re.compile(rf"/api/models/{_REPO}/preupload/(?P<rev>[^/]+)"), _Call._preupload),
+    ("POST", re.compile(rf"/api/models/{_REPO}/commit/(?P<rev>[^/]+)"), _Call._commit),
+    ("POST", re.compile(rf"/api/models/{_REPO}/super-squash/(?P<rev>[^/]+)"), _Call._super_squash),
+    ("GET", re.compile(rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?"), _Call._tree),
+    ("GET", re.compile(rf"/api/models/{_REPO}/commits/(?P<rev>[^/]+)"), _Call._commits),
+    ("GET", re.compile(rf"/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?"), _Call._repo_info),
+    ("POST", re.compile(rf"/{_REPO}\.git/info/lfs/objects/batch"), _Call._lfs_batch),
+    ("PUT", re.compile(rf"/lfs-upload/{_REPO}/(?P<oid>[0-9a-f]{{64}})"), _Call._lfs_put),
+    ("POST", re.compile(rf"/lfs-verify/{_REPO}"), _Call._lfs_verify),
+    ("GET", re.compile(rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)"), _Call._resolve),
 ]

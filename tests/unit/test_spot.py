@@ -7,12 +7,12 @@ import time
 import pytest
 
 from orchestrator import spot
-from fake_imds import FakeMetadata  # tests/ is on sys.path (conftest rootdir)
+from support.fake_imds import FakeMetadata  # tests/ is on sys.path (conftest rootdir)
 
 
 @pytest.fixture
 def metadata():
-    fake = FakeMetadata()
+    fake = FakeMetadata().start()
     yield fake
     fake.close()
 
