@@ -23,6 +23,7 @@ from relay_train.config import TrainConfig, load_config
 from relay_train.data import plan_dataset
 from relay_train.model import resolve_model_path
 from relay_train.precompute import LatentEncoder, LogProgress, TextEncoder, latent_items, text_items
+from relay_train.logs import configure_logging
 
 log = logging.getLogger("relay.precompute")
 
@@ -73,5 +74,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     main()

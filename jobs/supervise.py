@@ -8,20 +8,20 @@ head is replaced (see orchestrator/supervise.py for the exit codes).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir: relay_train, orchestrator
 
 from orchestrator import supervise  # noqa: E402
+from relay_train.logs import configure_logging
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     supervise.add_arguments(parser)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(libraries=False)
     return supervise.run(args)
 
 

@@ -19,6 +19,7 @@ import ray
 from orchestrator.ledger import Ledger, summarize
 from orchestrator.policy import AttemptFacts, attempt_reason
 from orchestrator.store import RunStorage
+from relay_train.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ class RunSteward(Steward):
 
     def __init__(self, storage: RunStorage, config=None, wandb_dir: str | None = None, working_dir: str | None = None,
                  validation_options: dict | None = None, **kwargs):
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(libraries=False)
         if config is not None:
             from orchestrator import redact
 

@@ -27,6 +27,7 @@ from ray.exceptions import RayActorError
 from orchestrator.store import RunStorage
 from relay_train import checkpoint as ckpt
 from relay_train.config import TrainConfig, load_config
+from relay_train.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class ValidatorActor:
         from relay_train.model import pick_device, resolve_model_path
         from relay_train.validate import Validator
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging()
         if working_dir and Path(working_dir).is_dir():
             os.chdir(working_dir)  # relative model and prompt-file paths mean the job's directory
         self.config = load(config, overrides)

@@ -24,6 +24,7 @@ from orchestrator import redact
 from orchestrator.preemption import PreemptionWatch
 from orchestrator.steward import get_steward
 from orchestrator.store import RunStorage
+from relay_train.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def train_worker(loop_config: dict) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     enter_job_directory(loop_config["working_dir"])
     config = load_config(loop_config["config_path"], loop_config["overrides"])
     redact.install(redact.secret_values(config))

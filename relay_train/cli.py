@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
-import warnings
 import sys
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
+from relay_train.logs import configure_logging
 from relay_train.config_cli import config_overrides, flag_pairs, parse_overrides  # noqa: F401  (for the orchestrator)
 
 log = logging.getLogger("relay")
@@ -133,38 +132,6 @@ def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = N
     if extend:
         extend(sub)
     return parser
-
-
-def configure_logging(verbose: bool) -> None:
-    """Our lines at INFO; the libraries' own progress bars and chatter only with --verbose."""
-    handlers = None
-    if sys.stderr.isatty():  # rich writes through the live progress bar, so lines land above it
-        from rich.console import Console
-        from rich.logging import RichHandler
-
-        handlers = [RichHandler(console=Console(stderr=True), show_path=False)]
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers,
-                        format="%(name)s: %(message)s" if handlers else "%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    if verbose:
-        return
-    # before the imports below: bitsandbytes warns at import that it has no 4-bit CPU kernels (we use its
-    # 8-bit Adam only), and DeepSpeed that it fell back to the CPU accelerator
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import torch
-
-    if not torch.cuda.is_available():  # what DeepSpeed would pick anyway, said so it does not warn
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import diffusers
-    import lycoris.logging  # noqa: F401  (it sets its own level at import: import before overriding)
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    logging.getLogger("LyCORIS").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None, extend: Callable[[argparse._SubParsersAction], None] | None = None) -> int:

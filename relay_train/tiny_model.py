@@ -402,7 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=PRESETS, default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    from relay_train.logs import configure_logging
+
+    configure_logging()
     make_pipeline(args.path, args.preset, args.seed)
 
 
