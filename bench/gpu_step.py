@@ -46,6 +46,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from relay_train import checkpoint as ckpt  # noqa: E402
 from relay_train.buckets import Bucket  # noqa: E402
@@ -56,6 +57,8 @@ from relay_train.optim import clip_gradients  # noqa: E402
 from relay_train.step import train_step  # noqa: E402
 from relay_train.tiny_model import PRESETS, transformer_config  # noqa: E402
 from relay_train.trainer import Trainer  # noqa: E402
+
+import step_profile  # noqa: E402  (bench/step_profile.py: --profile, --compile, --kron-bench)
 
 log = logging.getLogger("gpu_step")
 TEXT_TOKENS = 231  # 77 CLIP + 154 T5 (see DESIGN.md)
@@ -240,6 +243,8 @@ def run_variant(variant: Variant, config: TrainConfig, model: AdapterModel, args
             total = sum(phases.values())
             result.update(phase_s=phases, phase_share={k: v / total for k, v in phases.items()})
             result["ema_update_s"] = time_ema(trainer, clock)
+            if args.profile:
+                result["profile"] = profile_variant(trainer, model, result["s_per_step"], args, device)
         except torch.OutOfMemoryError as exc:
             result.update(error=f"out of memory: {str(exc).splitlines()[0]}", **peak_memory(device))
         finally:
@@ -247,6 +252,35 @@ def run_variant(variant: Variant, config: TrainConfig, model: AdapterModel, args
             del trainer
             release(device)
     return result
+
+
+def profile_variant(trainer: Trainer, model: AdapterModel, s_per_step: float, args: argparse.Namespace,
+                    device: torch.device) -> dict[str, Any]:
+    """FLOPs of one optimizer step, TFLOP/s and MFU against the timed median, and the trace summary."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    out = step_profile.count_flops(trainer.optimizer_step)
+    out["mfu"] = step_profile.mfu(out["flops_per_step"], s_per_step, device.type, name)
+    trace = str(args.trace) if args.trace else None
+    out["trace"] = step_profile.profile_steps(trainer.optimizer_step, model.transformer, model.network,
+                                              trainer.optimizer, device, args.profile_steps, trace)
+    return out
+
+
+def run_compiled(config: TrainConfig, args: argparse.Namespace, device: torch.device,
+                 clock: Clock) -> dict[str, Any]:
+    """Config (a) with each transformer block torch.compile'd in place (regional compilation)."""
+    model = build_model(config, args.preset, device, quantized=True)
+    joint, pooled = (transformer_config(args.preset)[k] for k in ("joint_attention_dim", "pooled_projection_dim"))
+    data = CachedShapes(config.train_batch_size, args.resolution // 8, joint, pooled)
+    out: dict[str, Any] = {"what": "production step, every transformer block compiled (nn.Module.compile)"}
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = make_trainer(config, model, data, device, Path(scratch))
+        out["blocks"] = step_profile.compile_blocks(model.transformer)
+        out.update(step_profile.try_compiled(trainer.optimizer_step, clock.sync, args.steps))
+        del trainer
+    del model
+    release(device)
+    return out
 
 
 def release(device: torch.device) -> None:
@@ -371,6 +405,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=6.0)
     p.add_argument("--config", type=Path, default=REPO / "configs/sd3/config.json", help="the recipe")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--profile", action="store_true",
+                   help="per config: FLOPs (FlopCounterMode), TFLOP/s, MFU and a torch.profiler summary")
+    p.add_argument("--profile-steps", type=int, default=2, help="steps under torch.profiler (--profile)")
+    p.add_argument("--trace", type=Path, help="with --profile: also write the Chrome trace of the last config here")
+    p.add_argument("--compile", action="store_true",
+                   help="also time config (a) with each transformer block compiled; reports graph breaks/errors")
+    p.add_argument("--kron-bench", action="store_true",
+                   help="also time the LoKr bypass forms at sd35m's layer shapes (see step_profile.kron_bench)")
+    p.add_argument("--kron-tokens", type=int, default=0,
+                   help="tokens per kron-bench call; 0: batch x (latent tokens + 231 text tokens)")
     args = p.parse_args(argv)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in args.configs if c not in VARIANTS]
@@ -390,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     clock = Clock(device)
     config = load_config(args.config, {"train_batch_size": args.batch, "resume_from_checkpoint": "none"})
     results: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python bench/gpu_step.py", *(sys.argv[1:] if argv is None else argv)]),
         "device_type": device.type,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -421,8 +465,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             save(results, args.out)
         del model
         release(device)
-    print(table(results))
+    if args.compile:
+        results["compile"] = run_compiled(config, args, device, clock)
+        save(results, args.out)
+    if args.kron_bench:
+        tokens = args.kron_tokens or args.batch * ((args.resolution // 16) ** 2 + TEXT_TOKENS)
+        results["kron_bench"] = step_profile.kron_bench(tokens, 3, device, compute_dtype(config, device))
+        save(results, args.out)
+    print(report(results))
     return results
+
+
+def report(results: dict[str, Any]) -> str:
+    parts = [table(results)]
+    for key, r in sorted(results["configs"].items()):
+        if "profile" in r:
+            parts.append(f"\n({key}) {r['label']}, profile:\n" + step_profile.format_profile(r["profile"]))
+    if "compile" in results:
+        c = results["compile"]
+        status = c.get("error") or f"{c['s_per_step']:.3f} s/step (first step {c['first_step_s']:.1f} s)"
+        parts.append(f"\nregional compile ({c['blocks']} blocks): {status.splitlines()[0]}; "
+                     f"graph breaks {sum(c['graph_breaks'].values())}: {c['graph_breaks']}")
+    if "kron_bench" in results:
+        parts.append("\n" + step_profile.format_kron(results["kron_bench"]))
+    return "\n".join(parts)
 
 
 def save(results: dict[str, Any], out: Path | None) -> None:

@@ -1,0 +1,394 @@
+"""What one training step costs, and where the time goes: the `--profile`, `--compile` and `--kron-bench`
+parts of bench/gpu_step.py, kept apart so that file stays a readable timing script.
+
+- FLOPs: `torch.utils.flop_counter.FlopCounterMode` around one whole `Trainer.optimizer_step` (forward,
+  the checkpointed blocks' recomputation, backward, optimizer). Achieved TFLOP/s = FLOPs / the timed
+  median s/step; MFU = that / the device's dense bf16 peak (PEAK_BF16_TFLOPS), "n/a" with the reason
+  where the device has no entry (the CPU, an unknown GPU).
+- Trace: `torch.profiler` over `--profile-steps` steps. The bench (never the training step) wraps regions
+  in `record_function` ranges through module hooks and instance-attribute wrappers: `relay::lokr_bypass`
+  (LyCORIS's bypass_forward_diff), `relay::quanto_linear` (a quanto QLinear's call: dequantize + matmul;
+  its LoKr bypass is a nested range and wins), `relay::attention` (diffusers' Attention minus its
+  projections and q/k norms, i.e. the SDPA core, reshapes and concatenation), `relay::norms` (every
+  *Norm* module: LayerNorm, RMSNorm, the adaLN-Zero modulation incl. its full-precision linear) and
+  `relay::optimizer` (the torch optimizer's step). Each op's self time goes to its innermost range; a
+  backward op goes to the range of the forward op that made its autograd node (matched by sequence
+  number). Everything else (the loss, embedders, clipping, the guard, the LR schedule, EMA) is "other".
+  On a GPU the times are kernel times and "launches" counts kernels; on the CPU they are aten ops' self
+  times and "launches" counts top-level aten ops (each would launch one kernel or more on a GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import statistics
+import time
+import traceback
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# Dense (not 2:4 sparse) bf16 tensor-core peaks from the vendor data sheets, TFLOP/s. Matched against
+# torch.cuda.get_device_name in this order, so the more specific names come first.
+PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("H100", "PCIe"), 756.0),
+    (("H100", "NVL"), 835.0),
+    (("H100",), 989.4),  # SXM5 (HBM3); "NVIDIA H100 80GB HBM3"
+    (("H200",), 989.4),
+    (("GH200",), 989.4),
+    (("B200",), 2250.0),
+    (("A100",), 312.0),
+    (("L40S",), 362.05),
+    (("L40",), 181.0),
+    (("L4",), 121.0),
+    (("A10G",), 70.0),
+    (("A10",), 125.0),
+)
+
+REGIONS = ("lokr_bypass", "quanto_linear", "attention", "norms", "optimizer")
+TOP_N = 25
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    for words, peak in PEAK_BF16_TFLOPS:
+        if all(w.lower() in device_name.lower() for w in words):
+            return peak
+    return None
+
+
+def mfu(flops_per_step: float, s_per_step: float, device_type: str, device_name: str) -> dict[str, Any]:
+    achieved = flops_per_step / s_per_step / 1e12
+    out: dict[str, Any] = {"achieved_tflops": achieved}
+    peak = peak_bf16_tflops(device_name) if device_type == "cuda" else None
+    if peak is None:
+        out.update(mfu="n/a", peak_bf16_tflops=None,
+                   mfu_reason="the CPU has no bf16 tensor-core peak to compare with" if device_type != "cuda"
+                   else f"no bf16 peak on file for {device_name!r} (add it to PEAK_BF16_TFLOPS)")
+    else:
+        out.update(mfu=achieved / peak, peak_bf16_tflops=peak)
+    return out
+
+
+@functools.cache
+def _count_quanto_matmuls() -> bool:
+    """Teach FlopCounterMode quanto's weight-int8 matmul, a custom op it would count as 0 (the forward of
+    every quantized linear; the backward's input gradient dequantizes into a plain aten.mm it does count)."""
+    try:
+        import optimum.quanto  # noqa: F401  (defines the op)
+        op = torch.ops.quanto.qbytes_mm
+    except (ImportError, AttributeError):
+        return False
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(op)
+    def qbytes_mm_flops(a_shape: Any, b_shape: Any, *_: Any, **__: Any) -> int:
+        # activations (..., in) @ int8 weights (out, in)ᵀ: 2·tokens·in·out
+        tokens = 1
+        for n in a_shape[:-1]:
+            tokens *= n
+        return 2 * tokens * a_shape[-1] * b_shape[0]
+
+    return True
+
+
+def count_flops(run_step: Callable[[], Any]) -> dict[str, Any]:
+    """FLOPs of one call of `run_step` (one optimizer step), in total and by aten op."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _count_quanto_matmuls()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run_step()
+    by_op = {str(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    return {"flops_per_step": counter.get_total_flops(), "flops_by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}
+
+
+# ----------------------------------------------------------------------------- region ranges
+
+
+@contextlib.contextmanager
+def region_ranges(transformer: torch.nn.Module, network: torch.nn.Module, optimizer: Any) -> Iterator[None]:
+    """Install the bench's `relay::*` record_function ranges for the duration of the block."""
+    handles: list[Any] = []
+    restore: list[tuple[Any, str]] = []
+
+    def hooks(module: torch.nn.Module, name: str) -> None:
+        open_ranges: list[Any] = []
+
+        def pre(*_: Any) -> None:
+            open_ranges.append(torch.autograd.profiler.record_function(f"relay::{name}").__enter__())
+
+        def post(*_: Any) -> None:
+            if open_ranges:
+                open_ranges.pop().__exit__(None, None, None)
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post, always_call=True))
+
+    def wrap(obj: Any, attr: str, name: str) -> None:
+        inner = getattr(obj, attr)
+
+        @functools.wraps(inner)
+        def ranged(*args: Any, **kwargs: Any) -> Any:
+            with torch.autograd.profiler.record_function(f"relay::{name}"):
+                return inner(*args, **kwargs)
+
+        setattr(obj, attr, ranged)
+        restore.append((obj, attr))
+
+    try:
+        from optimum.quanto import QModuleMixin
+    except ImportError:  # no quanto: nothing to mark
+        QModuleMixin = ()  # noqa: N806
+    from diffusers.models.attention_processor import Attention
+
+    for module in transformer.modules():
+        if isinstance(module, QModuleMixin):
+            hooks(module, "quanto_linear")
+        elif isinstance(module, Attention):
+            hooks(module, "attention")
+        elif "Norm" in type(module).__name__:
+            hooks(module, "norms")
+    for module in network.modules():
+        if hasattr(module, "bypass_forward_diff"):
+            wrap(module, "bypass_forward_diff", "lokr_bypass")
+    wrap(optimizer, "step", "optimizer")
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for obj, attr in restore:
+            delattr(obj, attr)  # the instance attribute shadowed the class's method
+
+
+# ----------------------------------------------------------------------------- trace summary
+
+
+def _own_region(event: Any) -> str | None:
+    node = event
+    while node is not None:
+        if node.name.startswith("relay::"):
+            return node.name.removeprefix("relay::")
+        node = node.cpu_parent
+    return None
+
+
+def _backward_seq(event: Any) -> tuple[int, int] | None:
+    node = event
+    while node is not None:
+        if node.name.startswith("autograd::engine::evaluate_function") and getattr(node, "sequence_nr", -1) >= 0:
+            return (node.fwd_thread, node.sequence_nr)
+        node = node.cpu_parent
+    return None
+
+
+def _inside_aten(event: Any) -> bool:
+    node = event.cpu_parent
+    while node is not None:
+        if node.name.startswith("aten::"):
+            return True
+        node = node.cpu_parent
+    return False
+
+
+def summarize_trace(events: list[Any], cuda: bool, steps: int) -> dict[str, Any]:
+    """Top ops/kernels, launches per step and the share of time per region, from profiler FunctionEvents."""
+    cpu_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    # forward ops that created autograd nodes -> their region, so a backward op can inherit it
+    seq_region: dict[tuple[int, int], str] = {}
+    for e in cpu_events:
+        if getattr(e, "sequence_nr", -1) >= 0 and not e.name.startswith("autograd::"):
+            region = _own_region(e)
+            if region is not None:
+                seq_region.setdefault((e.thread, e.sequence_nr), region)
+
+    def region_of(e: Any) -> str:
+        own = _own_region(e)
+        if own is not None:
+            return own
+        seq = _backward_seq(e)
+        return seq_region.get(seq, "other") if seq is not None else "other"
+
+    by_region: dict[str, float] = defaultdict(float)
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    launches = 0
+    for e in cpu_events:
+        if cuda:
+            items = [(k.name, k.duration) for k in e.kernels]  # microseconds, kernels this op launched
+        elif e.name.startswith("aten::"):
+            items = [(e.name, e.self_cpu_time_total)]  # self: its children's time is theirs
+        else:
+            items = []
+        for name, us in items:
+            by_region[region_of(e)] += us
+            by_name[name][0] += us
+            by_name[name][1] += 1
+        # a GPU launches one kernel per kernel; on the CPU count the ops the Python/autograd layer
+        # dispatches (an aten op not inside another one), each of which would be a launch or more there
+        launches += len(e.kernels) if cuda else int(bool(items) and not _inside_aten(e))
+    total = sum(by_region.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:TOP_N]
+    return {
+        "unit": "GPU kernel time" if cuda else "CPU self time of aten ops",
+        "profiled_steps": steps,
+        "time_per_step_ms": total / 1e3 / steps,
+        "launches_per_step": launches / steps,
+        "launches_what": "CUDA kernels" if cuda else "top-level aten ops (each one kernel launch or more on a GPU)",
+        "region_share": {r: (by_region.get(r, 0.0) / total if total else 0.0) for r in (*REGIONS, "other")},
+        "top": [{"name": name, "ms_per_step": us / 1e3 / steps, "calls_per_step": n / steps,
+                 "share": us / total if total else 0.0} for name, (us, n) in top],
+    }
+
+
+def profile_steps(run_step: Callable[[], Any], transformer: torch.nn.Module, network: torch.nn.Module,
+                  optimizer: Any, device: torch.device, steps: int, trace_path: str | None = None) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with region_ranges(transformer, network, optimizer), profile(activities=activities) as prof:
+        for _ in range(steps):
+            run_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    if trace_path:
+        prof.export_chrome_trace(trace_path)
+    return summarize_trace(list(prof.events()), device.type == "cuda", steps)
+
+
+def format_profile(p: dict[str, Any]) -> str:
+    m = p["mfu"]
+    mfu_text = f"{m['mfu']:.1%} of {m['peak_bf16_tflops']:g} TFLOP/s" if m["mfu"] != "n/a" else f"n/a ({m['mfu_reason']})"
+    t = p["trace"]
+    lines = [f"FLOPs/step {p['flops_per_step']:.3e}; achieved {m['achieved_tflops']:.3f} TFLOP/s; MFU {mfu_text}",
+             f"traced {t['unit']}: {t['time_per_step_ms']:.1f} ms/step over {t['profiled_steps']} step(s); "
+             f"{t['launches_per_step']:.0f} {t['launches_what']} per step",
+             "share: " + ", ".join(f"{k} {v:.1%}" for k, v in t["region_share"].items()),
+             f"| top {len(t['top'])} by time | ms/step | calls/step | share |", "|---|---|---|---|"]
+    lines += [f"| {row['name'][:90]} | {row['ms_per_step']:.2f} | {row['calls_per_step']:.0f} | {row['share']:.1%} |"
+              for row in t["top"]]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- regional torch.compile
+
+
+def compile_blocks(transformer: torch.nn.Module) -> int:
+    """Regional compile: each transformer block in place (nn.Module.compile keeps the state-dict keys)."""
+    blocks = list(transformer.transformer_blocks)
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def try_compiled(run_step: Callable[[], Any], sync: Callable[[], None], steps: int) -> dict[str, Any]:
+    """Run compiled steps; report graph breaks and the first error, verbatim, instead of raising."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    out: dict[str, Any] = {}
+    start = time.perf_counter()
+    try:
+        run_step()
+        sync()
+        out["first_step_s"] = time.perf_counter() - start  # includes compilation
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            run_step()
+            sync()
+            times.append(time.perf_counter() - t0)
+        out.update(s_per_step=statistics.median(times), step_times=times)
+    except Exception as exc:  # the failure is the finding
+        out.update(error=f"{type(exc).__name__}: {exc}".strip()[:4000],
+                   error_where=traceback.format_exc(limit=-4)[-3000:])
+    out["graph_breaks"] = {str(k): v for k, v in counters["graph_break"].items()}
+    out["unique_graphs"] = counters["stats"].get("unique_graphs", 0)
+    out["recompiles"] = dict(counters["recompiles"]) if "recompiles" in counters else {}
+    return out
+
+
+# ----------------------------------------------------------------------------- LoKr bypass shapes
+
+
+def lokr_shapes(network: torch.nn.Module) -> list[dict[str, Any]]:
+    """(out, in) of each LoKr module's base and of its Kronecker factors (full_matrix: w1, w2 dense)."""
+    rows = []
+    for m in network.modules():
+        if hasattr(m, "lokr_w1") and hasattr(m, "lokr_w2"):
+            rows.append({"w1": tuple(m.lokr_w1.shape), "w2": tuple(m.lokr_w2.shape)})
+    return rows
+
+
+def bypass_library(h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """LyCORIS 4.1.3's eager linear bypass (_kron_bypass, full-matrix factors): reshape, w2, transpose, w1."""
+    from lycoris.functional.lokr import _kron_bypass
+
+    return _kron_bypass(h, w1, None, None, w2, None, None, None, 1.0, {})
+
+
+def bypass_materialised(h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The rebuild path: ΔW = kron(w1, w2) built every call, then one matmul."""
+    return F.linear(h, torch.kron(w1, w2))
+
+
+def bypass_batched(h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """y = vec(w1 · X · w2ᵀ) with X = h viewed (…, uq, vq): two matmuls, no transposed copies.
+    kron(w1, w2)[(i·vp + k), (j·vq + l)] = w1[i, j]·w2[k, l], so y[i·vp + k] = Σ_jl w1[i, j] X[j, l] w2[k, l]."""
+    up, uq = w1.shape
+    x = h.reshape(*h.shape[:-1], uq, -1)
+    return torch.matmul(w1, torch.matmul(x, w2.t())).reshape(*h.shape[:-1], -1)
+
+
+# sd35m's LoKr modules with the seed's lycoris_config (factor 2 for Attention, 4 for FeedForward, full
+# matrices): w1 (up, uq), w2 (vp, vq) as LyCORIS factorises 1536 and 6144.
+SD35M_LOKR = {
+    "attention 1536->1536 (factor 2)": ((2, 2), (768, 768)),
+    "ff in 1536->6144 (factor 4)": ((4, 4), (1536, 384)),
+    "ff out 6144->1536 (factor 4)": ((4, 4), (384, 1536)),
+}
+
+
+def kron_bench(tokens: int, repeats: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Forward + backward (input and factor gradients) of each bypass form at sd35m's layer shapes."""
+    forms = {"library": bypass_library, "materialised": bypass_materialised, "batched": bypass_batched}
+    g = torch.Generator().manual_seed(0)
+    out: dict[str, Any] = {"tokens": tokens, "dtype": str(dtype), "device": device.type, "layers": {}}
+    for label, (s1, s2) in SD35M_LOKR.items():
+        h = torch.randn(tokens, s1[1] * s2[1], generator=g).to(device, dtype)
+        w1 = torch.randn(*s1, generator=g).to(device, dtype)
+        w2 = (torch.randn(*s2, generator=g) / s2[1] ** 0.5).to(device, dtype)
+        ref = bypass_library(h, w1, w2)
+        row: dict[str, Any] = {"w1": s1, "w2": s2}
+        for name, fn in forms.items():
+            hh, a, b = (t.detach().clone().requires_grad_(True) for t in (h, w1, w2))
+            y = fn(hh, a, b)
+            err = ((y.detach() - ref).abs().max() / ref.abs().max()).item()
+            times = []
+            for _ in range(repeats + 1):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                y = fn(hh, a, b)
+                y.sum().backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            row[name] = {"ms_fwd_bwd": statistics.median(times[1:]) * 1e3, "max_rel_diff_vs_library": err}
+        out["layers"][label] = row
+    return out
+
+
+def format_kron(k: dict[str, Any]) -> str:
+    lines = [f"| LoKr bypass, {k['tokens']} tokens, {k['dtype']} on {k['device']} | library (ms) | "
+             "materialised kron (ms) | batched matmul (ms) | batched max rel. diff |", "|---|---|---|---|---|"]
+    for label, r in k["layers"].items():
+        lines.append(f"| {label} | {r['library']['ms_fwd_bwd']:.2f} | {r['materialised']['ms_fwd_bwd']:.2f} | "
+                     f"{r['batched']['ms_fwd_bwd']:.2f} | {r['batched']['max_rel_diff_vs_library']:.1e} |")
+    return "\n".join(lines)
