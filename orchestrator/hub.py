@@ -361,7 +361,8 @@ class HubMirror:
         if plan.root is not None:
             for name, target in zip((ckpt.ADAPTER, ckpt.ADAPTER_EMA), self.settings.adapter_names):
                 if (folders[plan.root] / name).is_file():
-                    ops.append(CommitOperationAdd(target, str(folders[plan.root] / name)))
+                    ops.append(CommitOperationAdd(target, as_export(folders[plan.root] / name,
+                                                                    self.settings.export_dtype)))
         with self._cond:
             scores = dict(self._scores)
             final_step = self._final_step
@@ -434,3 +435,18 @@ class HubMirror:
             self._warn_cb(message)
         except Exception:  # noqa: BLE001 - a broken webhook must not stop the mirror
             log.exception("Hub mirror: the warn callback failed")
+
+
+def as_export(path: Path, dtype: str) -> str | bytes:
+    """A checkpoint's adapter file as Trainer.export writes it: the same tensors and metadata, in the export
+    dtype (bf16 for mixed_precision bf16). fp32 is the checkpoint's own file, sent as is."""
+    if dtype == "fp32":
+        return str(path)
+    import safetensors
+    import torch
+    from safetensors.torch import load_file, save
+
+    with safetensors.safe_open(str(path), "pt") as fh:
+        metadata = fh.metadata()
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(str(path)).items()}
+    return save(tensors, metadata=metadata)

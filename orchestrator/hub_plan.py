@@ -15,7 +15,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from orchestrator.policy import backoff
+
 from relay_train import checkpoint as ckpt
 from relay_train.config import TrainConfig
 from relay_train.trainer import run_name as config_run_name
@@ -47,6 +50,9 @@ class HubSettings:
     warn_every_s: float = 600.0
     """While failing, warn on the first failure, then at most this often."""
     total_steps: int = 0
+    export_dtype: str = "fp32"
+    """The root adapters' dtype: what Trainer.export writes (adapter_export_dtype), so the Hub's root files
+    equal the exported ones; checkpoints stay fp32 (exact resume)."""
     summary: dict[str, str] = field(default_factory=dict)
     """The training config in a few lines, for the model card (never secrets)."""
 
@@ -62,8 +68,11 @@ class HubSettings:
 
         if not (config.push_to_hub or config.push_checkpoints_to_hub):
             return None
+        from relay_train.trainer import base_model_name, export_dtype
+
         return cls(repo_id=config.hub_model_id, run_name=run_name or config_run_name(config),
-                   base_model=config.pretrained_model_name_or_path,
+                   base_model=base_model_name(config.pretrained_model_name_or_path),
+                   export_dtype="bf16" if export_dtype(config) == torch.bfloat16 else "fp32",
                    push_checkpoints=config.push_checkpoints_to_hub, push_adapters=config.push_to_hub,
                    keep=ckpt.keep_count(config.checkpoints_total_limit), private=config.hub_private,
                    super_squash=config.super_squash_history, total_steps=config.max_train_steps,

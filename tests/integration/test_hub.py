@@ -246,7 +246,8 @@ def test_hub_adapter_loads_with_lycoris(hub_server, make_config, tmp_path, tiny_
     ema = trainer.ema.state_dict()
     assert len(network.loras) > 0 and set(loaded) == set(ema)  # every LoKr module rebuilt from the Hub's file
     for key, value in ema.items():  # (alpha is a stored buffer; with full_matrix LoKr rebuilds its scale)
-        assert key.endswith(".alpha") or torch.equal(loaded[key], value), key
+        stored = weights[key].dtype if key in weights else value.dtype  # the file's dtype (bf16 for a bf16 export)
+        assert key.endswith(".alpha") or torch.equal(loaded[key], value.to(stored).to(loaded[key].dtype)), key
     trained = {m.lora_name: m for m in trainer.model.network.loras}
     assert all(m.scale == trained[m.lora_name].scale for m in network.loras)
     assert hub_server.state.token not in repo.read("README.md").decode()
