@@ -95,8 +95,9 @@ _REFUSED_KEYS: dict[str, str] = {
             "timestep_bias_begin timestep_bias_end timestep_bias_multiplier timestep_bias_portion "
             "training_scheduler_timestep_spacing weighting_scheme diff2flow_enabled crepa_enabled "
             "twinflow_enabled scheduled_sampling_max_step_offset",
-    "memory": "ema_device ema_cpu_only ema_foreach_disable ema_warmup_steps gradient_checkpointing_interval "
-              "gradient_checkpointing_backend offload_during_startup ramtorch musubi_blocks_to_swap "
+    "memory": "ema_device ema_cpu_only ema_foreach_disable ema_warmup_steps gradient_checkpointing_backend "
+              "gradient_checkpointing_offload_attention gradient_checkpointing_offload_prefetch "
+              "gradient_checkpointing_offload_pin_memory_max_buckets offload_during_startup ramtorch musubi_blocks_to_swap "
               "accelerator_cache_clear_interval unet_attention_slice set_grads_to_none disable_tf32 "
               "offload_during_save delete_model_after_load gradient_precision",
     "model": "pretrained_vae_model_name_or_path pretrained_transformer_model_name_or_path "
@@ -155,7 +156,7 @@ REFUSED: dict[str, str] = {key: reason for table in (_REFUSED_KEYS, _REFUSED_MOR
 REFUSED_PREFIXES: dict[str, str] = {
     **dict.fromkeys(("crepa_", "urepa_", "irepa_", "xm_", "nextlat_", "layersync_", "twinflow_", "internal_guidance_",
                      "scheduled_sampling_", "mixflow_", "diff2flow_"), "loss"),
-    **dict.fromkeys(("ramtorch_", "musubi_", "gradient_checkpointing_"), "memory"),
+    **dict.fromkeys(("ramtorch_", "musubi_"), "memory"),  # gradient_checkpointing_interval/_segment_stride are built
     "sdnq_": "quant", "vae_enable_": "cache", "dynamo_": "accelerate", "fsdp_": "accelerate",
     "audio_": "dataset", "nsfw_check_": "dataset", "assistant_lora_": "lora", "singlora_": "lora",
     "validation_adapter_": "validation",

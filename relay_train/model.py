@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 
 from relay_train.config import LycorisConfig, TrainConfig
 
@@ -124,6 +125,57 @@ def attach_lokr(transformer: torch.nn.Module, lycoris: LycorisConfig) -> torch.n
     return network
 
 
+class SegmentCheckpointing:
+    """SimpleTuner 4.10.1's SD3 segmented checkpointing (gradient_checkpointing_interval, _segment_stride), as
+    the function diffusers' block loop calls for each block while checkpointing is on:
+    `_gradient_checkpointing_func(block, hidden, encoder_hidden, temb, attention_kwargs)`.
+
+    Blocks [k·stride, k·stride + interval) form segment k. At a segment's first block the whole segment runs
+    inside one torch.utils.checkpoint (only its input is kept; backward recomputes all of it); its later blocks
+    then hand the segment's output straight back, since the loop passes each block the previous one's output.
+    Blocks outside every segment run plainly: no recomputation, their activations kept. The maths is the
+    same as per-block checkpointing: the same ops run in the same order, only what is kept differs.
+    Assumes the loop calls every block in order, i.e. no skip_layers and no ControlNet residuals (Relay's
+    step passes neither)."""
+
+    def __init__(self, blocks: torch.nn.ModuleList, interval: int, stride: int | None = None):
+        if interval < 2 or (stride is not None and stride < interval):
+            raise ValueError(f"segment checkpointing: interval {interval} must be 2 or more and stride {stride} "
+                             "at least the interval")
+        self.blocks = list(blocks)
+        self.position = {id(block): i for i, block in enumerate(self.blocks)}
+        self.interval, self.stride = interval, stride or interval
+
+    def checkpointed(self, index: int) -> bool:
+        return index % self.stride < self.interval
+
+    def __call__(self, block: torch.nn.Module, hidden: torch.Tensor, encoder_hidden: torch.Tensor | None,
+                 *rest: object) -> tuple[torch.Tensor | None, torch.Tensor]:
+        i = self.position[id(block)]
+        offset = i % self.stride
+        if offset >= self.interval:
+            return block(hidden, encoder_hidden, *rest)
+        if offset > 0:  # already run inside its segment's checkpoint
+            return encoder_hidden, hidden
+        segment = self.blocks[i:i + self.interval]
+
+        def run(h: torch.Tensor, e: torch.Tensor | None, *args: object) -> tuple[torch.Tensor | None, torch.Tensor]:
+            for member in segment:
+                e, h = member(h, e, *args)
+            return e, h
+
+        return torch.utils.checkpoint.checkpoint(run, hidden, encoder_hidden, *rest, use_reentrant=False)
+
+
+def enable_gradient_checkpointing(transformer: torch.nn.Module, interval: int | None = None,
+                                  stride: int | None = None) -> None:
+    """Per-block checkpointing, diffusers' own (interval null or 1), or SimpleTuner's segments (interval > 1)."""
+    if (interval or 1) <= 1:
+        transformer.enable_gradient_checkpointing()
+    else:
+        transformer.enable_gradient_checkpointing(SegmentCheckpointing(transformer.transformer_blocks, interval, stride))
+
+
 def build_adapter_model(config: TrainConfig, model_path: Path, device: torch.device, seed: int) -> AdapterModel:
     """Load → (quantize on CPU first when quantize_via=cpu) → freeze → device → LoKr → grad checkpointing."""
     dtype = compute_dtype(config, device)
@@ -136,7 +188,8 @@ def build_adapter_model(config: TrainConfig, model_path: Path, device: torch.dev
         quantize_base(transformer, config.base_model_precision)
     transformer.requires_grad_(False)  # after quantizing: quanto's new weight Parameters default to trainable
     if config.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        enable_gradient_checkpointing(transformer, config.gradient_checkpointing_interval,
+                                      config.gradient_checkpointing_segment_stride)
     torch.manual_seed(seed)  # the adapter's initial weights are part of the run's determinism
     network = attach_lokr(transformer, config.lycoris).to(device)
     network.requires_grad_(True)

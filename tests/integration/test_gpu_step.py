@@ -66,3 +66,72 @@ def test_gpu_step_bench_compiled_render_on_cpu(tmp_path):
     compiled = results["render"]["compiled"]
     assert "error" not in compiled, compiled.get("error")
     assert compiled["s_per_image"] > 0
+
+
+@pytest.fixture
+def one_thread():
+    """On a shared 2-core machine torch's 2 OpenMP threads wait on each other: 1 thread is ~30x faster here."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_gpu_step_bench_profile_on_cpu(tmp_path, capsys, one_thread):
+    """--profile at the tiny preset: FLOPs, TFLOP/s, MFU (n/a on the CPU, with the reason) and the trace
+    summary come out in the JSON and the printout, with values that make sense."""
+    bench = load_bench()
+    out = tmp_path / "gpu_step.json"
+    results = bench.main(["--device", "cpu", "--preset", "tiny", "--resolution", "64", "--configs", "a",
+                          "--steps", "1", "--warmup", "1", "--phase-steps", "1", "--render", "off",
+                          "--profile", "--profile-steps", "1", "--trace", str(tmp_path / "trace.json"),
+                          "--out", str(out)])
+    profile = json.loads(out.read_text())["configs"]["a"]["profile"]
+    assert profile["flops_per_step"] > 0
+    assert "quanto.qbytes_mm" in profile["flops_by_op"]  # the int8 base's forward matmuls are counted
+    assert sum(profile["flops_by_op"].values()) == profile["flops_per_step"]
+    mfu = profile["mfu"]
+    assert mfu["achieved_tflops"] > 0 and mfu["mfu"] == "n/a" and "CPU" in mfu["mfu_reason"]
+    trace = profile["trace"]
+    assert trace["launches_per_step"] > 0 and trace["time_per_step_ms"] > 0
+    shares = trace["region_share"]
+    assert set(shares) == {"lokr_bypass", "quanto_linear", "attention", "norms", "optimizer", "other"}
+    assert all(0 <= v <= 1 for v in shares.values()) and sum(shares.values()) <= 1 + 1e-9
+    # every marked region ran in this step, so each got some of the time
+    assert all(shares[r] > 0 for r in ("lokr_bypass", "quanto_linear", "attention", "norms", "optimizer"))
+    assert 0 < len(trace["top"]) <= 25 and all(row["ms_per_step"] >= 0 for row in trace["top"])
+    assert (tmp_path / "trace.json").stat().st_size > 0
+    assert results["configs"]["a"]["profile"]["flops_per_step"] == profile["flops_per_step"]
+    printed = capsys.readouterr().out
+    assert "MFU n/a (the CPU" in printed and "share: lokr_bypass" in printed and "| top " in printed
+
+
+def test_mfu_against_the_peak_table():
+    step_profile = load_bench().step_profile
+    assert step_profile.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
+    assert step_profile.peak_bf16_tflops("NVIDIA H100 PCIe") == pytest.approx(756.0)
+    assert step_profile.peak_bf16_tflops("NVIDIA H200") == pytest.approx(989.4)
+    assert step_profile.peak_bf16_tflops("NVIDIA L40S") == pytest.approx(362.05)
+    assert step_profile.peak_bf16_tflops("NVIDIA L4") == pytest.approx(121.0)
+    assert step_profile.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == pytest.approx(312.0)
+    # the issue's own arithmetic: 1.6e14 FLOPs in 1.78 s on an H100 SXM is about 9% of peak
+    m = step_profile.mfu(1.6e14, 1.78, "cuda", "NVIDIA H100 80GB HBM3")
+    assert m["achieved_tflops"] == pytest.approx(89.9, abs=0.1) and m["mfu"] == pytest.approx(0.0909, abs=1e-3)
+    unknown = step_profile.mfu(1e12, 1.0, "cuda", "Some Future GPU")
+    assert unknown["mfu"] == "n/a" and "Some Future GPU" in unknown["mfu_reason"]
+
+
+def test_lokr_bypass_forms_agree():
+    """The bench's bypass prototypes compute LyCORIS's kron(w1, w2) bypass, to fp32 rounding."""
+    import torch
+
+    step_profile = load_bench().step_profile
+    g = torch.Generator().manual_seed(0)
+    for (s1, s2) in (((2, 2), (48, 32)), ((4, 4), (24, 16))):
+        h = torch.randn(3, 5, s1[1] * s2[1], generator=g, dtype=torch.float64)
+        w1, w2 = torch.randn(*s1, generator=g, dtype=torch.float64), torch.randn(*s2, generator=g, dtype=torch.float64)
+        ref = step_profile.bypass_materialised(h, w1, w2)
+        torch.testing.assert_close(step_profile.bypass_library(h, w1, w2), ref)
+        torch.testing.assert_close(step_profile.bypass_batched(h, w1, w2), ref)
