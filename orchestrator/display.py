@@ -92,6 +92,7 @@ class DriverDisplay:
         self.last_printed = 0.0
         self.last_line = ""
         self.total = 0
+        self.fatal: dict | None = None  # the steward's fatal_error, once a worker reported one
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="relay-display", daemon=True)
         self._lock = threading.Lock()
@@ -111,6 +112,7 @@ class DriverDisplay:
             log.debug("display: steward view failed: %s", exc)
             return
         with self._lock:
+            self.fatal = state.get("fatal") or self.fatal
             self.seen = state.get("count", self.seen)
             self.total = state.get("total_steps") or self.total
             for event in state.get("events", []):

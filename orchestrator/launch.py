@@ -183,7 +183,7 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
     stop = StopRequest(steward)
     try:
         with stop:
-            result = fit_off_the_main_thread(trainer)
+            result = fit_off_the_main_thread(trainer, lambda: display.fatal)
     except BaseException as exc:
         display.close()
         ray.get(steward.close.remote({"type": "failed", "error": redact.redact(f"{type(exc).__name__}: {str(exc)[:500]}")},
@@ -206,10 +206,20 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
 FINAL_FLUSH_SECONDS = 300  # per service, at the end of the run (the webhook's own bound is shorter)
 
 
-def fit_off_the_main_thread(trainer):
+class FatalRunError(RuntimeError):
+    """A worker met an error no restart can cure (a config or checkpoint the run cannot follow, NaN/inf
+    past nonfinite_policy): the run ends instead of Ray retrying it."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def fit_off_the_main_thread(trainer, fatal=lambda: None):
     """trainer.fit() on a helper thread, so that Ray Train installs no SIGINT handler of its own (it
     aborts the run at once, losing the steps since the last checkpoint) and the main thread's
-    StopRequest decides what a signal does."""
+    StopRequest decides what a signal does. `fatal()` returning {"kind", "message"} (a worker's error no
+    restart can cure) ends the wait with a FatalRunError; ray.shutdown() then stops the workers."""
     import threading
 
     box: dict = {}
@@ -224,6 +234,8 @@ def fit_off_the_main_thread(trainer):
     thread.start()
     while thread.is_alive():
         thread.join(0.5)  # short waits: signal handlers run between them
+        if (error := fatal()) is not None:
+            raise FatalRunError(error["kind"], error["message"])
     if "error" in box:
         raise box["error"]
     return box["result"]
@@ -370,6 +382,9 @@ def run_job(config: str, cluster: str | None, sets: list[str], cluster_sets: lis
     except ResourceError as exc:
         log.error("cannot start: %s", exc)
         return 1 if exc.retryable else 2
+    except FatalRunError as exc:
+        log.error("run stopped: %s", exc)
+        return 3 if exc.kind == "nonfinite" else 2  # as relay train: 3 NaN/inf, 2 config or checkpoint
     finally:
         if ray.is_initialized():
             ray.shutdown()

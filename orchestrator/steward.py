@@ -40,6 +40,7 @@ class Steward:
         self.progress: dict | None = storage.read_json(PROGRESS)
         self.metrics: dict = {}  # rank 0's latest loss, lr, ... (what the driver's progress line shows)
         self.stop_requested = False  # the driver asked the run to checkpoint and stop (Ctrl-C, SIGTERM)
+        self.fatal_error: dict | None = None  # {"kind", "message"} from a worker: no restart can cure it
         self._nodes: set[str] = set()  # the cluster's live nodes when the current attempt began
         self._progress_written = 0.0
         self._stop = threading.Event()
@@ -151,7 +152,7 @@ class Steward:
             events = self.ledger.events[since:]
             count = len(self.ledger.events)
         return {"progress": self.progress, "metrics": self.metrics, "events": events, "count": count,
-                "total_steps": self.total_steps}
+                "total_steps": self.total_steps, "fatal": self.fatal_error}
 
     def request_stop(self) -> None:
         """Ctrl-C or SIGTERM at the driver: the workers checkpoint at their next check and return."""
@@ -161,6 +162,12 @@ class Steward:
 
     def should_stop(self) -> bool:
         return self.stop_requested
+
+    def fatal(self, kind: str, message: str) -> None:
+        """A worker met an error no restart can cure (orchestrator.worker.fatal_kind): the driver sees it in
+        view() and ends the run instead of letting Ray retry it."""
+        if self.fatal_error is None:
+            self.fatal_error = {"kind": kind, "message": message}
 
     # -- the watcher ------------------------------------------------------------------------------------
     def _watch(self) -> None:

@@ -85,9 +85,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
         steward = get_steward(loop_config["run_name"])
         if steward is not None:
             rank = ray.train.get_context().get_world_rank()
-            steward.record.remote("warning", message=redact.redact(
-                f"rank {rank} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"))
+            text = redact.redact(f"rank {rank} failed: {type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            if (kind := fatal_kind(exc)) is not None:  # a restart would meet it again: the driver ends the run
+                steward.fatal.remote(kind, redact.redact(str(exc)[:2000]))
+            steward.record.remote("warning", message=text)
         raise
+
+
+def fatal_kind(exc: BaseException) -> str | None:
+    """Errors no restart can cure: "config" (a config or a checkpoint the run cannot follow) or "nonfinite"
+    (NaN/inf past nonfinite_policy). None for everything else, which Ray's failure policy retries."""
+    from relay_train.checkpoint import CheckpointError
+    from relay_train.config import ConfigError
+    from relay_train.nonfinite import NonFiniteError
+
+    if isinstance(exc, NonFiniteError):
+        return "nonfinite"
+    if isinstance(exc, (ConfigError, CheckpointError)):
+        return "config"
+    return None
 
 
 def train_worker(loop_config: dict) -> None:
