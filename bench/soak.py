@@ -33,9 +33,15 @@ def role_of(proc: psutil.Process, driver: int) -> str | None:
 
 
 def sample(driver: int) -> dict[str, dict[str, float]]:
-    """Per role: RSS (MiB), open fds and threads, summed over that role's processes."""
+    """Per role: RSS (MiB), open fds and threads, summed over that role's processes. Only the driver and
+    its descendants count (the local Ray cluster it started): other Ray sessions on the machine do not."""
     out: dict[str, dict[str, float]] = {}
-    for proc in psutil.process_iter():
+    try:
+        root = psutil.Process(driver)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return out
+    for proc in family:
         role = role_of(proc, driver)
         if role is None:
             continue
@@ -86,7 +92,7 @@ def plot(samples: list[dict], path: Path) -> None:
 
 
 def growth(samples: list[dict], role: str, metric: str, from_step: int) -> tuple[float, float] | None:
-    series = [(s["step"], s["roles"][role][metric]) for s in samples if role in s["roles"]]
+    series = [(s["step"], s["roles"][role][metric]) for s in samples if role in s["roles"] and s["step"] < samples[-1]["step"]]
     start = next((v for step, v in series if step >= from_step), None)
     return (start, series[-1][1]) if series and start is not None else None
 
