@@ -36,7 +36,7 @@ def _ledger(path) -> list[dict]:
 def test_relay_train_stops_on_a_signal_with_a_checkpoint_and_resumes(fresh_clone, user_files, background, sig):
     config = json.loads(user_files.read_text())
     out = config["--output_dir"]
-    proc = background([fresh_clone.relay, "train", "--config", str(user_files), "--max_train_steps=5000",
+    proc = background([fresh_clone.relay, "train", "--config", str(user_files), "--max_train_steps=600",
                        "--checkpointing_steps=4000"], cwd=fresh_clone.root, env=fresh_clone.env(),
                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     printed = _send_when(proc, r"step \d+", sig)
