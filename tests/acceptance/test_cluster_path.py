@@ -58,7 +58,7 @@ def test_ray_job_submit_status_while_it_trains_and_a_resubmit_resumes(fresh_clon
 
 def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(fresh_clone, head, user_files, s3_bucket, s3_endpoint,
                                                             background, poll, webhook_receiver, tmp_path):
-    from fake_imds import FakeMetadata  # tests/fake_imds.py
+    from support.fake_imds import FakeMetadata  # tests/support/
 
     address, gcs, start_node, env = head
     _, bucket = s3_bucket
@@ -73,6 +73,7 @@ def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(fresh_clone, head, 
 
     spot_node = poll("the spot node to join", lambda: (ids := spot_nodes()) and ids[0], timeout=120)
     imds = FakeMetadata()
+    imds.start()
     try:
         agent = background([fresh_clone.relay, "spot-agent", "--cloud", "aws", "--aws-endpoint", imds.url,
                             "--ray-address", gcs, "--node-id", spot_node, "--interval", "0.5"],
