@@ -128,13 +128,9 @@ def wait_until_it_fits(config: TrainConfig, cluster: ClusterConfig, can_grow: bo
 def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConfig):
     """Run (or resume, when <storage_path>/<run_name> exists) the training job; returns Ray's Result.
 
-    The steward (ledger, progress, what follows each commit) starts first, on this node, and is closed
-    with the run's outcome whether training finished or failed."""
+    Everything that can be refused is checked before a worker starts: the config, storage, the resume
+    policy, whether the request fits the cluster, and whether the run is already running."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from orchestrator.worker import train_loop_per_worker
 
     config = load_config(config_path, overrides)
     for note in config.mapping_notes():  # how SimpleTuner's semantics map here, and defaults that differ
@@ -148,11 +144,30 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
     name = cluster.run_name or default_run_name(config)
     check_storage(cluster)
     check_resume_policy(config, cluster, name)
-    fs, storage_path = storage_filesystem(cluster)
     if not ray.is_initialized():
         connect()
     gpus = wait_until_it_fits(config, cluster, can_grow=cluster_can_grow(cluster))
     storage = RunStorage.from_cluster(cluster, name)
+    lock = hold_run_lock(storage)  # a local storage_path: one launch per run on this machine, whichever cluster
+    try:
+        return run_on_ray(config, config_path, overrides, cluster, storage, gpus)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_on_ray(config: TrainConfig, config_path: str | Path, overrides: dict | None, cluster: ClusterConfig,
+               storage: RunStorage, validation_gpus: float):
+    """The steward (ledger, progress, what follows each commit) starts first, on this node, then Ray Train
+    fits; the steward is closed with the run's outcome whether training finished, stopped or failed."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from orchestrator.worker import train_loop_per_worker
+
+    name, gpus = storage.run_name, validation_gpus
+    fs, storage_path = storage_filesystem(cluster)
     steward = start_steward(storage, cluster, config, validation_gpus=gpus)
     steward.run_started.remote(world_size=cluster.num_workers, storage=storage.uri(), config=config_summary(config),
                                hourly_cost=cluster.hourly_cost)
@@ -213,6 +228,23 @@ class FatalRunError(RuntimeError):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
+
+
+def hold_run_lock(storage: RunStorage):
+    """For a local storage_path, an exclusive lock on the run's folder for this process's life (released
+    by the kernel however the process ends), so two local clusters never write one run. On S3 the
+    cluster's named steward does this (start_steward)."""
+    if storage.is_s3:
+        return None
+    from relay_train.checkpoint import RunLock, RunLockedError
+
+    lock = RunLock(Path(storage.uri("relay")))
+    try:
+        return lock.acquire()
+    except RunLockedError:
+        holder = (Path(storage.uri("relay")) / RunLock.NAME).read_text().strip() or "another process"
+        raise ResourceError(f"run {storage.run_name!r} in {storage.storage_path} is in use by another `relay launch` "
+                            f"({holder}); wait for it, stop it, or choose another run_name", retryable=False) from None
 
 
 def fit_off_the_main_thread(trainer, fatal=lambda: None):
@@ -336,8 +368,17 @@ def start_steward(storage: RunStorage, cluster: ClusterConfig, config: TrainConf
     from orchestrator.steward import RunSteward, get_steward, steward_name
 
     old = get_steward(storage.run_name)
-    if old is not None:
-        ray.kill(old)
+    if old is not None:  # a steward lives as long as its job's driver: one that answers means the run is on
+        try:
+            ray.get(old.ready.remote(), timeout=10)
+            alive = True
+        except (ray.exceptions.RayError, TimeoutError):
+            alive = False
+        if alive:
+            raise ResourceError(f"run {storage.run_name!r} is already running on this cluster (another `relay "
+                                "launch` or submitted job); wait for it, stop it, or choose another run_name",
+                                retryable=False)
+        ray.kill(old)  # a left-over of a driver that is going away
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     steward = RunSteward.options(name=steward_name(storage.run_name), scheduling_strategy=here).remote(
         storage, config=config, wandb_dir=str(Path(config.output_dir).resolve()), working_dir=os.getcwd(),

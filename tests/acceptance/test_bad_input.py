@@ -40,3 +40,22 @@ def test_an_unreachable_ray_address_is_one_line(fresh_clone, user_files, free_po
     assert got.returncode == 1, got.stderr[-3000:]
     assert f"cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1:{port}" in got.stderr
     assert "Traceback" not in got.stderr
+
+
+def test_a_second_launch_of_a_running_run_is_refused_naming_the_holder(fresh_clone, user_files, tmp_path) -> None:
+    """Another `relay launch` holds the run (here a process holding its lock, as a launch does for its life)."""
+    lock = tmp_path / "runs/held/relay/.relay-train.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([fresh_clone.python, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "f.write('pid 4242 on elsewhere\\n'); f.flush(); print('held', flush=True); time.sleep(600)"), str(lock)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        got = fresh_clone.run(f".venv/bin/relay launch --config {user_files} --cluster-set run_name=held "
+                              f"--cluster-set storage_path={tmp_path / 'runs'}", timeout=300)
+    finally:
+        holder.kill()
+    assert got.returncode == 2, got.stderr[-3000:]
+    assert "run 'held'" in got.stderr and "in use by another `relay launch` (pid 4242 on elsewhere)" in got.stderr
+    assert "Traceback" not in got.stderr
