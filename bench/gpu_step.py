@@ -9,7 +9,9 @@ bnb AdamW8bit, LR schedule, EMA every `ema_update_interval` steps) on cached-sha
     python bench/gpu_step.py --device cpu --preset tiny --resolution 64 --steps 2   # the CPU test's run
 
 Configurations: (a) production: int8-quanto base + LoKr, gradient checkpointing, batch 4;
-(b) bf16 base without quantization; (c) gradient checkpointing off; (d) batch 1.
+(b) bf16 base without quantization; (c) gradient checkpointing off; (d) batch 1; (e) as (a) with
+SimpleTuner's segmented checkpointing (--segments interval,stride: only the segments recompute).
+--profile adds FLOPs, TFLOP/s, MFU and a torch.profiler summary per config (bench/step_profile.py).
 For each: s/step (median of --steps after --warmup), peak memory (GPU: max allocated; CPU: the
 process's peak RSS, a high-water mark over everything run before it), and the share of step time in
 forward / backward / optimizer from a separate pass with CUDA events (so the timed steps carry no
@@ -52,7 +54,9 @@ from relay_train import checkpoint as ckpt  # noqa: E402
 from relay_train.buckets import Bucket  # noqa: E402
 from relay_train.config import TrainConfig, load_config  # noqa: E402
 from relay_train.data import BucketTensors  # noqa: E402
-from relay_train.model import AdapterModel, attach_lokr, compute_dtype, quantize_base  # noqa: E402
+from relay_train.model import (  # noqa: E402
+    AdapterModel, attach_lokr, compute_dtype, enable_gradient_checkpointing, quantize_base,
+)
 from relay_train.optim import clip_gradients  # noqa: E402
 from relay_train.step import train_step  # noqa: E402
 from relay_train.tiny_model import PRESETS, transformer_config  # noqa: E402
@@ -78,6 +82,7 @@ class Variant:
     quantized: bool = True
     checkpointing: bool = True
     batch: int | None = None  # None: the config's train_batch_size
+    segmented: bool = False  # checkpoint SimpleTuner's segments (--segments interval,stride), not every block
 
 
 VARIANTS = {v.key: v for v in (
@@ -85,6 +90,7 @@ VARIANTS = {v.key: v for v in (
     Variant("b", "bf16 base, no quantization", quantized=False),
     Variant("c", "gradient checkpointing off", checkpointing=False),
     Variant("d", "batch 1", batch=1),
+    Variant("e", "segmented checkpointing (--segments)", segmented=True),
 )}
 
 
@@ -225,12 +231,14 @@ def run_variant(variant: Variant, config: TrainConfig, model: AdapterModel, args
     batch = variant.batch or config.train_batch_size
     joint, pooled = (transformer_config(args.preset)[k] for k in ("joint_attention_dim", "pooled_projection_dim"))
     data = CachedShapes(batch, args.resolution // 8, joint, pooled)
+    model.transformer.disable_gradient_checkpointing()
     if variant.checkpointing:
-        model.transformer.enable_gradient_checkpointing()
-    else:
-        model.transformer.disable_gradient_checkpointing()
+        enable_gradient_checkpointing(model.transformer, *(args.segments if variant.segmented else (None, None)))
     result: dict[str, Any] = {"label": variant.label, "batch": batch, "quantized": variant.quantized,
                               "gradient_checkpointing": variant.checkpointing}
+    if variant.segmented:
+        result["segments"] = {"gradient_checkpointing_interval": args.segments[0],
+                              "gradient_checkpointing_segment_stride": args.segments[1]}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as scratch:
@@ -268,18 +276,26 @@ def profile_variant(trainer: Trainer, model: AdapterModel, s_per_step: float, ar
 
 def run_compiled(config: TrainConfig, args: argparse.Namespace, device: torch.device,
                  clock: Clock) -> dict[str, Any]:
-    """Config (a) with each transformer block torch.compile'd in place (regional compilation)."""
-    model = build_model(config, args.preset, device, quantized=True)
+    """Config (a) with each transformer block torch.compile'd in place (regional compilation), and the
+    first step's loss and gradient norm against an eager build of the same seeds (same maths?)."""
     joint, pooled = (transformer_config(args.preset)[k] for k in ("joint_attention_dim", "pooled_projection_dim"))
-    data = CachedShapes(config.train_batch_size, args.resolution // 8, joint, pooled)
     out: dict[str, Any] = {"what": "production step, every transformer block compiled (nn.Module.compile)"}
-    with tempfile.TemporaryDirectory() as scratch:
-        trainer = make_trainer(config, model, data, device, Path(scratch))
-        out["blocks"] = step_profile.compile_blocks(model.transformer)
-        out.update(step_profile.try_compiled(trainer.optimizer_step, clock.sync, args.steps))
-        del trainer
-    del model
-    release(device)
+    for mode in ("eager", "compiled"):
+        model = build_model(config, args.preset, device, quantized=True)
+        data = CachedShapes(config.train_batch_size, args.resolution // 8, joint, pooled)
+        with tempfile.TemporaryDirectory() as scratch:
+            trainer = make_trainer(config, model, data, device, Path(scratch))
+            if mode == "eager":
+                out["eager_first_step"] = [float(t) for t in trainer.optimizer_step()[:2]]  # loss, grad norm
+            else:
+                out["blocks"] = step_profile.compile_blocks(model.transformer)
+                out.update(step_profile.try_compiled(trainer.optimizer_step, clock.sync, args.steps))
+            del trainer
+        del model
+        release(device)
+    if "first_step" in out:
+        out["first_step_rel_diff"] = [abs(c - e) / max(abs(e), 1e-30)
+                                      for c, e in zip(out["first_step"], out["eager_first_step"])]
     return out
 
 
@@ -398,7 +414,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per config (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--phase-steps", type=int, default=5, help="steps of the separate phase-timing pass")
-    p.add_argument("--configs", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+    p.add_argument("--configs", default="a,b,c,d", help="comma-separated subset of a,b,c,d,e")
+    p.add_argument("--segments", default="2,4", help="config e: gradient_checkpointing_interval,segment_stride")
     p.add_argument("--render", choices=["both", "eager", "compiled", "off"], default="both")
     p.add_argument("--render-steps", type=int, default=30)
     p.add_argument("--render-repeats", type=int, default=2)
@@ -419,8 +436,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in args.configs if c not in VARIANTS]
     if unknown or args.resolution % 16:
-        p.error(f"--configs: unknown {unknown}; choose from a,b,c,d" if unknown
+        p.error(f"--configs: unknown {unknown}; choose from a,b,c,d,e" if unknown
                 else "--resolution must be a multiple of 16 (8x VAE, 2x2 patches)")
+    interval, _, stride = args.segments.partition(",")
+    args.segments = (int(interval), int(stride) if stride else None)
+    if args.segments[0] < 2 or (args.segments[1] is not None and args.segments[1] < args.segments[0]):
+        p.error("--segments: interval 2 or more, and a stride at least the interval")
     return args
 
 
@@ -477,13 +498,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any]) -> str:
-    parts = [table(results)]
+    parts = [table(results)] if results["configs"] else []
     for key, r in sorted(results["configs"].items()):
         if "profile" in r:
             parts.append(f"\n({key}) {r['label']}, profile:\n" + step_profile.format_profile(r["profile"]))
     if "compile" in results:
         c = results["compile"]
-        status = c.get("error") or f"{c['s_per_step']:.3f} s/step (first step {c['first_step_s']:.1f} s)"
+        status = c.get("error") or (f"{c['s_per_step']:.3f} s/step (first step {c['first_step_s']:.1f} s); first "
+                                    "step's loss, grad norm vs eager: rel. diff "
+                                    + ", ".join(f"{d:.1e}" for d in c["first_step_rel_diff"]))
         parts.append(f"\nregional compile ({c['blocks']} blocks): {status.splitlines()[0]}; "
                      f"graph breaks {sum(c['graph_breaks'].values())}: {c['graph_breaks']}")
     if "kron_bench" in results:

@@ -134,4 +134,5 @@ def test_lokr_bypass_forms_agree():
         w1, w2 = torch.randn(*s1, generator=g, dtype=torch.float64), torch.randn(*s2, generator=g, dtype=torch.float64)
         ref = step_profile.bypass_materialised(h, w1, w2)
         torch.testing.assert_close(step_profile.bypass_library(h, w1, w2), ref)
+        torch.testing.assert_close(step_profile.bypass_library_eager(h, w1, w2), ref)
         torch.testing.assert_close(step_profile.bypass_batched(h, w1, w2), ref)
