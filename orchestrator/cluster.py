@@ -26,7 +26,8 @@ class ClusterConfig(BaseModel):
     use_gpu: bool = Field(False, description="one GPU per worker; NCCL instead of gloo")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra custom resources per worker")
-    storage_path: str = Field("output/ray", description="s3://bucket/prefix or a local folder; runs live under <storage_path>/<run_name>")
+    storage_path: str = Field("output/ray", description="s3://bucket/prefix or a local folder; runs live under "
+                              "<storage_path>/<run_name>")
     storage_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, R2...)")
     run_name: str | None = Field(None, description="defaults to tracker_run_name, then the output_dir's name")
     max_failures: int = Field(3, ge=-1, description="worker-group restarts after failures (-1: unlimited)")

@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class AwsSpot:
             raise MetadataError(f"spot/instance-action answered {status}")
         try:
             data = json.loads(body)
-            when = datetime.fromisoformat(data["time"].replace("Z", "+00:00")).astimezone(timezone.utc).timestamp()
+            when = datetime.fromisoformat(data["time"].replace("Z", "+00:00")).astimezone(UTC).timestamp()
         except (ValueError, KeyError, TypeError) as exc:
             raise MetadataError(f"unreadable spot/instance-action: {body[:200]!r}") from exc
         return Notice("aws", data.get("action", "terminate"), when, body)

@@ -85,7 +85,7 @@ def _without_none(annotation: Any) -> tuple[Any, bool]:
     if get_origin(annotation) in (Union, types.UnionType):
         rest = [a for a in get_args(annotation) if a is not type(None)]
         if len(rest) < len(get_args(annotation)):
-            return (rest[0] if len(rest) == 1 else Union[tuple(rest)]), True
+            return (rest[0] if len(rest) == 1 else Union[tuple(rest)]), True  # noqa: UP007 (built at run time)
     return annotation, False
 
 

@@ -11,7 +11,8 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
+from collections.abc import Callable
 
 from PIL import Image, ImageDraw, ImageFont
 

@@ -9,7 +9,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -127,7 +127,8 @@ class Trainer:
         self.params = model.trainable_parameters()
         self.total_steps = total_train_steps(config, sampler.batches_per_epoch())
         # Backward, gradient reduction, clipping and the optimizer step, one interface for every strategy.
-        self.update = update if update is not None else build_update(strategy, world_size, config, model.network, self.params, gradient_sync)
+        self.update = update if update is not None else build_update(strategy, world_size, config, model.network,
+                                                                     self.params, gradient_sync)
         self.optimizer = self.update.optimizer  # the scheduler drives its lr
         self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
         self.ema = AdapterEMA(model.network, config.ema_decay) if config.use_ema else None

@@ -27,7 +27,7 @@ and rank boundaries and the state cannot be consolidated into per-parameter form
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -28,7 +28,8 @@ def write_config(tmp_path, tiny_model):
                     {"id": "text", "dataset_type": "text_embeds", "default": True,
                      "cache_dir": str(text_cache or tmp_path / name / "text")}]
         (tmp_path / f"{name}-backends.json").write_text(json.dumps(backends))
-        over = {"pretrained_model_name_or_path": str(tiny_model), "lycoris_config": str(REPO / "configs/demo/lycoris_config.json"),
+        over = {"pretrained_model_name_or_path": str(tiny_model),
+                "lycoris_config": str(REPO / "configs/demo/lycoris_config.json"),
                 "data_backend_config": str(tmp_path / f"{name}-backends.json"), "output_dir": str(tmp_path / name / "out"),
                 **overrides}
         return load_config(REPO / "configs/demo/config.json", over)

@@ -20,7 +20,9 @@ def _run(opt_factory, steps, state=None, params=None):
 def test_bnb_adamw8bit_resumes_bitwise_with_8bit_state():
     """Tensors of ≥4096 elements get bitsandbytes' blockwise 8-bit state; a state_dict round trip is exact."""
     bnb = pytest.importorskip("bitsandbytes")
-    factory = lambda p: bnb.optim.AdamW8bit(p, lr=1e-2)
+    def factory(p):
+        return bnb.optim.AdamW8bit(p, lr=1e-2)
+
     straight, opt = _run(factory, range(10))
     assert opt.state[straight[0]]["state1"].dtype == torch.uint8
     half, opt_half = _run(factory, range(5))
