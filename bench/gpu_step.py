@@ -479,13 +479,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                        "gradient_bytes": sum(p.numel() * p.element_size() for p in params)})
         for key in keys:
             results["configs"][key] = run_variant(VARIANTS[key], config, model, args, device, clock)
-            log.info("(%s) %s", key, {k: v for k, v in results["configs"][key].items() if k != "step_times"})
+            log.info("(%s) %s", key, {k: v for k, v in results["configs"][key].items() if k not in ("step_times", "profile")})
             save(results, args.out)  # after each config: a run cut short still leaves its figures
         if wants_render:
             results["render"] = time_renders(model, config, args, device, clock)
             save(results, args.out)
         del model
         release(device)
+    step_profile.add_model_flops(results["configs"], device.type, results["device"])
     if args.compile:
         results["compile"] = run_compiled(config, args, device, clock)
         save(results, args.out)

@@ -95,11 +95,33 @@ def _count_quanto_matmuls() -> bool:
     return True
 
 
+@functools.cache
+def _count_cpu_attention() -> None:
+    """torch's FlopCounterMode knows the CUDA SDPA kernels (flash, efficient, cuDNN) but not the CPU's flash
+    kernel, which it would count as 0: give it the same formulas (same (B, H, S, D) layout, same arguments)."""
+    from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if forward is None or backward is None:
+        return
+
+    @register_flop_formula(forward)
+    def cpu_sdpa(q: Any, k: Any, v: Any, *_: Any, **__: Any) -> int:
+        return sdpa_flop_count(q, k, v)
+
+    @register_flop_formula(backward)
+    def cpu_sdpa_backward(grad_out: Any, q: Any, k: Any, v: Any, *_: Any, **__: Any) -> int:
+        return sdpa_backward_flop_count(grad_out, q, k, v)
+
+
 def count_flops(run_step: Callable[[], Any]) -> dict[str, Any]:
     """FLOPs of one call of `run_step` (one optimizer step), in total and by aten op."""
     from torch.utils.flop_counter import FlopCounterMode
 
     _count_quanto_matmuls()
+    _count_cpu_attention()
     counter = FlopCounterMode(display=False)
     with counter:
         run_step()
@@ -232,6 +254,9 @@ def summarize_trace(events: list[Any], cuda: bool, steps: int) -> dict[str, Any]
         # dispatches (an aten op not inside another one), each of which would be a launch or more there
         launches += len(e.kernels) if cuda else int(bool(items) and not _inside_aten(e))
     total = sum(by_region.values())
+    # which SDPA kernel family ran (flash, cuDNN, memory-efficient, math; the CPU's own), from the op names
+    sdpa = sorted({e.name for e in cpu_events if e.name.startswith("aten::_scaled_dot_product")
+                   and not e.name.endswith("_backward")})
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:TOP_N]
     return {
         "unit": "GPU kernel time" if cuda else "CPU self time of aten ops",
@@ -239,6 +264,7 @@ def summarize_trace(events: list[Any], cuda: bool, steps: int) -> dict[str, Any]
         "time_per_step_ms": total / 1e3 / steps,
         "launches_per_step": launches / steps,
         "launches_what": "CUDA kernels" if cuda else "top-level aten ops (each one kernel launch or more on a GPU)",
+        "sdpa_ops": sdpa,
         "region_share": {r: (by_region.get(r, 0.0) / total if total else 0.0) for r in (*REGIONS, "other")},
         "top": [{"name": name, "ms_per_step": us / 1e3 / steps, "calls_per_step": n / steps,
                  "share": us / total if total else 0.0} for name, (us, n) in top],
@@ -260,14 +286,34 @@ def profile_steps(run_step: Callable[[], Any], transformer: torch.nn.Module, net
     return summarize_trace(list(prof.events()), device.type == "cuda", steps)
 
 
+def add_model_flops(configs: dict[str, dict[str, Any]], device_type: str, device_name: str) -> None:
+    """FlopCounterMode counts what ran, recomputation included (hardware FLOPs). The usual MFU counts the
+    model's FLOPs only: for a checkpointed config, those are the count of the profiled config with the same
+    batch and base but checkpointing off. Adds `model_flops_per_step` and `mfu_model` where such a pair ran."""
+    for r in configs.values():
+        if "profile" not in r or not r["gradient_checkpointing"]:
+            continue
+        twin = next((o for o in configs.values() if "profile" in o and not o["gradient_checkpointing"]
+                     and o["batch"] == r["batch"] and o["quantized"] == r["quantized"]), None)
+        if twin is not None:
+            flops = twin["profile"]["flops_per_step"]
+            r["profile"].update(model_flops_per_step=flops, mfu_model=mfu(flops, r["s_per_step"], device_type, device_name))
+
+
 def format_profile(p: dict[str, Any]) -> str:
     m = p["mfu"]
     mfu_text = f"{m['mfu']:.1%} of {m['peak_bf16_tflops']:g} TFLOP/s" if m["mfu"] != "n/a" else f"n/a ({m['mfu_reason']})"
     t = p["trace"]
-    lines = [f"FLOPs/step {p['flops_per_step']:.3e}; achieved {m['achieved_tflops']:.3f} TFLOP/s; MFU {mfu_text}",
+    lines = [f"FLOPs/step {p['flops_per_step']:.3e} (as run, recomputation included); achieved "
+             f"{m['achieved_tflops']:.3f} TFLOP/s; MFU {mfu_text}",
+             *([f"model FLOPs/step {p['model_flops_per_step']:.3e} (no recomputation): "
+                f"{p['mfu_model']['achieved_tflops']:.3f} TFLOP/s, MFU "
+                + (f"{p['mfu_model']['mfu']:.1%}" if p["mfu_model"]["mfu"] != "n/a" else "n/a")]
+               if "model_flops_per_step" in p else []),
              f"traced {t['unit']}: {t['time_per_step_ms']:.1f} ms/step over {t['profiled_steps']} step(s); "
              f"{t['launches_per_step']:.0f} {t['launches_what']} per step",
              "share: " + ", ".join(f"{k} {v:.1%}" for k, v in t["region_share"].items()),
+             "attention ran: " + (", ".join(t["sdpa_ops"]) or "no scaled_dot_product_attention op (math path?)"),
              f"| top {len(t['top'])} by time | ms/step | calls/step | share |", "|---|---|---|---|"]
     lines += [f"| {row['name'][:90]} | {row['ms_per_step']:.2f} | {row['calls_per_step']:.0f} | {row['share']:.1%} |"
               for row in t["top"]]

@@ -91,6 +91,7 @@ def test_gpu_step_bench_profile_on_cpu(tmp_path, capsys, one_thread):
     profile = json.loads(out.read_text())["configs"]["a"]["profile"]
     assert profile["flops_per_step"] > 0
     assert "quanto.qbytes_mm" in profile["flops_by_op"]  # the int8 base's forward matmuls are counted
+    assert "aten._scaled_dot_product_flash_attention_for_cpu_backward" in profile["flops_by_op"]  # and attention
     assert sum(profile["flops_by_op"].values()) == profile["flops_per_step"]
     mfu = profile["mfu"]
     assert mfu["achieved_tflops"] > 0 and mfu["mfu"] == "n/a" and "CPU" in mfu["mfu_reason"]
@@ -101,6 +102,7 @@ def test_gpu_step_bench_profile_on_cpu(tmp_path, capsys, one_thread):
     assert all(0 <= v <= 1 for v in shares.values()) and sum(shares.values()) <= 1 + 1e-9
     # every marked region ran in this step, so each got some of the time
     assert all(shares[r] > 0 for r in ("lokr_bypass", "quanto_linear", "attention", "norms", "optimizer"))
+    assert trace["sdpa_ops"] == ["aten::_scaled_dot_product_flash_attention_for_cpu"]  # diffusers runs SDPA
     assert 0 < len(trace["top"]) <= 25 and all(row["ms_per_step"] >= 0 for row in trace["top"])
     assert (tmp_path / "trace.json").stat().st_size > 0
     assert results["configs"]["a"]["profile"]["flops_per_step"] == profile["flops_per_step"]
