@@ -61,6 +61,7 @@ def config_file(tmp_path, tiny_model, demo_data):
             "--data_backend_config": str(backend_file),
             "--lycoris_config": str(REPO / "configs/demo/lycoris_config.json"),
             "--output_dir": str(tmp_path / out),
+            "--validation_num_gpus": 0,  # these clusters have no GPU: the config asks for CPU validation itself
         })
         raw.update({f"--{k}" if f"--{k}" in raw or k not in raw else k: v for k, v in overrides.items()})
         path = tmp_path / f"config-{out}.json"
