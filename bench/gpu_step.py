@@ -430,6 +430,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time config (a) with each transformer block compiled; reports graph breaks/errors")
     p.add_argument("--kron-bench", action="store_true",
                    help="also time the LoKr bypass forms at sd35m's layer shapes (see step_profile.kron_bench)")
+    p.add_argument("--count-flops", action="store_true",
+                   help="also count the step's FLOPs at --preset/--resolution/--batch on fake tensors (CPU, seconds)")
     p.add_argument("--kron-tokens", type=int, default=0,
                    help="tokens per kron-bench call; 0: batch x (latent tokens + 231 text tokens)")
     args = p.parse_args(argv)
@@ -490,6 +492,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.compile:
         results["compile"] = run_compiled(config, args, device, clock)
         save(results, args.out)
+    if args.count_flops:
+        results["architecture_flops"] = step_profile.architecture_flops(args.preset, args.batch, args.resolution,
+                                                                        config.lycoris, TEXT_TOKENS)
+        save(results, args.out)
     if args.kron_bench:
         tokens = args.kron_tokens or args.batch * ((args.resolution // 16) ** 2 + TEXT_TOKENS)
         results["kron_bench"] = step_profile.kron_bench(tokens, 3, device, compute_dtype(config, device))
@@ -510,6 +516,11 @@ def report(results: dict[str, Any]) -> str:
                                     + ", ".join(f"{d:.1e}" for d in c["first_step_rel_diff"]))
         parts.append(f"\nregional compile ({c['blocks']} blocks): {status.splitlines()[0]}; "
                      f"graph breaks {sum(c['graph_breaks'].values())}: {c['graph_breaks']}")
+    if "architecture_flops" in results:
+        f = results["architecture_flops"]
+        parts.append(f"\nFLOPs per step, {f['preset']} batch {f['batch']} at {f['resolution']}² (fake tensors): "
+                     f"with LoKr {f['lokr_ckpt']:.3e} checkpointed / {f['lokr_no_ckpt']:.3e} not; base only "
+                     f"{f['base_only_ckpt']:.3e} / {f['base_only_no_ckpt']:.3e}; LoKr's share {f['lokr_share']:.1%}")
     if "kron_bench" in results:
         parts.append("\n" + step_profile.format_kron(results["kron_bench"]))
     return "\n".join(parts)

@@ -286,6 +286,50 @@ def profile_steps(run_step: Callable[[], Any], transformer: torch.nn.Module, net
     return summarize_trace(list(prof.events()), device.type == "cuda", steps)
 
 
+def architecture_flops(preset: str, batch: int, resolution: int, lycoris: Any, text_tokens: int) -> dict[str, Any]:
+    """FLOPs of train_step's forward + backward at a preset's real shapes, counted on fake tensors (no memory,
+    no device: sd35m at 1024² counts in seconds on a CPU): with the LoKr adapter and without it (the frozen
+    base's input-gradient backward only), gradient checkpointing on and off. The base is built unquantized:
+    quanto cannot quantize fake tensors, and an int8 base runs the same matmuls (the tiny preset's --profile
+    counts agree). The optimizer's elementwise work is not counted (FlopCounterMode counts matmuls, convs, SDPA)."""
+    from diffusers import SD3Transformer2DModel
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from relay_train.data import BucketTensors
+    from relay_train.model import attach_lokr, enable_gradient_checkpointing
+    from relay_train.step import train_step
+    from relay_train.tiny_model import transformer_config
+
+    _count_cpu_attention()
+    tcfg = transformer_config(preset)
+    out: dict[str, Any] = {"preset": preset, "batch": batch, "resolution": resolution, "counted_on": "fake tensors"}
+    for adapter in (True, False):
+        for checkpointing in (True, False):
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                transformer = SD3Transformer2DModel(**tcfg)
+                transformer.requires_grad_(False)
+                if adapter:
+                    attach_lokr(transformer, lycoris).requires_grad_(True)
+                else:  # one leaf up front, so backward runs through every block as it does for the adapter
+                    transformer.pos_embed.proj.weight.requires_grad_(True)
+                transformer.train()
+                if checkpointing:
+                    enable_gradient_checkpointing(transformer)
+                lat, joint, pooled = resolution // 8, tcfg["joint_attention_dim"], tcfg["pooled_projection_dim"]
+                batch_t = BucketTensors(torch.randn(batch, 16, lat, lat), torch.randn(batch, text_tokens, joint),
+                                        torch.randn(batch, pooled))
+                empty = (torch.zeros(text_tokens, joint), torch.zeros(pooled))
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    train_step(transformer, batch_t, empty, torch.Generator().manual_seed(0), shift=3.0,
+                               caption_dropout=0.0, device=torch.device("cpu"), dtype=torch.float32).backward()
+            key = f"{'lokr' if adapter else 'base_only'}_{'ckpt' if checkpointing else 'no_ckpt'}"
+            out[key] = counter.get_total_flops()
+    out["lokr_share"] = 1 - out["base_only_ckpt"] / out["lokr_ckpt"]
+    return out
+
+
 def add_model_flops(configs: dict[str, dict[str, Any]], device_type: str, device_name: str) -> None:
     """FlopCounterMode counts what ran, recomputation included (hardware FLOPs). The usual MFU counts the
     model's FLOPs only: for a checkpointed config, those are the count of the profiled config with the same

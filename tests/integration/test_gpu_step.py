@@ -106,6 +106,11 @@ def test_gpu_step_bench_profile_on_cpu(tmp_path, capsys, one_thread):
     assert 0 < len(trace["top"]) <= 25 and all(row["ms_per_step"] >= 0 for row in trace["top"])
     assert (tmp_path / "trace.json").stat().st_size > 0
     assert results["configs"]["a"]["profile"]["flops_per_step"] == profile["flops_per_step"]
+    # counting on fake tensors (how sd35m's FLOPs are had without a GPU) agrees with the real step's count
+    fake = bench.step_profile.architecture_flops("tiny", 4, 64, bench.load_config(bench.REPO / "configs/sd3/config.json",
+                                                 {"resume_from_checkpoint": "none"}).lycoris, bench.TEXT_TOKENS)
+    assert fake["lokr_ckpt"] == profile["flops_per_step"]
+    assert fake["lokr_no_ckpt"] < fake["lokr_ckpt"] and 0 < fake["lokr_share"] < 1
     printed = capsys.readouterr().out
     assert "MFU n/a (the CPU" in printed and "share: lokr_bypass" in printed and "| top " in printed
 
