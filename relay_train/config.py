@@ -409,10 +409,10 @@ class TrainConfig(BaseModel):
     def mapping_notes(self) -> list[str]:
         """The SimpleTuner semantics this run maps explicitly, to log at start-up."""
         notes = [f"'{old}' is read as '--{new}' (SimpleTuner's current name)" for old, new in self._renamed]
+        from relay_train.config_notes import NOTE_RULES, _show  # it reads TrainConfig: imported late
+
         notes += [f"SimpleTuner option '--{key}={_show(value)}' is what Relay does anyway; accepted"
                   for key, value in self._matched]
-        from relay_train.config_notes import NOTE_RULES
-
         notes += [n for n in (rule(self) for rule in NOTE_RULES) if n]
         return notes + compat.default_notes(self.model_fields_set | {k for k, _ in self._matched}, self.__dict__)
 
@@ -441,14 +441,6 @@ class TrainConfig(BaseModel):
 
     def resolved_json(self) -> str:
         return json.dumps(self.resolved_dict(), sort_keys=True, indent=2)
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, str):
-        return repr(value if len(value) <= 40 else value[:37] + "...")
-    return str(value)
 
 
 USER_KEYS: tuple[str, ...] = tuple(k for k in TrainConfig.model_fields if k not in _DERIVED)
