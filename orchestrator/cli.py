@@ -30,7 +30,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from relay_train.demo_data import make_demo_dataset
     from relay_train.tiny_model import make_pipeline
 
-    from orchestrator.launch import local_cpus
+    from orchestrator.resources import local_cpus
     from orchestrator.policy import share_cpus
 
     if not Path("demo/tiny-sd3/model_index.json").is_file():
