@@ -136,7 +136,7 @@ def count_flops(run_step: Callable[[], Any]) -> dict[str, Any]:
 def region_ranges(transformer: torch.nn.Module, network: torch.nn.Module, optimizer: Any) -> Iterator[None]:
     """Install the bench's `relay::*` record_function ranges for the duration of the block."""
     handles: list[Any] = []
-    restore: list[tuple[Any, str]] = []
+    restore: list[tuple[Any, str, Any]] = []  # (object, attribute, its own value before, or None)
 
     def hooks(module: torch.nn.Module, name: str) -> None:
         open_ranges: list[Any] = []
@@ -159,8 +159,8 @@ def region_ranges(transformer: torch.nn.Module, network: torch.nn.Module, optimi
             with torch.autograd.profiler.record_function(f"relay::{name}"):
                 return inner(*args, **kwargs)
 
+        restore.append((obj, attr, vars(obj).get(attr)))  # the LR scheduler wraps optimizer.step on the instance
         setattr(obj, attr, ranged)
-        restore.append((obj, attr))
 
     try:
         from optimum.quanto import QModuleMixin
@@ -184,8 +184,11 @@ def region_ranges(transformer: torch.nn.Module, network: torch.nn.Module, optimi
     finally:
         for handle in handles:
             handle.remove()
-        for obj, attr in restore:
-            delattr(obj, attr)  # the instance attribute shadowed the class's method
+        for obj, attr, own in reversed(restore):
+            if own is None:
+                delattr(obj, attr)  # back to the class's method
+            else:
+                setattr(obj, attr, own)
 
 
 # ----------------------------------------------------------------------------- trace summary

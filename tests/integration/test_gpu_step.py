@@ -115,6 +115,21 @@ def test_gpu_step_bench_profile_on_cpu(tmp_path, capsys, one_thread):
     assert "MFU n/a (the CPU" in printed and "share: lokr_bypass" in printed and "| top " in printed
 
 
+def test_region_ranges_leave_the_model_and_optimizer_as_they_were():
+    import torch
+
+    bench = load_bench()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # wraps optimizer.step on the instance
+    before = vars(optimizer)["step"]
+    with bench.step_profile.region_ranges(model, torch.nn.Module(), optimizer):
+        assert vars(optimizer)["step"] is not before and model[1]._forward_hooks
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+    assert vars(optimizer)["step"] is before and not model[1]._forward_hooks and not model[1]._forward_pre_hooks
+
+
 def test_mfu_against_the_peak_table():
     step_profile = load_bench().step_profile
     assert step_profile.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
