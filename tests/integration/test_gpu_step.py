@@ -22,7 +22,7 @@ def load_bench():
     return module
 
 
-def test_gpu_step_bench_runs_every_config_on_cpu(tmp_path, capsys):
+def test_gpu_step_bench_runs_every_config_on_cpu(tmp_path, capsys, one_thread):
     bench = load_bench()
     out = tmp_path / "gpu_step.json"
     results = bench.main(["--device", "cpu", "--preset", "tiny", "--resolution", "64", "--steps", "2",
