@@ -21,6 +21,7 @@ ALLOWED = frozenset({
     "max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpoint_step_interval", "checkpoints_total_limit",
     "output_dir", "adapter_export_dtype", "init_lora_step", "vae_cache_ondemand",
     "resume_from_checkpoint", "learning_rate", "lr_warmup_steps", "gradient_checkpointing", "quantize_via",
+    "gradient_checkpointing_interval", "gradient_checkpointing_segment_stride",  # memory/time only, same maths
     "lycoris_config", "data_backend_config", "vae_batch_size", "delete_problematic_images",
     "skip_file_discovery", "compress_disk_cache", "lora_rank", "lora_alpha", "init_lora",
     "hub_model_id", "push_to_hub", "push_checkpoints_to_hub", "hub_private", "super_squash_history",
