@@ -176,8 +176,9 @@ def summarize(run: str, events: list[dict], now: float | None = None, progress: 
             attempts[-1].last_time = progress["time"]
         if s.state == "unknown":
             s.step = max(s.step, progress["step"])
-            s.steps_per_second = progress.get("steps_per_second") or s.steps_per_second
             s.total_steps = progress.get("total_steps") or s.total_steps
+    if progress and progress.get("steps_per_second"):  # the steward's latest measured rate
+        s.steps_per_second = progress["steps_per_second"]
     if s.state == "unknown":
         s.state = "running" if attempts else "starting"
     start = events[0]["time"]
