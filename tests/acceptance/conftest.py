@@ -129,6 +129,13 @@ def head(fresh_clone, background, tmp_path_factory):
 
     wait_for("the Ray head's job API", answers, timeout=180)
 
+    def takes_jobs() -> bool:  # a fresh head answers "no available agent" to submissions for a while
+        probe = subprocess.run([fresh_clone.ray, "job", "submit", f"--address={address}", "--", "true"],
+                               env=env, cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=120)
+        return probe.returncode == 0
+
+    wait_for("the Ray head to take jobs", takes_jobs, timeout=240, every=3)
+
     def start_node(resources: dict[str, float], cpus: int = 1) -> subprocess.Popen:
         # a temp dir of its own: nodes sharing one on a machine would clear each other's job working dirs
         own = tempfile.mkdtemp(prefix="rn")
