@@ -113,8 +113,15 @@ def head(fresh_clone, background, tmp_path_factory):
     temp = tempfile.mkdtemp(prefix="ra")  # short: Ray's socket paths must fit 107 characters
     env = fresh_clone.env(PATH=f"{fresh_clone.root / '.venv/bin'}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled")
     common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+
+    def own_ports() -> list[str]:
+        """Every per-node port Ray would otherwise take at a fixed default (the dashboard agent's 52365, the
+        client server's 10001, ...): two nodes on one machine, or another cluster there, must not collide."""
+        return [f"--{name}={free()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                   "runtime-env-agent-port", "metrics-export-port")]
     background([fresh_clone.ray, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
-                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}", *common],
+                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
+                f"--ray-client-server-port={free()}", *own_ports(), *common],
                env=env, cwd=fresh_clone.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dashboard}"
 
@@ -141,7 +148,7 @@ def head(fresh_clone, background, tmp_path_factory):
         own = tempfile.mkdtemp(prefix="rn")
         temps.append(own)
         return background([fresh_clone.ray, "start", f"--address=127.0.0.1:{gcs}", f"--num-cpus={cpus}",
-                           f"--resources={json.dumps(resources)}", f"--temp-dir={own}", *common],
+                           f"--resources={json.dumps(resources)}", f"--temp-dir={own}", *own_ports(), *common],
                           env=env, cwd=fresh_clone.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     temps = [temp]
