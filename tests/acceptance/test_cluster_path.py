@@ -85,7 +85,7 @@ def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(fresh_clone, head, 
         hook = json.dumps({"webhook_type": "raw", "callback_url": webhook_receiver.url("/relay"), "log_level": "info"})
         cluster = _cluster(tmp_path, "spot", bucket, s3_endpoint, resources_per_worker={"spot": 1}, max_failures=1)
         job = background(["bash", "-c", SUBMIT.format(config=user_files, cluster=cluster)
-                          + f" --set max_train_steps=400 --set checkpointing_steps=100 --set 'webhook_config={hook}'"],
+                          + f" --set max_train_steps=1500 --set checkpointing_steps=500 --set 'webhook_config={hook}'"],
                          cwd=fresh_clone.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         def training_past_20():
             if job.poll() is not None:
@@ -115,7 +115,7 @@ def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(fresh_clone, head, 
     assert job.returncode == 0, out[-5000:]
     assert f"preemption notice at step {emergency}" in out and f"resumed at step {emergency} (preempted" in out
     final = _status(fresh_clone, "spot", bucket, s3_endpoint, env)
-    assert final["state"] == "completed" and final["step"] == 400
+    assert final["state"] == "completed" and final["step"] == 1500
     resumed = final["attempts"][1]
     assert resumed["reason"] == "preemption" and resumed["start_step"] == emergency and final["attempts"][0]["steps_lost"] == 0
     kinds = [r.json["type"] for r in webhook_receiver.requests]
