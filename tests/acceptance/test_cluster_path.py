@@ -35,7 +35,7 @@ def test_ray_job_submit_status_while_it_trains_and_a_resubmit_resumes(fresh_clon
     cluster = _cluster(tmp_path, "job", bucket, s3_endpoint)
     env = {**env, "RAY_ADDRESS": address}
     command = SUBMIT.format(config=user_files, cluster=cluster)
-    job = background(["bash", "-c", command + " --set max_train_steps=400 --set checkpointing_steps=100"],
+    job = background(["bash", "-c", command + " --set max_train_steps=1000 --set checkpointing_steps=250"],
                      cwd=fresh_clone.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     def training():
         if job.poll() is not None:
@@ -44,19 +44,19 @@ def test_ray_job_submit_status_while_it_trains_and_a_resubmit_resumes(fresh_clon
             and s["step"] > 0 and s
 
     seen = poll("relay status to show the run training", training, timeout=600)
-    assert seen["total_steps"] == 400 and seen["storage"] == f"s3://{bucket}/runs/job"
+    assert seen["total_steps"] == 1000 and seen["storage"] == f"s3://{bucket}/runs/job"
     out, _ = job.communicate(timeout=900)
     assert job.returncode == 0, out[-5000:]
-    assert "succeeded" in out and "completed at step 400" in out and "checkpoint 400 committed: s3://" in out
+    assert "succeeded" in out and "completed at step 1000" in out and "checkpoint 1000 committed: s3://" in out
     assert "(RayTrainWorker" not in out and "PlacementGroupCleaner" not in out  # the driver's view only
 
-    again = subprocess.run(["bash", "-c", command + " --max_train_steps=450 --checkpointing_steps=50"],
+    again = subprocess.run(["bash", "-c", command + " --max_train_steps=1050 --checkpointing_steps=50"],
                            cwd=fresh_clone.root, env=env, capture_output=True, text=True, timeout=900)
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-5000:]
-    assert "resumed at step 400" in out and "completed at step 450" in out
+    assert "resumed at step 1000" in out and "completed at step 1050" in out
     final = _status(fresh_clone, "job", bucket, s3_endpoint, env)
-    assert final["state"] == "completed" and final["step"] == 450 and final["checkpoints"][-1] == 450
+    assert final["state"] == "completed" and final["step"] == 1050 and final["checkpoints"][-1] == 1050
     assert [a["reason"] for a in final["attempts"]] == ["fresh", "resubmitted"]
 
 
