@@ -135,8 +135,14 @@ def run_on_ray(config: TrainConfig, config_path: str | Path, overrides: dict | N
             result = fit_off_the_main_thread(trainer, lambda: display.fatal)
     except BaseException as exc:
         display.close()
-        ray.get(steward.close.remote({"type": "failed", "error": redact.redact(f"{type(exc).__name__}: {str(exc)[:500]}")},
-                                     timeout=FINAL_FLUSH_SECONDS))
+        # a second Ctrl-C means now: the ledger's end is recorded, the services get seconds, not minutes
+        wait = INTERRUPTED_FLUSH_SECONDS if isinstance(exc, KeyboardInterrupt) else FINAL_FLUSH_SECONDS
+        final = ({"type": "stopped", "signal": stop.signal} if isinstance(exc, KeyboardInterrupt) else
+                 {"type": "failed", "error": redact.redact(f"{type(exc).__name__}: {str(exc)[:500]}")})
+        try:
+            ray.get(steward.close.remote(final, timeout=wait), timeout=wait + 30)
+        except ray.exceptions.GetTimeoutError:
+            log.warning("the run's services did not finish within %d s; their queues are spooled where they can be", wait)
         raise
     step = (result.metrics or {}).get("step")
     if result.error:
@@ -153,6 +159,7 @@ def run_on_ray(config: TrainConfig, config_path: str | Path, overrides: dict | N
 
 
 FINAL_FLUSH_SECONDS = 300  # per service, at the end of the run (the webhook's own bound is shorter)
+INTERRUPTED_FLUSH_SECONDS = 10  # after a second Ctrl-C
 
 
 class FatalRunError(RuntimeError):
@@ -303,6 +310,9 @@ def run_job(config: str, cluster: str | None, sets: list[str], cluster_sets: lis
     except FatalRunError as exc:
         log.error("run stopped: %s", exc)
         return 3 if exc.kind == "nonfinite" else 2  # as relay train: 3 NaN/inf, 2 config or checkpoint
+    except KeyboardInterrupt:  # a second Ctrl-C (StopRequest): no new checkpoint waited for
+        log.error("stopped at once; the newest committed checkpoint is intact, and the same command resumes")
+        return 130
     finally:
         if ray.is_initialized():
             ray.shutdown()
