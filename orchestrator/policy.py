@@ -98,7 +98,7 @@ def share_cpus(cpus: float, actors: int, most: float = 1.0) -> float:
 
 def retention(steps: list[int], limit: int | None) -> tuple[list[int], list[int]]:
     """(kept, dropped), each oldest first: the newest keep_count(limit) steps are kept."""
-    kept, dropped = keep_newest(steps, limit)
+    kept, dropped = keep_newest(steps, keep_count(limit))
     return sorted(kept), sorted(dropped)
 
 

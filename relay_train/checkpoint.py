@@ -253,10 +253,13 @@ def keep_count(limit: int | None) -> int:
     return limit if limit and limit > 0 else DEFAULT_KEEP
 
 
-def keep_newest(steps: list[int], limit: int | None) -> tuple[list[int], list[int]]:
-    """Policy: (kept, pruned), newest first, when only the newest keep_count(limit) checkpoints survive."""
+def keep_newest(steps: list[int], keep: int | None) -> tuple[list[int], list[int]]:
+    """Policy: (kept, pruned), newest first, when only the newest `keep` survive; None keeps all (a Ray
+    worker's staging folder: Ray deletes each checkpoint there once uploaded). Stores that retain pass
+    keep_count(checkpoints_total_limit)."""
     ordered = sorted(set(steps), reverse=True)
-    keep = keep_count(limit)
+    if keep is None:
+        return ordered, []
     return ordered[:keep], ordered[keep:]
 
 
