@@ -118,11 +118,6 @@ class Summary:
     last_event: dict | None = None
     steps_lost: int = 0  # over all attempts
 
-    def to_dict(self) -> dict:
-        from dataclasses import asdict
-
-        return asdict(self)
-
 
 def summarize(run: str, events: list[dict], now: float | None = None, progress: dict | None = None) -> Summary:
     """Fold the ledger (and the steward's latest progress, newer than the ledger between attempts) into

@@ -72,8 +72,12 @@ def fit_decision(asks: list[Ask], nodes: list[Bundle], can_grow: bool) -> FitDec
             total[k] = total.get(k, 0) + v
     asked = "; ".join(f"{a.count} {a.what}(s) × {{{describe(a.bundle)}}}" for a in asks if a.count)
     biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
-    has = (f"{len(nodes)} node(s) with {describe({k: v for k, v in total.items() if k in ('CPU', 'GPU') or k in _custom(asks)})}"
-           f" in all, the largest {describe({k: v for k, v in biggest.items() if k in ('CPU', 'GPU') or k in _custom(asks)})}")
+    shown = {"CPU", "GPU", *_custom(asks)}  # the units the run asks in, not memory or node labels
+
+    def only(bundle: Bundle) -> Bundle:
+        return {k: v for k, v in bundle.items() if k in shown}
+
+    has = f"{len(nodes)} node(s) with {describe(only(total))} in all, the largest {describe(only(biggest))}"
     message = (f"the run asks for {asked}; the cluster has {has}: no place for a {missing.what} "
                f"({describe(missing.bundle)}). Lower or change {missing.key} in the cluster config")
     return FitDecision(False, can_grow, message)
