@@ -40,8 +40,8 @@ def prepare(root: Path) -> Path:
     from diffusers import SD3Transformer2DModel
     from PIL import Image
 
-    from relay_train.demo_data import make_demo_dataset
-    from relay_train.tiny_model import make_pipeline, transformer_config
+    from relay_train.demo.data import make_demo_dataset
+    from relay_train.demo.tiny_model import make_pipeline, transformer_config
 
     model = make_pipeline(root / "wide-sd3")
     with torch.random.fork_rng(devices=[]):
@@ -65,9 +65,9 @@ def prepare(root: Path) -> Path:
     config = root / "config.json"
     config.write_text(json.dumps(raw, indent=1))
     from relay_train.config import load_config
-    from relay_train.data import plan_dataset
+    from relay_train.data.dataset import plan_dataset
     from relay_train.model import resolve_model_path
-    from relay_train.precompute import build_missing
+    from relay_train.data.encode import build_missing
 
     loaded = load_config(config)
     plan = plan_dataset(loaded, resolve_model_path(loaded.pretrained_model_name_or_path))

@@ -68,8 +68,8 @@ def main() -> None:
 
     from orchestrator.store import RunStorage
     from orchestrator.validation import ValidationPool
-    from relay_train.demo_data import make_demo_dataset
-    from relay_train.tiny_model import make_pipeline
+    from relay_train.demo.data import make_demo_dataset
+    from relay_train.demo.tiny_model import make_pipeline
 
     if not (MODEL / "model_index.json").is_file():
         make_pipeline(MODEL)

@@ -51,15 +51,15 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from relay_train import checkpoint as ckpt  # noqa: E402
-from relay_train.buckets import Bucket  # noqa: E402
+from relay_train.data.buckets import Bucket  # noqa: E402
 from relay_train.config import TrainConfig, load_config  # noqa: E402
-from relay_train.data import BucketTensors  # noqa: E402
+from relay_train.data.dataset import BucketTensors  # noqa: E402
 from relay_train.model import (  # noqa: E402
     AdapterModel, attach_lokr, compute_dtype, enable_gradient_checkpointing, quantize_base,
 )
 from relay_train.optim import clip_gradients  # noqa: E402
 from relay_train.step import train_step  # noqa: E402
-from relay_train.tiny_model import PRESETS, transformer_config  # noqa: E402
+from relay_train.demo.tiny_model import PRESETS, transformer_config  # noqa: E402
 from relay_train.trainer import Trainer  # noqa: E402
 
 import step_profile  # noqa: E402  (bench/step_profile.py: --profile, --compile, --kron-bench)

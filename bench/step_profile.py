@@ -299,10 +299,10 @@ def architecture_flops(preset: str, batch: int, resolution: int, lycoris: Any, t
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    from relay_train.data import BucketTensors
+    from relay_train.data.dataset import BucketTensors
     from relay_train.model import attach_lokr, enable_gradient_checkpointing
     from relay_train.step import train_step
-    from relay_train.tiny_model import transformer_config
+    from relay_train.demo.tiny_model import transformer_config
 
     _count_cpu_attention()
     tcfg = transformer_config(preset)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir:
 from orchestrator.launch import run_job
 from relay_train.cli import configure_logging
 from relay_train.config import ConfigError
-from relay_train.config_cli import flag_pairs
+from relay_train.config.overrides import flag_pairs
 
 
 def main() -> int:

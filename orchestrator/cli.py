@@ -27,8 +27,8 @@ DEMO_ACTORS = 3  # the demo's 2 training workers and its validation actor
 def cmd_demo(args: argparse.Namespace) -> int:
     """The README's demo: tiny model + images where missing, then `launch` on configs/demo (local Ray,
     2 workers, validation on), sized to this machine."""
-    from relay_train.demo_data import make_demo_dataset
-    from relay_train.tiny_model import make_pipeline
+    from relay_train.demo.data import make_demo_dataset
+    from relay_train.demo.tiny_model import make_pipeline
 
     from orchestrator.resources import local_cpus
     from orchestrator.policy import share_cpus
@@ -63,7 +63,7 @@ where the demo's outputs are:
 def cmd_validate(args: argparse.Namespace) -> int:
     """Render and score the validation prompts for one checkpoint folder or adapter file, in this process."""
     from relay_train.config import load_config
-    from relay_train.validate import validate_offline
+    from relay_train.validate.render import validate_offline
 
     config = load_config(args.config, base.parse_overrides(args.set))
     result, out = validate_offline(config, args.checkpoint, args.out)

@@ -38,7 +38,7 @@ from pydantic import SecretStr
 from orchestrator.policy import backoff, retry_after
 from orchestrator.redact import Redactor, installed, url_parts
 from orchestrator.store import RunStorage
-from relay_train.config_files import WebhookConfig
+from relay_train.config.files import WebhookConfig
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 `ValidationPool` (in the steward's process) keeps a bounded queue of checkpoint steps and a few
 `ValidatorActor`s. Each actor loads the pipeline once, then per step downloads only checkpoint-N's
-adapter files from the run's storage, renders and scores them (relay_train.validate), and writes
+adapter files from the run's storage, renders and scores them (relay_train.validate.render), and writes
 `relay/validation/checkpoint-N/` (PNGs, grid.png, then scores.json last: its presence means done).
 A background thread dispatches work and collects results; `submit` only touches the queue.
 
@@ -90,7 +90,7 @@ class ValidatorActor:
 
     def __init__(self, config: TrainConfig | str, overrides: dict, storage: RunStorage, working_dir: str | None = None):
         from relay_train.model import pick_device, resolve_model_path
-        from relay_train.validate import Validator
+        from relay_train.validate.render import Validator
 
         configure_logging()
         if working_dir and Path(working_dir).is_dir():
@@ -110,7 +110,7 @@ class ValidatorActor:
 
     def validate(self, job: Job) -> tuple[dict, list[tuple[str, bytes]]]:
         """Render job (a step, or BENCHMARK), write the results to storage; returns (summary, images)."""
-        from relay_train.validate import BASE, SCORES, checkpoint_variants
+        from relay_train.validate.render import BASE, SCORES, checkpoint_variants
 
         with tempfile.TemporaryDirectory(prefix="relay-validate-") as tmp:
             if job == BENCHMARK:
@@ -208,7 +208,7 @@ class ValidationPool:
 
     def benchmark(self) -> bool:
         """Queue the base model's render (ahead of any step), unless disabled or already in storage."""
-        from relay_train.validate import SCORES
+        from relay_train.validate.render import SCORES
 
         if self.config.disable_benchmark or self.storage.exists(f"{result_folder(BENCHMARK)}/{SCORES}"):
             return False
@@ -216,7 +216,7 @@ class ValidationPool:
 
     def pending_after_resume(self, steps: Iterable[int]) -> list[int]:
         """Validation steps among committed `steps` that have no scores.json in storage."""
-        from relay_train.validate import SCORES
+        from relay_train.validate.render import SCORES
 
         return pending_validations(steps, self.config.validation_steps,
                                    lambda s: self.storage.exists(f"{result_folder(s)}/{SCORES}"))

@@ -167,9 +167,9 @@ def fill_caches_once(config: TrainConfig, rank: int) -> None:
     first: this barrier waits as long as torch.distributed's timeout.)"""
     import torch.distributed as dist
 
-    from relay_train.data import plan_dataset
+    from relay_train.data.dataset import plan_dataset
     from relay_train.model import compute_dtype, resolve_model_path
-    from relay_train.precompute import build_missing
+    from relay_train.data.encode import build_missing
 
     if rank == 0:
         device, model_path = ray.train.torch.get_device(), resolve_model_path(config.pretrained_model_name_or_path)

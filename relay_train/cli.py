@@ -10,7 +10,7 @@ from pathlib import Path
 from collections.abc import Callable
 
 from relay_train.logs import configure_logging
-from relay_train.config_cli import config_overrides, flag_pairs, parse_overrides  # noqa: F401  (for the orchestrator)
+from relay_train.config.overrides import config_overrides, flag_pairs, parse_overrides  # noqa: F401  (for the orchestrator)
 
 log = logging.getLogger("relay")
 
@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from relay_train.tiny_model import make_pipeline
+    from relay_train.demo.tiny_model import make_pipeline
 
     path = make_pipeline(args.path, preset=args.preset, seed=args.seed)
     log.info("wrote a random %s SD3 pipeline to %s", args.preset, path)
@@ -90,7 +90,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_make_demo_data(args: argparse.Namespace) -> int:
-    from relay_train.demo_data import make_demo_dataset
+    from relay_train.demo.data import make_demo_dataset
 
     path = make_demo_dataset(args.path, count=args.count, seed=args.seed)
     log.info("wrote %d captioned demo images to %s", args.count, path)
@@ -98,7 +98,7 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
-    from relay_train.precompute import cmd_precompute as run
+    from relay_train.data.encode import cmd_precompute as run
 
     return run(args)
 

@@ -9,7 +9,7 @@ import contextlib
 
 import torch
 
-from relay_train.data import BucketTensors
+from relay_train.data.dataset import BucketTensors
 from relay_train.flow import (
     add_noise,
     caption_dropout_mask,

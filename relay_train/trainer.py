@@ -14,9 +14,9 @@ from collections.abc import Callable
 import torch
 
 from relay_train import checkpoint as ckpt
-from relay_train.buckets import Bucket, BucketBatchSampler
+from relay_train.data.buckets import Bucket, BucketBatchSampler
 from relay_train.config import TrainConfig
-from relay_train.data import BucketTensors, EncodedDataset, UnusableBatchError, encode_dataset
+from relay_train.data.dataset import BucketTensors, EncodedDataset, UnusableBatchError, encode_dataset
 from relay_train.model import AdapterModel, build_adapter_model, compute_dtype, pick_device, resolve_model_path
 from relay_train.nonfinite import NonFiniteError, StepGuard, nonfinite_tensors
 from relay_train.optim import AdapterEMA, build_scheduler

@@ -25,7 +25,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from relay_train.tiny_model import make_pipeline
+    from relay_train.demo.tiny_model import make_pipeline
 
     return make_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3")
 
@@ -33,14 +33,14 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
     """A random tiny CLIP (model + processor) for evaluation_type clip."""
-    from relay_train.tiny_model import make_tiny_clip
+    from relay_train.demo.tiny_model import make_tiny_clip
 
     return make_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
 
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    from relay_train.demo_data import make_demo_dataset
+    from relay_train.demo.data import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("data") / "demo", count=12)
 

@@ -10,9 +10,9 @@ import shutil
 from PIL import Image
 
 from relay_train.config import DataBackendConfig
-from relay_train.data import plan_dataset
-from relay_train.discovery import REPORT_NAME, discover, report_problems
-from relay_train.storage import LocalStore, image_store
+from relay_train.data.dataset import plan_dataset
+from relay_train.data.discovery import REPORT_NAME, discover, report_problems
+from relay_train.data.store import LocalStore, image_store
 from relay_train.trainer import build_trainer
 
 BAD = {"garbage.png": "unreadable", "empty.jpg": "empty file", "truncated.png": "unreadable",

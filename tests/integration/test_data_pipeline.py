@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from relay_train.buckets import BucketBatchSampler
+from relay_train.data.buckets import BucketBatchSampler
 from relay_train.config import load_config
-from relay_train.data import encode_dataset, plan_dataset
-from relay_train.precompute import build_missing
+from relay_train.data.dataset import encode_dataset, plan_dataset
+from relay_train.data.encode import build_missing
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -127,9 +127,9 @@ def test_interrupted_precompute_resumes_where_it_stopped(write_config, demo_data
 
 
 def test_second_discovery_reads_no_image(write_config, demo_data, s3_bucket, s3_endpoint):
-    from relay_train.data import vae_cache_store
-    from relay_train.discovery import discover
-    from relay_train.storage import image_store
+    from relay_train.data.dataset import vae_cache_store
+    from relay_train.data.discovery import discover
+    from relay_train.data.store import image_store
 
     client, bucket = s3_bucket
     upload(client, bucket, demo_data, "demo/")

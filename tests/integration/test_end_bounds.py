@@ -8,7 +8,7 @@ import time
 from orchestrator.notify import Notifier
 from orchestrator.steward import Steward
 from orchestrator.store import RunStorage
-from relay_train.config_files import WebhookConfig
+from relay_train.config.files import WebhookConfig
 
 
 def test_a_dead_webhook_holds_the_end_of_a_run_about_30_seconds(webhook_receiver, tmp_path) -> None:

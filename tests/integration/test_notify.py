@@ -17,7 +17,7 @@ from PIL import Image
 from orchestrator import notify, redact
 from orchestrator.notify import Notifier, RetryPolicy
 from orchestrator.store import RunStorage
-from relay_train.config_files import WebhookConfig
+from relay_train.config.files import WebhookConfig
 
 FAST = RetryPolicy(timeout=2.0, base=0.05, cap=0.4)
 TOKEN = "s3cr3t-api-key-0042"

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from relay_train.config import ConfigError, load_config
-from relay_train.data import BucketTensors
+from relay_train.data.dataset import BucketTensors
 from relay_train.model import SegmentCheckpointing, attach_lokr, enable_gradient_checkpointing, quantize_base
 from relay_train.step import train_step
-from relay_train.tiny_model import transformer_config
+from relay_train.demo.tiny_model import transformer_config
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs/sd3/config.json"

@@ -13,7 +13,7 @@ from PIL import Image
 from relay_train import checkpoint as ckpt
 from relay_train.config import ConfigError, load_config
 from relay_train.trainer import build_trainer
-from relay_train.validate import (
+from relay_train.validate.render import (
     ADAPTER, BASE, EMA, SCORES, Validator, adapter_variants, checkpoint_variants, clip_score, rescale_guidance,
     save,
 )

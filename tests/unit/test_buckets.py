@@ -1,6 +1,6 @@
 import pytest
 
-from relay_train.buckets import BucketBatchSampler, bucket_for
+from relay_train.data.buckets import BucketBatchSampler, bucket_for
 
 
 @pytest.mark.parametrize(

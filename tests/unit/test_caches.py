@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from relay_train.caches import TensorCache, latent_key, pack, text_key, unpack
-from relay_train.discovery import inspect_image, problem_kind
-from relay_train.storage import LocalStore
+from relay_train.data.caches import TensorCache, latent_key, pack, text_key, unpack
+from relay_train.data.discovery import inspect_image, problem_kind
+from relay_train.data.store import LocalStore
 
 
 def test_keys_change_with_every_input_and_only_then():

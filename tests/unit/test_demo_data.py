@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from relay_train.demo_data import COLOURS, IMAGE_SIZES, SHAPES, make_demo_dataset
+from relay_train.demo.data import COLOURS, IMAGE_SIZES, SHAPES, make_demo_dataset
 
 
 def _contents(root: Path) -> dict[str, bytes]:

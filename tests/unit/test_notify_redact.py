@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator import redact
 from relay_train.config import TrainConfig
-from relay_train.config_files import DataBackendConfig, WebhookConfig
+from relay_train.config.files import DataBackendConfig, WebhookConfig
 
 URL = "https://discord.com/api/webhooks/123456/s3cr3t-discord-token"
 TOKEN = "s3cr3t-api-key-42"

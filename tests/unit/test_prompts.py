@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from relay_train.prompts import PROMPT_LIBRARY, read_prompt_file, slug, validation_prompts
+from relay_train.validate.prompts import PROMPT_LIBRARY, read_prompt_file, slug, validation_prompts
 
 
 def _config(prompt=None, library=False, prompt_file=None):

@@ -7,10 +7,10 @@ import json
 import struct
 import zlib
 
-from relay_train.buckets import bucket_for
-from relay_train.data import ModelLimits
-from relay_train.discovery import inspect_image, problem_kind
-from relay_train.tiny_model import _TRANSFORMERS
+from relay_train.data.buckets import bucket_for
+from relay_train.data.dataset import ModelLimits
+from relay_train.data.discovery import inspect_image, problem_kind
+from relay_train.demo.tiny_model import _TRANSFORMERS
 
 
 def _model_folder(tmp_path, transformer: dict, vae_blocks: int = 4):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from relay_train import config_compat as compat
+from relay_train.config import compat
 from relay_train.config import USER_KEYS, ConfigError, TrainConfig, load_config
-from relay_train.config_cli import config_overrides, flag_pairs
+from relay_train.config.overrides import config_overrides, flag_pairs
 from simpletuner_wheel import example_files, registry_defaults, registry_source  # tests/ is on sys.path (conftest rootdir)
 
 SECRET_URL = "https://discord.com/api/webhooks/123456/s3cr3t-t0ken-do-not-leak"
@@ -310,7 +310,7 @@ def test_unknown_flags_join_the_config_problems(workdir: Path) -> None:
 
 
 def test_every_example_lycoris_config_loads(tmp_path: Path) -> None:
-    from relay_train.config_files import load_lycoris
+    from relay_train.config.files import load_lycoris
 
     files = example_files("lycoris_config.json")
     assert len(files) >= 20

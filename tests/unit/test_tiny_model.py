@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-from relay_train.tiny_model import PRESETS, make_pipeline, transformer_config
+from relay_train.demo.tiny_model import PRESETS, make_pipeline, transformer_config
 
 PROMPT = "a small red circle on a blue background"
 

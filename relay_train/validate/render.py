@@ -24,10 +24,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from relay_train import checkpoint as ckpt
-from relay_train.caches import T5_TOKENS
+from relay_train.data.caches import T5_TOKENS
 from relay_train.config import LycorisConfig, TrainConfig, skip_layer_guidance
 from relay_train.model import ModelNotFoundError, attach_lokr, compute_dtype, quantize_base
-from relay_train.prompts import validation_prompts
+from relay_train.validate.prompts import validation_prompts
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from relay_train.config_files import DataBackendConfig
+from relay_train.config.files import DataBackendConfig
 
 log = logging.getLogger(__name__)
 

@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from relay_train.caches import T5_TOKENS, TensorCache
+from relay_train.data.caches import T5_TOKENS, TensorCache
 from relay_train.config import TrainConfig
-from relay_train.data import (
+from relay_train.data.dataset import (
     BuildStats, DatasetPlan, drop_samples, load_pixels, plan_dataset, text_cache_store, vae_cache_store,
 )
 from relay_train.flow import normalize_latents
-from relay_train.storage import FileStore, image_store
+from relay_train.data.store import FileStore, image_store
 
 log = logging.getLogger(__name__)
 

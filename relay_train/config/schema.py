@@ -19,8 +19,8 @@ from pydantic import (
     AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SecretStr, model_validator,
 )
 
-from relay_train import config_compat as compat
-from relay_train.config_files import (
+from relay_train.config import compat
+from relay_train.config.files import (
     DataBackendConfig,
     LycorisConfig,
     WebhookConfig,
@@ -324,7 +324,7 @@ class TrainConfig(BaseModel):
     validation_prompt: str | None = None
     """Validation prompt."""
     validation_prompt_library: bool = False
-    """Also render the built-in prompt library (relay_train/prompts.py: text, signs, handwriting, photos)."""
+    """Also render the built-in prompt library (relay_train/validate/prompts.py: text, signs, handwriting, photos)."""
     validation_prompt_file: OptionalPath = None
     """Extra validation prompts: a JSON list (or name -> prompt object), or a text file of one prompt a line."""
     validation_torch_compile: bool = False
@@ -409,7 +409,7 @@ class TrainConfig(BaseModel):
     def mapping_notes(self) -> list[str]:
         """The SimpleTuner semantics this run maps explicitly, to log at start-up."""
         notes = [f"'{old}' is read as '--{new}' (SimpleTuner's current name)" for old, new in self._renamed]
-        from relay_train.config_notes import NOTE_RULES, _show  # it reads TrainConfig: imported late
+        from relay_train.config.notes import NOTE_RULES, _show  # it reads TrainConfig: imported late
 
         notes += [f"SimpleTuner option '--{key}={_show(value)}' is what Relay does anyway; accepted"
                   for key, value in self._matched]

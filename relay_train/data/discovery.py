@@ -21,9 +21,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from relay_train.caches import digest
-from relay_train.config_files import DataBackendConfig
-from relay_train.storage import FileInfo, FileStore
+from relay_train.data.caches import digest
+from relay_train.config.files import DataBackendConfig
+from relay_train.data.store import FileInfo, FileStore
 
 log = logging.getLogger(__name__)
 

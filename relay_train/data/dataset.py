@@ -2,7 +2,7 @@
 
     plan_dataset   discover every image backend (local or S3), bucket each image, key its cache
                    entries, and list what the caches already hold
-    build_missing  (relay_train.precompute) encode what is missing: the same code Ray Data runs
+    build_missing  (relay_train.data.encode) encode what is missing: the same code Ray Data runs
     open_dataset   an EncodedDataset that reads cache entries only
 
 `encode_dataset` is the trainer's seam and does all three. When the caches are complete it never
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from relay_train.buckets import Bucket, bucket_for
-from relay_train.caches import (
+from relay_train.data.buckets import Bucket, bucket_for
+from relay_train.data.caches import (
     CORRUPT_REPORT,
     TensorCache,
     component_fingerprint,
@@ -32,8 +32,8 @@ from relay_train.caches import (
     text_key,
 )
 from relay_train.config import DataBackendConfig, TrainConfig
-from relay_train.discovery import ImageRecord, discover, report_problems
-from relay_train.storage import FileStore, cache_store, image_store
+from relay_train.data.discovery import ImageRecord, discover, report_problems
+from relay_train.data.store import FileStore, cache_store, image_store
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,7 @@ def load_pixels(data: bytes, bucket: Bucket, backend: DataBackendConfig, seed: i
 def encode_dataset(config: TrainConfig, model_path: Path, device: torch.device, dtype: torch.dtype) -> EncodedDataset:
     """Plan the dataset, encode whatever the caches lack (loading only the encoders needed), then
     open it for reading from the caches alone."""
-    from relay_train.precompute import build_missing
+    from relay_train.data.encode import build_missing
 
     plan = plan_dataset(config, model_path)
     stats = BuildStats()

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from relay_train.storage import FileStore
+from relay_train.data.store import FileStore
 
 CACHE_FORMAT = 1  # bump when the stored layout changes: every key changes with it
 SUFFIX, GZ_SUFFIX = ".safetensors", ".safetensors.gz"

@@ -47,7 +47,7 @@ from transformers import (
 from sentencepiece import sentencepiece_model_pb2
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from relay_train.demo_data import COLOURS, SHAPES, SIZE_WORDS, WORDS
+from relay_train.demo.data import COLOURS, SHAPES, SIZE_WORDS, WORDS
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +394,7 @@ def _write_sentencepiece(folder: Path, corpus: list[str], vocab_size: int) -> No
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m relay_train.tiny_model OUT [--preset sd35m] [--seed N]`: e.g. on a GPU box before benchmarks."""
+    """`python -m relay_train.demo.tiny_model OUT [--preset sd35m] [--seed N]`: e.g. on a GPU box before benchmarks."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)

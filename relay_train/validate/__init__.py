@@ -1,0 +1,1 @@
+"""Validation: the prompts, rendering them with an adapter, and scoring the images."""
