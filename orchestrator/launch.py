@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relay_train.config import ConfigError, TrainConfig, load_config
 from relay_train.trainer import run_name as default_run_name
@@ -16,6 +17,9 @@ from orchestrator.display import DriverDisplay
 from orchestrator.policy import keep_count
 from orchestrator.resources import ResourceError, cluster_can_grow, connect, wait_until_it_fits
 from orchestrator.store import SNAPSHOT, RunStorage
+
+if TYPE_CHECKING:
+    from orchestrator.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +112,7 @@ def run_on_ray(config: TrainConfig, config_path: str | Path, overrides: dict | N
     trainer = TorchTrainer(
         train_loop_per_worker,
         torch_config=TorchConfig(timeout_s=cluster.collective_timeout_seconds),  # a collective's wait for a peer
-        train_loop_config={"config_path": str(Path(config_path).resolve()), "overrides": overrides or {},
-                           "upload_mode": cluster.upload_mode, "working_dir": os.getcwd(), "run_name": name,
-                           "preemption_check_steps": cluster.preemption_check_steps,
-                           "global_workers": cluster.max_workers, "strategy": cluster.strategy,
-                           "gradient_bucket_mb": cluster.gradient_bucket_mb,
-                           "gradient_sync_dtype": cluster.gradient_sync_dtype,
-                           "storage": storage.__getstate__()},
+        train_loop_config={"spec": worker_spec(config_path, overrides, cluster, storage)},  # Ray wants a dict
         scaling_config=ScalingConfig(num_workers=tuple(cluster.num_workers) if cluster.elastic else cluster.num_workers,
                                      use_gpu=cluster.use_gpu,
                                      resources_per_worker={"CPU": cluster.cpus_per_worker, **cluster.resources_per_worker},
@@ -242,6 +240,18 @@ class StopRequest:
         log.warning("%s: checkpointing at the next step boundary, then stopping (again to stop at once)",
                     signal.Signals(signum).name)
         self.steward.request_stop.remote()
+
+
+def worker_spec(config_path: str | Path, overrides: dict | None, cluster: ClusterConfig,
+                storage: RunStorage) -> WorkerSpec:
+    """What every worker is told: the recipe and where it runs from, the run's storage, the cluster's knobs."""
+    from orchestrator.worker import WorkerSpec
+
+    return WorkerSpec(config_path=str(Path(config_path).resolve()), run_name=storage.run_name, storage=storage,
+                      working_dir=os.getcwd(), overrides=overrides or {}, upload_mode=cluster.upload_mode,
+                      preemption_check_steps=cluster.preemption_check_steps, global_workers=cluster.max_workers,
+                      strategy=cluster.strategy, gradient_bucket_mb=cluster.gradient_bucket_mb,
+                      gradient_sync_dtype=cluster.gradient_sync_dtype)
 
 
 def start_steward(storage: RunStorage, cluster: ClusterConfig, config: TrainConfig, validation_gpus: float = 0.0):

@@ -8,7 +8,9 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import ray.train
 import ray.train.torch
@@ -27,6 +29,25 @@ from orchestrator.store import RunStorage
 from relay_train.logs import configure_logging
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the driver tells every worker, built by launch.worker_spec and pickled by Ray into each worker
+    process (Ray Train wants a dict for train_loop_config: it travels as {"spec": WorkerSpec}). No field
+    has a default here: the defaults are ClusterConfig's, and a spec is always built from one."""
+
+    config_path: str  # absolute: workers start in Ray's session folder
+    overrides: dict[str, Any]  # --set KEY=VALUE on top of the config file
+    working_dir: str  # the job's directory: the config's relative paths mean this one
+    run_name: str
+    storage: RunStorage = field(compare=False)  # the run's storage (where an emergency checkpoint is parked)
+    upload_mode: Literal["async", "sync"]  # async: Ray uploads a checkpoint while the loop goes on
+    preemption_check_steps: int  # steps between the barriers that check for a preemption notice (0: never)
+    global_workers: int  # the global batch is sized for this many workers (elastic: the most)
+    strategy: Literal["ddp", "deepspeed"]  # deepspeed: ZeRO-2 reduces the gradients itself
+    gradient_bucket_mb: float  # ddp: MiB of gradients per all-reduce
+    gradient_sync_dtype: Literal["fp32", "bf16"]  # ddp: what the all-reduce sends
 
 
 class CheckpointReporter:
@@ -77,12 +98,13 @@ def enter_job_directory(path: str) -> None:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train's entry point on every rank. An error is told to the steward (the driver shows it, the
-    webhook hears it) before Ray sees it and restarts the group."""
+    """Ray Train's entry point on every rank, given {"spec": WorkerSpec}. An error is told to the steward
+    (the driver shows it, the webhook hears it) before Ray sees it and restarts the group."""
+    spec: WorkerSpec = loop_config["spec"]
     try:
-        train_worker(loop_config)
+        train_worker(spec)
     except Exception as exc:
-        steward = get_steward(loop_config["run_name"])
+        steward = get_steward(spec.run_name)
         if steward is not None:
             rank = ray.train.get_context().get_world_rank()
             text = redact.redact(f"rank {rank} failed: {type(exc).__name__}: "
@@ -107,27 +129,25 @@ def fatal_kind(exc: BaseException) -> str | None:
     return None
 
 
-def train_worker(loop_config: dict) -> None:
+def train_worker(spec: WorkerSpec) -> None:
     configure_logging()
-    enter_job_directory(loop_config["working_dir"])
-    config = load_config(loop_config["config_path"], loop_config["overrides"])
+    enter_job_directory(spec.working_dir)
+    config = load_config(spec.config_path, spec.overrides)
     redact.install(redact.secret_values(config))
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    staging = staging_dir(loop_config["run_name"], rank)
-    steward = get_steward(loop_config["run_name"])
-    reporter = CheckpointReporter(loop_config["upload_mode"], steward)
-    watch = PreemptionWatch(loop_config["preemption_check_steps"], reporter, steward, rank)
-    strategy = loop_config.get("strategy", "ddp")  # deepspeed: ZeRO-2 reduces the gradients itself
-    sync = GradientSync(bucket_mb=loop_config.get("gradient_bucket_mb", 25.0),
-                        dtype=loop_config.get("gradient_sync_dtype", "fp32"))  # ddp's overlapped all-reduce
+    staging = staging_dir(spec.run_name, rank)
+    steward = get_steward(spec.run_name)
+    reporter = CheckpointReporter(spec.upload_mode, steward)
+    watch = PreemptionWatch(spec.preemption_check_steps, reporter, steward, rank)
+    strategy = spec.strategy  # deepspeed: ZeRO-2 reduces the gradients itself
+    sync = GradientSync(bucket_mb=spec.gradient_bucket_mb, dtype=spec.gradient_sync_dtype)  # ddp's overlapped all-reduce
     hooks = Hooks(on_checkpoint=reporter, should_stop=watch)
-    if world_size > 1:
-        fill_caches_once(config, rank)
+    # Ray Train has set up the torch.distributed group: build_trainer's rank 0 plans and encodes the data for all
     with restored_checkpoint() as resume_from:
         trainer = build_trainer(config, hooks=hooks, device=ray.train.torch.get_device(), rank=rank,
                                 world_size=world_size, store=ckpt.LocalCheckpointStore(staging),
-                                resume_from=resume_from, global_workers=loop_config["global_workers"],
+                                resume_from=resume_from, global_workers=spec.global_workers,
                                 strategy=strategy, gradient_sync=sync)
     if rank != 0:  # per-step metrics come from rank 0 alone, with no extra barrier
         result = trainer.fit()
@@ -137,13 +157,13 @@ def train_worker(loop_config: dict) -> None:
             steward.attempt.remote(trainer.step, world_size, trainer.total_steps, resumed=resume_from is not None)
         with ProgressDisplay(trainer.total_steps, start_step=trainer.step) as progress:
             hooks.on_step = (progress if steward is None else
-                             StepForwarder(progress, steward, config, loop_config["global_workers"]))
+                             StepForwarder(progress, steward, config, spec.global_workers))
             result = trainer.fit()
         if steward is not None and not result.stopped_early:
             steward.record.remote("exported", result.step, files=[str(p) for p in result.exported],
                                   node=ray.get_runtime_context().get_node_id())
     if watch.notice is not None:
-        watch.after_emergency_checkpoint(RunStorage(**loop_config["storage"]))
+        watch.after_emergency_checkpoint(spec.storage)
 
 
 class StepForwarder:
@@ -159,24 +179,6 @@ class StepForwarder:
             "loss": report.loss, "lr": report.lr, "grad_norm": report.grad_norm, "epoch": report.epoch,
             "steps_per_second": report.steps_per_second,
             "samples_per_second": report.steps_per_second * self.samples_per_step})
-
-
-def fill_caches_once(config: TrainConfig, rank: int) -> None:
-    """Rank 0 encodes whatever the latent and text caches lack while the others wait, so N ranks do not
-    each load the text encoders and encode the same entries. (For a big dataset run jobs/precompute.py
-    first: this barrier waits as long as torch.distributed's timeout.)"""
-    import torch.distributed as dist
-
-    from relay_train.data.dataset import plan_dataset
-    from relay_train.model import compute_dtype, resolve_model_path
-    from relay_train.data.encode import build_missing
-
-    if rank == 0:
-        device, model_path = ray.train.torch.get_device(), resolve_model_path(config.pretrained_model_name_or_path)
-        plan = plan_dataset(config, model_path)
-        if not plan.complete:
-            build_missing(plan, model_path, device, compute_dtype(config, device))
-    dist.barrier()
 
 
 def staging_dir(run_name: str, rank: int) -> Path:
