@@ -110,7 +110,8 @@ class ValidatorActor:
 
     def validate(self, job: Job) -> tuple[dict, list[tuple[str, bytes]]]:
         """Render job (a step, or BENCHMARK), write the results to storage; returns (summary, images)."""
-        from relay_train.validate.render import BASE, SCORES, checkpoint_variants
+        from relay_train.validate.render import checkpoint_variants
+        from relay_train.validate.results import BASE, SCORES
 
         with tempfile.TemporaryDirectory(prefix="relay-validate-") as tmp:
             if job == BENCHMARK:
@@ -208,7 +209,7 @@ class ValidationPool:
 
     def benchmark(self) -> bool:
         """Queue the base model's render (ahead of any step), unless disabled or already in storage."""
-        from relay_train.validate.render import SCORES
+        from relay_train.validate.results import SCORES
 
         if self.config.disable_benchmark or self.storage.exists(f"{result_folder(BENCHMARK)}/{SCORES}"):
             return False
@@ -216,7 +217,7 @@ class ValidationPool:
 
     def pending_after_resume(self, steps: Iterable[int]) -> list[int]:
         """Validation steps among committed `steps` that have no scores.json in storage."""
-        from relay_train.validate.render import SCORES
+        from relay_train.validate.results import SCORES
 
         return pending_validations(steps, self.config.validation_steps,
                                    lambda s: self.storage.exists(f"{result_folder(s)}/{SCORES}"))

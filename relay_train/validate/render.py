@@ -10,118 +10,27 @@ orchestrator/validation.py and `relay validate` both drive this class.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
-import statistics
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from relay_train import checkpoint as ckpt
-from relay_train.data.caches import T5_TOKENS
 from relay_train.config import LycorisConfig, TrainConfig, skip_layer_guidance
-from relay_train.model import ModelNotFoundError, attach_lokr, compute_dtype, quantize_base
+from relay_train.data.caches import T5_TOKENS
+from relay_train.model import attach_lokr, compute_dtype, quantize_base
+from relay_train.validate.clip import ClipScorer, resolve_clip_path
 from relay_train.validate.prompts import validation_prompts
+from relay_train.validate.results import ADAPTER, BASE, EMA, RenderedImage, ValidationResult, save
 
 log = logging.getLogger(__name__)
 
-BASE, ADAPTER, EMA = "base", "adapter", "ema"  # variant names: file prefixes and grid columns
-SCORES, GRID = "scores.json", "grid.png"
 AdapterSource = Path | str | Mapping[str, torch.Tensor] | None  # a safetensors file, tensors, or None (the base)
-
-
-@dataclass
-class RenderedImage:
-    variant: str
-    prompt_name: str
-    prompt: str
-    seed: int
-    width: int
-    height: int
-    image: Image.Image
-    clip_score: float | None = None
-
-    @property
-    def filename(self) -> str:
-        return f"{self.variant}-{self.prompt_name}-seed{self.seed}-{self.width}x{self.height}.png"
-
-    def png(self) -> bytes:
-        buffer = io.BytesIO()
-        self.image.save(buffer, format="PNG")
-        return buffer.getvalue()
-
-    def record(self) -> dict[str, Any]:
-        return {"file": self.filename, "variant": self.variant, "prompt_name": self.prompt_name,
-                "prompt": self.prompt, "seed": self.seed, "width": self.width, "height": self.height,
-                "clip_score": self.clip_score}
-
-
-def aggregate(scores: list[float]) -> dict[str, float]:
-    """min, mean, max and population std (a step's images are the whole population, not a sample)."""
-    return {"min": min(scores), "mean": statistics.fmean(scores), "max": max(scores),
-            "std": statistics.pstdev(scores), "count": len(scores)}
-
-
-@dataclass
-class ValidationResult:
-    step: int
-    images: list[RenderedImage]
-    seconds: float
-    variants: list[str] = field(default_factory=list)
-
-    def scores(self) -> dict[str, dict[str, float]]:
-        """Per variant: min/mean/max/std of the CLIP scores ({} when unscored)."""
-        out = {}
-        for variant in self.variants:
-            values = [i.clip_score for i in self.images if i.variant == variant and i.clip_score is not None]
-            if values:
-                out[variant] = aggregate(values)
-        return out
-
-    def summary(self) -> dict[str, Any]:
-        """What scores.json holds, and what a ledger, tracker or webhook needs."""
-        return {"step": self.step, "seconds": round(self.seconds, 3), "variants": self.variants,
-                "scores": self.scores(), "images": [i.record() for i in self.images], "grid": GRID}
-
-    def grid(self) -> Image.Image:
-        """One row per (prompt, size), one column per variant: base | adapter | ema side by side."""
-        rows = list(dict.fromkeys((i.prompt_name, i.width, i.height) for i in self.images))
-        cell_w = max(i.width for i in self.images)
-        cell_h = max(i.height for i in self.images)
-        header, gap = 14, 2
-        grid = Image.new("RGB", (len(self.variants) * (cell_w + gap), header + len(rows) * (cell_h + gap)), "white")
-        draw = ImageDraw.Draw(grid)
-        for col, variant in enumerate(self.variants):
-            draw.text((col * (cell_w + gap) + 2, 1), variant, fill="black")
-        for image in self.images:
-            col = self.variants.index(image.variant)
-            row = rows.index((image.prompt_name, image.width, image.height))
-            grid.paste(image.image, (col * (cell_w + gap), header + row * (cell_h + gap)))
-        return grid
-
-    def files(self) -> list[tuple[str, bytes]]:
-        """(name, PNG bytes): every image, then grid.png. scores.json is written after these, as the marker."""
-        buffer = io.BytesIO()
-        self.grid().save(buffer, format="PNG")
-        return [(i.filename, i.png()) for i in self.images] + [(GRID, buffer.getvalue())]
-
-
-def save(result: ValidationResult, folder: Path) -> list[Path]:
-    """PNGs, grid.png, then scores.json last: a folder with scores.json is a finished validation."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, data in result.files():
-        (folder / name).write_bytes(data)
-        paths.append(folder / name)
-    (folder / SCORES).write_text(json.dumps(result.summary(), indent=1, sort_keys=True))
-    return paths + [folder / SCORES]
 
 
 def adapter_variants(config: TrainConfig, adapter: Path, ema: Path | None) -> dict[str, Path]:
@@ -139,53 +48,6 @@ def checkpoint_variants(config: TrainConfig, folder: Path) -> dict[str, Path]:
     """adapter_variants for a checkpoint folder (only its adapter files are needed)."""
     ema = Path(folder) / ckpt.ADAPTER_EMA
     return adapter_variants(config, Path(folder) / ckpt.ADAPTER, ema if ema.is_file() else None)
-
-
-def resolve_clip_path(name_or_path: str) -> Path:
-    """--validation_clip_model: a local folder, or a Hub id already in the Hugging Face cache (never downloads:
-    a validation actor must not stall on the network)."""
-    local = Path(name_or_path).expanduser()
-    if local.is_dir():
-        return local
-    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(name_or_path, local_files_only=True))
-        except Exception:  # not in the cache: reported below
-            pass
-    raise ModelNotFoundError(
-        f"--validation_clip_model: {name_or_path!r} is neither a local folder nor in the Hugging Face cache. "
-        f"Download it first (`hf download {name_or_path}`) or point the key at a local CLIP folder "
-        "(model + processor), or set --evaluation_type none.")
-
-
-def clip_score(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-    """Per pair, as torchmetrics' clip_score: 100 * max(cos(image_emb, text_emb), 0)."""
-    image = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
-    text = torch.nn.functional.normalize(text_embeds.float(), dim=-1)
-    return 100 * (image * text).sum(-1).clamp(min=0)
-
-
-class ClipScorer:
-    """CLIP score per image against its own prompt, from a local CLIP model + processor folder."""
-
-    def __init__(self, path: Path, device: torch.device, batch: int = 16):
-        from transformers import CLIPModel, CLIPProcessor
-
-        self.device, self.batch = device, batch
-        self.model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
-        self.processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
-
-    @torch.inference_mode()
-    def score(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
-        scores: list[float] = []
-        for start in range(0, len(images), self.batch):
-            inputs = self.processor(text=prompts[start:start + self.batch], images=images[start:start + self.batch],
-                                    return_tensors="pt", padding=True, truncation=True)  # CLIP reads 77 tokens
-            out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
-            scores += clip_score(out.image_embeds, out.text_embeds).tolist()  # host sync, once per batch
-        return scores
 
 
 def rescale_guidance(guided: torch.Tensor, conditional: torch.Tensor, phi: float) -> torch.Tensor:

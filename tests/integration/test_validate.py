@@ -13,10 +13,9 @@ from PIL import Image
 from relay_train import checkpoint as ckpt
 from relay_train.config import ConfigError, load_config
 from relay_train.trainer import build_trainer
-from relay_train.validate.render import (
-    ADAPTER, BASE, EMA, SCORES, Validator, adapter_variants, checkpoint_variants, clip_score, rescale_guidance,
-    save,
-)
+from relay_train.validate.clip import clip_score
+from relay_train.validate.render import Validator, adapter_variants, checkpoint_variants, rescale_guidance
+from relay_train.validate.results import ADAPTER, BASE, EMA, SCORES, save
 
 REPO = Path(__file__).resolve().parents[2]
 VALIDATION = dict(validation_num_inference_steps=2, validation_resolution="32x32,64x32", validation_guidance=4.0,

@@ -16,7 +16,7 @@ from orchestrator.validation import (
 from relay_train import checkpoint as ckpt
 from relay_train.config import load_config
 from relay_train.trainer import build_trainer
-from relay_train.validate.render import SCORES
+from relay_train.validate.results import SCORES
 from tests.integration.test_validate import write_config
 
 POOL = dict(validation_steps=2, validation_num_inference_steps=2, validation_resolution="32x32",
