@@ -3,7 +3,7 @@
 `make_pipeline` writes the same diffusers layout as stabilityai/stable-diffusion-3.5-medium
 (model_index.json plus one folder per component), so code under test loads it through
 `StableDiffusion3Pipeline.from_pretrained(path, local_files_only=True)` exactly as it would load
-the real model. Presets:
+the real model; `relay make-tiny-model PATH [--preset sd35m] [--seed N]` writes one from the shell. Presets:
 
 - "tiny": every component a few hundred kB; renders 64-512 px images in well under a second on CPU.
 - "sd35m": the real SD3.5 Medium transformer (~2.2B parameters, saved in bfloat16, ~5 GB) with
@@ -392,21 +392,3 @@ def _write_sentencepiece(folder: Path, corpus: list[str], vocab_size: int) -> No
     proto.trainer_spec.ClearField("seed_sentencepieces_file")
     (folder / "spiece.model").write_bytes(proto.SerializeToString(deterministic=True))
 
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m relay_train.demo.tiny_model OUT [--preset sd35m] [--seed N]`: e.g. on a GPU box before benchmarks."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("path", type=Path)
-    parser.add_argument("--preset", choices=PRESETS, default="tiny")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    from relay_train.logs import configure_logging
-
-    configure_logging()
-    make_pipeline(args.path, args.preset, args.seed)
-
-
-if __name__ == "__main__":
-    main()
