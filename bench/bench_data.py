@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from relay_train.logs import configure_logging
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL, DATA = REPO / "demo/tiny-sd3", REPO / "demo/data"
 CPU = torch.device("cpu")
@@ -97,7 +99,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=100)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    configure_logging(libraries=False)
+    logging.getLogger().setLevel(logging.WARNING)  # the bench's figures only: warnings and errors
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")  # moto accepts any
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("local", "s3"):

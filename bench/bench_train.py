@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from relay_train.logs import configure_logging
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL, DATA = REPO / "demo/tiny-sd3", REPO / "demo/data"
 
@@ -85,7 +87,8 @@ def bare_run(steps: int, out: Path) -> float:
 
 
 def child(mode: str, steps: int) -> None:
-    logging.basicConfig(level=logging.WARNING)
+    configure_logging(libraries=False)
+    logging.getLogger().setLevel(logging.WARNING)  # the bench's figures only: warnings and errors
     with tempfile.TemporaryDirectory() as tmp:
         rate = (relay_run if mode == "relay" else bare_run)(steps, Path(tmp))
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

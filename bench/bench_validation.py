@@ -23,6 +23,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from relay_train.logs import configure_logging  # noqa: E402
+
 MODEL, DATA = REPO / "demo/tiny-sd3", REPO / "demo/data"
 SNAPSHOT = "checkpoint_manager_snapshot.json"
 
@@ -63,7 +66,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--every", type=int, default=25)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    configure_logging(libraries=False)
+    logging.getLogger().setLevel(logging.WARNING)  # the bench's figures only: warnings and errors
     import ray
 
     from orchestrator.store import RunStorage

@@ -60,6 +60,7 @@ from relay_train.model import (  # noqa: E402
 from relay_train.optim import clip_gradients  # noqa: E402
 from relay_train.step import train_step  # noqa: E402
 from relay_train.demo.tiny_model import PRESETS, transformer_config  # noqa: E402
+from relay_train.logs import configure_logging  # noqa: E402
 from relay_train.trainer import Trainer  # noqa: E402
 
 import step_profile  # noqa: E402  (bench/step_profile.py: --profile, --compile, --kron-bench)
@@ -449,8 +450,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("relay_train").setLevel(logging.WARNING)
+    configure_logging(libraries=False)
+    logging.getLogger("relay_train").setLevel(logging.WARNING)  # the bench's own lines, not the trainer's
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device visible (use --device cpu --preset tiny for the CPU check)")

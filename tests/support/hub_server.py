@@ -22,6 +22,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -30,6 +31,31 @@ from support.loopback import Fault, LoopbackServer, Request
 LFS_SUFFIXES = (".safetensors", ".pt", ".bin", ".png", ".jpg", ".jpeg", ".webp", ".ckpt")
 LFS_MIN_SIZE = 10 * 1024 * 1024  # the Hub's threshold for binary-by-size
 _REPO = r"(?P<repo>[\w.-]+(?:/[\w.-]+)?)"
+_MODEL = rf"/api/models/{_REPO}"
+
+
+@dataclass(frozen=True)
+class _Route:
+    verb: str
+    pattern: re.Pattern
+    endpoint: Callable
+    repo: bool  # the endpoint is handed the repository its path names (and the revision must be main)
+    auth: bool  # the request must carry the token (LFS uploads go to a pre-signed URL: they need none)
+
+
+_ROUTES: list[_Route] = []
+
+
+def _route(verb: str, pattern: str, *, repo: bool = False, auth: bool = True) -> Callable:
+    """Serve `verb` on paths that fully match `pattern` with the endpoint below. With repo=True the
+    endpoint gets the repository after the checks every such endpoint needs: 404 for an unknown repo,
+    and 404 for a revision other than main when the pattern names one."""
+
+    def register(endpoint: Callable) -> Callable:
+        _ROUTES.append(_Route(verb, re.compile(pattern), endpoint, repo, auth))
+        return endpoint
+
+    return register
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -137,14 +163,14 @@ class HubServer(LoopbackServer):
 
     def handle(self, handler, request: Request) -> None:
         call = _Call(self, handler, request)
-        for verb, pattern, endpoint in _ROUTES:
-            match = pattern.fullmatch(request.path)
-            if match and (verb == request.method or (verb == "GET" and request.method == "HEAD")):
-                if not endpoint.__name__.startswith("_lfs_put") and not call._authorized():
+        for route in _ROUTES:
+            match = route.pattern.fullmatch(request.path)
+            if match and (route.verb == request.method or (route.verb == "GET" and request.method == "HEAD")):
+                if route.auth and not call._authorized():
                     return call._error(401, "Invalid credentials in Authorization header")
                 try:
                     with self.state.lock:
-                        return endpoint(call, match, request.query, request.body)
+                        return call._serve(route, match)
                 except Exception as exc:  # a server bug: answer 500 with its text rather than hang the client
                     return call._error(500, f"hub_server error: {exc!r}")
         call._error(404, f"no route for {request.method} {request.path}")
@@ -190,12 +216,21 @@ class _Call:
         return repo
 
     def _revision_ok(self, match: re.Match) -> bool:
-        if unquote(match["rev"]) != "main":
+        """True when the path names no revision, or main (the only branch this Hub has)."""
+        if match.re.groupindex.get("rev") and match["rev"] is not None and unquote(match["rev"]) != "main":
             self._error(404, f"Invalid rev id: {match['rev']}", "RevisionNotFound")
             return False
         return True
 
+    def _serve(self, route: _Route, match: re.Match) -> None:
+        query, body = self.request.query, self.request.body
+        if not route.repo:
+            return route.endpoint(self, match, query, body)
+        if (repo := self._repo(match)) is not None and self._revision_ok(match):
+            route.endpoint(self, repo, match, query, body)
+
     # -- endpoints ----------------------------------------------------------------------------------------
+    @_route("POST", r"/api/repos/create")
     def _create_repo(self, match, query, body) -> None:
         payload = json.loads(body or b"{}")
         repo_id = f"{payload.get('organization') or self.state.user}/{payload['name']}"
@@ -208,20 +243,17 @@ class _Call:
         self.state.repos[repo_id] = repo
         self._send(200, {"url": url, "name": repo_id, "id": uuid.uuid4().hex})
 
-    def _repo_info(self, match, query, body) -> None:
-        if (repo := self._repo(match)) is None:
-            return
-        if match["rev"] is not None and not self._revision_ok(match):
-            return
+    @_route("GET", rf"{_MODEL}(?:/revision/(?P<rev>[^/]+))?", repo=True)
+    def _repo_info(self, repo, match, query, body) -> None:
         self._send(200, {"id": repo.repo_id, "sha": repo.head, "private": repo.private,
                          "siblings": [{"rfilename": p} for p in sorted(repo.files)]})
 
+    @_route("POST", r"/api/validate-yaml")
     def _validate_yaml(self, match, query, body) -> None:
         self._send(200, {"errors": [], "warnings": []})
 
-    def _preupload(self, match, query, body) -> None:
-        if (repo := self._repo(match)) is None or not self._revision_ok(match):
-            return
+    @_route("POST", rf"{_MODEL}/preupload/(?P<rev>[^/]+)", repo=True)
+    def _preupload(self, repo, match, query, body) -> None:
         files = []
         for entry in json.loads(body)["files"]:
             sample = base64.b64decode(entry["sample"])
@@ -232,9 +264,8 @@ class _Call:
                           "shouldIgnore": False, "oid": oid})
         self._send(200, {"files": files, "commitOid": repo.head})
 
-    def _lfs_batch(self, match, query, body) -> None:
-        if (repo := self._repo(match)) is None:
-            return
+    @_route("POST", rf"/{_REPO}\.git/info/lfs/objects/batch", repo=True)
+    def _lfs_batch(self, repo, match, query, body) -> None:
         request = json.loads(body)
         base = self.base_url
         objects = []
@@ -250,12 +281,14 @@ class _Call:
         self._send(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
                    content_type="application/vnd.git-lfs+json")
 
+    @_route("PUT", rf"/lfs-upload/{_REPO}/(?P<oid>[0-9a-f]{{64}})", auth=False)
     def _lfs_put(self, match, query, body) -> None:
         if hashlib.sha256(body).hexdigest() != match["oid"]:
             return self._error(400, "uploaded content does not match its sha256 oid")
         self.state.lfs_objects[match["oid"]] = body
         self._send(200, b"", content_type="text/plain")
 
+    @_route("POST", rf"/lfs-verify/{_REPO}")
     def _lfs_verify(self, match, query, body) -> None:
         request = json.loads(body)
         data = self.state.lfs_objects.get(request["oid"])
@@ -263,9 +296,8 @@ class _Call:
             return self._error(404, f"LFS object {request['oid']} not found or wrong size")
         self._send(200, {"ok": True})
 
-    def _commit(self, match, query, body) -> None:
-        if (repo := self._repo(match)) is None or not self._revision_ok(match):
-            return
+    @_route("POST", rf"{_MODEL}/commit/(?P<rev>[^/]+)", repo=True)
+    def _commit(self, repo, match, query, body) -> None:
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         if not lines or lines[0]["key"] != "header":
             return self._error(400, "the commit payload must start with a header line")
@@ -300,9 +332,8 @@ class _Call:
         self._send(200, {"success": True, "commitOid": commit.oid, "commitUrl": f"{base}/{repo.repo_id}/commit/{commit.oid}",
                          "pullRequestUrl": None})
 
-    def _tree(self, match, query, body) -> None:
-        if (repo := self._repo(match)) is None or not self._revision_ok(match):
-            return
+    @_route("GET", rf"{_MODEL}/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?", repo=True)
+    def _tree(self, repo, match, query, body) -> None:
         prefix = unquote(match["path"] or "").strip("/")
         recursive = query.get("recursive", ["false"])[0].lower() == "true"
         under = {p: b for p, b in repo.files.items() if not prefix or p.startswith(prefix + "/")}
@@ -325,16 +356,14 @@ class _Call:
                 entries.append(entry)
         self._send(200, entries)
 
-    def _commits(self, match, query, body) -> None:
-        if (repo := self._repo(match)) is None or not self._revision_ok(match):
-            return
+    @_route("GET", rf"{_MODEL}/commits/(?P<rev>[^/]+)", repo=True)
+    def _commits(self, repo, match, query, body) -> None:
         self._send(200, [{"id": c.oid, "title": c.title, "message": "", "authors": [],
                           "date": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(c.time))}
                          for c in reversed(repo.commits)])
 
-    def _resolve(self, match, query, body) -> None:
-        if (repo := self._repo(match)) is None or not self._revision_ok(match):
-            return
+    @_route("GET", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", repo=True)
+    def _resolve(self, repo, match, query, body) -> None:
         path = unquote(match["path"])
         blob = repo.files.get(path)
         if blob is None:
@@ -344,26 +373,10 @@ class _Call:
             headers.update({"X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(len(blob.data))})
         self._send(200, blob.data, headers, content_type="application/octet-stream")
 
-    def _super_squash(self, match, query, body) -> None:
-        if (repo := self._repo(match)) is None or not self._revision_ok(match):
-            return
+    @_route("POST", rf"{_MODEL}/super-squash/(?P<rev>[^/]+)", repo=True)
+    def _super_squash(self, repo, match, query, body) -> None:
         message = json.loads(body or b"{}").get("message") or "Super-squash"
         repo.commits = [Commit(uuid.uuid4().hex + uuid.uuid4().hex[:8], message, dict(repo.files), time.time())]
         repo.squashes += 1
         self._send(200, {"commitId": repo.head})
 
-
-_ROUTES = [
-    ("POST", re.compile(r"/api/repos/create"), _Call._create_repo),
-    ("POST", re.compile(r"/api/validate-yaml"), _Call._validate_yaml),
-    ("POST", re.compile(rf"/api/models/{_REPO}/preupload/(?P<rev>[^/]+)"), _Call._preupload),
-    ("POST", re.compile(rf"/api/models/{_REPO}/commit/(?P<rev>[^/]+)"), _Call._commit),
-    ("POST", re.compile(rf"/api/models/{_REPO}/super-squash/(?P<rev>[^/]+)"), _Call._super_squash),
-    ("GET", re.compile(rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?"), _Call._tree),
-    ("GET", re.compile(rf"/api/models/{_REPO}/commits/(?P<rev>[^/]+)"), _Call._commits),
-    ("GET", re.compile(rf"/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?"), _Call._repo_info),
-    ("POST", re.compile(rf"/{_REPO}\.git/info/lfs/objects/batch"), _Call._lfs_batch),
-    ("PUT", re.compile(rf"/lfs-upload/{_REPO}/(?P<oid>[0-9a-f]{{64}})"), _Call._lfs_put),
-    ("POST", re.compile(rf"/lfs-verify/{_REPO}"), _Call._lfs_verify),
-    ("GET", re.compile(rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)"), _Call._resolve),
-]
