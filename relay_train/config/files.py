@@ -1,205 +1,19 @@
-"""Schemas for the files a SimpleTuner config points at, and the shared problem reporting.
-
-The LyCORIS config, multidatabackend.json and webhook.json are validated here with the same
-rules as the main config: every problem is collected, each names the key, the bad value and
-the fix, and secrets (webhook URLs, AWS keys) never appear in a message.
+"""Schemas for the files a SimpleTuner config points at: the LyCORIS config, multidatabackend.json and
+webhook.json, validated with the same rules as the main config (problems.py): every problem is
+collected, each names the key, the bad value and the fix, and secrets (webhook URLs, AWS keys) never
+appear in a message.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
-import math
-import types
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from functools import cache
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
-import annotated_types as at
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    SecretStr,
-    TypeAdapter,
-    ValidationError,
-)
-from pydantic.fields import FieldInfo
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 
-HIDDEN = "<hidden>"
-
-
-# ---------------------------------------------------------------- problem reporting
-
-
-@dataclass(frozen=True)
-class Where:
-    """How problems in one file (or one entry of it) name their keys."""
-
-    prefix: str = ""
-    dashes: str = ""
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else f"'{self.dashes}{name}'"
-
-    def line(self, text: str) -> str:
-        return f"{self.prefix}: {text}" if self.prefix else text
-
-
-def unknown_key_problem(key: str, known: Iterable[str], where: Where,
-                        aliases: Mapping[str, str] | None = None, fits: Callable[[str], bool] | None = None) -> str:
-    """One line naming an unknown key and, when one is close, the key probably meant. With `fits`, a
-    key is suggested only if it would accept the value written (a key of the same kind): a device name
-    is never steered to a decay rate."""
-    aliases = aliases or {}
-    bare = key.lstrip("-")
-    style = key[: len(key) - len(bare)]
-    candidates = [*known, *aliases]
-    if fits is not None:
-        candidates = [c for c in candidates if fits(aliases.get(c, c))]
-    matches = difflib.get_close_matches(bare, candidates, n=1, cutoff=0.6)
-    text = f"unknown key '{key}'"
-    if matches:
-        text += f": did you mean '{style}{aliases.get(matches[0], matches[0])}'?"
-    else:
-        text += ": not a recognised option"
-    return where.line(text)
-
-
-def show_value(value: Any, hidden: bool = False) -> str:
-    if hidden:
-        return repr(HIDDEN)
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _is_secret(annotation: Any) -> bool:
-    return annotation is SecretStr or any(_is_secret(a) for a in get_args(annotation))
-
-
-def _without_none(annotation: Any) -> tuple[Any, bool]:
-    if get_origin(annotation) in (Union, types.UnionType):
-        rest = [a for a in get_args(annotation) if a is not type(None)]
-        if len(rest) < len(get_args(annotation)):
-            return (rest[0] if len(rest) == 1 else Union[tuple(rest)]), True  # noqa: UP007 (built at run time)
-    return annotation, False
-
-
-def _type_words(annotation: Any) -> str:
-    origin = get_origin(annotation)
-    if origin is Literal:
-        return "expected one of " + ", ".join(repr(a) for a in get_args(annotation))
-    simple = {bool: "expected true or false", int: "must be an integer", float: "must be a number",
-              str: "must be a string", SecretStr: "must be a string", Path: "must be a path"}
-    if annotation in simple:
-        return simple[annotation]
-    if origin is dict or annotation is dict:
-        return "must be a JSON object"
-    if origin is list or annotation is list:
-        return "must be a JSON list"
-    return "has the wrong type"
-
-
-def _bound_words(metadata: Iterable[Any]) -> str:
-    words = {at.Ge: (">=", "ge"), at.Gt: (">", "gt"), at.Le: ("<=", "le"), at.Lt: ("<", "lt")}
-    parts = [f"{words[type(m)][0]} {getattr(m, words[type(m)][1]):g}"
-             for m in metadata if type(m) in words]
-    return (" " + " and ".join(parts)) if parts else ""
-
-
-def expectation(field: FieldInfo) -> str:
-    """What a field accepts, in words: 'must be an integer >= 1', "expected one of 'a', 'b'"."""
-    base, nullable = _without_none(field.annotation)
-    text = _type_words(base) + _bound_words(field.metadata)
-    return text + " (or null)" if nullable else text
-
-
-@cache
-def _adapter(model: type[BaseModel], name: str) -> TypeAdapter:
-    field = model.model_fields[name]
-    if field.metadata:
-        return TypeAdapter(Annotated[(field.annotation, *field.metadata)])
-    return TypeAdapter(field.annotation)
-
-
-def _numeric(annotation: Any) -> bool:
-    base, _ = _without_none(annotation)
-    return base in (int, float)
-
-
-def _error_line(field: FieldInfo, label: str, value: Any, error: Mapping[str, Any]) -> str:
-    got = show_value(value, _is_secret(field.annotation))
-    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
-    if loc:
-        return f"{label}{loc}: got {show_value(error['input'])}; {error['msg']}"
-    if error["type"] == "value_error":
-        return f"{label}: got {got}; {error['ctx']['error']!s}"
-    if error["type"] == "missing":
-        return f"{label}: is required ({(field.description or '').rstrip('.')})"
-    return f"{label}: got {got}; {expectation(field)}"
-
-
-def _finite(value: Any) -> bool:
-    """NaN and ±inf are never a sane setting (JSON's Infinity and NaN parse to them)."""
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, (list, tuple)):
-        return all(_finite(v) for v in value)
-    if isinstance(value, dict):
-        return all(_finite(v) for v in value.values())
-    return True
-
-
-def validate_field(model: type[BaseModel], name: str, value: Any, label: str) -> tuple[Any, list[str]]:
-    """Validate one field on its own, so one bad value never hides another."""
-    field = model.model_fields[name]
-    if isinstance(value, bool) and _numeric(field.annotation):
-        return None, [f"{label}: got {value!r}; {expectation(field)}"]
-    try:
-        parsed = _adapter(model, name).validate_python(value)
-    except ValidationError as exc:
-        lines = [_error_line(field, label, value, e) for e in exc.errors(include_url=False)]
-        return None, list(dict.fromkeys(lines))
-    if not _finite(parsed):
-        shown = show_value(value, _is_secret(field.annotation))
-        return None, [f"{label}: got {shown}; must be a finite number ({expectation(field).removeprefix('must be ')})"]
-    return parsed, []
-
-
-def field_problems(model: type[BaseModel], data: Mapping[str, Any], where: Where,
-                   known: Iterable[str] | None = None) -> tuple[dict[str, Any], list[str]]:
-    """Validate every key of data against model's fields: the valid values and every problem."""
-    known = list(known if known is not None else model.model_fields)
-    forbid = model.model_config.get("extra") == "forbid"
-    good: dict[str, Any] = {}
-    problems: list[str] = []
-    for key, value in data.items():
-        if key not in model.model_fields:
-            if forbid:
-                problems.append(unknown_key_problem(key, known, where))
-            else:
-                good[key] = value
-            continue
-        parsed, errors = validate_field(model, key, value, where.key(key))
-        problems.extend(errors)
-        if not errors:
-            good[key] = parsed
-    for name in known:
-        if model.model_fields[name].is_required() and name not in data:
-            about = (model.model_fields[name].description or "").rstrip(".")
-            problems.append(where.line(f"missing required key '{where.dashes}{name}' ({about})"))
-    return good, problems
-
-
-def with_defaults(model: type[BaseModel], good: Mapping[str, Any]) -> dict[str, Any]:
-    """The valid values plus every field's default, for cross-field checks."""
-    merged = {n: f.get_default(call_default_factory=True)
-              for n, f in model.model_fields.items() if not f.is_required()}
-    return merged | dict(good)
+from relay_train.config.problems import HIDDEN, Where, built, field_problems, unknown_key_problem, with_defaults
 
 
 # ---------------------------------------------------------------- reading referenced files
@@ -348,11 +162,11 @@ def load_lycoris(path: Path) -> tuple[LycorisConfig | None, list[str]]:
         return None, problems
     if not isinstance(data, dict):
         return None, [*problems, f"{path.name}: must be a JSON object, got {type(data).__name__}"]
-    _, errors = field_problems(LycorisConfig, data, Where(path.name))
+    good, errors = field_problems(LycorisConfig, data, Where(path.name))
     errors += lycoris_key_problems(data, path.name)
     if errors or problems:
         return None, problems + errors
-    config = LycorisConfig.model_validate(data)
+    config = built(LycorisConfig, good)
     config._raw = json.loads(json.dumps(data))
     return config, []
 
@@ -480,6 +294,7 @@ def load_backends(path: Path) -> tuple[list[DataBackendConfig], list[str]]:
     if not isinstance(data, list):
         return [], [*problems, f"{path.name}: must be a JSON list of backends, got {type(data).__name__}"]
     checked: list[dict[str, Any]] = []
+    accepted: list[dict[str, Any]] = []
     for index, entry in enumerate(data):
         where = _entry_where(path.name, index, entry)
         if not isinstance(entry, dict):
@@ -489,10 +304,11 @@ def load_backends(path: Path) -> tuple[list[DataBackendConfig], list[str]]:
         values = with_defaults(DataBackendConfig, good)
         problems += errors + _entry_checks(values, entry, where)
         checked.append(values)
+        accepted.append(good)
     problems += _set_checks(checked, path.name)
     if problems:
         return [], problems
-    return [DataBackendConfig.model_validate(e) for e in data], []
+    return [built(DataBackendConfig, good) for good in accepted], []
 
 
 # ---------------------------------------------------------------- webhook.json
@@ -560,15 +376,17 @@ def load_webhook(source: Path | SecretStr) -> tuple[list[WebhookConfig], list[st
         return [], [*problems, f"{name}: must be a JSON object or a list of them, got {type(data).__name__}"]
     entries = [(data, Where(name))] if isinstance(data, dict) else \
         [(entry, Where(f"{name}[{i}]")) for i, entry in enumerate(data)]
+    accepted: list[dict[str, Any]] = []
     for entry, where in entries:
         if not isinstance(entry, dict):
             problems.append(where.line(f"must be a JSON object, got {type(entry).__name__}"))
             continue
         good, errors = field_problems(WebhookConfig, entry, where)
+        accepted.append(good)
         bad = {k for k in entry if k not in good}
         if not bad & {"webhook_url", "callback_url", "webhook_type"}:
             errors += _webhook_checks(with_defaults(WebhookConfig, good), where)
         problems += errors
     if problems:
         return [], problems
-    return [WebhookConfig.model_validate(entry) for entry, _ in entries], []
+    return [built(WebhookConfig, good) for good in accepted], []

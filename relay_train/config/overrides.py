@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from relay_train.config import ConfigError
+from relay_train.config.problems import ConfigError
 
 COMMAND_LINE = "the command line"
 

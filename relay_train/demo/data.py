@@ -7,14 +7,14 @@ a learnable caption→image relation. Everything is a pure function of (index, s
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 import random
 from pathlib import Path
-from typing import BinaryIO
-from collections.abc import Callable
 
 from PIL import Image, ImageDraw, ImageFont
+
+from relay_train.data.store import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,10 @@ def make_demo_dataset(path: str | Path, count: int = 36, seed: int = 0) -> Path:
     for index in range(count):
         image, caption = draw_sample(index, seed)
         stem = root / f"{index:04d}"
-        _write_atomic(stem.with_suffix(".png"), lambda f, im=image: im.save(f, format="PNG"))
-        _write_atomic(stem.with_suffix(".txt"), lambda f, c=caption: f.write(c.encode() + b"\n"))
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        write_atomic(stem.with_suffix(".png"), png.getvalue())
+        write_atomic(stem.with_suffix(".txt"), caption.encode() + b"\n")
     log.info("wrote %d demo samples to %s", count, root)
     return root
 
@@ -105,10 +107,3 @@ def _polygon(shape: str, box: tuple[int, int, int, int]) -> list[tuple[int, int]
         return [(mid_x, top), (right, bottom), (left, bottom)]
     return [(mid_x, top), (right, mid_y), (mid_x, bottom), (left, mid_y)]
 
-
-def _write_atomic(target: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write via a temp file and rename, so a concurrent reader never sees a half-written sample."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        write(handle)
-    os.replace(tmp, target)

@@ -12,7 +12,7 @@ from PIL import Image
 from relay_train.config import DataBackendConfig
 from relay_train.data.dataset import plan_dataset
 from relay_train.data.discovery import REPORT_NAME, discover, report_problems
-from relay_train.data.store import LocalStore, image_store
+from relay_train.data.store import FileStore, image_store
 from relay_train.trainer import build_trainer
 
 BAD = {"garbage.png": "unreadable", "empty.jpg": "empty file", "truncated.png": "unreadable",
@@ -41,7 +41,7 @@ def _sprinkle(folder, demo_data):
 
 def _discover(folder, cache, delete=False):
     backend = DataBackendConfig(id="bad", instance_data_dir=str(folder))
-    store, cache_store = image_store(backend), LocalStore(cache)
+    store, cache_store = image_store(backend), FileStore(cache)
     found = discover(backend, store, cache_store, minimum_size=32)
     deleted = report_problems(backend, store, cache_store, found.problems, delete)
     return found, deleted

@@ -6,7 +6,7 @@ import torch
 
 from relay_train.data.caches import TensorCache, latent_key, pack, text_key, unpack
 from relay_train.data.discovery import inspect_image, problem_kind
-from relay_train.data.store import LocalStore
+from relay_train.data.store import FileStore
 
 
 def test_keys_change_with_every_input_and_only_then():
@@ -29,7 +29,7 @@ def test_pack_round_trips_plain_and_compressed():
 
 
 def test_cache_reads_entries_written_with_the_other_compression(tmp_path):
-    store = LocalStore(tmp_path)
+    store = FileStore(tmp_path)
     TensorCache(store, compress=True).put("k1", {"x": torch.ones(3)})
     TensorCache(store, compress=False).put("k2", {"x": torch.zeros(3)})
     reader = TensorCache(store, compress=False)
@@ -37,8 +37,8 @@ def test_cache_reads_entries_written_with_the_other_compression(tmp_path):
     assert torch.equal(reader.get("k1")["x"], torch.ones(3)) and torch.equal(reader.get("k2")["x"], torch.zeros(3))
 
 
-def test_local_store_writes_atomically_and_stamps_changes(tmp_path):
-    store = LocalStore(tmp_path / "root")
+def test_local_file_store_writes_atomically_and_stamps_changes(tmp_path):
+    store = FileStore(tmp_path / "root")
     store.write("a/b.bin", b"one")
     first = store.list()
     assert [f.key for f in first] == ["a/b.bin"] and store.read("a/b.bin") == b"one"
