@@ -130,11 +130,7 @@ def storage_filesystem(cluster: ClusterConfig):
     """(pyarrow filesystem or None, storage_path as Ray wants it). S3 honours an endpoint override."""
     if not cluster.is_s3:
         return None, str(Path(cluster.storage_path).expanduser().resolve())
-    from pyarrow import fs
+    from relay_train.data.store import s3_filesystem
 
     parsed = urlparse(cluster.storage_path)
-    path = f"{parsed.netloc}{parsed.path}".rstrip("/")
-    if not cluster.storage_endpoint_url:
-        return fs.S3FileSystem(), path
-    endpoint = urlparse(cluster.storage_endpoint_url)
-    return fs.S3FileSystem(endpoint_override=endpoint.netloc, scheme=endpoint.scheme or "https"), path
+    return s3_filesystem(cluster.storage_endpoint_url), f"{parsed.netloc}{parsed.path}".rstrip("/")
