@@ -5,23 +5,41 @@ A small JSON file of its own (`configs/*/cluster.json`), so the SimpleTuner conf
 
 from __future__ import annotations
 
-import json
-from difflib import get_close_matches
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, ConfigDict, Field
 
-from relay_train.config import ConfigError
+from relay_train.config.files import read_json
+from relay_train.config.problems import ConfigError, ConfigModel, Where, built, field_problems, with_defaults
 
 MAX_BUCKET_MB = 4096  # a bucket past this is a typo (bytes for MiB?); the seed's whole adapter is ~760 MiB
 
 
-class ClusterConfig(BaseModel):
+def _workers(value: int | tuple[int, int]) -> int | tuple[int, int]:
+    low, high = (value, value) if isinstance(value, int) else value
+    if not 1 <= low <= high:
+        raise ValueError("num_workers must be >= 1, or [min, max] with 1 <= min <= max")
+    return value
+
+
+def _bucket(value: float) -> float:
+    if not 0 < value <= MAX_BUCKET_MB:
+        raise ValueError(f"gradient_bucket_mb must be in (0, {MAX_BUCKET_MB}] MiB. 25 (the default) suits most links; "
+                         "smaller starts traffic earlier in backward, larger makes fewer calls")
+    return value
+
+
+Workers = Annotated[int | tuple[int, int], AfterValidator(_workers)]
+BucketMiB = Annotated[float, AfterValidator(_bucket)]
+
+
+class ClusterConfig(ConfigModel):
     model_config = ConfigDict(extra="forbid")
 
-    num_workers: int | tuple[int, int] = Field(1, description="data-parallel training workers (one per GPU); "
+    num_workers: Workers = Field(1, description="data-parallel training workers (one per GPU); "
                                                "[min, max] for an elastic run")
     use_gpu: bool = Field(False, description="one GPU per worker; NCCL instead of gloo")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker")
@@ -33,7 +51,7 @@ class ClusterConfig(BaseModel):
     max_failures: int = Field(3, ge=-1, description="worker-group restarts after failures (-1: unlimited)")
     max_preemption_failures: int = Field(-1, ge=-1, description="restarts after preemptions (-1: unlimited)")
     strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="how adapter gradients are synced")
-    gradient_bucket_mb: float = Field(25.0, description="ddp: MiB of gradients per all-reduce, "
+    gradient_bucket_mb: BucketMiB = Field(25.0, description="ddp: MiB of gradients per all-reduce, "
                                       "launched while backward still runs (as DDP's bucket_cap_mb)")
     gradient_sync_dtype: Literal["fp32", "bf16"] = Field("fp32", description="ddp: what the all-reduce sends; bf16 "
                                                          "halves the bytes (gradients still accumulate in fp32) "
@@ -63,32 +81,16 @@ class ClusterConfig(BaseModel):
     hourly_price_head: float = Field(0.0, ge=0, description="$/h of the head node (cost estimate)")
     steward_poll_seconds: float = Field(5.0, gt=0, description="how often the steward looks for committed checkpoints")
 
-    @field_validator("num_workers")
     @classmethod
-    def _workers(cls, value):
-        low, high = (value, value) if isinstance(value, int) else value
-        if not 1 <= low <= high:
-            raise ValueError(f"num_workers must be >= 1, or [min, max] with 1 <= min <= max; got {value}")
-        return value
-
-    @field_validator("gradient_bucket_mb")
-    @classmethod
-    def _bucket(cls, value):
-        if not 0 < value <= MAX_BUCKET_MB:
-            raise ValueError(f"gradient_bucket_mb must be in (0, {MAX_BUCKET_MB}] MiB; got {value}. 25 (the default) "
-                             "suits most links; smaller starts traffic earlier in backward, larger makes fewer calls")
-        return value
-
-    @field_validator("gradient_sync_dtype")
-    @classmethod
-    def _sync_dtype(cls, value, info):
-        if info.data.get("strategy") == "deepspeed" and value != "fp32":
-            raise ValueError(
-                "gradient_sync_dtype 'bf16' applies to strategy 'ddp' only. DeepSpeed reduces the gradients itself: "
-                "its own options are zero_optimization.overlap_comm (reduce buckets while backward runs) and "
-                "communication_data_type 'bf16' (reduce in bf16). Leave gradient_sync_dtype at 'fp32' with "
-                "strategy 'deepspeed', or use strategy 'ddp'")
-        return value
+    def cross_field_problems(cls, values: Mapping[str, Any], bad: set[str]) -> list[str]:
+        """Problems between keys; a check is skipped when one of its keys already failed."""
+        if not bad & {"strategy", "gradient_sync_dtype"} and values["strategy"] == "deepspeed" and \
+                values["gradient_sync_dtype"] != "fp32":
+            return [f"'gradient_sync_dtype': {values['gradient_sync_dtype']!r} applies to strategy 'ddp' only. "
+                    "DeepSpeed reduces the gradients itself: its own options are zero_optimization.overlap_comm "
+                    "(reduce buckets while backward runs) and communication_data_type 'bf16' (reduce in bf16). "
+                    "Leave gradient_sync_dtype at 'fp32' with strategy 'deepspeed', or use strategy 'ddp'"]
+        return []
 
     @property
     def hourly_cost(self) -> float | None:
@@ -109,21 +111,21 @@ class ClusterConfig(BaseModel):
         return self.storage_path.startswith("s3://")
 
 
-def load_cluster_config(path: str | Path | None, overrides: dict | None = None) -> ClusterConfig:
-    raw = json.loads(Path(path).read_text()) if path else {}
-    raw.update(overrides or {})
-    known = list(ClusterConfig.model_fields)
-    unknown = [k for k in raw if k not in known]
-    problems = [f"unknown cluster key {k!r}" + (f": did you mean {m[0]!r}?" if (m := get_close_matches(k, known, 1)) else "")
-                for k in unknown]
-    try:
-        config = ClusterConfig(**{k: v for k, v in raw.items() if k in known})
-    except ValidationError as exc:
-        problems += [f"cluster key {'.'.join(map(str, e['loc']))!r}: got {e.get('input')!r}; {e['msg']}" for e in exc.errors()]
-        config = None
+def load_cluster_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> ClusterConfig:
+    """Read a cluster.json (none: the defaults) with `--cluster-set` overrides; every problem is reported
+    together, worded as a training config's are, in one ConfigError."""
+    source = path or "the cluster config"
+    raw, problems = read_json(Path(path)) if path else ({}, [])
+    if raw is None:
+        raise ConfigError(problems, source)
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the cluster config must be a JSON object of \"key\": value, got {type(raw).__name__}"], source)
+    raw = {**raw, **(overrides or {})}
+    good, found = field_problems(ClusterConfig, raw, Where())
+    problems += found + ClusterConfig.cross_field_problems(with_defaults(ClusterConfig, good), set(raw) - set(good))
     if problems:
-        raise ConfigError(problems, source=path or "the cluster config")
-    return config
+        raise ConfigError(problems, source)
+    return built(ClusterConfig, good)
 
 
 def storage_filesystem(cluster: ClusterConfig):
