@@ -19,6 +19,7 @@ from typing import Any
 import ray
 
 from relay_train.cli import parse_overrides
+from relay_train.config.overrides import add_set_flag
 from relay_train.config import TrainConfig, load_config
 from relay_train.data.dataset import plan_dataset
 from relay_train.model import resolve_model_path
@@ -60,7 +61,7 @@ def run(config: TrainConfig, gpus: float = 0, actors: int = 1) -> dict[str, int]
 def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="SimpleTuner config.json")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_set_flag(parser)
     parser.add_argument("--gpus", type=float, default=0, help="GPUs per encoder actor (0: CPU)")
     parser.add_argument("--actors", type=int, default=1, help="most encoder actors at once")
     args = parser.parse_args(argv)

@@ -20,14 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir:
 from orchestrator.launch import run_job
 from relay_train.cli import configure_logging
 from relay_train.config import ConfigError
-from relay_train.config.overrides import flag_pairs
+from relay_train.config.overrides import add_set_flag, flag_pairs
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--cluster", help="cluster.json (workers, storage_path, failure limits)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_set_flag(parser)
     parser.add_argument("--cluster-set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("-v", "--verbose", action="store_true", help="Ray's and the workers' own logs too")
     args, flags = parser.parse_known_args()  # config keys as SimpleTuner-style flags: --key=value, --key value

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from relay_train import cli as base
+from relay_train.config.overrides import add_set_flag
 
 log = logging.getLogger("relay")
 DEMO = Path("configs/demo")
@@ -137,19 +138,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     validate.add_argument("--checkpoint", type=Path, required=True, help="checkpoint-N folder or adapter .safetensors")
     validate.add_argument("--config", type=Path, required=True, help="SimpleTuner-style config.json")
     validate.add_argument("--out", type=Path, help="output folder (default <output_dir>/validation/<name>)")
-    validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_set_flag(validate)
     validate.set_defaults(func=cmd_validate)
 
     launch = sub.add_parser("launch", help="run the job data-parallel on Ray (a local cluster unless RAY_ADDRESS)")
     launch.add_argument("--config", type=Path, required=True, help="SimpleTuner-style config.json")
     launch.add_argument("--cluster", type=Path, help="cluster.json: workers, storage_path, failure limits")
-    launch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_set_flag(launch)
     launch.add_argument("--cluster-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a cluster key")
     launch.set_defaults(func=cmd_launch)
 
     demo = sub.add_parser("demo", help="tiny model + demo images, then launch configs/demo on a local Ray cluster")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_set_flag(demo)
     demo.add_argument("--cluster-set", action="append", default=[], metavar="KEY=VALUE", help="override a cluster key")
     demo.set_defaults(func=cmd_demo)
 

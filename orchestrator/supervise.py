@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 
 from orchestrator.policy import COMPLETED, CONFIG_ERROR, GAVE_UP, RETRYABLE, STOPPED, backoff, supervise_outcome
+from relay_train.config.overrides import add_set_flag
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def connect(opts: SuperviseOptions):
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="SimpleTuner-style config.json (path inside the working dir)")
     parser.add_argument("--cluster", help="cluster.json (workers, storage_path, failure limits)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_set_flag(parser)
     parser.add_argument("--cluster-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a cluster key")
     parser.add_argument("--address", default="http://127.0.0.1:8265", help="the head's dashboard address")

@@ -10,7 +10,7 @@ from pathlib import Path
 from collections.abc import Callable
 
 from relay_train.logs import configure_logging
-from relay_train.config.overrides import config_overrides, flag_pairs, parse_overrides  # noqa: F401  (for the orchestrator)
+from relay_train.config.overrides import add_set_flag, config_overrides, flag_pairs, parse_overrides  # noqa: F401  (for the orchestrator)
 
 log = logging.getLogger("relay")
 
@@ -111,7 +111,7 @@ def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = N
 
     train = sub.add_parser("train", help="train in this process (CPU or one GPU)")
     train.add_argument("--config", type=Path, required=True, help="SimpleTuner-style config.json")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_set_flag(train)
     train.set_defaults(func=cmd_train)
 
     tiny = sub.add_parser("make-tiny-model", help="write a random-weight SD3 pipeline")
@@ -127,7 +127,7 @@ def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = N
     data.set_defaults(func=cmd_make_demo_data)
     pre = sub.add_parser("precompute", help="build the latent and text-embedding caches in this process")
     pre.add_argument("--config", type=Path, required=True, help="SimpleTuner-style config.json")
-    pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_set_flag(pre)
     pre.set_defaults(func=cmd_precompute)
     if extend:
         extend(sub)

@@ -5,11 +5,17 @@ as an unknown key in config.json."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from relay_train.config.problems import ConfigError
 
 COMMAND_LINE = "the command line"
+
+
+def add_set_flag(parser: argparse.ArgumentParser) -> None:
+    """`--set KEY=VALUE`, repeatable, on a command that reads a training config (see config_overrides)."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
 
 def flag_pairs(argv: list[str]) -> list[str]:
