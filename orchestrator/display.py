@@ -14,50 +14,78 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from orchestrator.ledger import AttemptReason, EventType
+from orchestrator.policy import UNPLANNED
+
 log = logging.getLogger(__name__)
 
 
-def milestone(event: dict, where: Callable[[str], str]) -> tuple[str, str] | None:
+Where = Callable[[str], str]  # names a file in the run's storage, given its path there
+Line = tuple[str, str]  # (level, text)
+
+
+def _checkpoint(event: dict, step, where: Where) -> Line:
+    return "info", f"checkpoint {step} committed: {event.get('uri', where(f'checkpoint-{step}'))}"
+
+
+def _validation(event: dict, step, where: Where) -> Line:
+    if event.get("benchmark"):
+        return "info", f"validation of the base model done: {where('relay/validation/base/grid.png')}"
+    scores = event.get("scores") or {}
+    shown = "; ".join(f"{v} CLIP {s['mean']:.2f}" for v, s in scores.items() if isinstance(s, dict) and "mean" in s)
+    grid = f"{event['location']}/grid.png" if event.get("location") else where(f"relay/validation/checkpoint-{step}/grid.png")
+    return "info", f"validation at step {step} done: {grid}" + (f" ({shown})" if shown else "")
+
+
+def _emergency_checkpoint(event: dict, step, where: Where) -> Line:
+    state = "committed" if event.get("committed", True) else "NOT committed"
+    secs = event.get("seconds_from_notice")
+    return "warning", f"emergency checkpoint {step} {state}" + (f" {secs:.1f} s after the notice" if secs else "")
+
+
+RESUMED_BECAUSE = {AttemptReason.NODE_LOST: "a node was lost", AttemptReason.FAILURE: "a worker failed",
+                   AttemptReason.PREEMPTION: "preempted", AttemptReason.RESUBMITTED: "resubmitted",
+                   AttemptReason.RESIZE: "resized"}  # a fresh attempt is no milestone: the run just began
+
+
+def _attempt(event: dict, step, where: Where) -> Line | None:
+    reason = event.get("reason", AttemptReason.FRESH)
+    if reason == AttemptReason.FRESH:
+        return None
+    lost = event.get("steps_lost")
+    level = "error" if reason in UNPLANNED else "warning"
+    return level, (f"resumed at step {step} ({RESUMED_BECAUSE.get(reason, reason)}" + (f"; {lost} step(s) lost" if lost else "")
+                   + (f"; back in {event['time_to_resume']:.0f} s" if event.get("time_to_resume") else "") + ")")
+
+
+MILESTONES: dict[EventType, Callable[[dict, int | None, Where], Line | None]] = {
+    EventType.CHECKPOINT: _checkpoint,
+    EventType.VALIDATION: _validation,
+    EventType.PREEMPTION_NOTICE: lambda e, step, where: ("warning", f"preemption notice at step {step}: checkpointing now"),
+    EventType.EMERGENCY_CHECKPOINT: _emergency_checkpoint,
+    EventType.ATTEMPT: _attempt,
+    EventType.RESIZE: lambda e, step, where: (
+        "warning", f"worker group resized: {e.get('previous_world_size')} → {e.get('world_size')}"),
+    EventType.HUB_PUSHED: lambda e, step, where: ("info", f"checkpoint {step} pushed to the Hub"),
+    EventType.WARNING: lambda e, step, where: ("warning", str(e.get("message", ""))),
+    EventType.STOP_REQUESTED: lambda e, step, where: ("warning", "stop requested: checkpointing at the next step boundary"),
+    EventType.COMPLETED: lambda e, step, where: (
+        "info", f"completed at step {step}; adapter: {e.get('adapters', '-')}; goodput {e.get('goodput', '-')}"),
+    EventType.STOPPED: lambda e, step, where: ("warning", f"stopped at step {step}; run the same command to resume"),
+    EventType.FAILED: lambda e, step, where: ("error", f"failed: {e.get('error', '')}"),
+}
+NOT_SHOWN: dict[EventType, str] = {  # and why a person at the driver does not see them
+    EventType.RUN_STARTED: "the driver logs the run's start itself (launch.run_on_ray)",
+    EventType.PROGRESS: "the progress line shows it",
+    EventType.EXPORTED: "the completed line names the adapter",
+}
+
+
+def milestone(event: dict, where: Where) -> Line | None:
     """(level, line) for a ledger event a person wants to see, or None. `where(rel)` names a file in the
     run's storage. Pure: tests feed it events."""
-    kind, step = event.get("type"), event.get("step")
-    if kind == "checkpoint":
-        return "info", f"checkpoint {step} committed: {event.get('uri', where(f'checkpoint-{step}'))}"
-    if kind == "validation":
-        if event.get("benchmark"):
-            return "info", f"validation of the base model done: {where('relay/validation/base/grid.png')}"
-        scores = event.get("scores") or {}
-        shown = "; ".join(f"{v} CLIP {s['mean']:.2f}" for v, s in scores.items() if isinstance(s, dict) and "mean" in s)
-        grid = f"{event['location']}/grid.png" if event.get("location") else where(f"relay/validation/checkpoint-{step}/grid.png")
-        return "info", f"validation at step {step} done: {grid}" + (f" ({shown})" if shown else "")
-    if kind == "preemption_notice":
-        return "warning", f"preemption notice at step {step}: checkpointing now"
-    if kind == "emergency_checkpoint":
-        state = "committed" if event.get("committed", True) else "NOT committed"
-        secs = event.get("seconds_from_notice")
-        return "warning", f"emergency checkpoint {step} {state}" + (f" {secs:.1f} s after the notice" if secs else "")
-    if kind == "attempt" and event.get("reason", "fresh") != "fresh":
-        reason = {"node_lost": "a node was lost", "failure": "a worker failed", "preemption": "preempted",
-                  "resubmitted": "resubmitted", "resize": "resized"}.get(event["reason"], event["reason"])
-        lost = event.get("steps_lost")
-        level = "error" if event["reason"] in ("node_lost", "failure") else "warning"
-        return level, (f"resumed at step {step} ({reason}" + (f"; {lost} step(s) lost" if lost else "")
-                       + (f"; back in {event['time_to_resume']:.0f} s" if event.get("time_to_resume") else "") + ")")
-    if kind == "resize":
-        return "warning", f"worker group resized: {event.get('previous_world_size')} → {event.get('world_size')}"
-    if kind == "hub_pushed":
-        return "info", f"checkpoint {step} pushed to the Hub"
-    if kind == "warning":
-        return "warning", str(event.get("message", ""))
-    if kind == "stop_requested":
-        return "warning", "stop requested: checkpointing at the next step boundary"
-    if kind == "completed":
-        return "info", f"completed at step {step}; adapter: {event.get('adapters', '-')}; goodput {event.get('goodput', '-')}"
-    if kind == "stopped":
-        return "warning", f"stopped at step {step}; run the same command to resume"
-    if kind == "failed":
-        return "error", f"failed: {event.get('error', '')}"
-    return None
+    shown = MILESTONES.get(event.get("type"))
+    return shown(event, event.get("step"), where) if shown else None
 
 
 def progress_line(progress: dict | None, metrics: dict | None, total: int) -> str:

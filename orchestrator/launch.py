@@ -14,6 +14,7 @@ from relay_train.trainer import run_name as default_run_name
 from orchestrator import redact
 from orchestrator.cluster import ClusterConfig, storage_filesystem
 from orchestrator.display import DriverDisplay
+from orchestrator.ledger import EventType
 from orchestrator.policy import keep_count
 from orchestrator.resources import ResourceError, cluster_can_grow, connect, wait_until_it_fits
 from orchestrator.store import SNAPSHOT, RunStorage
@@ -135,8 +136,8 @@ def run_on_ray(config: TrainConfig, config_path: str | Path, overrides: dict | N
         display.close()
         # a second Ctrl-C means now: the ledger's end is recorded, the services get seconds, not minutes
         wait = INTERRUPTED_FLUSH_SECONDS if isinstance(exc, KeyboardInterrupt) else FINAL_FLUSH_SECONDS
-        final = ({"type": "stopped", "signal": stop.signal} if isinstance(exc, KeyboardInterrupt) else
-                 {"type": "failed", "error": redact.redact(f"{type(exc).__name__}: {str(exc)[:500]}")})
+        final = ({"type": EventType.STOPPED, "signal": stop.signal} if isinstance(exc, KeyboardInterrupt) else
+                 {"type": EventType.FAILED, "error": redact.redact(f"{type(exc).__name__}: {str(exc)[:500]}")})
         try:
             ray.get(steward.close.remote(final, timeout=wait), timeout=wait + 30)
         except ray.exceptions.GetTimeoutError:
@@ -144,11 +145,11 @@ def run_on_ray(config: TrainConfig, config_path: str | Path, overrides: dict | N
         raise
     step = (result.metrics or {}).get("step")
     if result.error:
-        final = {"type": "failed", "error": redact.redact(f"{type(result.error).__name__}: {str(result.error)[:500]}")}
+        final = {"type": EventType.FAILED, "error": redact.redact(f"{type(result.error).__name__}: {str(result.error)[:500]}")}
     elif stop.signal is not None:
-        final = {"type": "stopped", "signal": stop.signal, **({"step": step} if step is not None else {})}
+        final = {"type": EventType.STOPPED, "signal": stop.signal, **({"step": step} if step is not None else {})}
     else:
-        final = {"type": "completed", **({"step": step} if step is not None else {})}
+        final = {"type": EventType.COMPLETED, **({"step": step} if step is not None else {})}
     # the services finish what is queued: the final Hub push, the last validation, the webhook's queue
     ray.get(steward.close.remote(final, timeout=FINAL_FLUSH_SECONDS))
     display.close()

@@ -1,10 +1,9 @@
 """The run ledger: one JSON line per event in `<run>/relay/ledger.jsonl`, written by the run's steward
 alone, and the report `relay status` and the goodput figure are read from.
 
-Events (EventType below): run_started, attempt (a worker group began training; its reason is fresh,
-resubmitted, preemption, resize, node_lost or failure), progress, checkpoint (committed to storage),
-emergency_checkpoint, preemption_notice, resize, validation, hub_pushed, exported, warning,
-stop_requested, and the run's end: completed, stopped or failed. Each carries `time` (epoch seconds),
+EventType below is the one list of events; the webhook (notify.py), W&B (tracking.py), `relay status`
+(status.py) and the driver's display (display.py) each key their tables by it, and their unit tests check
+that every event is either used or deliberately left out. Each event carries `time` (epoch seconds),
 `type` and, where it has one, `step`.
 
 Goodput is productive step time over wall time. An attempt's productive time is the time it spent on
@@ -25,26 +24,37 @@ LEDGER = "relay/ledger.jsonl"
 
 
 class EventType(StrEnum):
-    """Every kind of ledger event; the webhook, W&B and `relay status` are built from these."""
+    """Every kind of ledger event, and who records it (a string equal to the value reads as the member)."""
 
-    RUN_STARTED = "run_started"
-    ATTEMPT = "attempt"
-    PROGRESS = "progress"
-    CHECKPOINT = "checkpoint"
-    EMERGENCY_CHECKPOINT = "emergency_checkpoint"
-    PREEMPTION_NOTICE = "preemption_notice"
-    RESIZE = "resize"
-    VALIDATION = "validation"
-    HUB_PUSHED = "hub_pushed"
-    EXPORTED = "exported"
-    WARNING = "warning"
-    STOP_REQUESTED = "stop_requested"
-    COMPLETED = "completed"
-    STOPPED = "stopped"
-    FAILED = "failed"
+    RUN_STARTED = "run_started"  # the driver started a job on the run (world_size, config, hourly_cost)
+    ATTEMPT = "attempt"  # a worker group began training (reason: an AttemptReason; steps_lost, time_to_resume)
+    PROGRESS = "progress"  # the previous attempt's last step, written when the next one begins
+    CHECKPOINT = "checkpoint"  # checkpoint-<step> committed to storage (uri, kept)
+    EMERGENCY_CHECKPOINT = "emergency_checkpoint"  # saved after a preemption notice (seconds_from_notice)
+    PREEMPTION_NOTICE = "preemption_notice"  # a node of the group will be reclaimed (nodes, deadline)
+    RESIZE = "resize"  # the group's size changed (previous_world_size, world_size)
+    VALIDATION = "validation"  # a checkpoint's (or the base model's: benchmark) validation finished
+    HUB_PUSHED = "hub_pushed"  # the Hub mirror committed a checkpoint
+    EXPORTED = "exported"  # rank 0 wrote the final adapter (files)
+    WARNING = "warning"  # a service's or a worker's trouble, for a person (message)
+    STOP_REQUESTED = "stop_requested"  # Ctrl-C or SIGTERM at the driver: checkpoint, then stop
+    COMPLETED = "completed"  # the run's end: trained to its last step (adapters, goodput)
+    STOPPED = "stopped"  # the run's end: stopped on request after a committed checkpoint (signal)
+    FAILED = "failed"  # the run's end: an error no restart cured (error)
 
 
 ENDINGS = (EventType.COMPLETED, EventType.STOPPED, EventType.FAILED)
+
+
+class AttemptReason(StrEnum):
+    """Why a worker group is training (an attempt event's `reason`; policy.attempt_reason decides)."""
+
+    FRESH = "fresh"  # a new run, from step 0
+    RESUBMITTED = "resubmitted"  # a new job on a run with checkpoints
+    PREEMPTION = "preemption"  # back after a preemption notice
+    RESIZE = "resize"  # an elastic group grew back
+    NODE_LOST = "node_lost"  # a node vanished without notice
+    FAILURE = "failure"  # a worker failed
 
 
 def parse_lines(data: bytes) -> tuple[list[dict], int]:
@@ -91,7 +101,7 @@ class Attempt:
 
     started: float  # when the group began (after any model load)
     start_step: int
-    reason: str  # fresh | resumed (new job on an existing run) | preemption | failure
+    reason: str  # an AttemptReason
     world_size: int
     last_step: int = 0
     last_time: float = 0.0
@@ -128,12 +138,12 @@ def summarize(run: str, events: list[dict], now: float | None = None, progress: 
     end: float | None = None
     for e in events:
         kind = e["type"]
-        if kind in ("run_started", "attempt"):  # a new job or worker group: the run goes on
+        if kind in (EventType.RUN_STARTED, EventType.ATTEMPT):  # a new job or worker group: the run goes on
             s.state, end = "unknown", None
-        if kind == "run_started":
+        if kind == EventType.RUN_STARTED:
             s.total_steps = e.get("total_steps", s.total_steps)
-        elif kind == "attempt":
-            attempt = Attempt(e["time"], e["step"], e.get("reason", "fresh"), e.get("world_size", 1),
+        elif kind == EventType.ATTEMPT:
+            attempt = Attempt(e["time"], e["step"], e.get("reason", AttemptReason.FRESH), e.get("world_size", 1),
                               last_step=e["step"], last_time=e["time"])
             if attempts:
                 prev = attempts[-1]
@@ -141,24 +151,24 @@ def summarize(run: str, events: list[dict], now: float | None = None, progress: 
                 attempt.time_to_resume = e.get("time_to_resume", attempt.started - prev.last_time)
             attempts.append(attempt)
             s.total_steps = e.get("total_steps", s.total_steps)
-        elif kind == "progress" and attempts:
+        elif kind == EventType.PROGRESS and attempts:
             attempts[-1].last_step, attempts[-1].last_time = e["step"], e["time"]
             s.steps_per_second = e.get("steps_per_second", s.steps_per_second)
-        elif kind == "checkpoint":
+        elif kind == EventType.CHECKPOINT:
             s.checkpoints.append(e["step"])
-        elif kind == "preemption_notice":
+        elif kind == EventType.PREEMPTION_NOTICE:
             s.preemption_notices += 1
-        elif kind == "emergency_checkpoint":
+        elif kind == EventType.EMERGENCY_CHECKPOINT:
             s.emergency_checkpoints.append(e)
-        elif kind == "validation":
+        elif kind == EventType.VALIDATION:
             s.validations.append(e)
         elif kind in ENDINGS:
             s.state, end = kind, e["time"]
             if attempts and "step" in e:
                 attempts[-1].last_step, attempts[-1].last_time = e["step"], e["time"]
-        if kind in ("progress", "checkpoint", "emergency_checkpoint", *ENDINGS) and "step" in e:
+        if kind in (EventType.PROGRESS, EventType.CHECKPOINT, EventType.EMERGENCY_CHECKPOINT, *ENDINGS) and "step" in e:
             s.step = max(s.step, e["step"])
-        elif kind == "attempt":
+        elif kind == EventType.ATTEMPT:
             s.step = e["step"]  # a resume may go back to an earlier step
         s.last_event = e
     if not events:

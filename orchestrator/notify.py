@@ -30,11 +30,13 @@ import time
 import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import requests
 from pydantic import SecretStr
 
+from orchestrator.ledger import AttemptReason, EventType
 from orchestrator.policy import backoff, retry_after
 from orchestrator.redact import Redactor, installed, url_parts
 from orchestrator.store import RunStorage
@@ -42,44 +44,77 @@ from relay_train.config.files import WebhookConfig
 
 log = logging.getLogger(__name__)
 
-# -- event types (the payload's "type") ---------------------------------------------------------------
-RUN_STARTED = "run_started"
-RESUMED = "resumed"
-CHECKPOINT_COMMITTED = "checkpoint_committed"
-HUB_PUSHED = "hub_pushed"
-VALIDATION = "validation"
-PREEMPTION_NOTICE = "preemption_notice"
-NODE_LOST = "node_lost"  # a worker group ended because a node vanished without notice
-RESTART = "restart"  # a worker group ended on an error and Ray restarted it
-RESIZE = "resize"
-WARNING = "warning"
-FAILURE = "failure"  # the run ended failed
-STOPPED = "stopped"  # the run stopped on request, checkpoint committed
-COMPLETED = "completed"
-EVENT_TYPES = (RUN_STARTED, RESUMED, CHECKPOINT_COMMITTED, HUB_PUSHED, VALIDATION, PREEMPTION_NOTICE,
-               NODE_LOST, RESTART, RESIZE, WARNING, FAILURE, STOPPED, COMPLETED)
+# -- what each ledger event sends ------------------------------------------------------------------------
+
+
+class WebhookType(StrEnum):
+    """The payload's "type", which receivers filter on: the ledger's name where the two agree, and the
+    webhook's own where a receiver wants it finer or coarser (a committed checkpoint of either kind, an
+    attempt by its reason, a failed run)."""
+
+    RUN_STARTED = EventType.RUN_STARTED.value
+    RESUMED = "resumed"  # a worker group back after a resubmission, a preemption or a resize
+    CHECKPOINT_COMMITTED = "checkpoint_committed"  # a checkpoint or an emergency checkpoint
+    HUB_PUSHED = EventType.HUB_PUSHED.value
+    VALIDATION = EventType.VALIDATION.value
+    PREEMPTION_NOTICE = EventType.PREEMPTION_NOTICE.value
+    NODE_LOST = AttemptReason.NODE_LOST.value  # a worker group ended because a node vanished without notice
+    RESTART = "restart"  # a worker group ended on an error and Ray restarted it
+    RESIZE = EventType.RESIZE.value
+    WARNING = EventType.WARNING.value
+    FAILURE = "failure"  # the run ended failed
+    STOPPED = EventType.STOPPED.value  # the run stopped on request, checkpoint committed
+    COMPLETED = EventType.COMPLETED.value
+
+
+@dataclass(frozen=True)
+class Send:
+    """How a ledger event goes to the webhooks: the payload's type, its severity, and its message, a
+    str.format_map template over the event's step and fields (a field the event lacks reads "?")."""
+
+    type: WebhookType
+    severity: str
+    template: str
+
 
 _BACK = "{steps_lost} step(s) lost; back at step {step} after {time_to_resume} s"
-LEDGER_EVENTS: dict[str, tuple[str, str, str]] = {
-    # ledger type: (webhook type, severity, message). An "attempt" is keyed by its reason: a fresh one
-    # says nothing (run_started did), an unplanned one is an alert.
-    "run_started": (RUN_STARTED, "info", "run started"),
-    "attempt:resubmitted": (RESUMED, "info", "resumed from step {step} (job resubmitted)"),
-    "attempt:preemption": (RESUMED, "info", "resumed from step {step} (preemption)"),
-    "attempt:resize": (RESUMED, "info", "resumed from step {step} (resize, {world_size} worker(s))"),
-    "attempt:node_lost": (NODE_LOST, "error", "a node was lost without notice: " + _BACK),
-    "attempt:failure": (RESTART, "error", "the worker group failed and was restarted: " + _BACK),
-    "checkpoint": (CHECKPOINT_COMMITTED, "info", "checkpoint {step} committed: {uri}"),
-    "emergency_checkpoint": (CHECKPOINT_COMMITTED, "warning", "emergency checkpoint at step {step}"),
-    "hub_pushed": (HUB_PUSHED, "info", "checkpoint {step} pushed to the Hub"),
-    # "validation" is not here: the steward sends it with its images (steward.build_services)
-    "preemption_notice": (PREEMPTION_NOTICE, "warning", "preemption notice"),
-    "resize": (RESIZE, "info", "worker group resized from {previous_world_size} to {world_size} worker(s)"),
-    "warning": (WARNING, "warning", "{message}"),
-    "failed": (FAILURE, "error", "run failed: {error}"),
-    "stopped": (STOPPED, "warning", "run stopped on request at step {step}; the same command resumes it"),
-    "completed": (COMPLETED, "info", "run completed at step {step}: {adapters}; goodput {goodput}"),
+SENT: dict[EventType, Send] = {
+    EventType.RUN_STARTED: Send(WebhookType.RUN_STARTED, "info", "run started"),
+    EventType.CHECKPOINT: Send(WebhookType.CHECKPOINT_COMMITTED, "info", "checkpoint {step} committed: {uri}"),
+    EventType.EMERGENCY_CHECKPOINT: Send(WebhookType.CHECKPOINT_COMMITTED, "warning", "emergency checkpoint at step {step}"),
+    EventType.HUB_PUSHED: Send(WebhookType.HUB_PUSHED, "info", "checkpoint {step} pushed to the Hub"),
+    EventType.PREEMPTION_NOTICE: Send(WebhookType.PREEMPTION_NOTICE, "warning", "preemption notice"),
+    EventType.RESIZE: Send(WebhookType.RESIZE, "info",
+                           "worker group resized from {previous_world_size} to {world_size} worker(s)"),
+    EventType.WARNING: Send(WebhookType.WARNING, "warning", "{message}"),
+    EventType.FAILED: Send(WebhookType.FAILURE, "error", "run failed: {error}"),
+    EventType.STOPPED: Send(WebhookType.STOPPED, "warning",
+                            "run stopped on request at step {step}; the same command resumes it"),
+    EventType.COMPLETED: Send(WebhookType.COMPLETED, "info",
+                              "run completed at step {step}: {adapters}; goodput {goodput}"),
 }
+ATTEMPTS: dict[AttemptReason, Send] = {
+    # an attempt is sent by its reason: a fresh one says nothing (run_started did), an unplanned one is an alert
+    AttemptReason.RESUBMITTED: Send(WebhookType.RESUMED, "info", "resumed from step {step} (job resubmitted)"),
+    AttemptReason.PREEMPTION: Send(WebhookType.RESUMED, "info", "resumed from step {step} (preemption)"),
+    AttemptReason.RESIZE: Send(WebhookType.RESUMED, "info", "resumed from step {step} (resize, {world_size} worker(s))"),
+    AttemptReason.NODE_LOST: Send(WebhookType.NODE_LOST, "error", "a node was lost without notice: " + _BACK),
+    AttemptReason.FAILURE: Send(WebhookType.RESTART, "error", "the worker group failed and was restarted: " + _BACK),
+}
+NOT_SENT: dict[EventType, str] = {  # and why a receiver does not hear them
+    EventType.PROGRESS: "bookkeeping before the next attempt, which is the news",
+    EventType.VALIDATION: "the steward sends it itself, with its images (steward.build_services)",
+    EventType.EXPORTED: "the completed message names the adapters",
+    EventType.STOP_REQUESTED: "the stopped message follows, once the checkpoint is committed",
+}
+
+
+def webhook_for(event: dict[str, Any]) -> Send | None:
+    """How a ledger event is sent, or None for one that is not (see NOT_SENT, and a fresh attempt)."""
+    if event.get("type") == EventType.ATTEMPT:
+        return ATTEMPTS.get(event.get("reason", AttemptReason.FRESH))
+    return SENT.get(event.get("type"))
+
 
 class _Fields(dict):
     """A message's fields for str.format_map: one the event lacks reads "?" rather than failing."""
@@ -489,19 +524,16 @@ class Notifier:
             log.exception("could not queue a %s event", type)
 
     def on_event(self, event: dict[str, Any]) -> None:
-        """The steward's service hook: turn a ledger event into a webhook event (see LEDGER_EVENTS)."""
-        kind = event.get("type")
-        if kind == "attempt":
-            kind = f"attempt:{event.get('reason', 'fresh')}"
-        if kind not in LEDGER_EVENTS:
+        """The steward's service hook: send a ledger event as webhook_for says."""
+        send = webhook_for(event)
+        if send is None:
             return
-        webhook_type, severity, template = LEDGER_EVENTS[kind]
         fields = {k: v for k, v in event.items() if k not in ("type", "step", "time")}
         try:
-            text = template.format_map(_Fields(fields, step=event.get("step")))
+            text = send.template.format_map(_Fields(fields, step=event.get("step")))
         except (IndexError, ValueError):
-            text = kind.replace("_", " ")
-        self.event(webhook_type, severity, event.get("step"), text, fields)
+            text = str(event["type"]).replace("_", " ")
+        self.event(send.type, send.severity, event.get("step"), text, fields)
 
     def pending(self) -> int:
         return sum(len(c.queue) for c in self.channels)

@@ -12,13 +12,35 @@ import threading
 import time
 from dataclasses import asdict
 
-from orchestrator.ledger import LEDGER, Ledger, summarize
+from orchestrator.ledger import LEDGER, EventType, Ledger, summarize
 from orchestrator.steward import PROGRESS
 from orchestrator.store import SNAPSHOT, RunStorage
 
 log = logging.getLogger(__name__)
 
 VALIDATION = "relay/validation"
+
+# What each ledger event adds to the report (through ledger.summarize, or read here); a unit test adds each
+# event to a run's ledger and checks that the report changes for these and only these.
+SHOWN: dict[EventType, str] = {
+    EventType.RUN_STARTED: "the cost (its hourly_cost); the first starts the wall clock",
+    EventType.ATTEMPT: "the step it resumed at, restarts, steps lost and goodput",
+    EventType.PROGRESS: "the step, the rate and goodput",
+    EventType.CHECKPOINT: "the step",
+    EventType.EMERGENCY_CHECKPOINT: "preemptions: the emergency checkpoints, with notice-to-commit times",
+    EventType.PREEMPTION_NOTICE: "preemptions: the notices",
+    EventType.EXPORTED: "the adapter",
+    EventType.COMPLETED: "the state",
+    EventType.STOPPED: "the state",
+    EventType.FAILED: "the state and the error",
+}
+NOT_SHOWN: dict[EventType, str] = {  # and why
+    EventType.RESIZE: "each attempt carries its world size",
+    EventType.VALIDATION: "the newest scores.json in storage is read instead",
+    EventType.HUB_PUSHED: "the hub line asks the Hub itself",
+    EventType.WARNING: "news for the driver's display and the webhook, not the run's standing",
+    EventType.STOP_REQUESTED: "the stopped event that follows ends the run",
+}
 
 
 def gather(storage: RunStorage, hub: bool = True, now: float | None = None) -> dict:
@@ -31,7 +53,7 @@ def gather(storage: RunStorage, hub: bool = True, now: float | None = None) -> d
     checkpoints = storage.checkpoint_steps()
     if summary.state == "not started" and checkpoints:
         summary.state = "unknown"  # checkpoints without a ledger: written by a run outside relay's steward
-    hourly = next((e.get("hourly_cost") for e in reversed(events) if e["type"] == "run_started"), None)
+    hourly = latest(events, EventType.RUN_STARTED, "hourly_cost")
     return {
         "run": storage.run_name,
         "storage": storage.uri(),
@@ -52,13 +74,17 @@ def gather(storage: RunStorage, hub: bool = True, now: float | None = None) -> d
         "wall_hours": summary.wall_seconds / 3600,
         "estimated_cost": round(hourly * summary.wall_seconds / 3600, 2) if hourly else None,
         "hourly_cost": hourly,
-        "adapters": next((e.get("files") for e in reversed(events) if e["type"] == "exported"), None),
-        "error": next((e.get("error") for e in reversed(events) if e["type"] == "failed"), None)
-        if summary.state == "failed" else None,
+        "adapters": latest(events, EventType.EXPORTED, "files"),
+        "error": latest(events, EventType.FAILED, "error") if summary.state == EventType.FAILED else None,
         "ledger": storage.uri(LEDGER),
         "ledger_unreadable_lines": ledger.unreadable,
         "last_event": summary.last_event,
     }
+
+
+def latest(events: list[dict], kind: EventType, key: str):
+    """`key` of the newest event of that kind, or None."""
+    return next((e.get(key) for e in reversed(events) if e["type"] == kind), None)
 
 
 def variant_scores(doc: dict) -> dict[str, dict]:

@@ -227,7 +227,7 @@ def build_services(config, storage: RunStorage, record, wandb_dir: str | None = 
     commits, validations, warnings) in the ledger, which tells the others. Built, not started:
     Steward.start() starts them."""
     from orchestrator.hub import HubMirror
-    from orchestrator.notify import VALIDATION, Notifier
+    from orchestrator.notify import Notifier, WebhookType
     from orchestrator.tracking import Tracker
     from orchestrator.validation import ValidationService, flat_scores
 
@@ -244,7 +244,7 @@ def build_services(config, storage: RunStorage, record, wandb_dir: str | None = 
             mirror.note_validation(step, images, summary.get("scores", {}))
         if notifier is not None:
             pngs = [(name, data) for name, data in images if name != "grid.png"]
-            notifier.event(VALIDATION, "info", step, f"validation at step {step}",
+            notifier.event(WebhookType.VALIDATION, "info", step, f"validation at step {step}",
                            {"scores": summary.get("scores", {})}, images=pngs)
 
     validation = ValidationService.for_run(config, storage, record, forward, working_dir=working_dir,

@@ -20,6 +20,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from orchestrator.ledger import EventType
 from orchestrator.store import RunStorage
 from relay_train.config import TrainConfig
 
@@ -27,6 +28,26 @@ log = logging.getLogger(__name__)
 
 RUN_ID = "relay/wandb-run-id"
 STEP_METRIC = "step"
+
+LOGGED: dict[EventType, str] = {  # what W&B logs, as <prefix>/<key> columns against STEP_METRIC
+    EventType.PROGRESS: "train",  # rank 0's per-step metrics (the steward's on_metrics)
+    EventType.VALIDATION: "validation",  # scores and images (the steward forwards them with the event)
+}
+NOT_LOGGED: dict[EventType, str] = {  # and why: W&B charts metrics; the run's story is the ledger's
+    EventType.RUN_STARTED: "the resolved config is the W&B run's config",
+    EventType.ATTEMPT: "relay status and the webhook tell restarts",
+    EventType.CHECKPOINT: "relay status and the webhook tell checkpoints",
+    EventType.EMERGENCY_CHECKPOINT: "relay status and the webhook tell preemptions",
+    EventType.PREEMPTION_NOTICE: "relay status and the webhook tell preemptions",
+    EventType.RESIZE: "relay status and the webhook tell resizes",
+    EventType.HUB_PUSHED: "the webhook tells it",
+    EventType.EXPORTED: "relay status names the adapter",
+    EventType.WARNING: "the driver's display and the webhook tell it",
+    EventType.STOP_REQUESTED: "the run's end is W&B's finish",
+    EventType.COMPLETED: "the run's end is W&B's finish",
+    EventType.STOPPED: "the run's end is W&B's finish",
+    EventType.FAILED: "the run's end is W&B's finish",
+}
 
 
 class NullTracker:
@@ -89,7 +110,7 @@ class Tracker:
         self.run = run
         self.max_queue = max_queue
         self.dropped = 0
-        self._queue: deque[tuple[str, int, Any, Any]] = deque()
+        self._queue: deque[tuple[EventType, int, Any, Any]] = deque()
         self._cond = threading.Condition()
         self._closing = False
         self._failed = False
@@ -140,19 +161,19 @@ class Tracker:
     # -- queued calls ------------------------------------------------------------------------------
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         """loss, lr, grad_norm, steps_per_second, samples_per_second (any numbers); logged as train/<key>."""
-        self._put(("step", step, dict(metrics), None))
+        self._put((EventType.PROGRESS, step, dict(metrics), None))
 
     def log_validation(self, step: int, images: list[tuple[str, Any]], scores: dict[str, float]) -> None:
         """(caption, PIL image or PNG bytes) pairs and scores such as clip_score; logged as validation/<key>."""
-        self._put(("validation", step, list(images), dict(scores)))
+        self._put((EventType.VALIDATION, step, list(images), dict(scores)))
 
-    def _put(self, item: tuple[str, int, Any, Any]) -> None:
+    def _put(self, item: tuple[EventType, int, Any, Any]) -> None:
         with self._cond:
             if self._closing:
                 return
             self._queue.append(item)
             if len(self._queue) > self.max_queue:  # drop the oldest step row; validation is rarer and kept
-                victim = next((i for i in self._queue if i[0] == "step"), self._queue[0])
+                victim = next((i for i in self._queue if i[0] == EventType.PROGRESS), self._queue[0])
                 self._queue.remove(victim)
                 self.dropped += 1
                 if self.dropped == 1 or self.dropped % 100 == 0:
@@ -175,14 +196,15 @@ class Tracker:
                 self._failed = True
 
     @staticmethod
-    def _row(kind: str, step: int, first: Any, second: Any) -> dict[str, Any]:
-        if kind == "step":
-            return {STEP_METRIC: step, **{(k if "/" in k else f"train/{k}"): v for k, v in first.items()}}
+    def _row(kind: EventType, step: int, first: Any, second: Any) -> dict[str, Any]:
+        prefix = LOGGED[kind]
+        if kind == EventType.PROGRESS:
+            return {STEP_METRIC: step, **{(k if "/" in k else f"{prefix}/{k}"): v for k, v in first.items()}}
         import wandb
 
-        row = {STEP_METRIC: step, **{(k if "/" in k else f"validation/{k}"): v for k, v in second.items()}}
+        row = {STEP_METRIC: step, **{(k if "/" in k else f"{prefix}/{k}"): v for k, v in second.items()}}
         if first:
-            row["validation/images"] = [wandb.Image(_picture(img), caption=caption) for caption, img in first]
+            row[f"{prefix}/images"] = [wandb.Image(_picture(img), caption=caption) for caption, img in first]
         return row
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:

@@ -23,6 +23,7 @@ from relay_train.progress import ProgressDisplay
 from relay_train.trainer import Hooks, StepReport, build_trainer
 
 from orchestrator import redact
+from orchestrator.ledger import EventType
 from orchestrator.preemption import PreemptionWatch
 from orchestrator.steward import get_steward
 from orchestrator.store import RunStorage
@@ -111,7 +112,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                  f"{str(exc).splitlines()[0][:300] if str(exc) else ''}")
             if (kind := fatal_kind(exc)) is not None:  # a restart would meet it again: the driver ends the run
                 steward.fatal.remote(kind, redact.redact(str(exc)[:2000]))
-            steward.record.remote("warning", message=text)
+            steward.record.remote(EventType.WARNING, message=text)
         raise
 
 
@@ -160,7 +161,7 @@ def train_worker(spec: WorkerSpec) -> None:
                              StepForwarder(progress, steward, config, spec.global_workers))
             result = trainer.fit()
         if steward is not None and not result.stopped_early:
-            steward.record.remote("exported", result.step, files=[str(p) for p in result.exported],
+            steward.record.remote(EventType.EXPORTED, result.step, files=[str(p) for p in result.exported],
                                   node=ray.get_runtime_context().get_node_id())
     if watch.notice is not None:
         watch.after_emergency_checkpoint(spec.storage)

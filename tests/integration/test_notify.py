@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from orchestrator import notify, redact
-from orchestrator.notify import Notifier, RetryPolicy
+from orchestrator import redact
+from orchestrator.notify import SPOOL, Notifier, RetryPolicy, WebhookType
 from orchestrator.store import RunStorage
 from relay_train.config.files import WebhookConfig
 
@@ -39,34 +39,34 @@ def discord_hook(receiver, **kw) -> WebhookConfig:
 
 
 RUN_EVENTS = [  # a run with a checkpoint, a validation, a preemption, a restart and the end
-    (notify.RUN_STARTED, "info", 0, {"world_size": 2, "max_train_steps": 300}),
-    (notify.CHECKPOINT_COMMITTED, "info", 50, {"uri": "s3://b/run/checkpoint-50"}),
-    (notify.HUB_PUSHED, "info", 50, {"repo": "me/adapter", "path": "checkpoints/checkpoint-50"}),
-    (notify.VALIDATION, "info", 50, {"clip_score": 0.31}),
-    (notify.WARNING, "warning", 60, {"what": "Hub answered 429"}),
-    (notify.PREEMPTION_NOTICE, "warning", 70, {"node": "n1", "deadline_s": 120}),
-    (notify.NODE_LOST, "error", 71, {"node": "n1"}),
-    (notify.RESTART, "warning", 71, {"attempt": 1}),
-    (notify.RESUMED, "info", 50, {"from_step": 50, "why": "node lost"}),
-    (notify.RESIZE, "info", 60, {"workers": [2, 1]}),
-    (notify.FAILURE, "error", 80, {"error": "RuntimeError: boom"}),
-    (notify.STOPPED, "warning", 90, {"signal": 2}),
-    (notify.COMPLETED, "info", 300, {"adapter": "s3://b/run/final.safetensors", "goodput": 0.93}),
+    (WebhookType.RUN_STARTED, "info", 0, {"world_size": 2, "max_train_steps": 300}),
+    (WebhookType.CHECKPOINT_COMMITTED, "info", 50, {"uri": "s3://b/run/checkpoint-50"}),
+    (WebhookType.HUB_PUSHED, "info", 50, {"repo": "me/adapter", "path": "checkpoints/checkpoint-50"}),
+    (WebhookType.VALIDATION, "info", 50, {"clip_score": 0.31}),
+    (WebhookType.WARNING, "warning", 60, {"what": "Hub answered 429"}),
+    (WebhookType.PREEMPTION_NOTICE, "warning", 70, {"node": "n1", "deadline_s": 120}),
+    (WebhookType.NODE_LOST, "error", 71, {"node": "n1"}),
+    (WebhookType.RESTART, "warning", 71, {"attempt": 1}),
+    (WebhookType.RESUMED, "info", 50, {"from_step": 50, "why": "node lost"}),
+    (WebhookType.RESIZE, "info", 60, {"workers": [2, 1]}),
+    (WebhookType.FAILURE, "error", 80, {"error": "RuntimeError: boom"}),
+    (WebhookType.STOPPED, "warning", 90, {"signal": 2}),
+    (WebhookType.COMPLETED, "info", 300, {"adapter": "s3://b/run/final.safetensors", "goodput": 0.93}),
 ]
 
 
 def send_run(notifier: Notifier, images: list[tuple[str, bytes]]) -> None:
     for kind, severity, step, fields in RUN_EVENTS:
         notifier.event(kind, severity, step, f"{kind} at {step}", fields,
-                       images=images if kind == notify.VALIDATION else None)
+                       images=images if kind == WebhookType.VALIDATION else None)
 
 
 def test_every_event_type_arrives_in_order_at_a_raw_receiver(webhook_receiver) -> None:
-    assert {e[0] for e in RUN_EVENTS} == set(notify.EVENT_TYPES)
+    assert {e[0] for e in RUN_EVENTS} == set(WebhookType)
     shots = [("cat.png", png("red")), ("dog", png("blue"))]
     with Notifier([raw_hook(webhook_receiver)], "run-1", policy=FAST) as notifier:
         send_run(notifier, shots)
-        notifier.event(notify.WARNING, "debug", 1, "below the hook's log_level (info): never sent")
+        notifier.event(WebhookType.WARNING, "debug", 1, "below the hook's log_level (info): never sent")
     got = webhook_receiver.requests  # close() delivered everything queued
     assert [r.json["type"] for r in got] == [e[0] for e in RUN_EVENTS]
     first = got[0]
@@ -82,9 +82,9 @@ def test_every_event_type_arrives_in_order_at_a_raw_receiver(webhook_receiver) -
 def test_discord_gets_multipart_images_ten_to_a_message(webhook_receiver) -> None:
     shots = [(f"prompt-{i}.png", png((i * 10, 0, 0))) for i in range(23)]
     with Notifier([discord_hook(webhook_receiver, log_level="info")], "run-1", policy=FAST) as notifier:
-        notifier.event(notify.VALIDATION, "info", 5000, "validation at 5000", {"clip_score": 0.3}, images=shots)
-        notifier.event(notify.CHECKPOINT_COMMITTED, "debug", 5000, "filtered out by log_level info")
-        notifier.event(notify.FAILURE, "error", 5001, "boom")
+        notifier.event(WebhookType.VALIDATION, "info", 5000, "validation at 5000", {"clip_score": 0.3}, images=shots)
+        notifier.event(WebhookType.CHECKPOINT_COMMITTED, "debug", 5000, "filtered out by log_level info")
+        notifier.event(WebhookType.FAILURE, "error", 5001, "boom")
         got = webhook_receiver.wait_for(4)
     assert len(got) == 4 and all(r.path == HOOK_PATH for r in got)
     assert [len(r.files) for r in got[:3]] == [10, 10, 3]
@@ -102,7 +102,7 @@ def _blocking_times(notifier: Notifier, count: int) -> list[float]:
     times = []
     for i in range(count):
         start = time.perf_counter()
-        notifier.event(notify.CHECKPOINT_COMMITTED, "info", i, f"checkpoint {i}", {"n": i})
+        notifier.event(WebhookType.CHECKPOINT_COMMITTED, "info", i, f"checkpoint {i}", {"n": i})
         times.append(time.perf_counter() - start)
     return times
 
@@ -139,7 +139,7 @@ def _train_rate(steps: int, notifier: Notifier | None) -> float:
     for step in range(steps):
         weights = torch.tanh(batch @ weights).T @ batch / 64
         if notifier is not None and step % 5 == 0:
-            notifier.event(notify.CHECKPOINT_COMMITTED, "info", step, "tick", {"loss": 0.1})
+            notifier.event(WebhookType.CHECKPOINT_COMMITTED, "info", step, "tick", {"loss": 0.1})
     return steps / (time.perf_counter() - start)
 
 
@@ -177,21 +177,21 @@ def test_undelivered_messages_are_spooled_and_sent_by_the_next_notifier(webhook_
     first = Notifier(hooks, "run-1", spool=storage, policy=FAST).start()
     shot = [("val.png", png("green"))]
     for step in range(5):
-        first.event(notify.CHECKPOINT_COMMITTED, "info", step, f"checkpoint {step}", images=shot if step == 2 else None)
+        first.event(WebhookType.CHECKPOINT_COMMITTED, "info", step, f"checkpoint {step}", images=shot if step == 2 else None)
     time.sleep(0.3)  # a failed attempt puts the backend in trouble: what is queued is spooled
-    first.event(notify.PREEMPTION_NOTICE, "warning", 5, "node n1 reclaimed in 120 s")
+    first.event(WebhookType.PREEMPTION_NOTICE, "warning", 5, "node n1 reclaimed in 120 s")
     start = time.perf_counter()
     assert first.close(timeout=2.0)
     closed_in = time.perf_counter() - start
-    spooled = storage.listdir(notify.SPOOL)
+    spooled = storage.listdir(SPOOL)
     assert len(spooled) == 12 and not webhook_receiver.requests  # 6 events x 2 backends, none delivered
     assert all(s.split("-")[1] in ("raw", "discord") for s in spooled)
-    assert not any("s3cr3t" in (storage.read_bytes(f"{notify.SPOOL}/{s}") or b"").decode() for s in spooled)
+    assert not any("s3cr3t" in (storage.read_bytes(f"{SPOOL}/{s}") or b"").decode() for s in spooled)
 
     webhook_receiver.up()
     start = time.perf_counter()
     second = Notifier(hooks, "run-1", spool=storage, policy=FAST).start()
-    second.event(notify.RESUMED, "info", 4, "resumed from checkpoint 4")
+    second.event(WebhookType.RESUMED, "info", 4, "resumed from checkpoint 4")
     got = webhook_receiver.wait_for(14, timeout=20)
     delivered_in = time.perf_counter() - start
     assert second.close(timeout=5)
@@ -200,7 +200,7 @@ def test_undelivered_messages_are_spooled_and_sent_by_the_next_notifier(webhook_
         [("preemption_notice", 5), ("resumed", 4)]
     assert base64.b64decode(raw[2]["images"][0]["png_base64"]) == shot[0][1]
     assert [len(r.files) for r in got if r.path == HOOK_PATH] == [0, 0, 1, 0, 0, 0, 0]
-    assert storage.listdir(notify.SPOOL) == []
+    assert storage.listdir(SPOOL) == []
     print(f"\n{where}: close spooled 12 files in {closed_in:.2f} s; the next notifier delivered 14 "
           f"(12 spooled) in {delivered_in:.2f} s; stats {first.stats()} -> {second.stats()}")
 
@@ -208,13 +208,13 @@ def test_undelivered_messages_are_spooled_and_sent_by_the_next_notifier(webhook_
 def test_a_full_queue_drops_the_oldest_least_severe(webhook_receiver, caplog) -> None:
     webhook_receiver.refuse()
     notifier = Notifier([raw_hook(webhook_receiver, log_level="debug")], "run-1", max_queue=4, policy=FAST).start()
-    notifier.event(notify.WARNING, "info", 0, "info")
+    notifier.event(WebhookType.WARNING, "info", 0, "info")
     deadline = time.monotonic() + 5
     while notifier.stats()[0]["retries"] < 1 and time.monotonic() < deadline:  # its first try failed: in
         time.sleep(0.005)  # backoff, nothing is in flight, so the queue alone decides what arrives
     with caplog.at_level(logging.WARNING, logger="orchestrator.notify"):
         for step, severity in enumerate(["debug", "critical", "debug", "warning", "error", "info"], start=1):
-            notifier.event(notify.WARNING, severity, step, severity)
+            notifier.event(WebhookType.WARNING, severity, step, severity)
     webhook_receiver.up()
     got = webhook_receiver.wait_for(4)
     notifier.close(timeout=5)
@@ -233,7 +233,7 @@ def test_secrets_stay_out_of_payloads_and_logs(webhook_receiver, caplog) -> None
             webhook_receiver.refuse()
             notifier = Notifier(hooks, "run-1", policy=FAST).start()
             leak = f"upload failed: {hooks[1].url.get_secret_value()} token={hf_token} key={aws_key} api={TOKEN}"
-            notifier.event(notify.WARNING, "warning", 3, leak, {"detail": {"nested": leak}})
+            notifier.event(WebhookType.WARNING, "warning", 3, leak, {"detail": {"nested": leak}})
             time.sleep(0.3)
             webhook_receiver.up()
             got = webhook_receiver.wait_for(2)
