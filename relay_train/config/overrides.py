@@ -5,16 +5,17 @@ as an unknown key in config.json."""
 
 from __future__ import annotations
 
-import argparse
 import json
+from typing import Any
 
 from relay_train.config.problems import ConfigError
 
 COMMAND_LINE = "the command line"
 
 
-def add_set_flag(parser: argparse.ArgumentParser) -> None:
-    """`--set KEY=VALUE`, repeatable, on a command that reads a training config (see config_overrides)."""
+def add_set_flag(parser: Any) -> None:
+    """`--set KEY=VALUE`, repeatable, on a command (an argparse parser) that reads a training config; the
+    pairs are read by config_overrides or parse_overrides. Argument parsing itself stays in the CLIs."""
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cluster import load_cluster_config
+from orchestrator.cluster import ClusterConfig, load_cluster_config
 from relay_train.config import (
     ConfigError,
     LycorisConfig,
@@ -20,28 +20,12 @@ from relay_train.config import (
 REPO = Path(__file__).resolve().parents[2]
 CARD = Path("/work/shared/seed/terminus-relay-v2-model-card.txt")
 SECRET_URL = "https://discord.com/api/webhooks/123456/s3cr3t-t0ken-do-not-leak"
-LYCORIS = {"algo": "lokr", "linear_dim": 10000, "linear_alpha": 1, "factor": 4, "full_matrix": True}
-BACKENDS = [
-    {"id": "images", "type": "local", "instance_data_dir": "data"},
-    {"id": "text", "dataset_type": "text_embeds", "default": True, "cache_dir": "cache/text"},
-]
 
 
 @pytest.fixture
 def in_repo(monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(REPO)
     return REPO
-
-
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A folder laid out like this repo, with a minimal valid config in configs/run/."""
-    run = tmp_path / "configs" / "run"
-    run.mkdir(parents=True)
-    (run / "lycoris_config.json").write_text(json.dumps(LYCORIS))
-    (run / "multidatabackend.json").write_text(json.dumps(BACKENDS))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def minimal(**extra: object) -> dict[str, object]:
@@ -128,7 +112,7 @@ def test_lycoris_file_loads_verbatim(in_repo: Path) -> None:
 
 
 def test_lycoris_extra_keys_pass_through() -> None:
-    lyco = LycorisConfig.model_validate({**LYCORIS, "dropout": 0.05, "use_tucker": False})
+    lyco = LycorisConfig.model_validate({"algo": "lokr", "linear_dim": 8, "dropout": 0.05, "use_tucker": False})
     assert lyco.create_kwargs()["dropout"] == 0.05 and "linear_dim" not in lyco.create_kwargs()
 
 
@@ -294,6 +278,69 @@ def test_direct_construction_checks_fields_together() -> None:
                     lycoris_config=Path("l.json"), num_train_epochs=0)
 
 
+def test_loading_checks_the_rules_between_fields_once(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    rules = TrainConfig.cross_field_problems
+
+    def counted(cls: type[TrainConfig], values: dict[str, object], bad: set[str]) -> list[str]:
+        calls.append(bad)
+        return rules(values, bad)
+
+    monkeypatch.setattr(TrainConfig, "cross_field_problems", classmethod(counted))
+    load_config(write_config(workdir, minimal()))
+    assert calls == [set()]
+
+
+# ---------------------------------------------------------------- the cluster config
+
+
+def test_cluster_problems_read_as_a_training_configs(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.json"
+    path.write_text(json.dumps({"num_worker": 2, "use_gpu": "maybe", "cpus_per_worker": 0, "num_workers": [3, 2],
+                                "autoscaling": "sometimes", "zzz": 1}))
+    with pytest.raises(ConfigError) as info:
+        load_cluster_config(path, {"max_failure": 1, "num_workers": "two"})
+    assert str(info.value).splitlines()[0] == f"7 problem(s) in {path}:"
+    assert info.value.problems == [
+        "unknown key 'num_worker': did you mean 'num_workers'?",
+        "'use_gpu': got 'maybe'; expected true or false",  # as "'--use_ema': got 'maybe'; expected true or false"
+        "'cpus_per_worker': got 0; must be a number > 0",
+        "'num_workers': got 'two'; must be an integer, or a JSON list of 2 values",
+        "'autoscaling': got 'sometimes'; must be true or false, or 'auto'",
+        "unknown key 'zzz': not a recognised option",
+        "unknown key 'max_failure': did you mean 'max_failures'?",
+    ]
+
+
+def test_cluster_values_and_rules_are_reported_together(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_cluster_config(None, {"strategy": "deepspeed", "gradient_sync_dtype": "bf16", "num_workers": [3, 2],
+                                   "hourly_price_head": float("inf")})
+    assert str(info.value).splitlines()[0] == "3 problem(s) in the cluster config:"
+    num_workers, price, rule = info.value.problems
+    assert num_workers == "'num_workers': got [3, 2]; num_workers must be >= 1, or [min, max] with 1 <= min <= max"
+    assert price == "'hourly_price_head': got inf; must be a finite number (a number >= 0)"
+    assert rule.startswith("'gradient_sync_dtype': 'bf16' applies to strategy 'ddp' only")
+    with pytest.raises(ValueError, match="applies to strategy 'ddp' only"):  # built in code: the same rule
+        ClusterConfig(strategy="deepspeed", gradient_sync_dtype="bf16")
+    assert load_cluster_config(None, {"num_workers": [1, 3]}).num_workers == (1, 3)
+
+
+def test_broken_cluster_file_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.json"
+    path.write_text('{\n  "num_workers": 2,\n  "num_workers": 3,\n  "use_gpu": tru\n}')
+    with pytest.raises(ConfigError, match=r"cluster.json: not valid JSON at line 4"):
+        load_cluster_config(path)
+    path.write_text('{"num_workers": 2, "num_workers": 3, "strategy": "zero"}')
+    with pytest.raises(ConfigError) as info:
+        load_cluster_config(path)
+    assert info.value.problems == [f"{path}: key 'num_workers' appears more than once; keep one",
+                                   "'strategy': got 'zero'; expected one of 'ddp', 'deepspeed'"]
+    path.write_text("[2]")
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        load_cluster_config(path)
+
+
 # ---------------------------------------------------------------- secrets and reports
 
 
@@ -308,7 +355,7 @@ def test_webhook_url_never_leaks_from_a_good_config(workdir: Path) -> None:
     assert config.webhook[0].url.get_secret_value() == SECRET_URL
     shown = [config.resolved_json(), repr(config), str(config), *config.pending_features(), *config.mapping_notes()]
     assert not any(SECRET_URL in text or "s3cr3t" in text for text in shown)
-    assert not any("issue 8" in p for p in config.pending_features())
+    assert config.pending_features() == []  # webhooks are built: nothing of this config is pending
 
 
 @pytest.mark.parametrize("webhook", [
@@ -344,14 +391,19 @@ def test_webhook_problems(workdir: Path) -> None:
 
 
 def test_pending_features_for_the_sd3_config(in_repo: Path) -> None:
-    pending = load_config("configs/sd3/config.json").pending_features()
-    text = "\n".join(pending)
-    assert "issue 6" not in text  # validation is built (orchestrator/validation.py)
-    assert "--disable_benchmark" not in text  # false: the benchmark is not being skipped
-    assert "issue 5" not in text  # the Hub mirror is built (orchestrator/hub.py)
-    assert "issue 8" not in text  # W&B and webhooks are built (orchestrator/tracking.py, notify.py)
-    assert "issue 3" not in text  # aws backends, cache dirs and compress_disk_cache are built
-    assert all(line.endswith("no effect in this run") for line in pending)
+    # validation, the Hub mirror, W&B, webhooks, aws backends and the disk caches are all built
+    assert load_config("configs/sd3/config.json").pending_features() == []
+
+
+def test_pending_features_name_what_the_data_pipeline_ignores(workdir: Path) -> None:
+    backends = [{"id": "images", "instance_data_dir": "data", "crop": True, "crop_aspect": "random"},
+                {"id": "more", "instance_data_dir": "more", "probability": 0.5},
+                {"id": "square", "instance_data_dir": "square", "crop": False, "crop_aspect": "random"}]
+    (workdir / "configs/run/multidatabackend.json").write_text(json.dumps(backends))
+    assert load_config(write_config(workdir, minimal())).pending_features() == [
+        "per-dataset sampling weights and random crop aspects are not built yet: "
+        "multidatabackend.json[images].crop_aspect=random, multidatabackend.json[more].probability=0.5 "
+        "are parsed but have no effect in this run"]
 
 
 def test_pending_features_empty_for_a_minimal_config(workdir: Path) -> None:

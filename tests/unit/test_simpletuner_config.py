@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,29 +16,18 @@ from relay_train.config.overrides import config_overrides, flag_pairs
 from simpletuner_wheel import example_files, registry_defaults, registry_source  # tests/ is on sys.path (conftest rootdir)
 
 SECRET_URL = "https://discord.com/api/webhooks/123456/s3cr3t-t0ken-do-not-leak"
-LYCORIS = {"algo": "lokr", "linear_dim": 10000, "linear_alpha": 1, "factor": 4, "full_matrix": True,
-           "apply_preset": {"target_module": ["Attention"], "module_algo_map": {"Attention": {"factor": 2}}}}
-BACKENDS = [
-    {"id": "images", "type": "local", "instance_data_dir": "data"},
-    {"id": "text", "dataset_type": "text_embeds", "default": True, "cache_dir": "cache/text"},
-]
 # Where SimpleTuner has no default or another spelling of the same one.
 SAME_EFFECT = {"max_train_steps": (None, 0), "minimum_image_size": (None, 0), "data_backend_config": (None, None)}
-
-
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    run = tmp_path / "configs" / "run"
-    run.mkdir(parents=True)
-    (run / "lycoris_config.json").write_text(json.dumps(LYCORIS))
-    (run / "multidatabackend.json").write_text(json.dumps(BACKENDS))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def minimal(**extra: object) -> dict[str, object]:
     return {"pretrained_model_name_or_path": "demo/tiny-sd3", "lycoris_config": "config/run/lycoris_config.json",
             "data_backend_config": "config/run/multidatabackend.json", "max_train_steps": 10, **extra}
+
+
+def written(workdir: Path, name: str) -> Any:
+    """A file the workdir fixture wrote in configs/run/, as JSON."""
+    return json.loads((workdir / "configs" / "run" / name).read_text())
 
 
 def write(workdir: Path, raw: dict[str, object] | str) -> Path:
@@ -192,14 +182,15 @@ def test_non_finite_and_absurd_numbers_are_refused(workdir: Path) -> None:
         assert any(p.startswith(f"'--{key}': got ") for p in problems), key
     assert problems_of(workdir, minimal(learning_rate=1e30)) == ["'--learning_rate': got 1e+30; must be a number > 0 "
                                                                   "and <= 1"]
-    (workdir / "configs/run/lycoris_config.json").write_text(json.dumps({**LYCORIS, "multiplier": math.inf}))
+    lycoris = {**written(workdir, "lycoris_config.json"), "multiplier": math.inf}
+    (workdir / "configs/run/lycoris_config.json").write_text(json.dumps(lycoris))
     assert any(p.startswith("lycoris_config.json.multiplier: got inf") for p in problems_of(workdir, minimal()))
 
 
 def test_the_lycoris_file_is_checked_as_strictly_as_the_config(workdir: Path) -> None:
     preset = {"target_modules": ["Attention"], "module_algo_map": {"Attention": {"facter": 2}}}
     (workdir / "configs/run/lycoris_config.json").write_text(
-        json.dumps({**LYCORIS, "full_matirx": True, "apply_preset": preset}))
+        json.dumps({**written(workdir, "lycoris_config.json"), "full_matirx": True, "apply_preset": preset}))
     problems = problems_of(workdir, minimal())
     assert problems == [
         "lycoris_config.json: unknown key 'full_matirx': did you mean 'full_matrix'?",
@@ -265,7 +256,8 @@ def test_cross_key_rules_of_the_new_keys(workdir: Path) -> None:
 
 
 def test_text_embeds_links_an_image_backend_to_a_text_cache(workdir: Path) -> None:
-    backends = [{**BACKENDS[0], "text_embeds": "other"}, BACKENDS[1],
+    images, text = written(workdir, "multidatabackend.json")
+    backends = [{**images, "text_embeds": "other"}, text,
                 {"id": "other", "dataset_type": "text_embeds", "cache_dir": "cache/other"}]
     (workdir / "configs/run/multidatabackend.json").write_text(json.dumps(backends))
     config = load_config(write(workdir, minimal()))
