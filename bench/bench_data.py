@@ -71,7 +71,9 @@ def s3_backends(endpoint: str) -> list[dict]:
 def read_rate(config, epochs: int) -> float:
     """Samples/s through EncodedDataset.batch with every entry read from the store (no RAM copy)."""
     from relay_train.data.buckets import BucketBatchSampler
-    from relay_train.data.dataset import encode_dataset, open_dataset, plan_dataset
+    from relay_train.data.dataset import open_dataset
+    from relay_train.data.encode import encode_dataset
+    from relay_train.data.plan import plan_dataset
 
     encode_dataset(config, MODEL, CPU, torch.float32)  # build the caches (untimed)
     dataset = open_dataset(plan_dataset(config, MODEL), memory_budget=0)

@@ -65,7 +65,7 @@ def prepare(root: Path) -> Path:
     config = root / "config.json"
     config.write_text(json.dumps(raw, indent=1))
     from relay_train.config import load_config
-    from relay_train.data.dataset import plan_dataset
+    from relay_train.data.plan import plan_dataset
     from relay_train.model import resolve_model_path
     from relay_train.data.encode import build_missing
 

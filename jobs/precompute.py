@@ -18,10 +18,9 @@ from typing import Any
 
 import ray
 
-from relay_train.cli import parse_overrides
-from relay_train.config.overrides import add_set_flag
+from relay_train.config.overrides import add_set_flag, parse_overrides
 from relay_train.config import TrainConfig, load_config
-from relay_train.data.dataset import plan_dataset
+from relay_train.data.plan import plan_dataset
 from relay_train.model import resolve_model_path
 from relay_train.data.encode import LatentEncoder, LogProgress, TextEncoder, latent_items, text_items
 from relay_train.logs import configure_logging

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from relay_train import cli as base
-from relay_train.config.overrides import add_set_flag
+from relay_train.config.overrides import add_set_flag, flag_pairs, parse_overrides
 
 log = logging.getLogger("relay")
 DEMO = Path("configs/demo")
@@ -18,7 +18,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     """Start a local Ray cluster (or join RAY_ADDRESS's) and run the job on it; exit codes as run_job's."""
     from orchestrator.launch import run_job
 
-    sets = [*args.set, *base.flag_pairs(args.config_flags)]  # config keys as flags too (--key=value)
+    sets = [*args.set, *flag_pairs(args.config_flags)]  # config keys as flags too (--key=value)
     return run_job(args.config, args.cluster, sets, args.cluster_set, verbose=args.verbose)
 
 
@@ -66,7 +66,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from relay_train.config import load_config
     from relay_train.validate.render import validate_offline
 
-    config = load_config(args.config, base.parse_overrides(args.set))
+    config = load_config(args.config, parse_overrides(args.set))
     result, out = validate_offline(config, args.checkpoint, args.out)
     scores = "".join(f"; {v} CLIP mean {s['mean']:.2f}" for v, s in result.scores().items())
     log.info("validated step %d: %d image(s) in %s%s", result.step, len(result.images), out, scores)

@@ -300,7 +300,7 @@ def run_job(config: str, cluster: str | None, sets: list[str], cluster_sets: lis
     by SIGINT/SIGTERM after a committed checkpoint (the same command resumes)."""
     import ray
 
-    from relay_train.cli import parse_overrides
+    from relay_train.config.overrides import parse_overrides
 
     from orchestrator.cluster import load_cluster_config
 

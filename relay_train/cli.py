@@ -6,11 +6,12 @@ import argparse
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from collections.abc import Callable
 
 from relay_train.logs import configure_logging
-from relay_train.config.overrides import add_set_flag, config_overrides, flag_pairs, parse_overrides  # noqa: F401  (for the orchestrator)
+from relay_train.config.overrides import add_set_flag, config_overrides, parse_overrides
 
 log = logging.getLogger("relay")
 
@@ -98,9 +99,21 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
-    from relay_train.data.encode import cmd_precompute as run
+    """`relay precompute --config C [--set k=v ...]`: build the caches in this process (one GPU or the CPU)."""
+    from relay_train.config import load_config
+    from relay_train.data.encode import build_missing
+    from relay_train.data.plan import plan_dataset
+    from relay_train.model import compute_dtype, pick_device, resolve_model_path
 
-    return run(args)
+    config = load_config(args.config, parse_overrides(args.set))
+    model_path = resolve_model_path(config.pretrained_model_name_or_path)
+    device = pick_device()
+    start = time.perf_counter()
+    plan = plan_dataset(config, model_path)
+    stats = build_missing(plan, model_path, device, compute_dtype(config, device))
+    log.info("precompute done in %.1fs: %d latent(s), %d text embedding(s) encoded, %d failed, %d bad file(s) skipped",
+             time.perf_counter() - start, stats.latents, stats.text, stats.failed, plan.problems)
+    return 0
 
 
 def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = None) -> argparse.ArgumentParser:

@@ -16,7 +16,8 @@ import torch
 from relay_train import checkpoint as ckpt
 from relay_train.data.buckets import Bucket, BucketBatchSampler
 from relay_train.config import TrainConfig
-from relay_train.data.dataset import BucketTensors, EncodedDataset, UnusableBatchError, encode_dataset
+from relay_train.data.dataset import BucketTensors, EncodedDataset, UnusableBatchError
+from relay_train.data.encode import encode_dataset
 from relay_train.model import AdapterModel, build_adapter_model, compute_dtype, pick_device, resolve_model_path
 from relay_train.nonfinite import NonFiniteError, StepGuard, nonfinite_tensors
 from relay_train.optim import AdapterEMA, build_scheduler
@@ -402,13 +403,14 @@ def build_trainer(
 ) -> Trainer:
     """Data first (then its encoders are freed), then the quantized transformer + LoKr, then state:
     from `resume_from` when given (the orchestrator's checkpoint), else per resume_from_checkpoint.
+    With world_size > 1 the torch.distributed group must exist: rank 0 plans and encodes the data for all.
 
     The global batch is train_batch_size × global_workers (default: world_size). An elastic run fixes
     global_workers at its maximum, so a smaller group splits the same global batch over fewer ranks and
     the batch, the schedule and the sampler are unchanged by a resize."""
     device = device or pick_device()
     model_path = resolve_model_path(config.pretrained_model_name_or_path)
-    dataset = encode_dataset(config, model_path, device, compute_dtype(config, device))
+    dataset = encode_dataset(config, model_path, device, compute_dtype(config, device), rank, world_size)
     # The sampler deals global batches; each rank trains on its share (see Trainer).
     sampler = BucketBatchSampler(dataset.bucket_sizes(), config.train_batch_size * (global_workers or world_size), config.seed,
                                  keep_partial_batches=config.disable_bucket_pruning)

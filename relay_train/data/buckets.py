@@ -1,4 +1,4 @@
-"""Aspect buckets and the resumable, rank-sharded batch sampler. Pure: no I/O, no model."""
+"""Aspect buckets and the resumable batch sampler. Pure: no I/O, no model."""
 
 from __future__ import annotations
 
@@ -43,44 +43,41 @@ Batch = tuple[Bucket, list[int]]
 
 @dataclass
 class BucketBatchSampler:
-    """Yields (bucket, sample indices) batches; a batch never mixes buckets.
+    """Yields (bucket, sample indices) global batches; a batch never mixes buckets.
 
     An epoch is a pure function of (seed, epoch): each bucket's samples in a shuffled order, cut
     into batches in that order, and a shuffled sequence saying which bucket the next batch comes
-    from. Each rank takes every world_size-th batch, and every rank gets the same count (the epoch
-    is trimmed to a multiple of world_size) so collective calls stay in step.
+    from. Every rank runs the same sampler over global batches (train_batch_size × workers) and
+    trains on its share of each (relay_train.parallel.shard_of), so all ranks take the same
+    number of steps and collective calls stay in step.
 
     Because a bucket's samples are always taken front to back, "how far into each bucket" says
     exactly what an epoch has consumed. The state keeps that (`start`, where this stretch of the
-    epoch began) with the position since; a resume under another world size or batch size cuts
-    the rest of each bucket anew, so no sample repeats and none is skipped beyond the usual
-    trimming (a bucket's last partial batch, and fewer than world_size batches at the epoch's end).
+    epoch began) with the position since; a resume with another batch size (another number of
+    workers) cuts the rest of each bucket anew, so no sample repeats and none is skipped beyond
+    the usual trimming (a bucket's last partial batch).
     """
 
     bucket_sizes: dict[Bucket, int]
     batch_size: int
     seed: int
     keep_partial_batches: bool = False  # disable_bucket_pruning: small buckets still train
-    rank: int = 0
-    world_size: int = 1
     epoch: int = 0
-    position: int = 0  # batches this rank has taken since `start`
+    position: int = 0  # batches taken since `start`
     start: dict[Bucket, int] = field(default_factory=dict)  # samples per bucket consumed before this stretch
     _order: list[Batch] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
         if self.batches_per_epoch() == 0:
             raise ValueError(
-                f"no full batch of {self.batch_size} fits any aspect bucket {dict(self.bucket_sizes)} "
-                f"across {self.world_size} rank(s): add images, lower --train_batch_size, "
+                f"no full batch of {self.batch_size} (train_batch_size × workers) fits any aspect bucket "
+                f"{dict(self.bucket_sizes)}: add images, lower --train_batch_size, "
                 "or set --disable_bucket_pruning true"
             )
 
     def global_batches(self, epoch: int, start: dict[Bucket, int] | None = None,
                        batch_size: int | None = None) -> list[Batch]:
-        """Every batch of the epoch from `start` on, in order, before sharding."""
+        """Every batch of the epoch from `start` on, in order."""
         start, batch_size = start or {}, batch_size or self.batch_size
         chunks: dict[Bucket, list[list[int]]] = {}
         for bucket in sorted(self.bucket_sizes):
@@ -99,32 +96,27 @@ class BucketBatchSampler:
             taken[bucket] += 1
         return batches
 
-    def _epoch_batches(self, epoch: int, start: dict[Bucket, int] | None = None) -> list[Batch]:
-        batches = self.global_batches(epoch, start)
-        usable = len(batches) - len(batches) % self.world_size
-        return batches[self.rank : usable : self.world_size]
-
     def batches_per_epoch(self) -> int:
-        """This rank's batches in a whole epoch (the stretch after a re-shard may be shorter)."""
-        return len(self._epoch_batches(0))
+        """Batches in a whole epoch (the stretch after a re-cut may be shorter)."""
+        return len(self.global_batches(0))
 
     def next_batch(self) -> Batch:
         if self._order is None:
-            self._order = self._epoch_batches(self.epoch, self.start)
+            self._order = self.global_batches(self.epoch, self.start)
         if self.position >= len(self._order):  # at most once: a fresh epoch always has a batch
             self.epoch, self.position, self.start = self.epoch + 1, 0, {}
-            self._order = self._epoch_batches(self.epoch)
+            self._order = self.global_batches(self.epoch)
         batch = self._order[self.position]
         self.position += 1
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size,
-                "batch_size": self.batch_size, "start": [[w, h, n] for (w, h), n in sorted(self.start.items())],
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
+                "start": [[w, h, n] for (w, h), n in sorted(self.start.items())],
                 "buckets": [[w, h, n] for (w, h), n in sorted(self.bucket_sizes.items())]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore exactly when world and batch size match; otherwise continue each bucket where it stopped."""
+        """Restore exactly when the batch size matches; otherwise continue each bucket where it stopped."""
         if state["seed"] != self.seed:
             raise ValueError(f"sampler state was saved with seed {state['seed']}, this run uses {self.seed}")
         saved = {(w, h): n for w, h, n in state.get("buckets", [])}
@@ -132,16 +124,16 @@ class BucketBatchSampler:
             log.warning("sampler: the dataset's buckets changed since the checkpoint (%d → %d samples): "
                         "epoch %d's order differs from the one it started with",
                         sum(saved.values()), sum(self.bucket_sizes.values()), state["epoch"])
-        world, size = state.get("world_size", self.world_size), state.get("batch_size", self.batch_size)
+        size = state.get("batch_size", self.batch_size)
         start = {(w, h): n for w, h, n in state.get("start", [])}
         self.epoch, self.position, self.start, self._order = state["epoch"], state["position"], start, None
-        if (world, size) == (self.world_size, self.batch_size):
+        if size == self.batch_size:
             return
-        done = self.global_batches(self.epoch, start, size)[: state["position"] * world]
+        done = self.global_batches(self.epoch, start, size)[: state["position"]]
         consumed = dict(start)
         for bucket, indices in done:
             consumed[bucket] = consumed.get(bucket, 0) + len(indices)
         self.start, self.position = consumed, 0
-        log.warning("sampler: resuming epoch %d on %d rank(s) × batch %d (saved on %d × %d): %d samples of the epoch "
+        log.warning("sampler: resuming epoch %d with batches of %d (saved with %d): %d samples of the epoch "
                     "were done and are not repeated; the rest of each bucket is cut into new batches",
-                    self.epoch, self.world_size, self.batch_size, world, size, sum(consumed.values()))
+                    self.epoch, self.batch_size, size, sum(consumed.values()))

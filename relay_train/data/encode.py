@@ -5,28 +5,33 @@ the shape Ray Data's `map_batches` hands to an actor class. The trainer (when ca
 incomplete), `relay precompute` and `jobs/precompute.py` all run these same two classes, so a cache
 entry is the same bytes whoever wrote it. Each encoder writes its entries as soon as a batch is
 done, and work items are only what is missing, so a killed precompute resumes where it stopped.
+
+`encode_dataset` is the trainer's seam: plan (relay_train.data.plan), encode what is missing, open
+the dataset (relay_train.data.dataset), which then reads the caches alone. When the caches are
+complete it never loads a text encoder or the VAE.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
+import io
 import logging
-import time
+import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
 
+from relay_train.config import DataBackendConfig, TrainConfig
+from relay_train.data.buckets import Bucket
 from relay_train.data.caches import T5_TOKENS, TensorCache
-from relay_train.config import TrainConfig
-from relay_train.data.dataset import (
-    BuildStats, DatasetPlan, drop_samples, load_pixels, plan_dataset, text_cache_store, vae_cache_store,
-)
-from relay_train.flow import normalize_latents
+from relay_train.data.dataset import BuildStats, EncodedDataset, open_dataset
+from relay_train.data.plan import DatasetPlan, drop_samples, plan_dataset, text_cache_store, vae_cache_store
 from relay_train.data.store import FileStore, image_store
+from relay_train.flow import normalize_latents
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,31 @@ def latent_items(plan: DatasetPlan) -> list[dict[str, Any]]:
 
 def text_items(plan: DatasetPlan) -> list[dict[str, Any]]:
     return [{"text_key": key, "caption": plan.captions[key]} for key in plan.missing_text]
+
+
+def load_pixels(data: bytes, bucket: Bucket, backend: DataBackendConfig, seed: int = 0) -> torch.Tensor:
+    """Resize to cover the bucket, crop to it; (3, H, W) in [-1, 1].
+
+    crop_style picks the window: centre, top-left corner, or a random one drawn from `seed`
+    (the image's hash), so the cached latent stays a pure function of the cache key.
+    """
+    width, height = bucket
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        scale = max(width / im.width, height / im.height)
+        im = im.resize((max(width, round(im.width * scale)), max(height, round(im.height * scale))), Image.BICUBIC)
+        spare_x, spare_y = im.width - width, im.height - height
+        style = backend.crop_style if backend.crop else "center"
+        if style == "corner":
+            left, top = 0, 0
+        elif style == "random":
+            rng = np.random.default_rng(seed)
+            left, top = int(rng.integers(0, spare_x + 1)), int(rng.integers(0, spare_y + 1))
+        else:
+            left, top = spare_x // 2, spare_y // 2
+        im = im.crop((left, top, left + width, top + height))
+        array = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 class LatentEncoder:
@@ -180,18 +210,57 @@ class LogProgress:
             log.info("precompute %s: %d/%d", what, done, total)
 
 
-def cmd_precompute(args: argparse.Namespace) -> int:
-    """`relay precompute --config C [--set k=v ...]`: build the caches in this process (one GPU or the CPU)."""
-    from relay_train.cli import parse_overrides
-    from relay_train.config import load_config
-    from relay_train.model import compute_dtype, pick_device, resolve_model_path
+# ---------------------------------------------------------------- the trainer's seam
 
-    config = load_config(args.config, parse_overrides(getattr(args, "set", None) or []))
-    model_path = resolve_model_path(config.pretrained_model_name_or_path)
-    device = pick_device()
-    start = time.perf_counter()
-    plan = plan_dataset(config, model_path)
-    stats = build_missing(plan, model_path, device, compute_dtype(config, device))
-    log.info("precompute done in %.1fs: %d latent(s), %d text embedding(s) encoded, %d failed, %d bad file(s) skipped",
-             time.perf_counter() - start, stats.latents, stats.text, stats.failed, plan.problems)
-    return 0
+
+def encode_dataset(config: TrainConfig, model_path: Path, device: torch.device, dtype: torch.dtype,
+                   rank: int = 0, world_size: int = 1) -> EncodedDataset:
+    """Plan the dataset, encode whatever the caches lack (loading only the encoders needed), then
+    open it for reading from the caches alone.
+
+    On several ranks (a torch.distributed group of `world_size`) rank 0 alone plans and encodes:
+    discovery writes the shared index.json and problematic_images.json (and may delete bad files),
+    and every rank encoding would load the encoders N times to write the same entries. The others
+    receive its plan, and with it the news that the caches are complete. For a big dataset run
+    jobs/precompute.py first: they wait for rank 0 at most torch.distributed's timeout."""
+
+    def plan_and_encode() -> tuple[DatasetPlan, BuildStats]:
+        plan = plan_dataset(config, model_path)
+        return plan, (BuildStats() if plan.complete else build_missing(plan, model_path, device, dtype))
+
+    plan, stats = plan_and_encode() if world_size == 1 else from_rank_zero(plan_and_encode, rank, device)
+    return open_dataset(plan, stats)
+
+
+T = TypeVar("T")
+
+
+def from_rank_zero(make: Callable[[], T], rank: int, device: torch.device) -> T:
+    """`make()` run on rank 0 alone; every other rank gets its result (or its error) pickled, in one
+    broadcast that also holds them until rank 0 is done."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError("several ranks need a torch.distributed process group: rank 0 plans the data for all")
+    payload: list[Any] = [None]
+    # NCCL broadcasts a device tensor; gloo a CPU one
+    on = device if dist.get_backend() == "nccl" else None
+    if rank == 0:
+        try:
+            payload[0] = make()
+        except Exception as exc:
+            dist.broadcast_object_list([_portable(exc)], src=0, device=on)  # the others fail now, not at the timeout
+            raise
+    dist.broadcast_object_list(payload, src=0, device=on)
+    if isinstance(payload[0], Exception):
+        raise payload[0]
+    return payload[0]
+
+
+def _portable(exc: Exception) -> Exception:
+    """The error itself when it survives pickling, else its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - an exception class whose constructor pickle cannot replay
+        return RuntimeError(f"rank 0: {type(exc).__name__}: {exc}")
+    return exc

@@ -10,7 +10,7 @@ import shutil
 from PIL import Image
 
 from relay_train.config import DataBackendConfig
-from relay_train.data.dataset import plan_dataset
+from relay_train.data.plan import plan_dataset
 from relay_train.data.discovery import REPORT_NAME, discover, report_problems
 from relay_train.data.store import FileStore, image_store
 from relay_train.trainer import build_trainer

@@ -12,8 +12,8 @@ import torch
 
 from relay_train.data.buckets import BucketBatchSampler
 from relay_train.config import load_config
-from relay_train.data.dataset import encode_dataset, plan_dataset
-from relay_train.data.encode import build_missing
+from relay_train.data.encode import build_missing, encode_dataset
+from relay_train.data.plan import plan_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -47,8 +47,8 @@ def s3_images(endpoint: str, bucket: str, **extra) -> dict:
             "aws_endpoint_url": endpoint, "cache_dir_vae": "cache/vae", **extra}
 
 
-def epoch_batches(dataset, world_size: int = 1):
-    sampler = BucketBatchSampler(dataset.bucket_sizes(), 2, seed=3, keep_partial_batches=True, world_size=world_size)
+def epoch_batches(dataset):
+    sampler = BucketBatchSampler(dataset.bucket_sizes(), 2, seed=3, keep_partial_batches=True)
     return [dataset.batch(*sampler.next_batch()) for _ in range(sampler.batches_per_epoch())]
 
 
@@ -127,7 +127,7 @@ def test_interrupted_precompute_resumes_where_it_stopped(write_config, demo_data
 
 
 def test_second_discovery_reads_no_image(write_config, demo_data, s3_bucket, s3_endpoint):
-    from relay_train.data.dataset import vae_cache_store
+    from relay_train.data.plan import vae_cache_store
     from relay_train.data.discovery import discover
     from relay_train.data.store import image_store
 

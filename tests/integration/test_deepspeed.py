@@ -62,7 +62,7 @@ def _run(config_path: Path, strategy: str, out: Path, free_port, stop_at: int = 
 def _fill_caches(config_path: Path) -> None:
     """Encode the caches once here, so the spawned ranks only read them (as the Ray worker's rank 0 does)."""
     from relay_train.config import load_config
-    from relay_train.data.dataset import plan_dataset
+    from relay_train.data.plan import plan_dataset
     from relay_train.model import resolve_model_path
     from relay_train.data.encode import build_missing
 

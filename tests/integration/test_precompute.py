@@ -39,7 +39,7 @@ def test_ray_precompute_builds_once_then_training_reads_only_caches(ray_local, c
     import diffusers
 
     from relay_train.config import load_config
-    from relay_train.data.dataset import encode_dataset
+    from relay_train.data.encode import encode_dataset
 
     def refuse(*args, **kwargs):
         raise AssertionError("an encoder was loaded although precompute filled the caches")

@@ -62,7 +62,7 @@ def png_header(width: int, height: int) -> bytes:
 def build_caches(config_path: Path, tiny_model: Path):
     """Encode the latent and text caches in this process (what the first `relay train` would do)."""
     from relay_train.config import load_config
-    from relay_train.data.dataset import plan_dataset
+    from relay_train.data.plan import plan_dataset
     from relay_train.data.encode import build_missing
 
     config = load_config(config_path)
@@ -98,7 +98,7 @@ def test_images_the_model_cannot_take_are_reported_and_the_run_completes(config_
 
 
 def test_a_corrupt_cache_entry_is_skipped_reported_and_rebuilt_next_start(config_file, demo_data, tiny_model, tmp_path):
-    from relay_train.data.dataset import plan_dataset
+    from relay_train.data.plan import plan_dataset
 
     path = config_file(data_dir=four_images(tmp_path / "data", demo_data), max_train_steps=4, checkpointing_steps=4)
     config = build_caches(path, tiny_model)

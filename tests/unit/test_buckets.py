@@ -1,6 +1,7 @@
 import pytest
 
 from relay_train.data.buckets import BucketBatchSampler, bucket_for
+from relay_train.parallel import shard_of
 
 
 @pytest.mark.parametrize(
@@ -59,12 +60,13 @@ def test_epochs_reshuffle():
 
 
 def test_ranks_get_disjoint_equal_shares():
-    sizes = {(64, 64): 9, (80, 48): 4}
-    shards = [BucketBatchSampler(sizes, 2, seed=5, rank=r, world_size=2) for r in range(2)]
-    counts = {s.batches_per_epoch() for s in shards}
-    assert counts == {3}  # 4 + 2 = 6 batches → 3 each
-    a, b = (set((bk, tuple(i)) for bk, i in _drain(s, 3)) for s in shards)
-    assert not a & b
+    sizes = {(64, 64): 13, (80, 48): 4}
+    sampler = _world(2, sizes, seed=5)
+    assert sampler.batches_per_epoch() == 4  # global batches of 2 × 2: 3 + 1, the odd one out dropped
+    taken = _steps(sampler, 2, 4)
+    assert all(len(indices) == 2 for _, indices in taken)  # every rank steps 4 times on 2 samples
+    a, b = (set(_samples(taken[r::2])) for r in range(2))
+    assert len(a) == len(b) == 8 and not a & b
 
 
 def test_impossible_batch_is_a_clear_error():
@@ -97,80 +99,90 @@ def test_bucket_table(size, resolution, kind, alignment, expected):
     assert bucket_for(*size, resolution=resolution, resolution_type=kind, rounding=2, alignment=alignment) == expected
 
 
-SIZES = {(64, 64): 8, (80, 48): 6, (48, 80): 4, (96, 48): 2}  # 20 samples → 10 batches of 2
+SIZES = {(64, 64): 8, (80, 48): 4, (48, 80): 4, (96, 48): 4}  # 20 samples → 5 global batches of 2 ranks × 2
 
 
-def _ranks(world, **kw):
-    return [BucketBatchSampler(SIZES, 2, seed=7, rank=r, world_size=world, **kw) for r in range(world)]
+def _world(world, sizes=SIZES, seed=7, **kw):
+    """The trainer's layout: one sampler dealing global batches of 2 samples per rank × world."""
+    return BucketBatchSampler(sizes, 2 * world, seed=seed, **kw)
 
 
-def _steps(samplers, n):
-    """n lock-step steps of every rank: the global batches they take, in order."""
-    return [s.next_batch() for _ in range(n) for s in samplers]
+def _shares(batch, world):
+    """What each rank trains on: its shard_of the global batch, as the Trainer takes it."""
+    bucket, indices = batch
+    return [(bucket, tuple(indices[shard_of(len(indices), rank, world)])) for rank in range(world)]
 
 
-def _key(batch):
-    return batch[0], tuple(batch[1])
+def _steps(sampler, world, n):
+    """n lock-step steps of every rank: each rank's share of each global batch, in order."""
+    return [share for _ in range(n) for share in _shares(sampler.next_batch(), world)]
 
 
 def test_two_ranks_cover_every_sample_exactly_once_per_epoch():
-    ranks = _ranks(2)
-    assert ranks[0].batches_per_epoch() == 5
-    taken = _steps(ranks, 5)
+    sampler = _world(2)
+    assert sampler.batches_per_epoch() == 5
+    taken = _steps(sampler, 2, 5)
+    assert all(len(indices) == 2 for _, indices in taken)  # equal shares: the ranks stay in step
     samples = [(bucket, i) for bucket, idx in taken for i in idx]
     assert len(samples) == len(set(samples)) == sum(SIZES.values())
 
 
 def test_two_rank_resume_mid_epoch_continues_the_exact_sequence():
-    straight = _steps(_ranks(2), 8)  # crosses into epoch 1
-    first = _ranks(2)
-    head = _steps(first, 3)
-    resumed = _ranks(2)
-    for old, new in zip(first, resumed):
-        new.load_state_dict(old.state_dict())
-    assert head + _steps(resumed, 5) == straight
+    straight = _steps(_world(2), 2, 8)  # crosses into epoch 1
+    first = _world(2)
+    head = _steps(first, 2, 3)
+    resumed = _world(2)
+    resumed.load_state_dict(first.state_dict())
+    assert head + _steps(resumed, 2, 5) == straight
 
 
 def _samples(batches):
     return [(bucket, i) for bucket, idx in batches for i in idx]
 
 
-def _until_epoch_ends(samplers, limit=50):
-    """Lock-step steps until the ranks roll into the next epoch; the batches taken before that."""
+def _until_epoch_ends(sampler, world, limit=50):
+    """Lock-step steps until the sampler rolls into the next epoch: every rank's shares before that, and
+    the shares of the first step after."""
     taken = []
     for _ in range(limit):
-        step = [s.next_batch() for s in samplers]
-        if samplers[0].epoch != 0:
+        step = _shares(sampler.next_batch(), world)
+        if sampler.epoch != 0:
             return taken, step
         taken += step
     raise AssertionError("the epoch never ended")
 
 
+def _recut_coverage(sizes, done, batch):
+    """Samples an epoch covers when `done` were taken and the rest of each bucket is cut into `batch`es:
+    only each bucket's last partial batch is dropped."""
+    used = {b: sum(len(i) for bb, i in done if bb == b) for b in sizes}
+    return sum(used[b] + (sizes[b] - used[b]) // batch * batch for b in sizes)
+
+
 def test_resume_from_two_ranks_on_three_neither_repeats_nor_skips(caplog):
-    sizes = {(64, 64): 14, (80, 48): 10}  # 24 samples: 12 global batches of 2
-    two = [BucketBatchSampler(sizes, 2, seed=7, rank=r, world_size=2) for r in range(2)]
-    done = _steps(two, 2)  # 4 global batches
-    three = [BucketBatchSampler(sizes, 2, seed=7, rank=r, world_size=3) for r in range(3)]
+    sizes = {(64, 64): 14, (80, 48): 10}  # 24 samples
+    two = _world(2, sizes)
+    done = _steps(two, 2, 2)  # 2 global batches of 4
+    three = _world(3, sizes)
     with caplog.at_level("WARNING"):
-        for sampler in three:
-            sampler.load_state_dict(two[0].state_dict())
-    assert "resuming epoch 0 on 3 rank(s) × batch 2 (saved on 2 × 2): 8 samples" in caplog.text
-    rest, first_of_next = _until_epoch_ends(three)
+        three.load_state_dict(two.state_dict())
+    assert "resuming epoch 0 with batches of 6 (saved with 4): 8 samples" in caplog.text
+    rest, first_of_next = _until_epoch_ends(three, 3)
+    assert all(len(indices) == 2 for _, indices in rest)  # every rank steps on 2 samples
     seen = _samples(done + rest)
     assert len(seen) == len(set(seen))  # nothing repeated
-    assert len(seen) == 24 - 4  # 8 batches remained: 2 whole 3-rank steps, 2 trimmed (< one global batch)
-    assert first_of_next == [three[0].global_batches(1)[r] for r in range(3)]  # then a whole, fresh epoch
+    assert len(seen) == _recut_coverage(sizes, done, 6)  # nothing skipped beyond each bucket's last partial batch
+    assert first_of_next == _shares(three.global_batches(1)[0], 3)  # then a whole, fresh epoch
 
 
 def test_three_ranks_back_to_two():
-    three = _ranks(3)
-    done = _steps(three, 1)
-    two = _ranks(2)
-    for sampler in two:
-        sampler.load_state_dict(three[1].state_dict())
-    rest, _ = _until_epoch_ends(two)
+    three = _world(3)
+    done = _steps(three, 3, 1)
+    two = _world(2)
+    two.load_state_dict(three.state_dict())
+    rest, _ = _until_epoch_ends(two, 2)
     seen = _samples(done + rest)
-    assert len(seen) == len(set(seen)) == 20 - 2  # 7 batches remained: 3 steps of 2, one trimmed
+    assert len(seen) == len(set(seen)) == _recut_coverage(SIZES, done, 4)
 
 
 def test_global_batches_regrow_when_the_world_grows():
@@ -180,7 +192,7 @@ def test_global_batches_regrow_when_the_world_grows():
     done = [old.next_batch() for _ in range(3)]
     new = BucketBatchSampler(sizes, 6, seed=5)  # 3 ranks × 2
     new.load_state_dict(old.state_dict())
-    rest, _ = _until_epoch_ends([new])
+    rest, _ = _until_epoch_ends(new, 1)
     seen = _samples(done + rest)
     assert len(seen) == len(set(seen)) and all(len(i) == 6 for _, i in rest)
     assert 36 - len(seen) < 6 * len(sizes)  # only each bucket's last partial batch is dropped

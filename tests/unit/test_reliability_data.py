@@ -8,7 +8,7 @@ import struct
 import zlib
 
 from relay_train.data.buckets import bucket_for
-from relay_train.data.dataset import ModelLimits
+from relay_train.data.plan import ModelLimits
 from relay_train.data.discovery import inspect_image, problem_kind
 from relay_train.demo.tiny_model import _TRANSFORMERS
 
