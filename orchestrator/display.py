@@ -24,11 +24,11 @@ Where = Callable[[str], str]  # names a file in the run's storage, given its pat
 Line = tuple[str, str]  # (level, text)
 
 
-def _checkpoint(event: dict, step, where: Where) -> Line:
+def _checkpoint(event: dict, step: int | None, where: Where) -> Line:
     return "info", f"checkpoint {step} committed: {event.get('uri', where(f'checkpoint-{step}'))}"
 
 
-def _validation(event: dict, step, where: Where) -> Line:
+def _validation(event: dict, step: int | None, where: Where) -> Line:
     if event.get("benchmark"):
         return "info", f"validation of the base model done: {where('relay/validation/base/grid.png')}"
     scores = event.get("scores") or {}
@@ -37,7 +37,7 @@ def _validation(event: dict, step, where: Where) -> Line:
     return "info", f"validation at step {step} done: {grid}" + (f" ({shown})" if shown else "")
 
 
-def _emergency_checkpoint(event: dict, step, where: Where) -> Line:
+def _emergency_checkpoint(event: dict, step: int | None, where: Where) -> Line:
     state = "committed" if event.get("committed", True) else "NOT committed"
     secs = event.get("seconds_from_notice")
     return "warning", f"emergency checkpoint {step} {state}" + (f" {secs:.1f} s after the notice" if secs else "")
@@ -48,7 +48,7 @@ RESUMED_BECAUSE = {AttemptReason.NODE_LOST: "a node was lost", AttemptReason.FAI
                    AttemptReason.RESIZE: "resized"}  # a fresh attempt is no milestone: the run just began
 
 
-def _attempt(event: dict, step, where: Where) -> Line | None:
+def _attempt(event: dict, step: int | None, where: Where) -> Line | None:
     reason = event.get("reason", AttemptReason.FRESH)
     if reason == AttemptReason.FRESH:
         return None
