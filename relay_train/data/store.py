@@ -159,7 +159,8 @@ class FileStore:
 
     def read(self, key: str) -> bytes:
         """The whole file; FileNotFoundError when it is absent."""
-        with self._named_errors(key), self.fs.open_input_stream(self._path(key)) as stream:
+        # compression=None: pyarrow would otherwise gunzip a '.gz' name on the way (and gzip it on write).
+        with self._named_errors(key), self.fs.open_input_stream(self._path(key), compression=None) as stream:
             return stream.read()
 
     def write(self, key: str, data: bytes) -> None:
@@ -167,7 +168,7 @@ class FileStore:
         if self.is_local:
             write_atomic(Path(self._path(key)), data)
             return
-        with self._named_errors(key), self.fs.open_output_stream(self._path(key)) as out:
+        with self._named_errors(key), self.fs.open_output_stream(self._path(key), compression=None) as out:
             out.write(data)
 
     def exists(self, key: str) -> bool:

@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -48,6 +49,18 @@ def test_one_contract_on_both_media(root):
     again = pickle.loads(pickle.dumps(store))  # what a Ray actor receives: it opens its own filesystem
     assert again.read("a/b.bin") == b"three" and again.describe() == store.describe()
 
+
+
+def test_gz_names_are_stored_and_read_byte_for_byte(root, request):
+    path, endpoint = root
+    store, blob = FileStore(path, endpoint), b"\x1f\x8b" + bytes(range(256))  # a gzip magic, not a gzip stream
+    store.write("entry.safetensors.gz", blob)
+    assert store.read("entry.safetensors.gz") == blob
+    if store.is_local:
+        assert (Path(path) / "entry.safetensors.gz").read_bytes() == blob
+    else:
+        client, bucket = request.getfixturevalue("s3_bucket")
+        assert client.get_object(Bucket=bucket, Key="pre/entry.safetensors.gz")["Body"].read() == blob
 
 def test_run_storage_on_both_media(root):
     path, endpoint = root
