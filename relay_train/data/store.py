@@ -64,7 +64,7 @@ def s3_filesystem(endpoint_url: str | None = None, access_key: SecretStr | None 
                                "allow_delayed_open": True}
     if endpoint_url:
         endpoint = urlparse(endpoint_url)
-        options.update(endpoint_override=endpoint.netloc or endpoint.path, scheme=endpoint.scheme or "https")
+        options.update(endpoint_override=endpoint.netloc, scheme=endpoint.scheme or "https")
     if access_key and secret_key:
         options.update(access_key=access_key.get_secret_value(), secret_key=secret_key.get_secret_value())
     if region:
