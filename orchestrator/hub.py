@@ -34,14 +34,15 @@ from pydantic import SecretStr
 
 from orchestrator.hub_card import config_summary, model_card
 from orchestrator.hub_plan import (CARD, CHECKPOINTS, SCORES, VALIDATION, CommitWindow, HubSettings, HubView, Images,
-                                   Round, checkpoint_folder, newest_pending, plan_checkpoints, plan_round, retry_delay,
+                                   Round, checkpoint_folder, newest_pending, plan_checkpoints, plan_round,
                                    validation_folder)
-from orchestrator.policy import retry_after
+from orchestrator.ledger import EventType
+from orchestrator.policy import retry_after, retry_delay
 from relay_train import checkpoint as ckpt
 from relay_train.config import TrainConfig
 
 __all__ = ["CARD", "CHECKPOINTS", "VALIDATION", "CommitWindow", "HubMirror", "HubMirrorError", "HubSettings",
-           "StorageFetch", "config_summary", "model_card", "plan_checkpoints", "plan_round", "retry_delay"]
+           "StorageFetch", "config_summary", "model_card", "plan_checkpoints", "plan_round"]
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +187,9 @@ class HubMirror:
 
     def on_event(self, event: dict) -> None:
         """Steward service hook: a committed checkpoint is submitted; completion is the final push."""
-        if event.get("type") == "checkpoint" and "step" in event:
+        if event.get("type") == EventType.CHECKPOINT and "step" in event:
             self.submit(event["step"])
-        elif event.get("type") == "completed" and event.get("step") is not None:
+        elif event.get("type") == EventType.COMPLETED and event.get("step") is not None:
             self.final(event["step"])
 
     def status(self) -> dict:
@@ -263,7 +264,8 @@ class HubMirror:
         with self._cond:
             self._failures += 1
             self._view = None  # the commit may have landed with its answer lost: list again before retrying
-            delay = retry_delay(self._failures, self.settings.backoff_base_s, self.settings.backoff_max_s, wait)
+            cap = self.settings.backoff_max_s  # a huge Retry-After is bounded too: close stays responsive
+            delay = retry_delay(self._failures, self.settings.backoff_base_s, cap, retry_after=wait, longest_wait=cap)
             self._next_attempt = time.monotonic() + delay
             self._last_error = self._scrub(f"{type(exc).__name__}: {exc}")
             failures, now = self._failures, time.monotonic()

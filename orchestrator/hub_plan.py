@@ -4,7 +4,7 @@
 what is waiting (committed checkpoint steps, validation images) and returns the one commit to make
 next (a `Round`), or None when the repo already matches. `Round.after(view)` is what the repo holds
 once that commit lands, so the executor (orchestrator/hub.py) never lists again after a success.
-Retention is relay_train.checkpoint's rule (`keep_newest`), backoff and Retry-After are policy.py's.
+Retention is relay_train.checkpoint's rule (`keep_newest`); when to retry is policy.retry_delay.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-
-from orchestrator.policy import backoff
 
 from relay_train import checkpoint as ckpt
 from relay_train.config import TrainConfig
@@ -123,13 +121,6 @@ def plan_checkpoints(on_hub: set[int], pending: set[int], keep: int) -> tuple[li
     A pending step older than those is skipped: uploading it would only delete it again."""
     desired = set(ckpt.keep_newest(list(on_hub | pending), keep)[0])
     return sorted(desired - on_hub), sorted(on_hub - desired)
-
-
-def retry_delay(failures: int, base_s: float, cap_s: float, retry_after: float | None) -> float:
-    """Exponential backoff (policy.backoff); a server's Retry-After wins, bounded by the cap."""
-    if retry_after is not None:
-        return min(max(retry_after, 0.0), cap_s)
-    return backoff(failures, base_s, cap_s)
 
 
 @dataclass

@@ -37,7 +37,7 @@ import requests
 from pydantic import SecretStr
 
 from orchestrator.ledger import AttemptReason, EventType
-from orchestrator.policy import backoff, retry_after
+from orchestrator.policy import retry_after, retry_delay
 from orchestrator.redact import Redactor, installed, url_parts
 from orchestrator.store import RunStorage
 from relay_train.config.files import WebhookConfig
@@ -176,19 +176,6 @@ class RetryPolicy:
     cap: float = 60.0
 
 
-def retry_delay(status: int | None, retry_after: float | None, attempt: int, policy: RetryPolicy,
-                rng: random.Random | None = None) -> float | None:
-    """Seconds to wait before the next try, or None to give the message up.
-
-    status None is a connection error or timeout. A 429 waits what the receiver asked for (Discord's
-    `retry_after`); 408, 425 and 5xx back off; any other 4xx will never be accepted, so it is dropped."""
-    if status is not None and 400 <= status < 500 and status not in (408, 425, 429):
-        return None
-    if status == 429 and retry_after is not None:
-        return max(0.0, retry_after)
-    return backoff(attempt, policy.base, policy.cap, jitter=(rng or random).random())
-
-
 def drop_choice(severities: list[str]) -> int:
     """Index to drop from a full queue (the new message last): the oldest of the least severe."""
     worst = max(rank(s) for s in severities)
@@ -307,8 +294,10 @@ class _Channel:
                 log.warning("%s: could not send a %s message (%s)", self.name, message.type, type(exc).__name__)
                 self._finish(message, delivered=False, status=None)
                 continue
+            policy = self.notifier.policy  # a 429 waits what the receiver asked; any other 4xx is dropped
             delay = None if status is not None and 200 <= status < 300 else \
-                retry_delay(status, retry_after, attempt + 1, self.notifier.policy)
+                retry_delay(attempt + 1, policy.base, policy.cap, status=status, retry_after=retry_after,
+                            jitter=random.random())
             if delay is None:
                 self._finish(message, delivered=status is not None and 200 <= status < 300, status=status)
                 attempt = 0

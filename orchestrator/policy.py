@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from orchestrator.ledger import AttemptReason
 from relay_train.checkpoint import DEFAULT_KEEP, keep_count, keep_newest
 
 __all__ = ["COMPLETED", "CONFIG_ERROR", "DEFAULT_KEEP", "GAVE_UP", "RETRYABLE", "STOPPED", "Ask", "AttemptFacts",
            "FitDecision", "attempt_reason", "backoff", "fit_decision", "keep_count", "keep_newest", "place",
-           "retention", "retry_after", "share_cpus", "supervise_outcome"]
+           "retention", "retry_after", "retry_delay", "share_cpus", "supervise_outcome"]
 
 Bundle = dict[str, float]  # one actor's resource request, Ray's names ("CPU", "GPU", custom)
 
@@ -122,22 +123,22 @@ class AttemptFacts:
     previous_world_size: int | None = None
 
 
-def attempt_reason(f: AttemptFacts) -> str:
-    """Why this worker group is training: fresh | resubmitted | preemption | resize | node_lost | failure."""
+def attempt_reason(f: AttemptFacts) -> AttemptReason:
+    """Why this worker group is training."""
     if not f.resumed:
-        return "fresh"
+        return AttemptReason.FRESH
     if not f.had_attempt_before or f.first_in_job:
-        return "resubmitted"
+        return AttemptReason.RESUBMITTED
     if f.notice_since_last:
-        return "preemption"
+        return AttemptReason.PREEMPTION
     if f.nodes_lost_since_last:
-        return "node_lost"
+        return AttemptReason.NODE_LOST
     if f.previous_world_size is not None and f.world_size > f.previous_world_size:
-        return "resize"  # an elastic group grew back: Ray restarted it with more workers
-    return "failure"
+        return AttemptReason.RESIZE  # an elastic group grew back: Ray restarted it with more workers
+    return AttemptReason.FAILURE
 
 
-UNPLANNED = ("node_lost", "failure")  # attempts that ended without warning: alerts, not news
+UNPLANNED = (AttemptReason.NODE_LOST, AttemptReason.FAILURE)  # attempts that ended without warning: alerts, not news
 
 
 # -- retries -------------------------------------------------------------------------------------------
@@ -149,6 +150,26 @@ def backoff(attempt: int, base: float, cap: float, jitter: float | None = None) 
     retry in step. The one backoff of the Hub mirror, the webhooks and the supervisor."""
     ceiling = min(cap, base * 2 ** max(0, attempt - 1))
     return ceiling if jitter is None else ceiling / 2 + jitter * ceiling / 2
+
+
+RETRYABLE_4XX = (408, 425, 429)  # request timeout, too early, too many requests: the same request may pass later
+
+
+def retry_delay(attempt: int, base: float, cap: float, *, status: int | None = None, retry_after: float | None = None,
+                jitter: float | None = None, longest_wait: float = math.inf) -> float | None:
+    """Seconds before try `attempt + 1` after `attempt` failures, or None to give up. The one retry rule
+    of the Hub mirror and the webhooks.
+
+    `status` is the failed try's HTTP status, None when there was no answer (a connection error, a
+    timeout) or the caller retries whatever the answer (the Hub mirror). A 4xx other than 408, 425 and
+    429 will never be accepted: give up. `retry_after` (what the server asked for, policy.retry_after)
+    wins on a 429 or when no status is given, bounded by `longest_wait`; otherwise backoff(attempt,
+    base, cap, jitter)."""
+    if status is not None and 400 <= status < 500 and status not in RETRYABLE_4XX:
+        return None
+    if retry_after is not None and status in (None, 429):
+        return min(max(retry_after, 0.0), longest_wait)
+    return backoff(attempt, base, cap, jitter)
 
 
 def retry_after(headers, body: dict | None = None) -> float | None:

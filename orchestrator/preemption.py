@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import ray
 import ray.train
 
+from orchestrator.ledger import EventType
 from orchestrator.store import RunStorage
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ class PreemptionWatch:
                     ", ".join(n[:12] for n in info.preempted_node_ids), info.preempted_ranks,
                     f" in {deadline - time.time():.0f} s" if deadline else " soon")
         if self.steward is not None and self.rank == 0:
-            self.steward.record.remote("preemption_notice", step, nodes=info.preempted_node_ids,
+            self.steward.record.remote(EventType.PREEMPTION_NOTICE, step, nodes=info.preempted_node_ids,
                                        ranks=info.preempted_ranks, deadline=deadline)
         return True
 

@@ -16,7 +16,7 @@ import time
 
 import ray
 
-from orchestrator.ledger import Ledger, summarize
+from orchestrator.ledger import EventType, Ledger, summarize
 from orchestrator.policy import AttemptFacts, attempt_reason
 from orchestrator.store import RunStorage
 from relay_train.logs import configure_logging
@@ -36,7 +36,7 @@ class Steward:
         self.poll_seconds, self.progress_every = poll_seconds, progress_every
         self.services = services or []  # objects with on_event(event: dict) (optional start(), close(timeout))
         self.lock = threading.Lock()
-        self.committed = set(self._ledger_steps("checkpoint"))
+        self.committed = set(self._ledger_steps(EventType.CHECKPOINT))
         self.progress: dict | None = storage.read_json(PROGRESS)
         self.metrics: dict = {}  # rank 0's latest loss, lr, ... (what the driver's progress line shows)
         self.stop_requested = False  # the driver asked the run to checkpoint and stop (Ctrl-C, SIGTERM)
@@ -53,11 +53,11 @@ class Steward:
             self._watcher.start()
         return self
 
-    def _ledger_steps(self, kind: str) -> list[int]:
+    def _ledger_steps(self, kind: EventType) -> list[int]:
         return [e["step"] for e in self.ledger.events if e["type"] == kind]
 
     # -- events from the driver and the workers ---------------------------------------------------------
-    def record(self, kind: str, step: int | None = None, **fields) -> None:
+    def record(self, kind: EventType, step: int | None = None, **fields) -> None:
         with self.lock:
             event = self.ledger.record(kind, step, **fields)
         log.info("ledger: %s%s", kind, f" at step {step}" if step is not None else "")
@@ -76,15 +76,15 @@ class Steward:
 
     def run_started(self, **fields) -> None:
         self.total_steps = fields.get("total_steps", self.total_steps)
-        self.record("run_started", **fields)
+        self.record(EventType.RUN_STARTED, **fields)
 
     def attempt(self, step: int, world_size: int, total_steps: int, resumed: bool) -> None:
         """A worker group is about to train from `step`. Close the previous attempt's books first: its
         last progress is what the ledger needs to count the steps lost and the time to resume."""
         self.total_steps = total_steps
-        previous = [e for e in self.ledger.events if e["type"] == "attempt"]
+        previous = [e for e in self.ledger.events if e["type"] == EventType.ATTEMPT]
         if self.progress and previous and self.progress.get("time", 0) > previous[-1]["time"]:
-            self.record("progress", self.progress["step"], time=self.progress["time"],
+            self.record(EventType.PROGRESS, self.progress["step"], time=self.progress["time"],
                         steps_per_second=self.progress.get("steps_per_second"))
         last = previous[-1] if previous else {}
         alive = alive_nodes()
@@ -99,17 +99,17 @@ class Steward:
         back_in = round(time.time() - self.progress["time"], 1) if (resumed and self.progress) else None
         if previous and last.get("world_size") != world_size:
             log.warning("worker group resized: %s → %d worker(s) at step %d", last.get("world_size"), world_size, step)
-            self.record("resize", step, world_size=world_size, previous_world_size=last.get("world_size"))
+            self.record(EventType.RESIZE, step, world_size=world_size, previous_world_size=last.get("world_size"))
         extra = {"nodes_lost": facts.nodes_lost_since_last} if facts.nodes_lost_since_last else {}
-        self.record("attempt", step, world_size=world_size, total_steps=total_steps, reason=reason, steps_lost=lost,
+        self.record(EventType.ATTEMPT, step, world_size=world_size, total_steps=total_steps, reason=reason, steps_lost=lost,
                     **({"time_to_resume": back_in} if back_in is not None else {}), **extra)
         self.progress = {"step": step, "time": time.time(), "steps_per_second": None, "total_steps": total_steps}
 
     def _job_started_after(self, event: dict) -> bool:
-        return any(e["type"] == "run_started" and e["time"] > event["time"] for e in self.ledger.events)
+        return any(e["type"] == EventType.RUN_STARTED and e["time"] > event["time"] for e in self.ledger.events)
 
     def _notice_since(self, event: dict) -> bool:
-        return any(e["type"] == "preemption_notice" and e["time"] >= event["time"] for e in self.ledger.events)
+        return any(e["type"] == EventType.PREEMPTION_NOTICE and e["time"] >= event["time"] for e in self.ledger.events)
 
     def tick(self, step: int, steps_per_second: float | None = None, metrics: dict | None = None) -> None:
         """Rank 0's progress; written to storage at most every progress_every seconds."""
@@ -132,13 +132,13 @@ class Steward:
     def reported(self, step: int, emergency: bool = False, **fields) -> None:
         """A worker handed checkpoint-<step> to Ray; the watcher records it once it is committed."""
         if emergency:
-            self.record("emergency_checkpoint", step, **fields)
+            self.record(EventType.EMERGENCY_CHECKPOINT, step, **fields)
 
     def _completion(self, step: int | None) -> dict:
         """The completed event's figures, from the same fold of the ledger that `relay status` shows."""
-        end = {"time": time.time(), "type": "completed", **({"step": step} if step is not None else {})}
+        end = {"time": time.time(), "type": EventType.COMPLETED, **({"step": step} if step is not None else {})}
         summary = summarize(self.storage.run_name, [*self.ledger.events, end], progress=self.progress)
-        exported = [e for e in self.ledger.events if e["type"] == "exported"]
+        exported = [e for e in self.ledger.events if e["type"] == EventType.EXPORTED]
         files = exported[-1]["files"] if exported else []
         return {"adapters": ", ".join(files) or "see the last checkpoint",
                 "goodput": f"{100 * summary.goodput:.1f}%" if summary.goodput is not None else "unknown",
@@ -158,7 +158,7 @@ class Steward:
         """Ctrl-C or SIGTERM at the driver: the workers checkpoint at their next check and return."""
         if not self.stop_requested:
             self.stop_requested = True
-            self.record("stop_requested", (self.progress or {}).get("step"))
+            self.record(EventType.STOP_REQUESTED, (self.progress or {}).get("step"))
 
     def should_stop(self) -> bool:
         return self.stop_requested
@@ -186,7 +186,7 @@ class Steward:
             self.committed.add(step)
             if self.progress and self.progress.get("step", 0) <= step:
                 self.progress["time"] = max(self.progress["time"], time.time())
-            self.record("checkpoint", step, uri=self.storage.uri(f"checkpoint-{step}"), kept=steps)
+            self.record(EventType.CHECKPOINT, step, uri=self.storage.uri(f"checkpoint-{step}"), kept=steps)
             if self.progress:
                 self._write_progress()
         return new
@@ -205,7 +205,7 @@ class Steward:
         self._close(producers, timeout)
         if final:
             final = dict(final)
-            if final["type"] == "completed":
+            if final["type"] == EventType.COMPLETED:
                 final.update(self._completion(final.get("step")))
             self.record(final.pop("type"), **final)
         if self.progress:
@@ -234,8 +234,8 @@ def build_services(config, storage: RunStorage, record, wandb_dir: str | None = 
     notifier = (Notifier(config.webhook, storage.run_name, spool=storage, project=config.tracker_project_name)
                 if config.webhook else None)
     tracker = Tracker.open(config, storage.run_name, storage, wandb_dir=wandb_dir)
-    mirror = HubMirror.for_run(config, storage, warn=lambda message: record("warning", message=message),
-                               on_pushed=lambda info: record("hub_pushed", info["root"], **info))
+    mirror = HubMirror.for_run(config, storage, warn=lambda message: record(EventType.WARNING, message=message),
+                               on_pushed=lambda info: record(EventType.HUB_PUSHED, info["root"], **info))
 
     def forward(step: int, summary: dict, images: list[tuple[str, bytes]]) -> None:
         """A validation's images go where the ledger's line cannot carry them."""

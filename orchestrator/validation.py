@@ -24,6 +24,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
+from orchestrator.ledger import EventType
 from orchestrator.store import RunStorage
 from relay_train import checkpoint as ckpt
 from relay_train.config import TrainConfig, load_config
@@ -382,15 +383,15 @@ class ValidationService:
 
     def on_event(self, event: dict) -> None:
         kind = event.get("type")
-        if kind in ("run_started", "attempt") and not self._started:
+        if kind in (EventType.RUN_STARTED, EventType.ATTEMPT) and not self._started:
             self._started = True
             self.pool.benchmark()
             self.pool.reconcile()
-        elif kind == "checkpoint" and event.get("step") is not None:
+        elif kind == EventType.CHECKPOINT and event.get("step") is not None:
             self.pool.submit(int(event["step"]))
 
     def _on_result(self, step: int, summary: dict, images: list[tuple[str, bytes]]) -> None:
-        self.record("validation", step, benchmark=summary.get("kind") == "benchmark", location=summary.get("location"),
+        self.record(EventType.VALIDATION, step, benchmark=summary.get("kind") == "benchmark", location=summary.get("location"),
                     scores=summary.get("scores", {}), images=len(images), seconds=summary.get("seconds"))
         if self.forward is not None:
             self.forward(step, summary, images)

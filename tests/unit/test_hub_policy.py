@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.hub import CommitWindow, HubSettings, model_card, plan_checkpoints, retry_delay
+from orchestrator.hub import CommitWindow, HubSettings, model_card, plan_checkpoints
+from orchestrator.policy import retry_delay
 
 
 def test_plan_keeps_the_newest_five_of_everything_known():
@@ -18,9 +19,11 @@ def test_plan_keeps_the_newest_five_of_everything_known():
 
 
 def test_retry_delay_doubles_to_a_cap_and_honours_retry_after():
-    assert [retry_delay(n, 2.0, 30.0, None) for n in (1, 2, 3, 4, 5, 6)] == [2, 4, 8, 16, 30, 30]
-    assert retry_delay(1, 2.0, 30.0, 7.0) == 7.0
-    assert retry_delay(1, 2.0, 30.0, 3600.0) == 30.0  # a huge Retry-After is bounded (close stays responsive)
+    # as HubMirror._failed asks: no status (every failure is retried), no jitter, the wait bounded by the cap
+    assert [retry_delay(n, 2.0, 30.0, retry_after=None, longest_wait=30.0) for n in (1, 2, 3, 4, 5, 6)] == [2, 4, 8, 16, 30, 30]
+    assert retry_delay(1, 2.0, 30.0, retry_after=7.0, longest_wait=30.0) == 7.0
+    # a huge Retry-After is bounded (close stays responsive)
+    assert retry_delay(1, 2.0, 30.0, retry_after=3600.0, longest_wait=30.0) == 30.0
 
 
 def test_commit_window_is_a_sliding_window():

@@ -8,10 +8,16 @@ import random
 
 from orchestrator.notify import (
     DISCORD_TEXT_LIMIT, Message, RetryPolicy, discord_requests, discord_text, drop_choice, raw_payload,
-    retry_delay,
 )
+from orchestrator.policy import retry_delay
 
 POLICY = RetryPolicy(timeout=1.0, base=1.0, cap=8.0)
+
+
+def notify_delay(status: int | None, retry_after: float | None, attempt: int, rng: random.Random | None = None) -> float | None:
+    """As the delivery thread asks: the answer's status and wait, POLICY's backoff, jittered."""
+    return retry_delay(attempt, POLICY.base, POLICY.cap, status=status, retry_after=retry_after,
+                       jitter=(rng or random).random())
 
 
 def message(**kw) -> Message:
@@ -22,7 +28,7 @@ def message(**kw) -> Message:
 
 def test_retry_delay_backs_off_and_caps() -> None:
     rng = random.Random(0)
-    delays = [retry_delay(None, None, attempt, POLICY, rng) for attempt in range(1, 8)]
+    delays = [notify_delay(None, None, attempt, rng) for attempt in range(1, 8)]
     for attempt, delay in enumerate(delays, start=1):
         ceiling = min(8.0, 2 ** (attempt - 1))
         assert ceiling / 2 <= delay <= ceiling  # jittered within the upper half
@@ -30,10 +36,10 @@ def test_retry_delay_backs_off_and_caps() -> None:
 
 
 def test_retry_delay_by_status() -> None:
-    assert retry_delay(429, 2.5, 1, POLICY) == 2.5  # Discord's retry_after wins over backoff
-    assert 0.5 <= retry_delay(429, None, 1, POLICY) <= 1.0
-    assert retry_delay(503, None, 1, POLICY) is not None and retry_delay(408, None, 1, POLICY) is not None
-    assert retry_delay(400, None, 1, POLICY) is None and retry_delay(404, None, 1, POLICY) is None
+    assert notify_delay(429, 2.5, 1) == 2.5  # Discord's retry_after wins over backoff
+    assert 0.5 <= notify_delay(429, None, 1) <= 1.0
+    assert notify_delay(503, None, 1) is not None and notify_delay(408, None, 1) is not None
+    assert notify_delay(400, None, 1) is None and notify_delay(404, None, 1) is None
 
 
 def test_drop_choice_takes_the_oldest_least_severe() -> None:

@@ -61,7 +61,11 @@ def test_retention_is_one_number_everywhere() -> None:
     (AttemptFacts(resumed=True, first_in_job=False, had_attempt_before=True, notice_since_last=False), "failure"),
 ])
 def test_attempt_reason(facts: AttemptFacts, reason: str) -> None:
-    assert attempt_reason(facts) == reason
+    from orchestrator.ledger import AttemptReason
+    from orchestrator.policy import UNPLANNED
+
+    assert attempt_reason(facts) == reason and attempt_reason(facts) is AttemptReason(reason)
+    assert (reason in UNPLANNED) == (reason in ("node_lost", "failure"))  # the restarts that came without warning
 
 
 def test_one_backoff_doubles_to_a_cap_with_optional_jitter() -> None:
@@ -69,6 +73,36 @@ def test_one_backoff_doubles_to_a_cap_with_optional_jitter() -> None:
 
     assert [backoff(n, 2.0, 30.0) for n in (1, 2, 3, 4, 5, 6)] == [2, 4, 8, 16, 30, 30]
     assert backoff(3, 1.0, 60.0, jitter=0.0) == 2.0 and backoff(3, 1.0, 60.0, jitter=0.999) == pytest.approx(4.0, 0.01)
+
+
+@pytest.mark.parametrize("status", [None, 408, 425, 429, 500, 502, 503])
+def test_retry_delay_backs_off_on_no_answer_timeouts_rate_limits_and_server_errors(status: int | None) -> None:
+    from orchestrator.policy import backoff, retry_delay
+
+    assert [retry_delay(n, 2.0, 30.0, status=status) for n in (1, 2, 3, 4, 5, 6)] == [2, 4, 8, 16, 30, 30]
+    for n, jitter in ((1, 0.0), (3, 0.5), (7, 0.999)):  # jittered: the draw is the caller's, the rule is backoff's
+        assert retry_delay(n, 1.0, 8.0, status=status, jitter=jitter) == backoff(n, 1.0, 8.0, jitter)
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422, 499])
+def test_retry_delay_gives_up_on_a_request_that_will_never_be_accepted(status: int) -> None:
+    from orchestrator.policy import retry_delay
+
+    assert retry_delay(1, 1.0, 8.0, status=status) is None
+    assert retry_delay(1, 1.0, 8.0, status=status, retry_after=2.0, jitter=0.5) is None  # a wait asked changes nothing
+
+
+def test_retry_delay_honours_the_servers_wait_on_a_429_or_when_the_status_is_not_judged() -> None:
+    from orchestrator.policy import retry_delay
+
+    assert retry_delay(1, 1.0, 8.0, status=429, retry_after=2.5, jitter=0.5) == 2.5  # not backoff's 0.75
+    assert retry_delay(5, 1.0, 8.0, status=429, retry_after=0.1) == 0.1  # nor its 8 after five failures
+    assert retry_delay(1, 1.0, 8.0, status=429, retry_after=3600.0) == 3600.0  # unbounded unless told
+    assert retry_delay(1, 2.0, 30.0, retry_after=7.0) == 7.0  # no status (the Hub mirror): the wait wins too
+    assert retry_delay(1, 2.0, 30.0, retry_after=3600.0, longest_wait=30.0) == 30.0
+    assert retry_delay(1, 2.0, 30.0, retry_after=-4.0) == 0.0  # never a negative wait
+    # a Retry-After on a 5xx is not a rate limit's: backoff decides, as it does without one
+    assert retry_delay(2, 1.0, 8.0, status=503, retry_after=30.0) == 2.0
 
 
 def test_retry_after_reads_discord_bodies_seconds_and_http_dates() -> None:
