@@ -55,7 +55,6 @@ class ConfigError(ValueError):
         super().__init__("\n".join([head, *(f"  - {p}" for p in self.problems)]))
 
 
-
 @dataclass(frozen=True)
 class Where:
     """How problems in one file (or one entry of it) name their keys."""
