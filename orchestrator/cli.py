@@ -145,13 +145,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     launch.add_argument("--config", type=Path, required=True, help="SimpleTuner-style config.json")
     launch.add_argument("--cluster", type=Path, help="cluster.json: workers, storage_path, failure limits")
     add_set_flag(launch)
-    launch.add_argument("--cluster-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a cluster key")
+    add_set_flag(launch, "--cluster-set", "cluster")
     launch.set_defaults(func=cmd_launch)
 
     demo = sub.add_parser("demo", help="tiny model + demo images, then launch configs/demo on a local Ray cluster")
     add_set_flag(demo)
-    demo.add_argument("--cluster-set", action="append", default=[], metavar="KEY=VALUE", help="override a cluster key")
+    add_set_flag(demo, "--cluster-set", "cluster")
     demo.set_defaults(func=cmd_demo)
 
 

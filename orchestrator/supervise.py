@@ -129,8 +129,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="SimpleTuner-style config.json (path inside the working dir)")
     parser.add_argument("--cluster", help="cluster.json (workers, storage_path, failure limits)")
     add_set_flag(parser)
-    parser.add_argument("--cluster-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a cluster key")
+    add_set_flag(parser, "--cluster-set", "cluster")
     parser.add_argument("--address", default="http://127.0.0.1:8265", help="the head's dashboard address")
     parser.add_argument("--max-tries", type=int, default=20, help="submissions before giving up (exit 3)")
     parser.add_argument("--backoff", type=float, default=30.0, help="seconds before a resubmission; doubles each try")

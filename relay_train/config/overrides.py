@@ -13,10 +13,10 @@ from relay_train.config.problems import ConfigError
 COMMAND_LINE = "the command line"
 
 
-def add_set_flag(parser: Any) -> None:
-    """`--set KEY=VALUE`, repeatable, on a command (an argparse parser) that reads a training config; the
-    pairs are read by config_overrides or parse_overrides. Argument parsing itself stays in the CLIs."""
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+def add_set_flag(parser: Any, flag: str = "--set", what: str = "config") -> None:
+    """`--set KEY=VALUE` (or `--cluster-set`, what="cluster"), repeatable, on a command (an argparse parser);
+    the pairs are read by config_overrides or parse_overrides. Argument parsing itself stays in the CLIs."""
+    parser.add_argument(flag, action="append", default=[], metavar="KEY=VALUE", help=f"override a {what} key")
 
 
 def flag_pairs(argv: list[str]) -> list[str]:
