@@ -78,19 +78,13 @@ def unpack(blob: bytes) -> dict[str, torch.Tensor]:
 class TensorCache:
     """Entries `<key>.safetensors[.gz]` in one folder of a FileStore."""
 
-    def __init__(self, store: FileStore, compress: bool = False,
-                 listing: dict[str, tuple[str, int]] | None = None) -> None:
-        """`listing`: what another process's `listing()` returned for the same folder (no LIST needed)."""
+    def __init__(self, store: FileStore, compress: bool = False) -> None:
         self.store, self.compress = store, compress
-        self._names: dict[str, str] = {k: name for k, (name, _) in (listing or {}).items()}  # key → stored name
-        self._sizes: dict[str, int] = {k: size for k, (_, size) in (listing or {}).items()}
+        self._names: dict[str, str] = {}  # key → stored name, from the last listing
+        self._sizes: dict[str, int] = {}
 
     def describe(self) -> str:
         return self.store.describe()
-
-    def listing(self) -> dict[str, tuple[str, int]]:
-        """key → (stored name, size), as last listed and written by this process."""
-        return {key: (name, self._sizes.get(key, 0)) for key, name in self._names.items()}
 
     def refresh(self) -> set[str]:
         """List the folder once (one LIST per 1000 entries on S3) and return the keys present."""

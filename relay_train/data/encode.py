@@ -90,7 +90,7 @@ class LatentEncoder:
         self._stores: dict[int, tuple[FileStore, TensorCache]] = {}
 
     def _store(self, index: int) -> tuple[FileStore, TensorCache]:
-        if index not in self._stores:  # built lazily, in the actor's process: boto3 clients do not pickle
+        if index not in self._stores:  # built lazily, in the actor's process
             backend = self.backends[index]
             cache = TensorCache(vae_cache_store(self.config, backend), self.config.compress_disk_cache)
             self._stores[index] = (image_store(backend), cache)

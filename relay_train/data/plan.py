@@ -2,7 +2,8 @@
 entries keyed, and what the caches already hold. Loads no model and encodes nothing.
 
 A plan is made once per run, by rank 0 alone on a multi-rank run (discovery writes `index.json` and
-`problematic_images.json`, and may delete bad files): the other ranks receive it pickled.
+`problematic_images.json`, and may delete bad files): the other ranks receive it pickled (its stores
+pickle without their filesystem handles and reopen them where they land).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from relay_train.config import DataBackendConfig, TrainConfig
 from relay_train.data.buckets import Bucket, bucket_for
@@ -49,22 +49,6 @@ class DatasetPlan:
     @property
     def complete(self) -> bool:
         return not self.missing_latents and not self.missing_text
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled without the caches' store handles (a store may hold a client that does not pickle):
-        only each cache's listing travels, and the receiver opens the stores anew from the config."""
-        state = dict(self.__dict__)
-        state["latent_caches"] = [cache.listing() for cache in self.latent_caches]
-        state["text_cache"] = self.text_cache.listing()
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        latents, text = state.pop("latent_caches"), state.pop("text_cache")
-        self.__dict__.update(state)
-        compress = self.config.compress_disk_cache
-        self.latent_caches = [TensorCache(vae_cache_store(self.config, backend), compress, listing)
-                              for backend, listing in zip(self.backends, latents)]
-        self.text_cache = TensorCache(text_cache_store(self.config), compress, text)
 
 
 def image_backends(config: TrainConfig) -> list[DataBackendConfig]:
