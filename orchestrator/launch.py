@@ -108,7 +108,7 @@ def run_on_ray(config: TrainConfig, config_path: str | Path, overrides: dict | N
     name, gpus = storage.run_name, validation_gpus
     fs, storage_path = storage_filesystem(cluster)
     steward = start_steward(storage, cluster, config, validation_gpus=gpus)
-    steward.run_started.remote(world_size=cluster.num_workers, storage=storage.uri(), config=config_summary(config),
+    steward.run_started.remote(world_size=cluster.num_workers, storage=storage.describe(), config=config_summary(config),
                                hourly_cost=cluster.hourly_cost)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -126,7 +126,7 @@ def run_on_ray(config: TrainConfig, config_path: str | Path, overrides: dict | N
                                          max_preemption_failures=cluster.max_preemption_failures),
         ),
     )
-    log.info("run %r: %s worker(s), storage %s", name, cluster.num_workers, storage.uri())
+    log.info("run %r: %s worker(s), storage %s", name, cluster.num_workers, storage.describe())
     display = DriverDisplay(lambda since: ray.get(steward.view.remote(since), timeout=10), storage.uri).start()
     stop = StopRequest(steward)
     try:
@@ -174,15 +174,15 @@ def hold_run_lock(storage: RunStorage):
     """For a local storage_path, an exclusive lock on the run's folder for this process's life (released
     by the kernel however the process ends), so two local clusters never write one run. On S3 the
     cluster's named steward does this (start_steward)."""
-    if storage.is_s3:
+    if not storage.is_local:
         return None
     from relay_train.checkpoint import RunLock, RunLockedError
 
-    lock = RunLock(Path(storage.uri("relay")))
+    lock = RunLock(Path(storage.describe("relay")))
     try:
         return lock.acquire()
     except RunLockedError:
-        holder = (Path(storage.uri("relay")) / RunLock.NAME).read_text().strip() or "another process"
+        holder = (Path(storage.describe("relay")) / RunLock.NAME).read_text().strip() or "another process"
         raise ResourceError(f"run {storage.run_name!r} in {storage.storage_path} is in use by another `relay launch` "
                             f"({holder}); wait for it, stop it, or choose another run_name", retryable=False) from None
 

@@ -92,7 +92,7 @@ class Ledger:
         return event
 
     def flush(self) -> None:
-        self.storage.write_bytes(LEDGER, "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.events).encode())
+        self.storage.write(LEDGER, "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.events).encode())
 
 
 @dataclass

@@ -56,7 +56,7 @@ def gather(storage: RunStorage, hub: bool = True, now: float | None = None) -> d
     hourly = latest(events, EventType.RUN_STARTED, "hourly_cost")
     return {
         "run": storage.run_name,
-        "storage": storage.uri(),
+        "storage": storage.describe(),
         "state": summary.state,
         "step": summary.step,
         "total_steps": summary.total_steps,
@@ -76,7 +76,7 @@ def gather(storage: RunStorage, hub: bool = True, now: float | None = None) -> d
         "hourly_cost": hourly,
         "adapters": latest(events, EventType.EXPORTED, "files"),
         "error": latest(events, EventType.FAILED, "error") if summary.state == EventType.FAILED else None,
-        "ledger": storage.uri(LEDGER),
+        "ledger": storage.describe(LEDGER),
         "ledger_unreadable_lines": ledger.unreadable,
         "last_event": summary.last_event,
     }
@@ -107,7 +107,7 @@ def last_validation(storage: RunStorage) -> dict | None:
             continue  # a half-written scores.json: that validation is not finished
         if isinstance(scores, dict):
             return {"step": int(name.split("-")[1]), "scores": variant_scores(scores),
-                    "grid": storage.uri(f"{VALIDATION}/{name}/{scores.get('grid') or 'grid.png'}"),
+                    "grid": storage.describe(f"{VALIDATION}/{name}/{scores.get('grid') or 'grid.png'}"),
                     "images": len(scores.get("images") or [])}
     return None
 

@@ -179,14 +179,14 @@ class Steward:
         try:
             steps = self.storage.checkpoint_steps()
         except OSError as exc:
-            log.warning("could not list checkpoints in %s: %s", self.storage.uri(), exc)
+            log.warning("could not list checkpoints in %s: %s", self.storage.describe(), exc)
             return []
         new = [s for s in steps if s not in self.committed]
         for step in new:
             self.committed.add(step)
             if self.progress and self.progress.get("step", 0) <= step:
                 self.progress["time"] = max(self.progress["time"], time.time())
-            self.record(EventType.CHECKPOINT, step, uri=self.storage.uri(f"checkpoint-{step}"), kept=steps)
+            self.record(EventType.CHECKPOINT, step, uri=self.storage.describe(f"checkpoint-{step}"), kept=steps)
             if self.progress:
                 self._write_progress()
         return new

@@ -37,23 +37,12 @@ class RunStorage(FileStore):
     def __setstate__(self, state):
         self.__init__(**state)
 
-    @property
-    def is_s3(self) -> bool:
-        return not self.is_local
-
-    def uri(self, rel: str = "") -> str:
-        """How a person would name it: s3://bucket/prefix/run/rel or the local path."""
-        return self.describe(rel)
-
     # -- small files: reads give None when the file is absent ------------------------------------------
     def read_bytes(self, rel: str) -> bytes | None:
         try:
             return self.read(rel)
         except FileNotFoundError:
             return None
-
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        self.write(rel, data)
 
     def read_json(self, rel: str):
         data = self.read_bytes(rel)
@@ -80,7 +69,7 @@ class RunStorage(FileStore):
         """Copy a local folder's files to rel/ (overwriting)."""
         for file in sorted(Path(local).rglob("*")):
             if file.is_file():
-                self.write_bytes(f"{rel}/{file.relative_to(local).as_posix()}", file.read_bytes())
+                self.write(f"{rel}/{file.relative_to(local).as_posix()}", file.read_bytes())
 
     # -- checkpoints (Ray's; read only) ---------------------------------------------------------------
     def checkpoint_steps(self) -> list[int]:
@@ -102,12 +91,12 @@ class RunStorage(FileStore):
         folder.mkdir(parents=True, exist_ok=True)
         manifest = self.read_json(f"{name}/{ckpt.MANIFEST}")
         if manifest is None:
-            raise ckpt.CheckpointError(f"{self.uri(name)} has no {ckpt.MANIFEST}: it is not a complete checkpoint")
+            raise ckpt.CheckpointError(f"{self.describe(name)} has no {ckpt.MANIFEST}: it is not a complete checkpoint")
         wanted = files or [*manifest["files"], ckpt.MANIFEST]
         for rel in wanted:
             data = self.read_bytes(f"{name}/{rel}")
             if data is None:
-                raise ckpt.CheckpointError(f"{self.uri(name)} lacks {rel}")
+                raise ckpt.CheckpointError(f"{self.describe(name)} lacks {rel}")
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             (folder / rel).write_bytes(data)
         if files is None:

@@ -86,7 +86,7 @@ def run_id(storage: RunStorage | None, fallback: Path) -> str:
         return fallback.read_text().strip()
     new = uuid.uuid4().hex[:12]  # W&B ids: letters and digits, unique per project
     if storage is not None:
-        storage.write_bytes(RUN_ID, new.encode())
+        storage.write(RUN_ID, new.encode())
     else:
         fallback.parent.mkdir(parents=True, exist_ok=True)
         fallback.write_text(new)

@@ -125,9 +125,9 @@ class ValidatorActor:
         files = result.files()
         where = result_folder(job)
         for name, data in files:
-            self.storage.write_bytes(f"{where}/{name}", data)
+            self.storage.write(f"{where}/{name}", data)
         summary = {**result.summary(), "kind": "benchmark" if job == BENCHMARK else "checkpoint",
-                   "location": self.storage.uri(where)}
+                   "location": self.storage.describe(where)}
         self.storage.write_json(f"{where}/{SCORES}", summary)  # last: marks the validation complete
         return summary, files
 
@@ -136,7 +136,7 @@ class ValidatorActor:
         name = f"checkpoint-{step}"
         manifest = self.storage.read_json(f"{name}/{ckpt.MANIFEST}")
         if manifest is None:
-            raise ckpt.CheckpointError(f"{self.storage.uri(name)} has no {ckpt.MANIFEST}: not a complete checkpoint")
+            raise ckpt.CheckpointError(f"{self.storage.describe(name)} has no {ckpt.MANIFEST}: not a complete checkpoint")
         wanted = [ckpt.ADAPTER]
         if self.config.use_ema and self.config.ema_validation != "none" and ckpt.ADAPTER_EMA in manifest["files"]:
             wanted.append(ckpt.ADAPTER_EMA)
@@ -144,7 +144,7 @@ class ValidatorActor:
         for file in wanted:
             entry = manifest["files"][file]
             if ckpt.sha256_file(folder / file) != entry["sha256"]:
-                raise ckpt.CheckpointError(f"{self.storage.uri(name)}/{file} does not match its manifest sha256")
+                raise ckpt.CheckpointError(f"{self.storage.describe(name)}/{file} does not match its manifest sha256")
         return folder
 
 

@@ -80,11 +80,21 @@ def make_config(config_file):
 
 
 def _free_port() -> int:
+    """A free port between Ray's worker ports (10002-19999) and the kernel's ephemeral range (32768+): a port
+    the kernel hands out for port 0 or an outgoing connection could be taken again between this check and
+    the caller's bind, one below that range only by another explicit pick."""
+    import random
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port in 20000-32000")
 
 
 @pytest.fixture

@@ -65,11 +65,11 @@ def test_gz_names_are_stored_and_read_byte_for_byte(root, request):
 def test_run_storage_on_both_media(root):
     path, endpoint = root
     storage = RunStorage(path, "run-1", endpoint)
-    assert storage.uri("relay/x.json") == f"{path}/run-1/relay/x.json" and storage.is_s3 == path.startswith("s3://")
+    assert storage.describe("relay/x.json") == f"{path}/run-1/relay/x.json" and (not storage.is_local) == path.startswith("s3://")
     assert storage.read_bytes("relay/x.json") is None and storage.read_json("relay/x.json") is None
     storage.write_json("relay/x.json", {"a": 1})
-    storage.write_bytes("relay/spool/1.json", b"{}")
-    storage.write_bytes("checkpoint-2/weights.bin", b"w")
+    storage.write("relay/spool/1.json", b"{}")
+    storage.write("checkpoint-2/weights.bin", b"w")
     assert storage.read_json("relay/x.json") == {"a": 1} and storage.listdir("relay") == ["spool", "x.json"]
     assert RunStorage(path, "", endpoint).listdir() == ["run-1"]  # the storage folder itself
     with pytest.raises(ValueError, match="only files under relay/"):

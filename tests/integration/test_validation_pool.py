@@ -112,7 +112,7 @@ def test_pool_renders_each_validation_step_from_s3_and_loads_once(local_ray, tra
     for step, summary, names in results.calls:
         folder = result_folder(BENCHMARK if step == 0 else step)
         stored = storage.read_json(f"{folder}/{SCORES}")
-        assert stored == summary and summary["location"] == storage.uri(folder)
+        assert stored == summary and summary["location"] == storage.describe(folder)
         expected = ["base"] if step == 0 else ["adapter", "ema"]
         assert summary["variants"] == expected
         assert names == [f"{v}-validation-seed42-32x32.png" for v in expected] + ["grid.png"]

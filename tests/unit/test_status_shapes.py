@@ -102,7 +102,7 @@ def test_every_run_shape_renders_in_text_and_json(tmp_path, shape: str) -> None:
 def test_a_ledger_line_cut_off_by_a_crash_is_skipped_and_counted(tmp_path) -> None:
     storage = RunStorage(str(tmp_path), "r")
     lines = [json.dumps(e) for e in _events(STARTED, FRESH, (30, "checkpoint", 50, {}))]
-    storage.write_bytes(LEDGER, ("\n".join(lines) + '\n{"time": 1040.0, "type": "chec').encode())
+    storage.write(LEDGER, ("\n".join(lines) + '\n{"time": 1040.0, "type": "chec').encode())
     _commit(storage, tmp_path, 50)
     report = gather(storage, hub=False, now=T0 + 60)
     assert report["ledger_unreadable_lines"] == 1 and report["checkpoints"] == [50]

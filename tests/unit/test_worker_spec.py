@@ -31,7 +31,7 @@ def test_launch_fills_every_field_of_the_spec(spec: WorkerSpec) -> None:
                 "global_workers": 4, "strategy": "ddp", "gradient_bucket_mb": 8.0, "gradient_sync_dtype": "bf16"}
     assert {f.name for f in dataclasses.fields(WorkerSpec)} == {*expected, "storage"}
     assert {name: getattr(spec, name) for name in expected} == expected
-    assert spec.storage.uri() == RunStorage(spec.storage.storage_path, "run-1", "http://127.0.0.1:9").uri()
+    assert spec.storage.describe() == RunStorage(spec.storage.storage_path, "run-1", "http://127.0.0.1:9").describe()
     assert spec.storage.endpoint_url == "http://127.0.0.1:9"
 
 
@@ -39,6 +39,6 @@ def test_launch_fills_every_field_of_the_spec(spec: WorkerSpec) -> None:
 def test_the_spec_survives_the_trip_to_a_worker(spec: WorkerSpec, pickler) -> None:
     back = pickler.loads(pickler.dumps({"spec": spec}))["spec"]  # as Ray ships train_loop_config
     assert isinstance(back, WorkerSpec) and back == spec
-    assert (back.storage.uri(), back.storage.endpoint_url) == (spec.storage.uri(), spec.storage.endpoint_url)
+    assert (back.storage.describe(), back.storage.endpoint_url) == (spec.storage.describe(), spec.storage.endpoint_url)
     with pytest.raises(dataclasses.FrozenInstanceError):
         back.strategy = "deepspeed"  # type: ignore[misc]
