@@ -34,18 +34,28 @@ def demo_config(out: Path, backends: list[dict], **overrides):
     from relay_train.config import load_config
 
     (out / "backends.json").write_text(json.dumps(backends))
-    return load_config(REPO / "configs/demo/config.json", {
-        "pretrained_model_name_or_path": str(MODEL), "data_backend_config": str(out / "backends.json"),
-        "lycoris_config": str(REPO / "configs/demo/lycoris_config.json"), "output_dir": str(out / "run"),
-        "resume_from_checkpoint": "none", **overrides})
+    return load_config(
+        REPO / "configs/demo/config.json",
+        {
+            "pretrained_model_name_or_path": str(MODEL),
+            "data_backend_config": str(out / "backends.json"),
+            "lycoris_config": str(REPO / "configs/demo/lycoris_config.json"),
+            "output_dir": str(out / "run"),
+            "resume_from_checkpoint": "none",
+            **overrides,
+        },
+    )
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(100):  # up to 10 s
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
@@ -64,8 +74,10 @@ def s3_backends(endpoint: str) -> list[dict]:
     for path in sorted(DATA.iterdir()):
         client.put_object(Bucket="bench", Key="demo/" + path.name, Body=path.read_bytes())
     where = {"type": "aws", "aws_bucket_name": "bench", "aws_region_name": "us-east-1", "aws_endpoint_url": endpoint}
-    return [{"id": "demo-images", "aws_data_prefix": "demo/", "cache_dir_vae": "cache/vae", "resolution": 64, **where},
-            {"id": "text", "dataset_type": "text_embeds", "default": True, "cache_dir": "cache/text", **where}]
+    return [
+        {"id": "demo-images", "aws_data_prefix": "demo/", "cache_dir_vae": "cache/vae", "resolution": 64, **where},
+        {"id": "text", "dataset_type": "text_embeds", "default": True, "cache_dir": "cache/text", **where},
+    ]
 
 
 def read_rate(config, epochs: int) -> float:
@@ -107,9 +119,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("local", "s3"):
             (Path(tmp) / name).mkdir()
-        local = demo_config(Path(tmp) / "local", [
-            {"id": "demo-images", "instance_data_dir": str(DATA), "resolution": 64},
-            {"id": "text", "dataset_type": "text_embeds", "default": True, "cache_dir": f"{tmp}/local/text"}])
+        local = demo_config(
+            Path(tmp) / "local",
+            [
+                {"id": "demo-images", "instance_data_dir": str(DATA), "resolution": 64},
+                {"id": "text", "dataset_type": "text_embeds", "default": True, "cache_dir": f"{tmp}/local/text"},
+            ],
+        )
         proc, endpoint = start_moto()
         try:
             remote = demo_config(Path(tmp) / "s3", s3_backends(endpoint))

@@ -63,9 +63,11 @@ def main() -> None:
     guarded_ms = timed(guarded, device, args.repeats)
     copied = sum(t.numel() * t.element_size() for t in step_tensors(optimizer, params))
     print(f"{args.optimizer} on {device}: {len(params)} tensors, {args.elements / 1e6:.0f}M elements")
-    print(f"optimizer step {step_ms:.1f} ms; with the guard {guarded_ms:.1f} ms (+{guarded_ms - step_ms:.1f} ms, "
-          f"{(guarded_ms - step_ms) / step_ms:.0%} of the step alone); snapshot {copied / 2**20:.0f} MiB, "
-          f"transient peak ~{2 * copied / 2**20:.0f} MiB")
+    print(
+        f"optimizer step {step_ms:.1f} ms; with the guard {guarded_ms:.1f} ms (+{guarded_ms - step_ms:.1f} ms, "
+        f"{(guarded_ms - step_ms) / step_ms:.0%} of the step alone); snapshot {copied / 2**20:.0f} MiB, "
+        f"transient peak ~{2 * copied / 2**20:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

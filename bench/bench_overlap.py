@@ -29,8 +29,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WIDE = {"num_attention_heads": 8, "attention_head_dim": 64, "caption_projection_dim": 512, "num_layers": 8,
-        "dual_attention_layers": ()}
+WIDE = {
+    "num_attention_heads": 8,
+    "attention_head_dim": 64,
+    "caption_projection_dim": 512,
+    "num_layers": 8,
+    "dual_attention_layers": (),
+}
 MODES = ("single", "blocking", "overlap-fp32", "overlap-bf16")
 
 
@@ -57,11 +62,21 @@ def prepare(root: Path) -> Path:
     backends[1]["cache_dir"] = str(root / "cache/text")
     (root / "backends.json").write_text(json.dumps(backends))
     raw = json.loads((REPO / "configs/demo/config.json").read_text())
-    raw.update({"--pretrained_model_name_or_path": str(model), "--data_backend_config": str(root / "backends.json"),
-                "--lycoris_config": str(REPO / "configs/sd3/lycoris_config.json"), "--output_dir": str(root / "out"),
-                "--train_batch_size": 1, "--max_train_steps": 100_000, "--checkpointing_steps": 100_000,
-                "--optimizer": "adamw", "use_ema": False, "--resume_from_checkpoint": "none",
-                "--caption_dropout_probability": 0.0})
+    raw.update(
+        {
+            "--pretrained_model_name_or_path": str(model),
+            "--data_backend_config": str(root / "backends.json"),
+            "--lycoris_config": str(REPO / "configs/sd3/lycoris_config.json"),
+            "--output_dir": str(root / "out"),
+            "--train_batch_size": 1,
+            "--max_train_steps": 100_000,
+            "--checkpointing_steps": 100_000,
+            "--optimizer": "adamw",
+            "use_ema": False,
+            "--resume_from_checkpoint": "none",
+            "--caption_dropout_probability": 0.0,
+        }
+    )
     config = root / "config.json"
     config.write_text(json.dumps(raw, indent=1))
     from relay_train.config import load_config
@@ -72,8 +87,7 @@ def prepare(root: Path) -> Path:
     loaded = load_config(config)
     plan = plan_dataset(loaded, resolve_model_path(loaded.pretrained_model_name_or_path))
     if not plan.complete:  # encode once here: the ranks only read the caches
-        build_missing(plan, resolve_model_path(loaded.pretrained_model_name_or_path), torch.device("cpu"),
-                      torch.float32)
+        build_missing(plan, resolve_model_path(loaded.pretrained_model_name_or_path), torch.device("cpu"), torch.float32)
     return config
 
 
@@ -103,12 +117,21 @@ class Rank:
         from relay_train.parallel import GradientSync
         from relay_train.trainer import build_trainer
 
-        sync = {"single": GradientSync(), "single-blocking": GradientSync(overlap=False),
-                "blocking": GradientSync(overlap=False), "overlap-fp32": GradientSync(bucket_mb=self.bucket_mb),
-                "overlap-bf16": GradientSync(bucket_mb=self.bucket_mb, dtype="bf16")}[mode]
+        sync = {
+            "single": GradientSync(),
+            "single-blocking": GradientSync(overlap=False),
+            "blocking": GradientSync(overlap=False),
+            "overlap-fp32": GradientSync(bucket_mb=self.bucket_mb),
+            "overlap-bf16": GradientSync(bucket_mb=self.bucket_mb, dtype="bf16"),
+        }[mode]
         world = 1 if mode.startswith("single") else 2
-        trainer = build_trainer(load_config(self.config_path), device=torch.device("cpu"), rank=0 if world == 1 else self.rank,
-                                world_size=world, gradient_sync=sync)
+        trainer = build_trainer(
+            load_config(self.config_path),
+            device=torch.device("cpu"),
+            rank=0 if world == 1 else self.rank,
+            world_size=world,
+            gradient_sync=sync,
+        )
         self.trainers[mode] = trainer
         return sum(p.numel() for p in trainer.params)
 
@@ -179,21 +202,23 @@ def driver(config_path: str, out: str, rounds: int, steps: int, bucket_mb: float
     ray.init(configure_logging=False, log_to_driver=False)
     RemoteRank = ray.remote(Rank)
     head = os.environ["RAY_ADDRESS"].split(":")[0]
-    ranks = [RemoteRank.options(num_cpus=1, resources={node: 1}).remote(n, head, 29500, config_path, bucket_mb)
-             for n, node in enumerate(("node_a", "node_b"))]
+    ranks = [
+        RemoteRank.options(num_cpus=1, resources={node: 1}).remote(n, head, 29500, config_path, bucket_mb)
+        for n, node in enumerate(("node_a", "node_b"))
+    ]
     ips = ray.get([r.node_ip.remote() for r in ranks])
     numel = None
     for mode in ("single-blocking", *MODES):
         numel = ray.get([r.build.remote(mode) for r in ranks])[0]
-    figures: dict[str, dict[str, list[float]]] = {m: {"step": [], "backward": [], "wait": []}
-                                                  for m in ("single-blocking", *MODES)}
+    figures: dict[str, dict[str, list[float]]] = {
+        m: {"step": [], "backward": [], "wait": []} for m in ("single-blocking", *MODES)
+    }
     for mode in figures:  # warm-up; the overlapped modes record their bucket order here
         ray.get([r.steps.remote(mode, 2) for r in ranks])
     standalone = {"fp32": [], "bf16": []}
     for round_ in range(rounds):  # interleaved, so every mode sees the machine's load alike
-        for mode in (list(figures) if round_ % 2 == 0 else list(reversed(figures))):  # no mode always first
-            times = ray.get([r.steps.remote(mode, steps, trace=round_ == rounds - 1 and mode == "overlap-fp32")
-                             for r in ranks])
+        for mode in list(figures) if round_ % 2 == 0 else list(reversed(figures)):  # no mode always first
+            times = ray.get([r.steps.remote(mode, steps, trace=round_ == rounds - 1 and mode == "overlap-fp32") for r in ranks])
             for a, b in zip(*times):
                 figures[mode]["step"].append(max(a[0], b[0]))  # a step ends when its slower rank does
                 figures[mode]["backward"].append((a[1] + b[1]) / 2)
@@ -203,19 +228,24 @@ def driver(config_path: str, out: str, rounds: int, steps: int, bucket_mb: float
             times = ray.get([r.allreduce.remote(numel, dtype, 2) for r in ranks])
             standalone[dtype] += [max(a, b) for a, b in zip(*times)]
     timeline = ray.get(ranks[0].timeline.remote())
-    Path(out).write_text(json.dumps({"ips": ips, "numel": numel, "figures": figures, "standalone": standalone,
-                                     "timeline": timeline}))
+    Path(out).write_text(
+        json.dumps({"ips": ips, "numel": numel, "figures": figures, "standalone": standalone, "timeline": timeline})
+    )
 
 
 def report(result: dict, rate_mbit: float, bucket_mb: float) -> None:
     fig = {mode: {k: statistics.median(v) for k, v in figures.items()} for mode, figures in result["figures"].items()}
     ar = {dtype: statistics.median(times) for dtype, times in result["standalone"].items()}
     mib = result["numel"] * 4 / (1 << 20)
-    print(f"two Ray nodes {result['ips']} over a veth link shaped to {rate_mbit} Mbit/s each way; adapter "
-          f"{result['numel'] / 1e6:.2f}M fp32 parameters ({mib:.1f} MiB), buckets of {bucket_mb} MiB; medians of "
-          f"{len(result['figures']['single']['step'])} steps per mode")
-    print(f"{'mode':<14} {'step s':>7} {'backward s':>10} {'standalone all-reduce s':>23} {'exposed s':>9} "
-          f"{'wait after backward s':>21}")
+    print(
+        f"two Ray nodes {result['ips']} over a veth link shaped to {rate_mbit} Mbit/s each way; adapter "
+        f"{result['numel'] / 1e6:.2f}M fp32 parameters ({mib:.1f} MiB), buckets of {bucket_mb} MiB; medians of "
+        f"{len(result['figures']['single']['step'])} steps per mode"
+    )
+    print(
+        f"{'mode':<14} {'step s':>7} {'backward s':>10} {'standalone all-reduce s':>23} {'exposed s':>9} "
+        f"{'wait after backward s':>21}"
+    )
     single = fig["single"]["step"]
     hidden, hidden_wait = {}, {}
     for mode in MODES:
@@ -226,21 +256,22 @@ def report(result: dict, rate_mbit: float, bucket_mb: float) -> None:
             continue
         exposed = row["step"] - single
         hidden[mode], hidden_wait[mode] = 1 - exposed / ar[wire], 1 - row["wait"] / ar[wire]
-        print(f"{mode:<14} {row['step']:>7.3f} {row['backward']:>10.3f} {ar[wire]:>23.3f} {exposed:>9.3f} "
-              f"{row['wait']:>21.3f}")
-    print("hidden share of the all-reduce, 1 - exposed/standalone: "
-          + ", ".join(f"{m} {h:.2f}" for m, h in hidden.items()))
-    print("the same from the wait after backward (immune to step-to-step compute noise, blind to a slower "
-          "backward): " + ", ".join(f"{m} {h:.2f}" for m, h in hidden_wait.items()))
-    print(f"1 worker, this build's default (overlap) vs blocking sync, both syncing nothing: speed ratio "
-          f"{fig['single-blocking']['step'] / single:.3f} (goal >= 0.98)")
+        print(f"{mode:<14} {row['step']:>7.3f} {row['backward']:>10.3f} {ar[wire]:>23.3f} {exposed:>9.3f} {row['wait']:>21.3f}")
+    print("hidden share of the all-reduce, 1 - exposed/standalone: " + ", ".join(f"{m} {h:.2f}" for m, h in hidden.items()))
+    print(
+        "the same from the wait after backward (immune to step-to-step compute noise, blind to a slower "
+        "backward): " + ", ".join(f"{m} {h:.2f}" for m, h in hidden_wait.items())
+    )
+    print(
+        f"1 worker, this build's default (overlap) vs blocking sync, both syncing nothing: speed ratio "
+        f"{fig['single-blocking']['step'] / single:.3f} (goal >= 0.98)"
+    )
     if result["timeline"]:
         marks = result["timeline"][-1]
         steps = [i for i, m in enumerate(marks) if m[0] == "step"]
-        last = marks[steps[-1]:]
+        last = marks[steps[-1] :]
         t0 = last[0][2]
-        print("timeline of the last traced overlap-fp32 step on rank 0 (ms from the step's start; done = its wait "
-              "returned):")
+        print("timeline of the last traced overlap-fp32 step on rank 0 (ms from the step's start; done = its wait returned):")
         print("  " + "  ".join(f"{what}{'' if b < 0 else b}@{1000 * (t - t0):.0f}" for what, b, t in last))
     print(f"hidden_fraction={hidden['overlap-fp32']:.3f}")
 
@@ -253,10 +284,14 @@ def production_arithmetic(bucket_mb: float = 25.0) -> None:
     """Ring all-reduce: each node sends 2(N-1)/N of the gradient bytes. Blocking adds all of it to the
     step; overlapped hides what fits in backward and leaves the last bucket's all-reduce exposed."""
     backward = H100_STEP_S * H100_BACKWARD_SHARE
-    print(f"production, per step: {H100_STEP_S} s on an H100, backward {backward:.3f} s, adapter "
-          f"{ADAPTER_PARAMS / 1e6:.1f}M params ({ADAPTER_PARAMS * 4 / 2**30:.2f} GiB fp32), buckets {bucket_mb} MiB")
-    print(f"{'nodes':>5} {'Gb/s':>5} {'wire':>5} {'all-reduce s':>12} {'blocking step':>13} {'overlapped step':>15} "
-          f"{'speed blocking':>14} {'speed overlapped':>16}")
+    print(
+        f"production, per step: {H100_STEP_S} s on an H100, backward {backward:.3f} s, adapter "
+        f"{ADAPTER_PARAMS / 1e6:.1f}M params ({ADAPTER_PARAMS * 4 / 2**30:.2f} GiB fp32), buckets {bucket_mb} MiB"
+    )
+    print(
+        f"{'nodes':>5} {'Gb/s':>5} {'wire':>5} {'all-reduce s':>12} {'blocking step':>13} {'overlapped step':>15} "
+        f"{'speed blocking':>14} {'speed overlapped':>16}"
+    )
     for nodes in (4, 8):
         for gbps in (10, 25, 100):
             for wire, size in (("fp32", 4), ("bf16", 2)):
@@ -265,8 +300,10 @@ def production_arithmetic(bucket_mb: float = 25.0) -> None:
                 last = share * bucket_mb * 2**20 * (size / 4) * 8 / (gbps * 1e9)
                 blocking = H100_STEP_S + allreduce
                 overlapped = H100_STEP_S + max(0.0, allreduce - backward) + last
-                print(f"{nodes:>5} {gbps:>5} {wire:>5} {allreduce:>12.3f} {blocking:>13.3f} {overlapped:>15.3f} "
-                      f"{H100_STEP_S / blocking:>14.2f} {H100_STEP_S / overlapped:>16.2f}")
+                print(
+                    f"{nodes:>5} {gbps:>5} {wire:>5} {allreduce:>12.3f} {blocking:>13.3f} {overlapped:>15.3f} "
+                    f"{H100_STEP_S / blocking:>14.2f} {H100_STEP_S / overlapped:>16.2f}"
+                )
 
 
 def bench_overlap(rate_mbit: float, rounds: int, steps: int, bucket_mb: float) -> None:
@@ -282,10 +319,14 @@ def bench_overlap(rate_mbit: float, rounds: int, steps: int, bucket_mb: float) -
         root = Path(tmp)
         config = prepare(root)
         out = root / "figures.json"
-        with TwoNodes(rate_mbit=rate_mbit) as nodes, \
-                RayOnTwoNodes(nodes, cpus=(2, 1), resources=({"node_a": 1}, {"node_b": 1})) as cluster:
-            done = cluster.run_driver([sys.executable, __file__, "--driver", str(config), str(out), str(rounds),
-                                       str(steps), str(bucket_mb)], timeout=3000)
+        with (
+            TwoNodes(rate_mbit=rate_mbit) as nodes,
+            RayOnTwoNodes(nodes, cpus=(2, 1), resources=({"node_a": 1}, {"node_b": 1})) as cluster,
+        ):
+            done = cluster.run_driver(
+                [sys.executable, __file__, "--driver", str(config), str(out), str(rounds), str(steps), str(bucket_mb)],
+                timeout=3000,
+            )
             if done.returncode != 0:
                 raise RuntimeError(f"the bench driver failed:\n{done.stdout[-6000:]}")
         report(json.loads(out.read_text()), rate_mbit, bucket_mb)

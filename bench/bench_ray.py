@@ -38,18 +38,23 @@ def bench_steps(steps: int) -> None:
     from relay_train.trainer import Hooks, build_trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = {"max_train_steps": steps, "checkpointing_steps": 50, "output_dir": f"{tmp}/single",
-                     "resume_from_checkpoint": "none"}
+        overrides = {
+            "max_train_steps": steps,
+            "checkpointing_steps": 50,
+            "output_dir": f"{tmp}/single",
+            "resume_from_checkpoint": "none",
+        }
         marks: list[tuple[int, float]] = []
-        trainer = build_trainer(load_config(REPO / "configs/demo/config.json", overrides),
-                                hooks=Hooks(on_checkpoint=lambda step, _: marks.append((step, time.perf_counter()))))
+        trainer = build_trainer(
+            load_config(REPO / "configs/demo/config.json", overrides),
+            hooks=Hooks(on_checkpoint=lambda step, _: marks.append((step, time.perf_counter()))),
+        )
         trainer.fit()
         single = [(b[0] - a[0]) / (b[1] - a[1]) for a, b in zip(marks, marks[1:])]
 
         ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
         # 2 CPUs for the worker: Ray sets its OMP_NUM_THREADS from them, matching the single process
-        cluster = ClusterConfig(num_workers=1, cpus_per_worker=2, storage_path=f"{tmp}/runs", run_name="bench",
-                                max_failures=0)
+        cluster = ClusterConfig(num_workers=1, cpus_per_worker=2, storage_path=f"{tmp}/runs", run_name="bench", max_failures=0)
         result = launch(REPO / "configs/demo/config.json", {**overrides, "output_dir": f"{tmp}/ray"}, cluster)
         ray.shutdown()
         rates = [metrics["steps_per_second"] for _, metrics in result.best_checkpoints]
@@ -101,16 +106,25 @@ def bench_upload(mib: int) -> None:
             fs, path = storage_filesystem(cluster)
             out = Path(tmp) / f"{mode}.json"
             t0 = time.perf_counter()
-            TorchTrainer(upload_train_fn, train_loop_config={"mode": mode, "mib": mib, "out": str(out)},
-                         scaling_config=ScalingConfig(num_workers=1),
-                         run_config=RunConfig(name=f"upload-{mode}", storage_path=path, storage_filesystem=fs,
-                                              checkpoint_config=CheckpointConfig(num_to_keep=2))).fit()
+            TorchTrainer(
+                upload_train_fn,
+                train_loop_config={"mode": mode, "mib": mib, "out": str(out)},
+                scaling_config=ScalingConfig(num_workers=1),
+                run_config=RunConfig(
+                    name=f"upload-{mode}",
+                    storage_path=path,
+                    storage_filesystem=fs,
+                    checkpoint_config=CheckpointConfig(num_to_keep=2),
+                ),
+            ).fit()
             figures[mode] = (json.loads(out.read_text()), time.perf_counter() - t0)
     ray.shutdown()
     server.stop()
     for mode, (blocked, total) in figures.items():
-        print(f"{mode:>5}: loop blocked per {mib} MiB checkpoint {statistics.mean(blocked):.3f} s "
-              f"(each: {', '.join(f'{b:.3f}' for b in blocked)}), whole run {total:.1f} s")
+        print(
+            f"{mode:>5}: loop blocked per {mib} MiB checkpoint {statistics.mean(blocked):.3f} s "
+            f"(each: {', '.join(f'{b:.3f}' for b in blocked)}), whole run {total:.1f} s"
+        )
     print(f"ratio sync/async blocked time: {statistics.mean(figures['sync'][0]) / statistics.mean(figures['async'][0]):.1f}x")
 
 
@@ -147,20 +161,22 @@ def bench_preemption(calls: int) -> None:
         steward = RunSteward.options(name=steward_name("bench")).remote(RunStorage(tmp, "bench"), poll_seconds=60)
         ray.get(steward.ready.remote())
         out = Path(tmp) / "times"
-        TorchTrainer(preemption_train_fn, train_loop_config={"calls": calls, "out": str(out)},
-                     scaling_config=ScalingConfig(num_workers=2)).fit()
+        TorchTrainer(
+            preemption_train_fn, train_loop_config={"calls": calls, "out": str(out)}, scaling_config=ScalingConfig(num_workers=2)
+        ).fit()
         figures = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("times.*.json"))]
     ray.shutdown()
     checks = [t for f in figures for t in f["checks"][10:]]  # after warm-up
     ticks = [t for f in figures for t in f["ticks"][10:]]
     check_ms, tick_ms = 1000 * statistics.median(checks), 1000 * statistics.median(ticks)
-    print(f"get_preemption_info, 2 workers: median {check_ms:.2f} ms, p90 "
-          f"{1000 * statistics.quantiles(checks, n=10)[-1]:.2f} ms, max {1000 * max(checks):.2f} ms")
+    print(
+        f"get_preemption_info, 2 workers: median {check_ms:.2f} ms, p90 "
+        f"{1000 * statistics.quantiles(checks, n=10)[-1]:.2f} ms, max {1000 * max(checks):.2f} ms"
+    )
     print(f"steward.tick.remote (fire and forget): median {tick_ms:.3f} ms, max {1000 * max(ticks):.3f} ms")
     for step_s in (0.06, 2.0):  # the tiny CPU demo's step; an SD3.5M step at 1024² (estimate, issue 10)
         for every in (1, 10):
-            print(f"  step {step_s:>4} s, check every {every:>2} steps: overhead "
-                  f"{100 * check_ms / 1000 / (every * step_s):.2f}%")
+            print(f"  step {step_s:>4} s, check every {every:>2} steps: overhead {100 * check_ms / 1000 / (every * step_s):.2f}%")
 
 
 if __name__ == "__main__":

@@ -33,9 +33,10 @@ def relay_run(steps: int, out: Path) -> float:
     from relay_train.progress import ProgressDisplay
     from relay_train.trainer import Hooks, build_trainer
 
-    config = load_config(REPO / "configs/demo/config.json",
-                         {"max_train_steps": steps, "output_dir": str(out), "resume_from_checkpoint": "none",
-                          "disable_bucket_pruning": False})  # full batches only, as in the bare loop
+    config = load_config(
+        REPO / "configs/demo/config.json",
+        {"max_train_steps": steps, "output_dir": str(out), "resume_from_checkpoint": "none", "disable_bucket_pruning": False},
+    )  # full batches only, as in the bare loop
     hooks = Hooks()
     trainer = build_trainer(config, hooks=hooks)
     with ProgressDisplay(trainer.total_steps) as progress:
@@ -60,8 +61,16 @@ def bare_run(steps: int, out: Path) -> float:
     transformer.requires_grad_(False)
     transformer.enable_gradient_checkpointing()
     LycorisNetwork.apply_preset(lyco["apply_preset"])
-    network = create_lycoris(transformer, lyco["multiplier"], linear_dim=lyco["linear_dim"], linear_alpha=lyco["linear_alpha"],
-                             algo="lokr", factor=lyco["factor"], full_matrix=True, bypass_mode=True)
+    network = create_lycoris(
+        transformer,
+        lyco["multiplier"],
+        linear_dim=lyco["linear_dim"],
+        linear_alpha=lyco["linear_alpha"],
+        algo="lokr",
+        factor=lyco["factor"],
+        full_matrix=True,
+        bypass_mode=True,
+    )
     network.apply_to()
     params = list(network.parameters())
     opt = bnb.optim.AdamW8bit(params, lr=1e-3, weight_decay=1e-2)
@@ -76,8 +85,9 @@ def bare_run(steps: int, out: Path) -> float:
         sigma = torch.sigmoid(torch.randn(2, generator=g))
         sigma = 3 * sigma / (1 + 2 * sigma)
         noisy = (1 - sigma.view(-1, 1, 1, 1)) * latents + sigma.view(-1, 1, 1, 1) * noise
-        pred = transformer(hidden_states=noisy, encoder_hidden_states=embeds, pooled_projections=pooled,
-                           timestep=sigma * 1000, return_dict=False)[0]
+        pred = transformer(
+            hidden_states=noisy, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=sigma * 1000, return_dict=False
+        )[0]
         loss = torch.mean((pred.float() - (noise - latents)) ** 2)
         loss.backward()
         torch.nn.utils.clip_grad_value_(params, 0.1)
@@ -109,8 +119,13 @@ def main() -> None:
     results: dict[str, list[dict]] = {"relay": [], "bare": []}
     for _ in range(args.rounds):
         for mode in results:
-            out = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(args.steps)], cwd=REPO,
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", mode, "--steps", str(args.steps)],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             results[mode].append(json.loads(out.strip().splitlines()[-1]))
     med = {m: (statistics.median(r["steps_per_s"] for r in rs), max(r["peak_rss_mib"] for r in rs)) for m, rs in results.items()}
     print(f"{'run':<8}{'steps/s (median)':>18}{'peak RSS MiB':>14}   per-round steps/s")

@@ -31,9 +31,17 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def overrides(steps: int, every: int, out: Path) -> dict:
-    return {"max_train_steps": steps, "checkpointing_steps": every, "validation_steps": every,
-            "output_dir": str(out), "resume_from_checkpoint": "none", "checkpoints_total_limit": None,
-            "validation_resolution": "64x64", "validation_num_inference_steps": 4, "evaluation_type": "none"}
+    return {
+        "max_train_steps": steps,
+        "checkpointing_steps": every,
+        "validation_steps": every,
+        "output_dir": str(out),
+        "resume_from_checkpoint": "none",
+        "checkpoints_total_limit": None,
+        "validation_resolution": "64x64",
+        "validation_num_inference_steps": 4,
+        "evaluation_type": "none",
+    }
 
 
 def train(steps: int, every: int, run_dir: Path, pool=None) -> tuple[float, list[float]]:
@@ -48,8 +56,9 @@ def train(steps: int, every: int, run_dir: Path, pool=None) -> tuple[float, list
 
     def on_checkpoint(step: int, folder: Path | None) -> None:
         committed.append(step)  # what Ray's snapshot would list once the upload finished
-        (run_dir / SNAPSHOT).write_text(json.dumps(
-            {"checkpoint_results": [{"checkpoint_dir_name": f"checkpoint-{s}"} for s in committed]}))
+        (run_dir / SNAPSHOT).write_text(
+            json.dumps({"checkpoint_results": [{"checkpoint_dir_name": f"checkpoint-{s}"} for s in committed]})
+        )
         if pool is not None:
             start = time.perf_counter()
             pool.submit(step)
@@ -86,9 +95,15 @@ def main() -> None:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             results: list[tuple[int, float]] = []
-            pool = ValidationPool(REPO / "configs/demo/config.json", overrides(args.steps, args.every, root / "on" / "out"),
-                                  RunStorage(str(root), "on"), on_result=lambda s, summary, _: results.append(
-                                      (s, summary["seconds"])), num_actors=1, num_gpus=0, working_dir=str(REPO)).start()
+            pool = ValidationPool(
+                REPO / "configs/demo/config.json",
+                overrides(args.steps, args.every, root / "on" / "out"),
+                RunStorage(str(root), "on"),
+                on_result=lambda s, summary, _: results.append((s, summary["seconds"])),
+                num_actors=1,
+                num_gpus=0,
+                working_dir=str(REPO),
+            ).start()
             pool.loads()  # the actor's pipeline is loaded before timing starts
             on, blocked = train(args.steps, args.every, root / "on", pool=pool)
             drained = pool.wait_idle(timeout=300)
@@ -96,14 +111,20 @@ def main() -> None:
         finally:
             ray.shutdown()
     step_ms = 1000 / on
-    print(f"steps {args.steps}, checkpoint + validation every {args.every} (demo config, 1 prompt, 64x64, 4 sampler "
-          f"steps, adapter + EMA)")
+    print(
+        f"steps {args.steps}, checkpoint + validation every {args.every} (demo config, 1 prompt, 64x64, 4 sampler "
+        f"steps, adapter + EMA)"
+    )
     print(f"steps/s without validation: {off:.2f}")
     print(f"steps/s with the pool:      {on:.2f}  (ratio {on / off:.3f})")
-    print(f"blocked per submit: mean {1000 * statistics.fmean(blocked):.3f} ms, max {1000 * max(blocked):.3f} ms "
-          f"over {len(blocked)} submits; one step = {step_ms:.1f} ms (max/step = {1000 * max(blocked) / step_ms:.4f})")
-    print(f"validations finished: {len(results)} (steps {[s for s, _ in results]}), skipped: {pool.skipped}, "
-          f"render seconds each: {[round(s, 2) for _, s in results]}; drained: {drained}")
+    print(
+        f"blocked per submit: mean {1000 * statistics.fmean(blocked):.3f} ms, max {1000 * max(blocked):.3f} ms "
+        f"over {len(blocked)} submits; one step = {step_ms:.1f} ms (max/step = {1000 * max(blocked) / step_ms:.4f})"
+    )
+    print(
+        f"validations finished: {len(results)} (steps {[s for s, _ in results]}), skipped: {pool.skipped}, "
+        f"render seconds each: {[round(s, 2) for _, s in results]}; drained: {drained}"
+    )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,11 @@ from relay_train.data.buckets import Bucket  # noqa: E402
 from relay_train.config import TrainConfig, load_config  # noqa: E402
 from relay_train.data.dataset import BucketTensors  # noqa: E402
 from relay_train.model import (  # noqa: E402
-    AdapterModel, attach_lokr, compute_dtype, enable_gradient_checkpointing, quantize_base,
+    AdapterModel,
+    attach_lokr,
+    compute_dtype,
+    enable_gradient_checkpointing,
+    quantize_base,
 )
 from relay_train.optim import clip_gradients  # noqa: E402
 from relay_train.step import train_step  # noqa: E402
@@ -86,13 +90,16 @@ class Variant:
     segmented: bool = False  # checkpoint SimpleTuner's segments (--segments interval,stride), not every block
 
 
-VARIANTS = {v.key: v for v in (
-    Variant("a", "production (int8 + LoKr, ckpt)"),
-    Variant("b", "bf16 base, no quantization", quantized=False),
-    Variant("c", "gradient checkpointing off", checkpointing=False),
-    Variant("d", "batch 1", batch=1),
-    Variant("e", "segmented checkpointing (--segments)", segmented=True),
-)}
+VARIANTS = {
+    v.key: v
+    for v in (
+        Variant("a", "production (int8 + LoKr, ckpt)"),
+        Variant("b", "bf16 base, no quantization", quantized=False),
+        Variant("c", "gradient checkpointing off", checkpointing=False),
+        Variant("d", "batch 1", batch=1),
+        Variant("e", "segmented checkpointing (--segments)", segmented=True),
+    )
+}
 
 
 class CachedShapes:
@@ -103,9 +110,11 @@ class CachedShapes:
 
     def __init__(self, batch: int, latent_px: int, joint: int, pooled: int, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        self.tensors = BucketTensors(torch.randn(batch, 16, latent_px, latent_px, generator=g),
-                                     torch.randn(batch, TEXT_TOKENS, joint, generator=g),
-                                     torch.randn(batch, pooled, generator=g))
+        self.tensors = BucketTensors(
+            torch.randn(batch, 16, latent_px, latent_px, generator=g),
+            torch.randn(batch, TEXT_TOKENS, joint, generator=g),
+            torch.randn(batch, pooled, generator=g),
+        )
         self.empty_prompt_embeds = torch.zeros(TEXT_TOKENS, joint)
         self.empty_pooled_embeds = torch.zeros(pooled)
         self.bucket: Bucket = (latent_px * 8, latent_px * 8)
@@ -165,8 +174,7 @@ def build_model(config: TrainConfig, preset: str, device: torch.device, quantize
     return AdapterModel(transformer=transformer, network=network)
 
 
-def make_trainer(config: TrainConfig, model: AdapterModel, data: CachedShapes, device: torch.device,
-                 scratch: Path) -> Trainer:
+def make_trainer(config: TrainConfig, model: AdapterModel, data: CachedShapes, device: torch.device, scratch: Path) -> Trainer:
     return Trainer(config, model, data, data, ckpt.LocalCheckpointStore(scratch), device)  # type: ignore[arg-type]
 
 
@@ -192,9 +200,16 @@ def time_phases(trainer: Trainer, clock: Clock, steps: int) -> dict[str, float]:
     for _ in range(steps):
         bucket, indices = trainer.sampler.next_batch()
         t0 = clock.mark()
-        loss = train_step(trainer.model.transformer, trainer.dataset.batch(bucket, indices), trainer.empty_prompt,
-                          trainer.generator, shift=c.flow_schedule_shift, caption_dropout=c.caption_dropout_probability,
-                          device=trainer.device, dtype=trainer.dtype)
+        loss = train_step(
+            trainer.model.transformer,
+            trainer.dataset.batch(bucket, indices),
+            trainer.empty_prompt,
+            trainer.generator,
+            shift=c.flow_schedule_shift,
+            caption_dropout=c.caption_dropout_probability,
+            device=trainer.device,
+            dtype=trainer.dtype,
+        )
         t1 = clock.mark()
         loss.backward()
         t2 = clock.mark()
@@ -222,24 +237,33 @@ def time_ema(trainer: Trainer, clock: Clock, repeats: int = 3) -> float | None:
 
 def peak_memory(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
-        return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-                "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+        return {
+            "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+        }
     return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
 
 
-def run_variant(variant: Variant, config: TrainConfig, model: AdapterModel, args: argparse.Namespace,
-                device: torch.device, clock: Clock) -> dict[str, Any]:
+def run_variant(
+    variant: Variant, config: TrainConfig, model: AdapterModel, args: argparse.Namespace, device: torch.device, clock: Clock
+) -> dict[str, Any]:
     batch = variant.batch or config.train_batch_size
     joint, pooled = (transformer_config(args.preset)[k] for k in ("joint_attention_dim", "pooled_projection_dim"))
     data = CachedShapes(batch, args.resolution // 8, joint, pooled)
     model.transformer.disable_gradient_checkpointing()
     if variant.checkpointing:
         enable_gradient_checkpointing(model.transformer, *(args.segments if variant.segmented else (None, None)))
-    result: dict[str, Any] = {"label": variant.label, "batch": batch, "quantized": variant.quantized,
-                              "gradient_checkpointing": variant.checkpointing}
+    result: dict[str, Any] = {
+        "label": variant.label,
+        "batch": batch,
+        "quantized": variant.quantized,
+        "gradient_checkpointing": variant.checkpointing,
+    }
     if variant.segmented:
-        result["segments"] = {"gradient_checkpointing_interval": args.segments[0],
-                              "gradient_checkpointing_segment_stride": args.segments[1]}
+        result["segments"] = {
+            "gradient_checkpointing_interval": args.segments[0],
+            "gradient_checkpointing_segment_stride": args.segments[1],
+        }
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as scratch:
@@ -263,20 +287,21 @@ def run_variant(variant: Variant, config: TrainConfig, model: AdapterModel, args
     return result
 
 
-def profile_variant(trainer: Trainer, model: AdapterModel, s_per_step: float, args: argparse.Namespace,
-                    device: torch.device) -> dict[str, Any]:
+def profile_variant(
+    trainer: Trainer, model: AdapterModel, s_per_step: float, args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
     """FLOPs of one optimizer step, TFLOP/s and MFU against the timed median, and the trace summary."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     out = step_profile.count_flops(trainer.optimizer_step)
     out["mfu"] = step_profile.mfu(out["flops_per_step"], s_per_step, device.type, name)
     trace = str(args.trace) if args.trace else None
-    out["trace"] = step_profile.profile_steps(trainer.optimizer_step, model.transformer, model.network,
-                                              trainer.optimizer, device, args.profile_steps, trace)
+    out["trace"] = step_profile.profile_steps(
+        trainer.optimizer_step, model.transformer, model.network, trainer.optimizer, device, args.profile_steps, trace
+    )
     return out
 
 
-def run_compiled(config: TrainConfig, args: argparse.Namespace, device: torch.device,
-                 clock: Clock) -> dict[str, Any]:
+def run_compiled(config: TrainConfig, args: argparse.Namespace, device: torch.device, clock: Clock) -> dict[str, Any]:
     """Config (a) with each transformer block torch.compile'd in place (regional compilation), and the
     first step's loss and gradient norm against an eager build of the same seeds (same maths?)."""
     joint, pooled = (transformer_config(args.preset)[k] for k in ("joint_attention_dim", "pooled_projection_dim"))
@@ -295,8 +320,7 @@ def run_compiled(config: TrainConfig, args: argparse.Namespace, device: torch.de
         del model
         release(device)
     if "first_step" in out:
-        out["first_step_rel_diff"] = [abs(c - e) / max(abs(e), 1e-30)
-                                      for c, e in zip(out["first_step"], out["eager_first_step"])]
+        out["first_step_rel_diff"] = [abs(c - e) / max(abs(e), 1e-30) for c, e in zip(out["first_step"], out["eager_first_step"])]
     return out
 
 
@@ -314,15 +338,24 @@ def build_vae(preset: str, dtype: torch.dtype, device: torch.device):
 
     blocks = len(_VAE[preset]["block_out_channels"])
     with torch.device(device):
-        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
-                            up_block_types=("UpDecoderBlock2D",) * blocks, latent_channels=16,
-                            scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-                            use_post_quant_conv=False, **_VAE[preset])
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * blocks,
+            up_block_types=("UpDecoderBlock2D",) * blocks,
+            latent_channels=16,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            **_VAE[preset],
+        )
     return (vae if dtype == torch.float32 else vae.to(dtype)).eval()
 
 
-def time_renders(model: AdapterModel, config: TrainConfig, args: argparse.Namespace, device: torch.device,
-                 clock: Clock) -> dict[str, Any]:
+def time_renders(
+    model: AdapterModel, config: TrainConfig, args: argparse.Namespace, device: torch.device, clock: Clock
+) -> dict[str, Any]:
     """Seconds per validation image, eager then compiled (as --validation_torch_compile would)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
@@ -330,9 +363,16 @@ def time_renders(model: AdapterModel, config: TrainConfig, args: argparse.Namesp
     model.transformer.disable_gradient_checkpointing()
     model.transformer.eval()
     pipe = StableDiffusion3Pipeline(
-        transformer=model.transformer, vae=build_vae(args.preset, dtype, device),
+        transformer=model.transformer,
+        vae=build_vae(args.preset, dtype, device),
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
     pipe.set_progress_bar_config(disable=True)
     tcfg = transformer_config(args.preset)
     g = torch.Generator().manual_seed(0)
@@ -344,14 +384,26 @@ def time_renders(model: AdapterModel, config: TrainConfig, args: argparse.Namesp
         clock.sync()
         start = time.perf_counter()
         with autocast:
-            pipe(prompt_embeds=embeds[0], pooled_prompt_embeds=pooled[0], negative_prompt_embeds=embeds[1],
-                 negative_pooled_prompt_embeds=pooled[1], height=args.resolution, width=args.resolution,
-                 num_inference_steps=steps, guidance_scale=args.guidance, generator=torch.Generator().manual_seed(0))
+            pipe(
+                prompt_embeds=embeds[0],
+                pooled_prompt_embeds=pooled[0],
+                negative_prompt_embeds=embeds[1],
+                negative_pooled_prompt_embeds=pooled[1],
+                height=args.resolution,
+                width=args.resolution,
+                num_inference_steps=steps,
+                guidance_scale=args.guidance,
+                generator=torch.Generator().manual_seed(0),
+            )
         clock.sync()
         return time.perf_counter() - start
 
-    out: dict[str, Any] = {"steps": args.render_steps, "guidance": args.guidance, "resolution": args.resolution,
-                           "text_encoding": "not timed (embeddings passed in)"}
+    out: dict[str, Any] = {
+        "steps": args.render_steps,
+        "guidance": args.guidance,
+        "resolution": args.resolution,
+        "text_encoding": "not timed (embeddings passed in)",
+    }
     modes = {"eager": ["eager"], "compiled": ["compiled"], "both": ["eager", "compiled"]}[args.render]
     for mode in modes:
         try:
@@ -376,25 +428,36 @@ def time_renders(model: AdapterModel, config: TrainConfig, args: argparse.Namesp
 def table(results: dict[str, Any]) -> str:
     mem_key = "peak_allocated_gib" if results["device_type"] == "cuda" else "peak_rss_gib"
     mem_head = "peak GPU mem (GiB, allocated)" if results["device_type"] == "cuda" else "peak RSS (GiB, process)"
-    lines = [f"| config | batch | s/step (median of {results['steps']}) | {mem_head} | forward | backward | "
-             "optimizer | EMA update (s, every 25 steps) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| config | batch | s/step (median of {results['steps']}) | {mem_head} | forward | backward | "
+        "optimizer | EMA update (s, every 25 steps) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key, r in sorted(results["configs"].items()):
         if "error" in r:
-            lines.append(f"| ({key}) {r['label']} | {r['batch']} | {r['error']} | "
-                         f"{r.get(mem_key, float('nan')):.2f} | | | | |")
+            lines.append(f"| ({key}) {r['label']} | {r['batch']} | {r['error']} | {r.get(mem_key, float('nan')):.2f} | | | | |")
             continue
         share = r["phase_share"]
         ema = "-" if r["ema_update_s"] is None else f"{r['ema_update_s']:.4f}"
-        lines.append(f"| ({key}) {r['label']} | {r['batch']} | {r['s_per_step']:.3f} | {r[mem_key]:.2f} | "
-                     f"{share['forward']:.0%} | {share['backward']:.0%} | {share['optimizer']:.0%} | {ema} |")
+        lines.append(
+            f"| ({key}) {r['label']} | {r['batch']} | {r['s_per_step']:.3f} | {r[mem_key]:.2f} | "
+            f"{share['forward']:.0%} | {share['backward']:.0%} | {share['optimizer']:.0%} | {ema} |"
+        )
     adapter = results.get("adapter")
     if adapter:
-        lines += ["", f"Adapter: {adapter['parameters'] / 1e6:.1f}M trainable parameters ({adapter['dtype']}); "
-                  f"the data-parallel all-reduce moves {adapter['gradient_bytes'] / 2**30:.2f} GiB of gradients a step."]
+        lines += [
+            "",
+            f"Adapter: {adapter['parameters'] / 1e6:.1f}M trainable parameters ({adapter['dtype']}); "
+            f"the data-parallel all-reduce moves {adapter['gradient_bytes'] / 2**30:.2f} GiB of gradients a step.",
+        ]
     render = results.get("render")
     if render:
-        lines += ["", f"| validation render ({render['steps']} steps, guidance {render['guidance']:g}, "
-                  f"{render['resolution']}², text encoding not timed) | s/image | first render (s) |", "|---|---|---|"]
+        lines += [
+            "",
+            f"| validation render ({render['steps']} steps, guidance {render['guidance']:g}, "
+            f"{render['resolution']}², text encoding not timed) | s/image | first render (s) |",
+            "|---|---|---|",
+        ]
         for mode in ("eager", "compiled"):
             r = render.get(mode)
             if r is None:
@@ -423,24 +486,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=6.0)
     p.add_argument("--config", type=Path, default=REPO / "configs/sd3/config.json", help="the recipe")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
-    p.add_argument("--profile", action="store_true",
-                   help="per config: FLOPs (FlopCounterMode), TFLOP/s, MFU and a torch.profiler summary")
+    p.add_argument(
+        "--profile", action="store_true", help="per config: FLOPs (FlopCounterMode), TFLOP/s, MFU and a torch.profiler summary"
+    )
     p.add_argument("--profile-steps", type=int, default=2, help="steps under torch.profiler (--profile)")
     p.add_argument("--trace", type=Path, help="with --profile: also write the Chrome trace of the last config here")
-    p.add_argument("--compile", action="store_true",
-                   help="also time config (a) with each transformer block compiled; reports graph breaks/errors")
-    p.add_argument("--kron-bench", action="store_true",
-                   help="also time the LoKr bypass forms at sd35m's layer shapes (see step_profile.kron_bench)")
-    p.add_argument("--count-flops", action="store_true",
-                   help="also count the step's FLOPs at --preset/--resolution/--batch on fake tensors (CPU, seconds)")
-    p.add_argument("--kron-tokens", type=int, default=0,
-                   help="tokens per kron-bench call; 0: batch x (latent tokens + 231 text tokens)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time config (a) with each transformer block compiled; reports graph breaks/errors",
+    )
+    p.add_argument(
+        "--kron-bench",
+        action="store_true",
+        help="also time the LoKr bypass forms at sd35m's layer shapes (see step_profile.kron_bench)",
+    )
+    p.add_argument(
+        "--count-flops",
+        action="store_true",
+        help="also count the step's FLOPs at --preset/--resolution/--batch on fake tensors (CPU, seconds)",
+    )
+    p.add_argument(
+        "--kron-tokens", type=int, default=0, help="tokens per kron-bench call; 0: batch x (latent tokens + 231 text tokens)"
+    )
     args = p.parse_args(argv)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in args.configs if c not in VARIANTS]
     if unknown or args.resolution % 16:
-        p.error(f"--configs: unknown {unknown}; choose from a,b,c,d,e" if unknown
-                else "--resolution must be a multiple of 16 (8x VAE, 2x2 patches)")
+        p.error(
+            f"--configs: unknown {unknown}; choose from a,b,c,d,e"
+            if unknown
+            else "--resolution must be a multiple of 16 (8x VAE, 2x2 patches)"
+        )
     interval, _, stride = args.segments.partition(",")
     args.segments = (int(interval), int(stride) if stride else None)
     if args.segments[0] < 2 or (args.segments[1] is not None and args.segments[1] < args.segments[0]):
@@ -462,24 +539,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": " ".join(["python bench/gpu_step.py", *(sys.argv[1:] if argv is None else argv)]),
         "device_type": device.type,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "preset": args.preset, "resolution": args.resolution,
-        "steps": args.steps, "warmup": args.warmup, "configs": {},
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "resolution": args.resolution,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "configs": {},
     }
     # Two builds: the int8 base serves a, c, d and the render; the bf16 base serves b.
-    groups: list[tuple[bool, list[str]]] = [(True, [c for c in args.configs if VARIANTS[c].quantized]),
-                                           (False, [c for c in args.configs if not VARIANTS[c].quantized])]
+    groups: list[tuple[bool, list[str]]] = [
+        (True, [c for c in args.configs if VARIANTS[c].quantized]),
+        (False, [c for c in args.configs if not VARIANTS[c].quantized]),
+    ]
     for quantized, keys in groups:
         wants_render = quantized and args.render != "off"
         if not keys and not wants_render:
             continue
         start = time.perf_counter()
         model = build_model(config, args.preset, device, quantized)
-        log.info("built %s (%s base) in %.1f s", args.preset, "int8" if quantized else "bf16/fp32",
-                 time.perf_counter() - start)
+        log.info("built %s (%s base) in %.1f s", args.preset, "int8" if quantized else "bf16/fp32", time.perf_counter() - start)
         params = model.trainable_parameters()
         # What the data-parallel all-reduce moves per step (relay_train.parallel: one flat tensor).
-        results.setdefault("adapter", {"parameters": sum(p.numel() for p in params), "dtype": str(params[0].dtype),
-                                       "gradient_bytes": sum(p.numel() * p.element_size() for p in params)})
+        results.setdefault(
+            "adapter",
+            {
+                "parameters": sum(p.numel() for p in params),
+                "dtype": str(params[0].dtype),
+                "gradient_bytes": sum(p.numel() * p.element_size() for p in params),
+            },
+        )
         for key in keys:
             results["configs"][key] = run_variant(VARIANTS[key], config, model, args, device, clock)
             log.info("(%s) %s", key, {k: v for k, v in results["configs"][key].items() if k not in ("step_times", "profile")})
@@ -494,8 +582,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["compile"] = run_compiled(config, args, device, clock)
         save(results, args.out)
     if args.count_flops:
-        results["architecture_flops"] = step_profile.architecture_flops(args.preset, args.batch, args.resolution,
-                                                                        config.lycoris, TEXT_TOKENS)
+        results["architecture_flops"] = step_profile.architecture_flops(
+            args.preset, args.batch, args.resolution, config.lycoris, TEXT_TOKENS
+        )
         save(results, args.out)
     if args.kron_bench:
         tokens = args.kron_tokens or args.batch * ((args.resolution // 16) ** 2 + TEXT_TOKENS)
@@ -512,16 +601,21 @@ def report(results: dict[str, Any]) -> str:
             parts.append(f"\n({key}) {r['label']}, profile:\n" + step_profile.format_profile(r["profile"]))
     if "compile" in results:
         c = results["compile"]
-        status = c.get("error") or (f"{c['s_per_step']:.3f} s/step (first step {c['first_step_s']:.1f} s); first "
-                                    "step's loss, grad norm vs eager: rel. diff "
-                                    + ", ".join(f"{d:.1e}" for d in c["first_step_rel_diff"]))
-        parts.append(f"\nregional compile ({c['blocks']} blocks): {status.splitlines()[0]}; "
-                     f"graph breaks {sum(c['graph_breaks'].values())}: {c['graph_breaks']}")
+        status = c.get("error") or (
+            f"{c['s_per_step']:.3f} s/step (first step {c['first_step_s']:.1f} s); first "
+            "step's loss, grad norm vs eager: rel. diff " + ", ".join(f"{d:.1e}" for d in c["first_step_rel_diff"])
+        )
+        parts.append(
+            f"\nregional compile ({c['blocks']} blocks): {status.splitlines()[0]}; "
+            f"graph breaks {sum(c['graph_breaks'].values())}: {c['graph_breaks']}"
+        )
     if "architecture_flops" in results:
         f = results["architecture_flops"]
-        parts.append(f"\nFLOPs per step, {f['preset']} batch {f['batch']} at {f['resolution']}² (fake tensors): "
-                     f"with LoKr {f['lokr_ckpt']:.3e} checkpointed / {f['lokr_no_ckpt']:.3e} not; base only "
-                     f"{f['base_only_ckpt']:.3e} / {f['base_only_no_ckpt']:.3e}; LoKr's share {f['lokr_share']:.1%}")
+        parts.append(
+            f"\nFLOPs per step, {f['preset']} batch {f['batch']} at {f['resolution']}² (fake tensors): "
+            f"with LoKr {f['lokr_ckpt']:.3e} checkpointed / {f['lokr_no_ckpt']:.3e} not; base only "
+            f"{f['base_only_ckpt']:.3e} / {f['base_only_no_ckpt']:.3e}; LoKr's share {f['lokr_share']:.1%}"
+        )
     if "kron_bench" in results:
         parts.append("\n" + step_profile.format_kron(results["kron_bench"]))
     return "\n".join(parts)

@@ -81,9 +81,14 @@ def plot(samples: list[dict], path: Path) -> None:
         draw.rectangle([pad, top, width - 20, top + panel - 40], outline="black")
         draw.text((pad, top - 14), f"{metric} (0..{vmax:.0f}) over steps {lo}..{hi}", fill="black")
         for role, colour in colours.items():
-            points = [(pad + (s["step"] - lo) / (hi - lo) * (width - 20 - pad),
-                       top + panel - 40 - s["roles"][role][metric] / vmax * (panel - 40))
-                      for s in samples if role in s["roles"]]
+            points = [
+                (
+                    pad + (s["step"] - lo) / (hi - lo) * (width - 20 - pad),
+                    top + panel - 40 - s["roles"][role][metric] / vmax * (panel - 40),
+                )
+                for s in samples
+                if role in s["roles"]
+            ]
             if len(points) > 1:
                 draw.line(points, fill=colour, width=2)
             if points:
@@ -106,9 +111,20 @@ def main() -> int:
     parser.add_argument("--out", default="bench/soak")
     args = parser.parse_args()
     relay = str(Path(sys.executable).with_name("relay"))
-    command = [relay, "demo", "--set", "output_dir=output/soak", "--set", f"max_train_steps={args.steps}",
-               "--set", f"checkpointing_steps={args.every}", "--set", f"validation_steps={args.every}",
-               "--set", "resume_from_checkpoint=latest"]
+    command = [
+        relay,
+        "demo",
+        "--set",
+        "output_dir=output/soak",
+        "--set",
+        f"max_train_steps={args.steps}",
+        "--set",
+        f"checkpointing_steps={args.every}",
+        "--set",
+        f"validation_steps={args.every}",
+        "--set",
+        "resume_from_checkpoint=latest",
+    ]
     progress = Path("output/ray/soak/relay/progress.json")
     start = time.monotonic()
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -124,8 +140,10 @@ def main() -> int:
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(samples))
     plot(samples, out.with_suffix(".png"))
-    print(f"soak: {args.steps} steps, checkpoint + validation every {args.every}, {time.monotonic() - start:.0f} s, "
-          f"{len(samples)} samples; growth from step {args.from_step} to the end")
+    print(
+        f"soak: {args.steps} steps, checkpoint + validation every {args.every}, {time.monotonic() - start:.0f} s, "
+        f"{len(samples)} samples; growth from step {args.from_step} to the end"
+    )
     print(f"{'role':<10} {'RSS MiB start':>14} {'end':>8} {'growth':>8}   {'fds min..max':>13}   {'threads min..max':>16}")
     for role in ("driver", "worker", "steward", "validator"):
         rss = growth(samples, role, "rss_mib", args.from_step)
@@ -134,8 +152,10 @@ def main() -> int:
         after = [s["roles"][role] for s in samples if role in s["roles"] and s["step"] >= args.from_step]
         fds = [a["fds"] for a in after]
         threads = [a["threads"] for a in after]
-        print(f"{role:<10} {rss[0]:>14.0f} {rss[1]:>8.0f} {100 * (rss[1] / rss[0] - 1):>7.1f}%   "
-              f"{min(fds):>6.0f}..{max(fds):<6.0f}   {min(threads):>8.0f}..{max(threads):<7.0f}")
+        print(
+            f"{role:<10} {rss[0]:>14.0f} {rss[1]:>8.0f} {100 * (rss[1] / rss[0] - 1):>7.1f}%   "
+            f"{min(fds):>6.0f}..{max(fds):<6.0f}   {min(threads):>8.0f}..{max(threads):<7.0f}"
+        )
     print(f"plot: {out.with_suffix('.png')}")
     return 0
 

@@ -65,9 +65,13 @@ def mfu(flops_per_step: float, s_per_step: float, device_type: str, device_name:
     out: dict[str, Any] = {"achieved_tflops": achieved}
     peak = peak_bf16_tflops(device_name) if device_type == "cuda" else None
     if peak is None:
-        out.update(mfu="n/a", peak_bf16_tflops=None,
-                   mfu_reason="the CPU has no bf16 tensor-core peak to compare with" if device_type != "cuda"
-                   else f"no bf16 peak on file for {device_name!r} (add it to PEAK_BF16_TFLOPS)")
+        out.update(
+            mfu="n/a",
+            peak_bf16_tflops=None,
+            mfu_reason="the CPU has no bf16 tensor-core peak to compare with"
+            if device_type != "cuda"
+            else f"no bf16 peak on file for {device_name!r} (add it to PEAK_BF16_TFLOPS)",
+        )
     else:
         out.update(mfu=achieved / peak, peak_bf16_tflops=peak)
     return out
@@ -79,6 +83,7 @@ def _count_quanto_matmuls() -> bool:
     every quantized linear; the backward's input gradient dequantizes into a plain aten.mm it does count)."""
     try:
         import optimum.quanto  # noqa: F401  (defines the op)
+
         op = torch.ops.quanto.qbytes_mm
     except (ImportError, AttributeError):
         return False
@@ -258,8 +263,9 @@ def summarize_trace(events: list[Any], cuda: bool, steps: int) -> dict[str, Any]
         launches += len(e.kernels) if cuda else int(bool(items) and not _inside_aten(e))
     total = sum(by_region.values())
     # which SDPA kernel family ran (flash, cuDNN, memory-efficient, math; the CPU's own), from the op names
-    sdpa = sorted({e.name for e in cpu_events if e.name.startswith("aten::_scaled_dot_product")
-                   and not e.name.endswith("_backward")})
+    sdpa = sorted(
+        {e.name for e in cpu_events if e.name.startswith("aten::_scaled_dot_product") and not e.name.endswith("_backward")}
+    )
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:TOP_N]
     return {
         "unit": "GPU kernel time" if cuda else "CPU self time of aten ops",
@@ -269,13 +275,22 @@ def summarize_trace(events: list[Any], cuda: bool, steps: int) -> dict[str, Any]
         "launches_what": "CUDA kernels" if cuda else "top-level aten ops (each one kernel launch or more on a GPU)",
         "sdpa_ops": sdpa,
         "region_share": {r: (by_region.get(r, 0.0) / total if total else 0.0) for r in (*REGIONS, "other")},
-        "top": [{"name": name, "ms_per_step": us / 1e3 / steps, "calls_per_step": n / steps,
-                 "share": us / total if total else 0.0} for name, (us, n) in top],
+        "top": [
+            {"name": name, "ms_per_step": us / 1e3 / steps, "calls_per_step": n / steps, "share": us / total if total else 0.0}
+            for name, (us, n) in top
+        ],
     }
 
 
-def profile_steps(run_step: Callable[[], Any], transformer: torch.nn.Module, network: torch.nn.Module,
-                  optimizer: Any, device: torch.device, steps: int, trace_path: str | None = None) -> dict[str, Any]:
+def profile_steps(
+    run_step: Callable[[], Any],
+    transformer: torch.nn.Module,
+    network: torch.nn.Module,
+    optimizer: Any,
+    device: torch.device,
+    steps: int,
+    trace_path: str | None = None,
+) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -320,13 +335,22 @@ def architecture_flops(preset: str, batch: int, resolution: int, lycoris: Any, t
                 if checkpointing:
                     enable_gradient_checkpointing(transformer)
                 lat, joint, pooled = resolution // 8, tcfg["joint_attention_dim"], tcfg["pooled_projection_dim"]
-                batch_t = BucketTensors(torch.randn(batch, 16, lat, lat), torch.randn(batch, text_tokens, joint),
-                                        torch.randn(batch, pooled))
+                batch_t = BucketTensors(
+                    torch.randn(batch, 16, lat, lat), torch.randn(batch, text_tokens, joint), torch.randn(batch, pooled)
+                )
                 empty = (torch.zeros(text_tokens, joint), torch.zeros(pooled))
                 counter = FlopCounterMode(display=False)
                 with counter:
-                    train_step(transformer, batch_t, empty, torch.Generator().manual_seed(0), shift=3.0,
-                               caption_dropout=0.0, device=torch.device("cpu"), dtype=torch.float32).backward()
+                    train_step(
+                        transformer,
+                        batch_t,
+                        empty,
+                        torch.Generator().manual_seed(0),
+                        shift=3.0,
+                        caption_dropout=0.0,
+                        device=torch.device("cpu"),
+                        dtype=torch.float32,
+                    ).backward()
             key = f"{'lokr' if adapter else 'base_only'}_{'ckpt' if checkpointing else 'no_ckpt'}"
             out[key] = counter.get_total_flops()
     out["lokr_share"] = 1 - out["base_only_ckpt"] / out["lokr_ckpt"]
@@ -340,8 +364,17 @@ def add_model_flops(configs: dict[str, dict[str, Any]], device_type: str, device
     for r in configs.values():
         if "profile" not in r or not r["gradient_checkpointing"]:
             continue
-        twin = next((o for o in configs.values() if "profile" in o and not o["gradient_checkpointing"]
-                     and o["batch"] == r["batch"] and o["quantized"] == r["quantized"]), None)
+        twin = next(
+            (
+                o
+                for o in configs.values()
+                if "profile" in o
+                and not o["gradient_checkpointing"]
+                and o["batch"] == r["batch"]
+                and o["quantized"] == r["quantized"]
+            ),
+            None,
+        )
         if twin is not None:
             flops = twin["profile"]["flops_per_step"]
             r["profile"].update(model_flops_per_step=flops, mfu_model=mfu(flops, r["s_per_step"], device_type, device_name))
@@ -351,19 +384,29 @@ def format_profile(p: dict[str, Any]) -> str:
     m = p["mfu"]
     mfu_text = f"{m['mfu']:.1%} of {m['peak_bf16_tflops']:g} TFLOP/s" if m["mfu"] != "n/a" else f"n/a ({m['mfu_reason']})"
     t = p["trace"]
-    lines = [f"FLOPs/step {p['flops_per_step']:.3e} (as run, recomputation included); achieved "
-             f"{m['achieved_tflops']:.3f} TFLOP/s; MFU {mfu_text}",
-             *([f"model FLOPs/step {p['model_flops_per_step']:.3e} (no recomputation): "
+    lines = [
+        f"FLOPs/step {p['flops_per_step']:.3e} (as run, recomputation included); achieved "
+        f"{m['achieved_tflops']:.3f} TFLOP/s; MFU {mfu_text}",
+        *(
+            [
+                f"model FLOPs/step {p['model_flops_per_step']:.3e} (no recomputation): "
                 f"{p['mfu_model']['achieved_tflops']:.3f} TFLOP/s, MFU "
-                + (f"{p['mfu_model']['mfu']:.1%}" if p["mfu_model"]["mfu"] != "n/a" else "n/a")]
-               if "model_flops_per_step" in p else []),
-             f"traced {t['unit']}: {t['time_per_step_ms']:.1f} ms/step over {t['profiled_steps']} step(s); "
-             f"{t['launches_per_step']:.0f} {t['launches_what']} per step",
-             "share: " + ", ".join(f"{k} {v:.1%}" for k, v in t["region_share"].items()),
-             "attention ran: " + (", ".join(t["sdpa_ops"]) or "no scaled_dot_product_attention op (math path?)"),
-             f"| top {len(t['top'])} by time | ms/step | calls/step | share |", "|---|---|---|---|"]
-    lines += [f"| {row['name'][:90]} | {row['ms_per_step']:.2f} | {row['calls_per_step']:.0f} | {row['share']:.1%} |"
-              for row in t["top"]]
+                + (f"{p['mfu_model']['mfu']:.1%}" if p["mfu_model"]["mfu"] != "n/a" else "n/a")
+            ]
+            if "model_flops_per_step" in p
+            else []
+        ),
+        f"traced {t['unit']}: {t['time_per_step_ms']:.1f} ms/step over {t['profiled_steps']} step(s); "
+        f"{t['launches_per_step']:.0f} {t['launches_what']} per step",
+        "share: " + ", ".join(f"{k} {v:.1%}" for k, v in t["region_share"].items()),
+        "attention ran: " + (", ".join(t["sdpa_ops"]) or "no scaled_dot_product_attention op (math path?)"),
+        f"| top {len(t['top'])} by time | ms/step | calls/step | share |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {row['name'][:90]} | {row['ms_per_step']:.2f} | {row['calls_per_step']:.0f} | {row['share']:.1%} |"
+        for row in t["top"]
+    ]
     return "\n".join(lines)
 
 
@@ -400,8 +443,7 @@ def try_compiled(run_step: Callable[[], Any], sync: Callable[[], None], steps: i
             times.append(time.perf_counter() - t0)
         out.update(s_per_step=statistics.median(times), step_times=times)
     except Exception as exc:  # the failure is the finding
-        out.update(error=f"{type(exc).__name__}: {exc}".strip()[:4000],
-                   error_where=traceback.format_exc(limit=-4)[-3000:])
+        out.update(error=f"{type(exc).__name__}: {exc}".strip()[:4000], error_where=traceback.format_exc(limit=-4)[-3000:])
     out["graph_breaks"] = {str(k): v for k, v in counters["graph_break"].items()}
     out["unique_graphs"] = counters["stats"].get("unique_graphs", 0)
     out["recompiles"] = dict(counters["recompiles"]) if "recompiles" in counters else {}
@@ -461,8 +503,12 @@ SD35M_LOKR = {
 
 def kron_bench(tokens: int, repeats: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Forward + backward (input and factor gradients) of each bypass form at sd35m's layer shapes."""
-    forms = {"library": bypass_library, "library_eager": bypass_library_eager, "materialised": bypass_materialised,
-             "batched": bypass_batched}
+    forms = {
+        "library": bypass_library,
+        "library_eager": bypass_library_eager,
+        "materialised": bypass_materialised,
+        "batched": bypass_batched,
+    }
     g = torch.Generator().manual_seed(0)
     out: dict[str, Any] = {"tokens": tokens, "dtype": str(dtype), "device": device.type, "layers": {}}
     for label, (s1, s2) in SD35M_LOKR.items():
@@ -492,9 +538,12 @@ def kron_bench(tokens: int, repeats: int, device: torch.device, dtype: torch.dty
 
 def format_kron(k: dict[str, Any]) -> str:
     forms = ("library", "library_eager", "materialised", "batched")
-    lines = [f"| LoKr bypass fwd+bwd, {k['tokens']} tokens, {k['dtype']} on {k['device']} | library, as dispatched "
-             "(ms) | library eager chain (ms) | materialised kron (ms) | batched matmul (ms) | max rel. diff vs eager "
-             "(library, materialised, batched) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"| LoKr bypass fwd+bwd, {k['tokens']} tokens, {k['dtype']} on {k['device']} | library, as dispatched "
+        "(ms) | library eager chain (ms) | materialised kron (ms) | batched matmul (ms) | max rel. diff vs eager "
+        "(library, materialised, batched) |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, r in k["layers"].items():
         diffs = ", ".join(f"{r[f]['max_rel_diff_vs_eager']:.1e}" for f in ("library", "materialised", "batched"))
         lines.append(f"| {label} | " + " | ".join(f"{r[f]['ms_fwd_bwd']:.2f}" for f in forms) + f" | {diffs} |")

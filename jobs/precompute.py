@@ -28,8 +28,16 @@ from relay_train.logs import configure_logging
 log = logging.getLogger("relay.precompute")
 
 
-def encode(rows: list[dict[str, Any]], encoder: type, config: TrainConfig, model_path: Path, batch_size: int,
-           what: str, gpus: float, actors: int) -> int:
+def encode(
+    rows: list[dict[str, Any]],
+    encoder: type,
+    config: TrainConfig,
+    model_path: Path,
+    batch_size: int,
+    what: str,
+    gpus: float,
+    actors: int,
+) -> int:
     """map_batches over an actor pool (each loads its encoder once); returns entries written."""
     if not rows:
         log.info("precompute %s: cache complete, nothing to encode", what)
@@ -37,7 +45,10 @@ def encode(rows: list[dict[str, Any]], encoder: type, config: TrainConfig, model
     # The GPU path runs the encoders in bf16, as training would; the CPU path in fp32.
     device, dtype = ("cuda", "bfloat16") if gpus else ("cpu", "float32")
     dataset = ray.data.from_items(rows).map_batches(
-        encoder, batch_size=batch_size, batch_format="numpy", num_gpus=gpus or None,
+        encoder,
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_gpus=gpus or None,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         fn_constructor_kwargs={"config": config, "model_path": str(model_path), "device": device, "dtype": dtype},
     )

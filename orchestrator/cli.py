@@ -43,8 +43,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     share = share_cpus(cpus, DEMO_ACTORS)
     if share < 1:
         log.info("this machine has %g CPU(s): the demo's 2 workers and validation actor take %g CPU each", cpus, share)
-    args.cluster_set = [*(f"{k}={share}" for k in ("cpus_per_worker", "validation_cpus") if k not in chosen),
-                        *args.cluster_set]
+    args.cluster_set = [*(f"{k}={share}" for k in ("cpus_per_worker", "validation_cpus") if k not in chosen), *args.cluster_set]
     args.config, args.cluster = DEMO / "config.json", DEMO / "cluster.json"
     code = cmd_launch(args)
     if code == 0:
@@ -95,8 +94,11 @@ def cmd_spot_agent(args: argparse.Namespace) -> int:
 
     source = spot.detect_cloud(args.aws_endpoint, args.gcp_endpoint, args.cloud)
     if source is None:
-        log.error("spot agent: no cloud metadata service answered (AWS %s, GCP %s); not a spot instance?",
-                  args.aws_endpoint, args.gcp_endpoint)
+        log.error(
+            "spot agent: no cloud metadata service answered (AWS %s, GCP %s); not a spot instance?",
+            args.aws_endpoint,
+            args.gcp_endpoint,
+        )
         return 1
     gcs = canonicalize_bootstrap_address_or_die(args.ray_address)
     node_id = args.node_id or spot.local_node_id(gcs)

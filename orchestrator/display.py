@@ -43,9 +43,13 @@ def _emergency_checkpoint(event: dict, step: int | None, where: Where) -> Line:
     return "warning", f"emergency checkpoint {step} {state}" + (f" {secs:.1f} s after the notice" if secs else "")
 
 
-RESUMED_BECAUSE = {AttemptReason.NODE_LOST: "a node was lost", AttemptReason.FAILURE: "a worker failed",
-                   AttemptReason.PREEMPTION: "preempted", AttemptReason.RESUBMITTED: "resubmitted",
-                   AttemptReason.RESIZE: "resized"}  # a fresh attempt is no milestone: the run just began
+RESUMED_BECAUSE = {
+    AttemptReason.NODE_LOST: "a node was lost",
+    AttemptReason.FAILURE: "a worker failed",
+    AttemptReason.PREEMPTION: "preempted",
+    AttemptReason.RESUBMITTED: "resubmitted",
+    AttemptReason.RESIZE: "resized",
+}  # a fresh attempt is no milestone: the run just began
 
 
 def _attempt(event: dict, step: int | None, where: Where) -> Line | None:
@@ -54,8 +58,12 @@ def _attempt(event: dict, step: int | None, where: Where) -> Line | None:
         return None
     lost = event.get("steps_lost")
     level = "error" if reason in UNPLANNED else "warning"
-    return level, (f"resumed at step {step} ({RESUMED_BECAUSE.get(reason, reason)}" + (f"; {lost} step(s) lost" if lost else "")
-                   + (f"; back in {event['time_to_resume']:.0f} s" if event.get("time_to_resume") else "") + ")")
+    return level, (
+        f"resumed at step {step} ({RESUMED_BECAUSE.get(reason, reason)}"
+        + (f"; {lost} step(s) lost" if lost else "")
+        + (f"; back in {event['time_to_resume']:.0f} s" if event.get("time_to_resume") else "")
+        + ")"
+    )
 
 
 MILESTONES: dict[EventType, Callable[[dict, int | None, Where], Line | None]] = {
@@ -65,12 +73,16 @@ MILESTONES: dict[EventType, Callable[[dict, int | None, Where], Line | None]] = 
     EventType.EMERGENCY_CHECKPOINT: _emergency_checkpoint,
     EventType.ATTEMPT: _attempt,
     EventType.RESIZE: lambda e, step, where: (
-        "warning", f"worker group resized: {e.get('previous_world_size')} → {e.get('world_size')}"),
+        "warning",
+        f"worker group resized: {e.get('previous_world_size')} → {e.get('world_size')}",
+    ),
     EventType.HUB_PUSHED: lambda e, step, where: ("info", f"checkpoint {step} pushed to the Hub"),
     EventType.WARNING: lambda e, step, where: ("warning", str(e.get("message", ""))),
     EventType.STOP_REQUESTED: lambda e, step, where: ("warning", "stop requested: checkpointing at the next step boundary"),
     EventType.COMPLETED: lambda e, step, where: (
-        "info", f"completed at step {step}; adapter: {e.get('adapters', '-')}; goodput {e.get('goodput', '-')}"),
+        "info",
+        f"completed at step {step}; adapter: {e.get('adapters', '-')}; goodput {e.get('goodput', '-')}",
+    ),
     EventType.STOPPED: lambda e, step, where: ("warning", f"stopped at step {step}; run the same command to resume"),
     EventType.FAILED: lambda e, step, where: ("error", f"failed: {e.get('error', '')}"),
 }
@@ -95,8 +107,12 @@ def progress_line(progress: dict | None, metrics: dict | None, total: int) -> st
     rate = progress.get("steps_per_second")
     eta = (total - step) / rate if rate and total else None
     loss = metrics.get("loss")
-    parts = [f"step {step}/{total or '?'}", f"loss {loss:.4f}" if isinstance(loss, (int, float)) else "loss -",
-             f"{rate:.2f} steps/s" if rate else "- steps/s", f"ETA {clock(eta)}"]
+    parts = [
+        f"step {step}/{total or '?'}",
+        f"loss {loss:.4f}" if isinstance(loss, (int, float)) else "loss -",
+        f"{rate:.2f} steps/s" if rate else "- steps/s",
+        f"ETA {clock(eta)}",
+    ]
     return "  ".join(parts)
 
 
@@ -111,8 +127,14 @@ def clock(seconds: float | None) -> str:
 class DriverDisplay:
     """A thread that polls `view(since) -> dict` (the steward's) and prints; `close()` prints the rest."""
 
-    def __init__(self, view: Callable[[int], dict], where: Callable[[str], str], stream: TextIO | None = None,
-                 every: float = 10.0, poll: float = 1.0):
+    def __init__(
+        self,
+        view: Callable[[int], dict],
+        where: Callable[[str], str],
+        stream: TextIO | None = None,
+        every: float = 10.0,
+        poll: float = 1.0,
+    ):
         self.view, self.where, self.every, self.poll = view, where, every, poll
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty()

@@ -33,16 +33,41 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from orchestrator.hub_card import config_summary, model_card
-from orchestrator.hub_plan import (CARD, CHECKPOINTS, SCORES, VALIDATION, CommitWindow, HubSettings, HubView, Images,
-                                   Round, checkpoint_folder, newest_pending, plan_checkpoints, plan_round,
-                                   validation_folder)
+from orchestrator.hub_plan import (
+    CARD,
+    CHECKPOINTS,
+    SCORES,
+    VALIDATION,
+    CommitWindow,
+    HubSettings,
+    HubView,
+    Images,
+    Round,
+    checkpoint_folder,
+    newest_pending,
+    plan_checkpoints,
+    plan_round,
+    validation_folder,
+)
 from orchestrator.ledger import EventType
 from orchestrator.policy import retry_after, retry_delay
 from relay_train import checkpoint as ckpt
 from relay_train.config import TrainConfig
 
-__all__ = ["CARD", "CHECKPOINTS", "VALIDATION", "CommitWindow", "HubMirror", "HubMirrorError", "HubSettings",
-           "StorageFetch", "config_summary", "model_card", "plan_checkpoints", "plan_round"]
+__all__ = [
+    "CARD",
+    "CHECKPOINTS",
+    "VALIDATION",
+    "CommitWindow",
+    "HubMirror",
+    "HubMirrorError",
+    "HubSettings",
+    "StorageFetch",
+    "config_summary",
+    "model_card",
+    "plan_checkpoints",
+    "plan_round",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +100,19 @@ class HubMirror:
     """Mirrors committed checkpoints to the Hub from a background thread, once `start()`ed. Every public
     method returns at once and never raises for a Hub problem. See the module docstring."""
 
-    def __init__(self, settings: HubSettings, *, api=None, fetch: Fetch | None = None, warn: Warn | None = None,
-                 token: str | None = None, endpoint: str | None = None, work_dir: Path | None = None,
-                 list_storage: Callable[[], list[int]] | None = None,
-                 on_pushed: Callable[[dict], None] | None = None):
+    def __init__(
+        self,
+        settings: HubSettings,
+        *,
+        api=None,
+        fetch: Fetch | None = None,
+        warn: Warn | None = None,
+        token: str | None = None,
+        endpoint: str | None = None,
+        work_dir: Path | None = None,
+        list_storage: Callable[[], list[int]] | None = None,
+        on_pushed: Callable[[dict], None] | None = None,
+    ):
         """`api`: a `huggingface_hub.HfApi` (default: one for `endpoint`, else HF_ENDPOINT, else the Hub).
         `on_pushed(info)` hears of each commit that landed: {"added", "deleted", "root", "hub_steps"}."""
         from huggingface_hub import HfApi, get_token
@@ -113,8 +147,9 @@ class HubMirror:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def for_run(cls, config: TrainConfig, storage, *, warn: Warn | None = None, run_name: str | None = None,
-                **kwargs) -> HubMirror | None:
+    def for_run(
+        cls, config: TrainConfig, storage, *, warn: Warn | None = None, run_name: str | None = None, **kwargs
+    ) -> HubMirror | None:
         """The mirror a run's steward drives (None when the config pushes nothing); once started it
         reconciles with storage first, in its own thread."""
         settings = HubSettings.from_config(config, run_name or storage.run_name)
@@ -194,11 +229,19 @@ class HubMirror:
 
     def status(self) -> dict:
         with self._cond:
-            return {"repo_id": self.settings.repo_id, "hub_steps": sorted(self._view.steps if self._view else []),
-                    "pending": sorted(self._pending), "validation_pending": sorted(self._images),
-                    "commits": self._commits, "squashes": self._squashes, "skipped": self._skipped,
-                    "failures_in_a_row": self._failures, "last_error": self._last_error,
-                    "final_step": self._final_step, "running": self._thread is not None and self._thread.is_alive()}
+            return {
+                "repo_id": self.settings.repo_id,
+                "hub_steps": sorted(self._view.steps if self._view else []),
+                "pending": sorted(self._pending),
+                "validation_pending": sorted(self._images),
+                "commits": self._commits,
+                "squashes": self._squashes,
+                "skipped": self._skipped,
+                "failures_in_a_row": self._failures,
+                "last_error": self._last_error,
+                "final_step": self._final_step,
+                "running": self._thread is not None and self._thread.is_alive(),
+            }
 
     def flush(self, timeout: float) -> bool:
         """Wait up to `timeout` s for everything submitted to reach the Hub; True when it did."""
@@ -222,8 +265,10 @@ class HubMirror:
             # A client call already in flight cannot be interrupted; the thread is a daemon and exits after it.
             self._thread.join(max(deadline - time.monotonic(), 0.1))
         if not flushed:
-            self._warn(f"Hub mirror closed with work left: pending checkpoints {sorted(self._pending)}; "
-                       "the next run's mirror reconciles them from storage")
+            self._warn(
+                f"Hub mirror closed with work left: pending checkpoints {sorted(self._pending)}; "
+                "the next run's mirror reconciles them from storage"
+            )
         alive = self._thread is not None and self._thread.is_alive()
         if self._own_work_dir and self._work is not None and not alive:
             shutil.rmtree(self._work, ignore_errors=True)
@@ -272,8 +317,10 @@ class HubMirror:
             should_warn = failures == 1 or now - self._last_warned >= self.settings.warn_every_s
             if should_warn:
                 self._last_warned = now
-        message = (f"Hub mirror to {self.settings.repo_id} failed ({failures} in a row; training is not affected, "
-                   f"retrying in {delay:.1f}s): {self._last_error.splitlines()[0][:300]}")
+        message = (
+            f"Hub mirror to {self.settings.repo_id} failed ({failures} in a row; training is not affected, "
+            f"retrying in {delay:.1f}s): {self._last_error.splitlines()[0][:300]}"
+        )
         log.warning("%s", message)
         if should_warn:
             self._warn(message)
@@ -322,13 +369,17 @@ class HubMirror:
             self._pending.setdefault(step, _Pending(fetch))
 
     def _list_hub(self, token: str | None) -> None:
-        files = {f.path for f in self._api.list_repo_tree(self.settings.repo_id, recursive=True, token=token)
-                 if not hasattr(f, "tree_id")}
+        files = {
+            f.path
+            for f in self._api.list_repo_tree(self.settings.repo_id, recursive=True, token=token)
+            if not hasattr(f, "tree_id")
+        }
         view = HubView.from_files(files)
         scores = {}
         for step in view.scores_to_read(set(self._scores)):  # give a restarted mirror the scores it showed
-            path = self._api.hf_hub_download(self.settings.repo_id, validation_folder(step) + SCORES,
-                                             local_dir=self._work / "scores", token=token)
+            path = self._api.hf_hub_download(
+                self.settings.repo_id, validation_folder(step) + SCORES, local_dir=self._work / "scores", token=token
+            )
             scores[step] = json.loads(Path(path).read_text())
         with self._cond:
             self._view = view
@@ -357,26 +408,30 @@ class HubMirror:
         ops: list = []
         for step in plan.add:
             for file in sorted(p for p in folders[step].rglob("*") if p.is_file()):
-                ops.append(CommitOperationAdd(checkpoint_folder(step) + file.relative_to(folders[step]).as_posix(),
-                                              str(file)))
+                ops.append(CommitOperationAdd(checkpoint_folder(step) + file.relative_to(folders[step]).as_posix(), str(file)))
         ops += [CommitOperationDelete(checkpoint_folder(step), is_folder=True) for step in plan.delete]
         if plan.root is not None:
             for name, target in zip((ckpt.ADAPTER, ckpt.ADAPTER_EMA), self.settings.adapter_names):
                 if (folders[plan.root] / name).is_file():
-                    ops.append(CommitOperationAdd(target, as_export(folders[plan.root] / name,
-                                                                    self.settings.export_dtype)))
+                    ops.append(CommitOperationAdd(target, as_export(folders[plan.root] / name, self.settings.export_dtype)))
         with self._cond:
             scores = dict(self._scores)
             final_step = self._final_step
         for step, images in plan.images.items():
             ops += [CommitOperationAdd(validation_folder(step) + name, data) for name, data in images]
-            ops.append(CommitOperationAdd(validation_folder(step) + SCORES,
-                                          json.dumps(scores.get(step, {}), sort_keys=True).encode()))
+            ops.append(
+                CommitOperationAdd(validation_folder(step) + SCORES, json.dumps(scores.get(step, {}), sort_keys=True).encode())
+            )
         ops += [CommitOperationDelete(validation_folder(step), is_folder=True) for step in plan.drop_validation]
         after, card_step = plan.after(view, self.settings), plan.card_step(view)
-        card = model_card(self.settings, step=card_step, final=final_step is not None and card_step == final_step,
-                          checkpoints=sorted(after.steps), images=plan.card_images(after),
-                          scores={s: scores[s] for s in sorted(after.validation) if s in scores})
+        card = model_card(
+            self.settings,
+            step=card_step,
+            final=final_step is not None and card_step == final_step,
+            checkpoints=sorted(after.steps),
+            images=plan.card_images(after),
+            scores={s: scores[s] for s in sorted(after.validation) if s in scores},
+        )
         ops.append(CommitOperationAdd(CARD, card.encode()))
         return ops
 
@@ -401,8 +456,9 @@ class HubMirror:
         log.info("Hub mirror: %s now holds checkpoints %s", self.settings.repo_id, hub_steps)
         if self._pushed_cb is not None:
             try:
-                self._pushed_cb({"added": sorted(plan.add), "deleted": sorted(plan.delete), "root": plan.root,
-                                 "hub_steps": hub_steps})
+                self._pushed_cb(
+                    {"added": sorted(plan.add), "deleted": sorted(plan.delete), "root": plan.root, "hub_steps": hub_steps}
+                )
             except Exception:  # noqa: BLE001 - the listener's trouble is not the mirror's
                 log.exception("Hub mirror: the on_pushed callback failed")
 
@@ -414,8 +470,9 @@ class HubMirror:
         with self._cond:
             self._window.record()
         try:
-            self._api.super_squash_history(self.settings.repo_id, token=token,
-                                           commit_message=f"Squash history (relay, {self.settings.run_name})")
+            self._api.super_squash_history(
+                self.settings.repo_id, token=token, commit_message=f"Squash history (relay, {self.settings.run_name})"
+            )
         except Exception as exc:  # noqa: BLE001 - the squash is housekeeping: warn and try after the next prune
             self._warn(self._scrub(f"Hub mirror: super_squash_history on {self.settings.repo_id} failed: {exc}"))
             return

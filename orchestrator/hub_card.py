@@ -24,8 +24,7 @@ def config_summary(config: TrainConfig) -> dict[str, str]:
         "base model": config.pretrained_model_name_or_path,
         "base precision": config.base_model_precision,
         "adapter": f"LyCORIS {config.lycoris.algo}" if config.lycoris else config.lora_type,
-        "optimizer": f"{config.optimizer}, lr {config.learning_rate:g}, {config.lr_scheduler} "
-                     f"(warmup {config.lr_warmup_steps})",
+        "optimizer": f"{config.optimizer}, lr {config.learning_rate:g}, {config.lr_scheduler} (warmup {config.lr_warmup_steps})",
         "batch": f"{config.train_batch_size} per device x {config.gradient_accumulation_steps} accumulation",
         "clipping": f"{config.grad_clip_method} {config.max_grad_norm:g}",
         "flow schedule shift": f"{config.flow_schedule_shift:g}",
@@ -36,8 +35,7 @@ def config_summary(config: TrainConfig) -> dict[str, str]:
     }
     if config.lycoris:
         lyco = config.lycoris
-        rows["adapter"] += (f" (factor {lyco.factor}, linear_dim {lyco.linear_dim}, "
-                            f"linear_alpha {lyco.linear_alpha:g})")
+        rows["adapter"] += f" (factor {lyco.factor}, linear_dim {lyco.linear_dim}, linear_alpha {lyco.linear_alpha:g})"
     return rows
 
 
@@ -47,30 +45,52 @@ def card_data(settings: HubSettings) -> ModelCardData:
     return ModelCardData(library_name="lycoris", pipeline_tag="text-to-image", tags=list(TAGS), base_model=base)
 
 
-def model_card(settings: HubSettings, *, step: int | None, final: bool, checkpoints: list[int],
-               images: dict[int, list[str]], scores: dict[int, dict]) -> str:
+def model_card(
+    settings: HubSettings,
+    *,
+    step: int | None,
+    final: bool,
+    checkpoints: list[int],
+    images: dict[int, list[str]],
+    scores: dict[int, dict],
+) -> str:
     """README.md: what the adapter is, how it was trained, how it validates, how to load it."""
     body = _body(settings, step=step, final=final, checkpoints=checkpoints, images=images, scores=scores)
     card = ModelCard(f"---\n{card_data(settings).to_yaml()}\n---\n\n{body}")
     return str(card)
 
 
-def _body(s: HubSettings, *, step: int | None, final: bool, checkpoints: list[int], images: dict[int, list[str]],
-          scores: dict[int, dict]) -> str:
+def _body(
+    s: HubSettings,
+    *,
+    step: int | None,
+    final: bool,
+    checkpoints: list[int],
+    images: dict[int, list[str]],
+    scores: dict[int, dict],
+) -> str:
     adapter, ema = s.adapter_names
     progress = "unknown" if step is None else (f"{step}" + (f" of {s.total_steps}" if s.total_steps else ""))
     state = "final" if final else "training in progress"
-    lines = [f"# {s.run_name}: LyCORIS LoKr adapter for {s.base_model}", "",
-             f"Trained with Terminus Relay. Step {progress} ({state}).", "", "## Files", "",
-             "| file | what it is |", "|---|---|"]
+    lines = [
+        f"# {s.run_name}: LyCORIS LoKr adapter for {s.base_model}",
+        "",
+        f"Trained with Terminus Relay. Step {progress} ({state}).",
+        "",
+        "## Files",
+        "",
+        "| file | what it is |",
+        "|---|---|",
+    ]
     if s.push_adapters:
-        lines += [f"| `{ema}` | the EMA of the adapter weights (recommended; present when EMA is on) |",
-                  f"| `{adapter}` | the adapter weights at step {step} |"]
+        lines += [
+            f"| `{ema}` | the EMA of the adapter weights (recommended; present when EMA is on) |",
+            f"| `{adapter}` | the adapter weights at step {step} |",
+        ]
     if s.push_checkpoints:
         names = ", ".join(f"`checkpoint-{c}`" for c in checkpoints) or "none yet"
         lines.append(f"| `{CHECKPOINTS}/` | the newest {s.keep} resumable checkpoints: {names} |")
-    lines += ["", "## Training config", "", "| setting | value |", "|---|---|",
-              *(f"| {k} | {v} |" for k, v in s.summary.items())]
+    lines += ["", "## Training config", "", "| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in s.summary.items())]
     if images or scores:
         lines += ["", "## Validation", ""]
         keys = sorted({k for row in scores.values() for k in row})
@@ -80,16 +100,25 @@ def _body(s: HubSettings, *, step: int | None, final: bool, checkpoints: list[in
             lines.append("")
         latest = max(images, default=None)
         if latest is not None:
-            lines += [f"Images at step {latest}:", "",
-                      *(f"![{Path(p).stem}]({p})" for p in images[latest])]
-    lines += ["", "## How to load", "", "```python", "import torch",
-              "from diffusers import StableDiffusion3Pipeline", "from huggingface_hub import hf_hub_download",
-              "from lycoris import create_lycoris_from_weights", "",
-              f'pipe = StableDiffusion3Pipeline.from_pretrained("{s.base_model}", torch_dtype=torch.bfloat16)',
-              f'path = hf_hub_download("{s.repo_id}", "{ema if s.push_adapters else adapter}")',
-              "wrapper, _ = create_lycoris_from_weights(1.0, path, pipe.transformer)",
-              "wrapper.merge_to()  # or wrapper.apply_to() to keep it separate",
-              'pipe.to("cuda")', "```", ""]
+            lines += [f"Images at step {latest}:", "", *(f"![{Path(p).stem}]({p})" for p in images[latest])]
+    lines += [
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import StableDiffusion3Pipeline",
+        "from huggingface_hub import hf_hub_download",
+        "from lycoris import create_lycoris_from_weights",
+        "",
+        f'pipe = StableDiffusion3Pipeline.from_pretrained("{s.base_model}", torch_dtype=torch.bfloat16)',
+        f'path = hf_hub_download("{s.repo_id}", "{ema if s.push_adapters else adapter}")',
+        "wrapper, _ = create_lycoris_from_weights(1.0, path, pipe.transformer)",
+        "wrapper.merge_to()  # or wrapper.apply_to() to keep it separate",
+        'pipe.to("cuda")',
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

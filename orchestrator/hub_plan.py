@@ -68,13 +68,20 @@ class HubSettings:
             return None
         from relay_train.trainer import base_model_name, export_dtype
 
-        return cls(repo_id=config.hub_model_id, run_name=run_name or config_run_name(config),
-                   base_model=base_model_name(config.pretrained_model_name_or_path),
-                   export_dtype="bf16" if export_dtype(config) == torch.bfloat16 else "fp32",
-                   push_checkpoints=config.push_checkpoints_to_hub, push_adapters=config.push_to_hub,
-                   keep=ckpt.keep_count(config.checkpoints_total_limit), private=config.hub_private,
-                   super_squash=config.super_squash_history, total_steps=config.max_train_steps,
-                   summary=config_summary(config), **overrides)
+        return cls(
+            repo_id=config.hub_model_id,
+            run_name=run_name or config_run_name(config),
+            base_model=base_model_name(config.pretrained_model_name_or_path),
+            export_dtype="bf16" if export_dtype(config) == torch.bfloat16 else "fp32",
+            push_checkpoints=config.push_checkpoints_to_hub,
+            push_adapters=config.push_to_hub,
+            keep=ckpt.keep_count(config.checkpoints_total_limit),
+            private=config.hub_private,
+            super_squash=config.super_squash_history,
+            total_steps=config.max_train_steps,
+            summary=config_summary(config),
+            **overrides,
+        )
 
 
 # -- what the repo holds ---------------------------------------------------------------------------
@@ -154,8 +161,11 @@ class Round:
             files.add(settings.adapter_names[0])
         for step, images in self.images.items():
             files |= {validation_folder(step) + name for name, _ in images} | {validation_folder(step) + SCORES}
-        return HubView(frozenset((view.steps | set(self.add)) - set(self.delete)),
-                       frozenset((view.validation | set(self.images)) - set(self.drop_validation)), frozenset(files | {CARD}))
+        return HubView(
+            frozenset((view.steps | set(self.add)) - set(self.delete)),
+            frozenset((view.validation | set(self.images)) - set(self.drop_validation)),
+            frozenset(files | {CARD}),
+        )
 
     def card_step(self, view: HubView) -> int | None:
         """The step the card describes: the newest checkpoint held or pushed to the root after the commit."""
@@ -166,8 +176,11 @@ class Round:
         """The images the card links, per validation step held after the commit, in upload order."""
         shown = {}
         for step in sorted(after.validation):
-            names = ([validation_folder(step) + name for name, _ in self.images[step]] if step in self.images
-                     else after.image_names(step))
+            names = (
+                [validation_folder(step) + name for name, _ in self.images[step]]
+                if step in self.images
+                else after.image_names(step)
+            )
             if names:
                 shown[step] = names
         return shown

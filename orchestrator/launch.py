@@ -58,10 +58,12 @@ def check_storage(cluster: ClusterConfig) -> None:
 def check_resume_policy(config: TrainConfig, cluster: ClusterConfig, name: str) -> None:
     """resume_from_checkpoint none on an existing run would silently continue it: refuse instead."""
     if config.resume_from_checkpoint == "none" and run_exists(cluster, name):
-        raise ConfigError([
-            f"--resume_from_checkpoint none, but run {name!r} already exists in {cluster.storage_path}: "
-            "set resume_from_checkpoint latest to continue it, or a new run_name (cluster config) to start over"
-        ])
+        raise ConfigError(
+            [
+                f"--resume_from_checkpoint none, but run {name!r} already exists in {cluster.storage_path}: "
+                "set resume_from_checkpoint latest to continue it, or a new run_name (cluster config) to start over"
+            ]
+        )
 
 
 def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConfig):
@@ -95,8 +97,14 @@ def launch(config_path: str | Path, overrides: dict | None, cluster: ClusterConf
             lock.release()
 
 
-def run_on_ray(config: TrainConfig, config_path: str | Path, overrides: dict | None, cluster: ClusterConfig,
-               storage: RunStorage, validation_gpus: float):
+def run_on_ray(
+    config: TrainConfig,
+    config_path: str | Path,
+    overrides: dict | None,
+    cluster: ClusterConfig,
+    storage: RunStorage,
+    validation_gpus: float,
+):
     """The steward (ledger, progress, what follows each commit) starts first, on this node, then Ray Train
     fits; the steward is closed with the run's outcome whether training finished, stopped or failed."""
     import ray
@@ -108,22 +116,27 @@ def run_on_ray(config: TrainConfig, config_path: str | Path, overrides: dict | N
     name, gpus = storage.run_name, validation_gpus
     fs, storage_path = storage_filesystem(cluster)
     steward = start_steward(storage, cluster, config, validation_gpus=gpus)
-    steward.run_started.remote(world_size=cluster.num_workers, storage=storage.describe(), config=config_summary(config),
-                               hourly_cost=cluster.hourly_cost)
+    steward.run_started.remote(
+        world_size=cluster.num_workers, storage=storage.describe(), config=config_summary(config), hourly_cost=cluster.hourly_cost
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
         torch_config=TorchConfig(timeout_s=cluster.collective_timeout_seconds),  # a collective's wait for a peer
         train_loop_config={"spec": worker_spec(config_path, overrides, cluster, storage)},  # Ray wants a dict
-        scaling_config=ScalingConfig(num_workers=tuple(cluster.num_workers) if cluster.elastic else cluster.num_workers,
-                                     use_gpu=cluster.use_gpu,
-                                     resources_per_worker={"CPU": cluster.cpus_per_worker, **cluster.resources_per_worker},
-                                     **({"elastic_resize_monitor_interval_s": cluster.elastic_resize_seconds}
-                                        if cluster.elastic else {})),
+        scaling_config=ScalingConfig(
+            num_workers=tuple(cluster.num_workers) if cluster.elastic else cluster.num_workers,
+            use_gpu=cluster.use_gpu,
+            resources_per_worker={"CPU": cluster.cpus_per_worker, **cluster.resources_per_worker},
+            **({"elastic_resize_monitor_interval_s": cluster.elastic_resize_seconds} if cluster.elastic else {}),
+        ),
         run_config=RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=fs,
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=keep_count(config.checkpoints_total_limit)),
-            failure_config=FailureConfig(max_failures=cluster.max_failures,
-                                         max_preemption_failures=cluster.max_preemption_failures),
+            failure_config=FailureConfig(
+                max_failures=cluster.max_failures, max_preemption_failures=cluster.max_preemption_failures
+            ),
         ),
     )
     log.info("run %r: %s worker(s), storage %s", name, cluster.num_workers, storage.describe())
@@ -136,8 +149,11 @@ def run_on_ray(config: TrainConfig, config_path: str | Path, overrides: dict | N
         display.close()
         # a second Ctrl-C means now: the ledger's end is recorded, the services get seconds, not minutes
         wait = INTERRUPTED_FLUSH_SECONDS if isinstance(exc, KeyboardInterrupt) else FINAL_FLUSH_SECONDS
-        final = ({"type": EventType.STOPPED, "signal": stop.signal} if isinstance(exc, KeyboardInterrupt) else
-                 {"type": EventType.FAILED, "error": redact.redact(f"{type(exc).__name__}: {str(exc)[:500]}")})
+        final = (
+            {"type": EventType.STOPPED, "signal": stop.signal}
+            if isinstance(exc, KeyboardInterrupt)
+            else {"type": EventType.FAILED, "error": redact.redact(f"{type(exc).__name__}: {str(exc)[:500]}")}
+        )
         try:
             ray.get(steward.close.remote(final, timeout=wait), timeout=wait + 30)
         except ray.exceptions.GetTimeoutError:
@@ -183,8 +199,11 @@ def hold_run_lock(storage: RunStorage):
         return lock.acquire()
     except RunLockedError:
         holder = (Path(storage.describe("relay")) / RunLock.NAME).read_text().strip() or "another process"
-        raise ResourceError(f"run {storage.run_name!r} in {storage.storage_path} is in use by another `relay launch` "
-                            f"({holder}); wait for it, stop it, or choose another run_name", retryable=False) from None
+        raise ResourceError(
+            f"run {storage.run_name!r} in {storage.storage_path} is in use by another `relay launch` "
+            f"({holder}); wait for it, stop it, or choose another run_name",
+            retryable=False,
+        ) from None
 
 
 def fit_off_the_main_thread(trainer, fatal=lambda: None):
@@ -238,21 +257,29 @@ class StopRequest:
             log.error("second signal: not waiting for the checkpoint; the newest committed one is intact")
             raise KeyboardInterrupt
         self.signal = signum
-        log.warning("%s: checkpointing at the next step boundary, then stopping (again to stop at once)",
-                    signal.Signals(signum).name)
+        log.warning(
+            "%s: checkpointing at the next step boundary, then stopping (again to stop at once)", signal.Signals(signum).name
+        )
         self.steward.request_stop.remote()
 
 
-def worker_spec(config_path: str | Path, overrides: dict | None, cluster: ClusterConfig,
-                storage: RunStorage) -> WorkerSpec:
+def worker_spec(config_path: str | Path, overrides: dict | None, cluster: ClusterConfig, storage: RunStorage) -> WorkerSpec:
     """What every worker is told: the recipe and where it runs from, the run's storage, the cluster's knobs."""
     from orchestrator.worker import WorkerSpec
 
-    return WorkerSpec(config_path=str(Path(config_path).resolve()), run_name=storage.run_name, storage=storage,
-                      working_dir=os.getcwd(), overrides=overrides or {}, upload_mode=cluster.upload_mode,
-                      preemption_check_steps=cluster.preemption_check_steps, global_workers=cluster.max_workers,
-                      strategy=cluster.strategy, gradient_bucket_mb=cluster.gradient_bucket_mb,
-                      gradient_sync_dtype=cluster.gradient_sync_dtype)
+    return WorkerSpec(
+        config_path=str(Path(config_path).resolve()),
+        run_name=storage.run_name,
+        storage=storage,
+        working_dir=os.getcwd(),
+        overrides=overrides or {},
+        upload_mode=cluster.upload_mode,
+        preemption_check_steps=cluster.preemption_check_steps,
+        global_workers=cluster.max_workers,
+        strategy=cluster.strategy,
+        gradient_bucket_mb=cluster.gradient_bucket_mb,
+        gradient_sync_dtype=cluster.gradient_sync_dtype,
+    )
 
 
 def start_steward(storage: RunStorage, cluster: ClusterConfig, config: TrainConfig, validation_gpus: float = 0.0):
@@ -270,31 +297,54 @@ def start_steward(storage: RunStorage, cluster: ClusterConfig, config: TrainConf
         except (ray.exceptions.RayError, TimeoutError):
             alive = False
         if alive:
-            raise ResourceError(f"run {storage.run_name!r} is already running on this cluster (another `relay "
-                                "launch` or submitted job); wait for it, stop it, or choose another run_name",
-                                retryable=False)
+            raise ResourceError(
+                f"run {storage.run_name!r} is already running on this cluster (another `relay "
+                "launch` or submitted job); wait for it, stop it, or choose another run_name",
+                retryable=False,
+            )
         ray.kill(old)  # a left-over of a driver that is going away
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     steward = RunSteward.options(name=steward_name(storage.run_name), scheduling_strategy=here).remote(
-        storage, config=config, wandb_dir=str(Path(config.output_dir).resolve()), working_dir=os.getcwd(),
-        validation_options={"num_cpus": cluster.validation_cpus, "num_gpus": validation_gpus,
-                            "resources": cluster.validation_resources or None},
-        poll_seconds=cluster.steward_poll_seconds)
+        storage,
+        config=config,
+        wandb_dir=str(Path(config.output_dir).resolve()),
+        working_dir=os.getcwd(),
+        validation_options={
+            "num_cpus": cluster.validation_cpus,
+            "num_gpus": validation_gpus,
+            "resources": cluster.validation_resources or None,
+        },
+        poll_seconds=cluster.steward_poll_seconds,
+    )
     ray.get(steward.ready.remote())
     return steward
 
 
 def config_summary(config: TrainConfig) -> dict:
     """What the ledger and the run-started message show of the recipe (no paths, no secrets)."""
-    keys = ("model_family", "pretrained_model_name_or_path", "base_model_precision", "lora_type", "learning_rate",
-            "lr_scheduler", "optimizer", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
-            "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "resolution", "mixed_precision",
-            "use_ema", "seed")
+    keys = (
+        "model_family",
+        "pretrained_model_name_or_path",
+        "base_model_precision",
+        "lora_type",
+        "learning_rate",
+        "lr_scheduler",
+        "optimizer",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "max_train_steps",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "validation_steps",
+        "resolution",
+        "mixed_precision",
+        "use_ema",
+        "seed",
+    )
     return {k: getattr(config, k) for k in keys if hasattr(config, k)}
 
 
-def run_job(config: str, cluster: str | None, sets: list[str], cluster_sets: list[str],
-            verbose: bool = False) -> int:
+def run_job(config: str, cluster: str | None, sets: list[str], cluster_sets: list[str], verbose: bool = False) -> int:
     """A job's whole life in this process (jobs/train.py, KubeRay's entrypoint, relay launch): 0 completed,
     1 failed (retrying may help), 2 a configuration, storage or resource error (it cannot), 130/143 stopped
     by SIGINT/SIGTERM after a committed checkpoint (the same command resumes)."""

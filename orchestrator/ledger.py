@@ -85,8 +85,7 @@ class Ledger:
     def record(self, kind: str, step: int | None = None, **fields) -> dict:
         """Append one event and write the ledger back whole (an S3 object cannot be appended to; the
         ledger stays small: a few hundred lines for a 300k-step run)."""
-        event = {"time": fields.pop("time", time.time()), "type": kind, **({"step": step} if step is not None else {}),
-                 **fields}
+        event = {"time": fields.pop("time", time.time()), "type": kind, **({"step": step} if step is not None else {}), **fields}
         self.events.append(event)
         self.flush()
         return event
@@ -143,8 +142,14 @@ def summarize(run: str, events: list[dict], now: float | None = None, progress: 
         if kind == EventType.RUN_STARTED:
             s.total_steps = e.get("total_steps", s.total_steps)
         elif kind == EventType.ATTEMPT:
-            attempt = Attempt(e["time"], e["step"], e.get("reason", AttemptReason.FRESH), e.get("world_size", 1),
-                              last_step=e["step"], last_time=e["time"])
+            attempt = Attempt(
+                e["time"],
+                e["step"],
+                e.get("reason", AttemptReason.FRESH),
+                e.get("world_size", 1),
+                last_step=e["step"],
+                last_time=e["time"],
+            )
             if attempts:
                 prev = attempts[-1]
                 prev.steps_lost = e.get("steps_lost", max(prev.last_step - attempt.start_step, 0))

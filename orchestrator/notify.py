@@ -84,14 +84,13 @@ SENT: dict[EventType, Send] = {
     EventType.EMERGENCY_CHECKPOINT: Send(WebhookType.CHECKPOINT_COMMITTED, "warning", "emergency checkpoint at step {step}"),
     EventType.HUB_PUSHED: Send(WebhookType.HUB_PUSHED, "info", "checkpoint {step} pushed to the Hub"),
     EventType.PREEMPTION_NOTICE: Send(WebhookType.PREEMPTION_NOTICE, "warning", "preemption notice"),
-    EventType.RESIZE: Send(WebhookType.RESIZE, "info",
-                           "worker group resized from {previous_world_size} to {world_size} worker(s)"),
+    EventType.RESIZE: Send(
+        WebhookType.RESIZE, "info", "worker group resized from {previous_world_size} to {world_size} worker(s)"
+    ),
     EventType.WARNING: Send(WebhookType.WARNING, "warning", "{message}"),
     EventType.FAILED: Send(WebhookType.FAILURE, "error", "run failed: {error}"),
-    EventType.STOPPED: Send(WebhookType.STOPPED, "warning",
-                            "run stopped on request at step {step}; the same command resumes it"),
-    EventType.COMPLETED: Send(WebhookType.COMPLETED, "info",
-                              "run completed at step {step}: {adapters}; goodput {goodput}"),
+    EventType.STOPPED: Send(WebhookType.STOPPED, "warning", "run stopped on request at step {step}; the same command resumes it"),
+    EventType.COMPLETED: Send(WebhookType.COMPLETED, "info", "run completed at step {step}: {adapters}; goodput {goodput}"),
 }
 ATTEMPTS: dict[AttemptReason, Send] = {
     # an attempt is sent by its reason: a fresh one says nothing (run_started did), an unplanned one is an alert
@@ -184,9 +183,16 @@ def drop_choice(severities: list[str]) -> int:
 
 def raw_payload(message: Message, run: str) -> dict[str, Any]:
     """The raw webhook's JSON: the event's fields, then the fixed keys (which win over a field's name)."""
-    return {**message.fields, "type": message.type, "run": run, "step": message.step,
-            "severity": message.severity, "timestamp": message.timestamp, "message": message.message,
-            "images": [{"name": n, "png_base64": base64.b64encode(b).decode()} for n, b in message.images]}
+    return {
+        **message.fields,
+        "type": message.type,
+        "run": run,
+        "step": message.step,
+        "severity": message.severity,
+        "timestamp": message.timestamp,
+        "message": message.message,
+        "images": [{"name": n, "png_base64": base64.b64encode(b).decode()} for n, b in message.images],
+    }
 
 
 def _show(value: Any) -> str:
@@ -198,8 +204,11 @@ def _show(value: Any) -> str:
 def discord_text(message: Message, run: str, prefix: str, limit: int = DISCORD_TEXT_LIMIT) -> str:
     """prefix + run + step + the message, then the fields as lines, within Discord's limit."""
     step = f" · step {message.step}" if message.step is not None else ""
-    lines = [f"`({prefix})` **{run}**{step} · {message.type}"
-             + (f" [{message.severity}]" if rank(message.severity) < rank("info") else ""), message.message]
+    lines = [
+        f"`({prefix})` **{run}**{step} · {message.type}"
+        + (f" [{message.severity}]" if rank(message.severity) < rank("info") else ""),
+        message.message,
+    ]
     lines += [f"{k}: {_show(v)}" for k, v in message.fields.items()]
     text = "\n".join(line for line in lines if line)
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -215,12 +224,29 @@ def discord_requests(message: Message, run: str, prefix: str) -> list[dict[str, 
     out = []
     chunks = range(0, len(message.images), DISCORD_FILES_PER_MESSAGE)
     for number, start in enumerate(chunks):
-        chunk = message.images[start:start + DISCORD_FILES_PER_MESSAGE]
-        content = text if number == 0 else discord_text(
-            Message(message.type, message.severity, message.step,
-                    f"images {start + 1}-{start + len(chunk)} of {len(message.images)}", {}, [], 0), run, prefix)
-        payload = {"content": content, "allowed_mentions": quiet,
-                   "attachments": [{"id": i, "filename": name} for i, (name, _) in enumerate(chunk)]}
+        chunk = message.images[start : start + DISCORD_FILES_PER_MESSAGE]
+        content = (
+            text
+            if number == 0
+            else discord_text(
+                Message(
+                    message.type,
+                    message.severity,
+                    message.step,
+                    f"images {start + 1}-{start + len(chunk)} of {len(message.images)}",
+                    {},
+                    [],
+                    0,
+                ),
+                run,
+                prefix,
+            )
+        )
+        payload = {
+            "content": content,
+            "allowed_mentions": quiet,
+            "attachments": [{"id": i, "filename": name} for i, (name, _) in enumerate(chunk)],
+        }
         files = [(f"files[{i}]", (name, data, "image/png")) for i, (name, data) in enumerate(chunk)]
         out.append({"data": {"payload_json": json.dumps(payload)}, "files": files})
     return out
@@ -270,8 +296,14 @@ class _Channel:
         self.stats["dropped"] += 1
         if victim.spooled:
             self.unspool.append(victim.spooled)
-        log.warning("%s: queue full (%d), dropped a %s %s message; %d dropped so far", self.name,
-                    self.notifier.max_queue, victim.severity, victim.type, self.stats["dropped"])
+        log.warning(
+            "%s: queue full (%d), dropped a %s %s message; %d dropped so far",
+            self.name,
+            self.notifier.max_queue,
+            victim.severity,
+            victim.type,
+            self.stats["dropped"],
+        )
 
     # the delivery thread
     def _run(self) -> None:
@@ -295,9 +327,13 @@ class _Channel:
                 self._finish(message, delivered=False, status=None)
                 continue
             policy = self.notifier.policy  # a 429 waits what the receiver asked; any other 4xx is dropped
-            delay = None if status is not None and 200 <= status < 300 else \
-                retry_delay(attempt + 1, policy.base, policy.cap, status=status, retry_after=retry_after,
-                            jitter=random.random())
+            delay = (
+                None
+                if status is not None and 200 <= status < 300
+                else retry_delay(
+                    attempt + 1, policy.base, policy.cap, status=status, retry_after=retry_after, jitter=random.random()
+                )
+            )
             if delay is None:
                 self._finish(message, delivered=status is not None and 200 <= status < 300, status=status)
                 attempt = 0
@@ -334,19 +370,24 @@ class _Channel:
             requests_left = [{"json": body}]
             headers = {"X-API-Key": backend.auth_token.get_secret_value()} if backend.auth_token else {}
         else:
-            clean = Message(message.type, message.severity, message.step, notifier.redact(message.message),
-                            json.loads(notifier.redact(json.dumps(message.fields, default=str))),
-                            message.images, message.timestamp)
+            clean = Message(
+                message.type,
+                message.severity,
+                message.step,
+                notifier.redact(message.message),
+                json.loads(notifier.redact(json.dumps(message.fields, default=str))),
+                message.images,
+                message.timestamp,
+            )
             requests_left = discord_requests(clean, notifier.run_name, backend.message_prefix or notifier.project)
             headers = {}
-        for kwargs in requests_left[message.parts_done:]:
+        for kwargs in requests_left[message.parts_done :]:
             timeout = notifier.policy.timeout
             if self.closing_at is not None:
                 timeout = max(0.1, min(timeout, self.closing_at - time.monotonic()))
             try:
                 self.stats["requests"] += 1
-                answer = self.session.post(backend.url.get_secret_value(), headers=headers, timeout=timeout,
-                                           **kwargs)
+                answer = self.session.post(backend.url.get_secret_value(), headers=headers, timeout=timeout, **kwargs)
             except requests.RequestException as exc:
                 log.info("%s: %s not delivered: %s", self.name, message.type, type(exc).__name__)
                 return None, None
@@ -384,8 +425,7 @@ class _Channel:
             try:
                 spool.write_json(rel, body)
             except Exception as exc:
-                log.warning("%s: could not spool a %s message: %s", self.name, message.type,
-                            self.notifier.redact(repr(exc)))
+                log.warning("%s: could not spool a %s message: %s", self.name, message.type, self.notifier.redact(repr(exc)))
                 return
             message.spooled = rel
             self.stats["spooled"] += 1
@@ -404,8 +444,7 @@ class _Channel:
             _, kind, key, _ = parts
             if key == self.key or (key not in self.notifier.keys and self.notifier.adopter(kind) is self):
                 mine.append(name)
-            elif key not in self.notifier.keys and self.notifier.adopter(kind) is None and \
-                    self is self.notifier.channels[0]:
+            elif key not in self.notifier.keys and self.notifier.adopter(kind) is None and self is self.notifier.channels[0]:
                 log.warning("%s: spooled %s message for a backend no longer configured: deleted", self.name, kind)
                 self._delete(f"{SPOOL}/{name}")
         loaded = []
@@ -462,13 +501,24 @@ class Notifier:
 
     close_seconds = 30.0  # at a run's end the steward waits at most this long: the spool keeps the rest
 
-    def __init__(self, backends: list[WebhookConfig], run_name: str, spool: RunStorage | None = None, *,
-                 project: str | None = None, max_queue: int = 256, policy: RetryPolicy = RetryPolicy(),
-                 secrets: list[str | SecretStr] = ()) -> None:
+    def __init__(
+        self,
+        backends: list[WebhookConfig],
+        run_name: str,
+        spool: RunStorage | None = None,
+        *,
+        project: str | None = None,
+        max_queue: int = 256,
+        policy: RetryPolicy = RetryPolicy(),
+        secrets: list[str | SecretStr] = (),
+    ) -> None:
         self.run_name, self.spool, self.project = run_name, spool, project or run_name
         self.max_queue, self.policy = max_queue, policy
-        secret = [*secrets, *(p for b in backends for p in url_parts(b.url.get_secret_value())),
-                  *(b.auth_token for b in backends if b.auth_token)]
+        secret = [
+            *secrets,
+            *(p for b in backends for p in url_parts(b.url.get_secret_value())),
+            *(b.auth_token for b in backends if b.auth_token),
+        ]
         self._redactor = Redactor(secret)
         self.channels = [_Channel(i, b, self) for i, b in enumerate(backends)]
         self.keys = {c.key for c in self.channels}
@@ -493,8 +543,15 @@ class Notifier:
         current = installed()
         return current.redact(text) if current else text
 
-    def event(self, type: str, severity: str = "info", step: int | None = None, message: str = "",
-              fields: dict[str, Any] | None = None, images: list[tuple[str, bytes]] | None = None) -> None:
+    def event(
+        self,
+        type: str,
+        severity: str = "info",
+        step: int | None = None,
+        message: str = "",
+        fields: dict[str, Any] | None = None,
+        images: list[tuple[str, bytes]] | None = None,
+    ) -> None:
         """Queue an event for every backend whose log_level admits it. Never blocks on I/O, never raises."""
         try:
             if self._closed:

@@ -12,9 +12,28 @@ from dataclasses import dataclass, field
 from orchestrator.ledger import AttemptReason
 from relay_train.checkpoint import DEFAULT_KEEP, keep_count, keep_newest
 
-__all__ = ["COMPLETED", "CONFIG_ERROR", "DEFAULT_KEEP", "GAVE_UP", "RETRYABLE", "STOPPED", "Ask", "AttemptFacts",
-           "FitDecision", "attempt_reason", "backoff", "fit_decision", "keep_count", "keep_newest", "place",
-           "retention", "retry_after", "retry_delay", "share_cpus", "supervise_outcome"]
+__all__ = [
+    "COMPLETED",
+    "CONFIG_ERROR",
+    "DEFAULT_KEEP",
+    "GAVE_UP",
+    "RETRYABLE",
+    "STOPPED",
+    "Ask",
+    "AttemptFacts",
+    "FitDecision",
+    "attempt_reason",
+    "backoff",
+    "fit_decision",
+    "keep_count",
+    "keep_newest",
+    "place",
+    "retention",
+    "retry_after",
+    "retry_delay",
+    "share_cpus",
+    "supervise_outcome",
+]
 
 Bundle = dict[str, float]  # one actor's resource request, Ray's names ("CPU", "GPU", custom)
 
@@ -79,8 +98,10 @@ def fit_decision(asks: list[Ask], nodes: list[Bundle], can_grow: bool) -> FitDec
         return {k: v for k, v in bundle.items() if k in shown}
 
     has = f"{len(nodes)} node(s) with {describe(only(total))} in all, the largest {describe(only(biggest))}"
-    message = (f"the run asks for {asked}; the cluster has {has}: no place for a {missing.what} "
-               f"({describe(missing.bundle)}). Lower or change {missing.key} in the cluster config")
+    message = (
+        f"the run asks for {asked}; the cluster has {has}: no place for a {missing.what} "
+        f"({describe(missing.bundle)}). Lower or change {missing.key} in the cluster config"
+    )
     return FitDecision(False, can_grow, message)
 
 
@@ -155,8 +176,16 @@ def backoff(attempt: int, base: float, cap: float, jitter: float | None = None) 
 RETRYABLE_4XX = (408, 425, 429)  # request timeout, too early, too many requests: the same request may pass later
 
 
-def retry_delay(attempt: int, base: float, cap: float, *, status: int | None = None, retry_after: float | None = None,
-                jitter: float | None = None, longest_wait: float = math.inf) -> float | None:
+def retry_delay(
+    attempt: int,
+    base: float,
+    cap: float,
+    *,
+    status: int | None = None,
+    retry_after: float | None = None,
+    jitter: float | None = None,
+    longest_wait: float = math.inf,
+) -> float | None:
     """Seconds before try `attempt + 1` after `attempt` failures, or None to give up. The one retry rule
     of the Hub mirror and the webhooks.
 

@@ -79,12 +79,17 @@ class PreemptionWatch:
         self.notice, self.noticed_at, self.noticed_step = info, time.time(), step
         self.reporter.emergency = True
         deadline = info.deadline_ms / 1000 if info.deadline_ms else None
-        log.warning("preemption notice at step %d: node(s) %s (ranks %s) go%s; checkpointing now", step,
-                    ", ".join(n[:12] for n in info.preempted_node_ids), info.preempted_ranks,
-                    f" in {deadline - time.time():.0f} s" if deadline else " soon")
+        log.warning(
+            "preemption notice at step %d: node(s) %s (ranks %s) go%s; checkpointing now",
+            step,
+            ", ".join(n[:12] for n in info.preempted_node_ids),
+            info.preempted_ranks,
+            f" in {deadline - time.time():.0f} s" if deadline else " soon",
+        )
         if self.steward is not None and self.rank == 0:
-            self.steward.record.remote(EventType.PREEMPTION_NOTICE, step, nodes=info.preempted_node_ids,
-                                       ranks=info.preempted_ranks, deadline=deadline)
+            self.steward.record.remote(
+                EventType.PREEMPTION_NOTICE, step, nodes=info.preempted_node_ids, ranks=info.preempted_ranks, deadline=deadline
+            )
         return True
 
     def after_emergency_checkpoint(self, storage: RunStorage) -> None:
@@ -97,15 +102,19 @@ class PreemptionWatch:
                 time.sleep(0.2)
             seconds = time.time() - self.noticed_at
             committed = self.noticed_step in storage.checkpoint_steps()
-            log.warning("emergency checkpoint at step %d %s %.1f s after the notice; waiting for the restart",
-                        self.noticed_step, "committed" if committed else "NOT committed by the deadline", seconds)
+            log.warning(
+                "emergency checkpoint at step %d %s %.1f s after the notice; waiting for the restart",
+                self.noticed_step,
+                "committed" if committed else "NOT committed by the deadline",
+                seconds,
+            )
             if self.steward is not None:
-                self.steward.reported.remote(self.noticed_step, emergency=True, committed=committed,
-                                             seconds_from_notice=round(seconds, 3))
+                self.steward.reported.remote(
+                    self.noticed_step, emergency=True, committed=committed, seconds_from_notice=round(seconds, 3)
+                )
         while time.time() < deadline + PARK_GRACE_SECONDS:  # Ray tears the group down at the deadline
             time.sleep(1.0)
-        raise RuntimeError(f"the preemption announced at step {self.noticed_step} never came; restarting from "
-                           "its checkpoint")
+        raise RuntimeError(f"the preemption announced at step {self.noticed_step} never came; restarting from its checkpoint")
 
 
 PARK_FALLBACK_SECONDS = 120  # a notice without a deadline (Ray's own default wait is similar)

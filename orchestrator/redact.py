@@ -28,18 +28,17 @@ from relay_train.redaction import mask as _mask
 from relay_train.redaction import plain as _plain
 
 
-
 def secret_values(config: TrainConfig | None = None, environ: dict[str, str] | None = None) -> set[str]:
     """Every secret a run knows: the config's webhook URLs and tokens, its data backends' AWS keys,
     the secret environment variables and the saved Hugging Face token."""
     environ = dict(os.environ if environ is None else environ)
     found: set[str] = set()
-    for hook in (config.webhook if config else []):
+    for hook in config.webhook if config else []:
         for url in (hook.webhook_url, hook.callback_url):
             if url is not None:
                 found.update(url_parts(url.get_secret_value()))
         found.add(_plain(hook.auth_token) or "")
-    for backend in (config.data_backends if config else []):
+    for backend in config.data_backends if config else []:
         found.update(_plain(v) or "" for v in (backend.aws_access_key_id, backend.aws_secret_access_key))
     found |= environment_secrets(environ)
     return {value for value in found if len(value) >= MIN_LENGTH}

@@ -29,8 +29,10 @@ def validation_gpus(config: TrainConfig, cluster: ClusterConfig, cluster_gpus: f
     validation_cpu_fallback says the CPU will do (the local demo). Without that key an autoscaling
     cluster waits for its GPU nodes rather than rendering on the CPU."""
     if config.validation_num_gpus > 0 and not cluster_gpus and cluster.validation_cpu_fallback:
-        log.warning("validation_num_gpus=%g but the cluster has no GPU: validation actors run on the CPU "
-                    "(validation_cpu_fallback)", config.validation_num_gpus)
+        log.warning(
+            "validation_num_gpus=%g but the cluster has no GPU: validation actors run on the CPU (validation_cpu_fallback)",
+            config.validation_num_gpus,
+        )
         return 0.0
     return config.validation_num_gpus
 
@@ -38,16 +40,30 @@ def validation_gpus(config: TrainConfig, cluster: ClusterConfig, cluster_gpus: f
 def run_asks(config: TrainConfig, cluster: ClusterConfig, gpus_per_validator: float) -> list[Ask]:
     """What the run will ask Ray for: the training workers and the validation actors (the steward and
     Ray Train's controller take no CPU)."""
-    worker = {"CPU": cluster.cpus_per_worker, **({"GPU": 1.0} if cluster.use_gpu else {}),
-              **cluster.resources_per_worker}
-    asks = [Ask("training worker", cluster.num_workers if isinstance(cluster.num_workers, int) else cluster.num_workers[0],
-                worker, "num_workers, cpus_per_worker, use_gpu or resources_per_worker")]
+    worker = {"CPU": cluster.cpus_per_worker, **({"GPU": 1.0} if cluster.use_gpu else {}), **cluster.resources_per_worker}
+    asks = [
+        Ask(
+            "training worker",
+            cluster.num_workers if isinstance(cluster.num_workers, int) else cluster.num_workers[0],
+            worker,
+            "num_workers, cpus_per_worker, use_gpu or resources_per_worker",
+        )
+    ]
     if config.validation_steps > 0:
-        validator = {"CPU": cluster.validation_cpus, **({"GPU": gpus_per_validator} if gpus_per_validator else {}),
-                     **cluster.validation_resources}
-        asks.append(Ask("validation actor", config.validation_actors, validator,
-                        "validation_cpus or validation_resources (cluster config), validation_actors or "
-                        "validation_num_gpus (config; validation_cpu_fallback lets a GPU-less cluster render on the CPU)"))
+        validator = {
+            "CPU": cluster.validation_cpus,
+            **({"GPU": gpus_per_validator} if gpus_per_validator else {}),
+            **cluster.validation_resources,
+        }
+        asks.append(
+            Ask(
+                "validation actor",
+                config.validation_actors,
+                validator,
+                "validation_cpus or validation_resources (cluster config), validation_actors or "
+                "validation_num_gpus (config; validation_cpu_fallback lets a GPU-less cluster render on the CPU)",
+            )
+        )
     return asks
 
 
@@ -57,8 +73,7 @@ def node_resources() -> list[dict[str, float]]:
     return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
 
 
-def wait_until_it_fits(config: TrainConfig, cluster: ClusterConfig, can_grow: bool,
-                       poll: float = 5.0) -> float:
+def wait_until_it_fits(config: TrainConfig, cluster: ClusterConfig, can_grow: bool, poll: float = 5.0) -> float:
     """Check the run's request against the cluster before anything starts; returns the GPUs each
     validation actor asks for. A fixed cluster that can never hold it is a ResourceError at once; a
     growing one is waited for, up to resource_wait_seconds, with a line saying what for."""
@@ -73,11 +88,11 @@ def wait_until_it_fits(config: TrainConfig, cluster: ClusterConfig, can_grow: bo
         if not decision.wait:
             raise ResourceError(decision.message, retryable=False)
         if time.monotonic() >= deadline:
-            raise ResourceError(f"waited {cluster.resource_wait_seconds:g} s for the cluster to grow: "
-                                + decision.message, retryable=True)
+            raise ResourceError(
+                f"waited {cluster.resource_wait_seconds:g} s for the cluster to grow: " + decision.message, retryable=True
+            )
         if decision.message != said:
-            log.warning("waiting up to %g s for the cluster to grow: %s", cluster.resource_wait_seconds,
-                        decision.message)
+            log.warning("waiting up to %g s for the cluster to grow: %s", cluster.resource_wait_seconds, decision.message)
             said = decision.message
         time.sleep(poll)
 
@@ -117,8 +132,11 @@ def check_reachable(address: str | None, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((parsed.hostname, parsed.port), timeout=timeout).close()
     except OSError as exc:
-        raise ResourceError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {exc.strerror or exc}. Start "
-                            "it (ray start --head) or unset RAY_ADDRESS to run on a local cluster", retryable=True) from exc
+        raise ResourceError(
+            f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {exc.strerror or exc}. Start "
+            "it (ray start --head) or unset RAY_ADDRESS to run on a local cluster",
+            retryable=True,
+        ) from exc
 
 
 def connect(verbose: bool = False) -> None:
@@ -134,6 +152,9 @@ def connect(verbose: bool = False) -> None:
     try:
         ray.init(**kwargs)
     except ConnectionError as exc:
-        raise ResourceError(f"cannot reach the Ray cluster at RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}: "
-                            f"{str(exc).splitlines()[0][:300]}. Start it (ray start --head) or unset RAY_ADDRESS "
-                            "to run on a local cluster", retryable=True) from exc
+        raise ResourceError(
+            f"cannot reach the Ray cluster at RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}: "
+            f"{str(exc).splitlines()[0][:300]}. Start it (ray start --head) or unset RAY_ADDRESS "
+            "to run on a local cluster",
+            retryable=True,
+        ) from exc

@@ -67,16 +67,18 @@ class AwsSpot:
 
     def _token(self, refresh: bool = False) -> str:
         if refresh or self.token is None or time.time() - self.token_at > AWS_TOKEN_TTL / 2:
-            status, body = _request(f"{self.endpoint}/latest/api/token", "PUT",
-                                    {"X-aws-ec2-metadata-token-ttl-seconds": str(AWS_TOKEN_TTL)})
+            status, body = _request(
+                f"{self.endpoint}/latest/api/token", "PUT", {"X-aws-ec2-metadata-token-ttl-seconds": str(AWS_TOKEN_TTL)}
+            )
             if status != 200:
                 raise MetadataError(f"IMDSv2 token request answered {status}")
             self.token, self.token_at = body.strip(), time.time()
         return self.token
 
     def poll(self) -> Notice | None:
-        status, body = _request(f"{self.endpoint}/latest/meta-data/spot/instance-action",
-                                headers={"X-aws-ec2-metadata-token": self._token()})
+        status, body = _request(
+            f"{self.endpoint}/latest/meta-data/spot/instance-action", headers={"X-aws-ec2-metadata-token": self._token()}
+        )
         if status == 401:  # token expired early: take a new one next time
             self.token = None
             return None
@@ -135,8 +137,9 @@ def drain_node(gcs_address: str, node_id: str, notice: Notice) -> None:
 
     gcs = ray._raylet.GcsClient(address=gcs_address)
     message = json.dumps({"source": "relay-spot-agent", "cloud": notice.cloud, "action": notice.action})
-    accepted, why = gcs.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-                                   message, int(notice.deadline * 1000))
+    accepted, why = gcs.drain_node(
+        node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), message, int(notice.deadline * 1000)
+    )
     if not accepted:
         raise RuntimeError(f"Ray refused to drain node {node_id[:12]}: {why}")
 
@@ -155,8 +158,9 @@ def local_node_id(gcs_address: str) -> str:
     return mine[0]
 
 
-def run_agent(source, gcs_address: str, node_id: str, interval: float = 5.0, max_polls: int | None = None,
-              drain=drain_node) -> Notice | None:
+def run_agent(
+    source, gcs_address: str, node_id: str, interval: float = 5.0, max_polls: int | None = None, drain=drain_node
+) -> Notice | None:
     """Poll until a notice (then drain and return it) or max_polls. Metadata hiccups are logged and retried."""
     polls = 0
     log.info("spot agent: watching %s for node %s every %.0f s", source.cloud, node_id[:12], interval)
@@ -168,8 +172,13 @@ def run_agent(source, gcs_address: str, node_id: str, interval: float = 5.0, max
             log.warning("spot agent: metadata poll failed (%s); retrying", exc)
             notice = None
         if notice is not None:
-            log.warning("spot agent: %s notice: %s in %.0f s; draining node %s", notice.cloud, notice.action,
-                        notice.seconds_left(), node_id[:12])
+            log.warning(
+                "spot agent: %s notice: %s in %.0f s; draining node %s",
+                notice.cloud,
+                notice.action,
+                notice.seconds_left(),
+                node_id[:12],
+            )
             drain(gcs_address, node_id, notice)
             return notice
         time.sleep(interval)

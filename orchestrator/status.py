@@ -66,8 +66,9 @@ def gather(storage: RunStorage, hub: bool = True, now: float | None = None) -> d
         "hub": hub_checkpoints(storage, checkpoints) if hub else None,
         "last_validation": last_validation(storage),
         "preemption_notices": summary.preemption_notices,
-        "emergency_checkpoints": [{"step": e.get("step"), "seconds_from_notice": e.get("seconds_from_notice")}
-                                  for e in summary.emergency_checkpoints],
+        "emergency_checkpoints": [
+            {"step": e.get("step"), "seconds_from_notice": e.get("seconds_from_notice")} for e in summary.emergency_checkpoints
+        ],
         "attempts": [asdict(a) for a in summary.attempts],
         "steps_lost": summary.steps_lost,
         "goodput": summary.goodput,
@@ -106,9 +107,12 @@ def last_validation(storage: RunStorage) -> dict | None:
         except ValueError:
             continue  # a half-written scores.json: that validation is not finished
         if isinstance(scores, dict):
-            return {"step": int(name.split("-")[1]), "scores": variant_scores(scores),
-                    "grid": storage.describe(f"{VALIDATION}/{name}/{scores.get('grid') or 'grid.png'}"),
-                    "images": len(scores.get("images") or [])}
+            return {
+                "step": int(name.split("-")[1]),
+                "scores": variant_scores(scores),
+                "grid": storage.describe(f"{VALIDATION}/{name}/{scores.get('grid') or 'grid.png'}"),
+                "images": len(scores.get("images") or []),
+            }
     return None
 
 
@@ -136,9 +140,13 @@ def hub_checkpoints(storage: RunStorage, checkpoints: list[int]) -> dict | None:
     asking.join(HUB_WAIT_SECONDS)
     if "files" not in answer:
         return {"repo": repo, "error": answer.get("error", f"no answer within {HUB_WAIT_SECONDS:g} s")}
-    steps = sorted({int(f.split("/")[1].split("-")[1]) for f in answer["files"]
-                    if f.startswith("checkpoints/checkpoint-") and f.count("/") >= 2
-                    and f.split("/")[1].split("-")[1].isdigit()})
+    steps = sorted(
+        {
+            int(f.split("/")[1].split("-")[1])
+            for f in answer["files"]
+            if f.startswith("checkpoints/checkpoint-") and f.count("/") >= 2 and f.split("/")[1].split("-")[1].isdigit()
+        }
+    )
     return {"repo": repo, "checkpoints": steps}
 
 
@@ -176,29 +184,35 @@ def render(report: dict) -> str:
         lines.append(f"hub        {hub['repo']}: {shown}")
     val = report.get("last_validation")
     if val:
-        parts = [f"{variant} CLIP {s['mean']:.2f}" + (f" (min {s['min']:.2f}, max {s['max']:.2f})"
-                                                      if "min" in s and "max" in s else "")
-                 for variant, s in val["scores"].items()]
+        parts = [
+            f"{variant} CLIP {s['mean']:.2f}"
+            + (f" (min {s['min']:.2f}, max {s['max']:.2f})" if "min" in s and "max" in s else "")
+            for variant, s in val["scores"].items()
+        ]
         lines.append(f"validation step {val['step']}: {'; '.join(parts) or 'not scored'}; grid {val['grid']}")
     em = report["emergency_checkpoints"]
     waits = ", ".join(f"{e['seconds_from_notice']:.1f} s" for e in em if e.get("seconds_from_notice") is not None)
-    lines.append(f"preemptions {report['preemption_notices']} notice(s), {len(em)} emergency checkpoint(s)"
-                 + (f" (notice to commit: {waits})" if waits else ""))
+    lines.append(
+        f"preemptions {report['preemption_notices']} notice(s), {len(em)} emergency checkpoint(s)"
+        + (f" (notice to commit: {waits})" if waits else "")
+    )
     restarts = report["attempts"][1:]
     if restarts:
-        lines.append("restarts   " + "; ".join(
-            f"step {a['start_step']} ({a['reason']}, {a['world_size']} worker(s), back in "
-            f"{_duration(a['time_to_resume'])})" for a in restarts))
+        lines.append(
+            "restarts   "
+            + "; ".join(
+                f"step {a['start_step']} ({a['reason']}, {a['world_size']} worker(s), back in {_duration(a['time_to_resume'])})"
+                for a in restarts
+            )
+        )
         lost = [a["steps_lost"] for a in report["attempts"] if a["steps_lost"] is not None]
         lines.append(f"steps lost {', '.join(map(str, lost))}")
     goodput = report.get("goodput")
-    lines.append(f"goodput    {f'{100 * goodput:.1f}%' if goodput is not None else '-'} over "
-                 f"{report['wall_hours']:.2f} h wall")
+    lines.append(f"goodput    {f'{100 * goodput:.1f}%' if goodput is not None else '-'} over {report['wall_hours']:.2f} h wall")
     if report.get("estimated_cost") is not None:
         lines.append(f"cost       ~${report['estimated_cost']:.2f} at ${report['hourly_cost']:.2f}/h")
     if report.get("ledger_unreadable_lines"):
-        lines.append(f"note       {report['ledger_unreadable_lines']} unreadable ledger line(s) skipped "
-                     f"({report['ledger']})")
+        lines.append(f"note       {report['ledger_unreadable_lines']} unreadable ledger line(s) skipped ({report['ledger']})")
     return "\n".join(lines)
 
 
@@ -206,14 +220,14 @@ class RunNotFound(LookupError):
     """No such run in that storage."""
 
 
-def status(run: str, storage_path: str, endpoint_url: str | None = None, as_json: bool = False,
-           hub: bool = True) -> str:
+def status(run: str, storage_path: str, endpoint_url: str | None = None, as_json: bool = False, hub: bool = True) -> str:
     storage = RunStorage(storage_path, run, endpoint_url)
     if not storage.listdir():
         parent = RunStorage(storage_path, "", endpoint_url)
         runs = [n for n in parent.listdir() if parent.exists(f"{n}/{LEDGER}") or parent.exists(f"{n}/{SNAPSHOT}")]
-        raise RunNotFound(f"no run {run!r} in {storage_path}" + (f"; runs there: {', '.join(runs)}" if runs else
-                                                                 "; it holds no runs"))
+        raise RunNotFound(
+            f"no run {run!r} in {storage_path}" + (f"; runs there: {', '.join(runs)}" if runs else "; it holds no runs")
+        )
     report = gather(storage, hub=hub)
     return json.dumps(report, indent=2, default=str) if as_json else render(report)
 

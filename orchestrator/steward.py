@@ -29,8 +29,14 @@ PROGRESS = "relay/progress.json"
 class Steward:
     """The steward's logic, usable in-process (the unit tests); `RunSteward` is its actor."""
 
-    def __init__(self, storage: RunStorage, total_steps: int = 0, poll_seconds: float = 5.0,
-                 progress_every: float = 10.0, services: list | None = None):
+    def __init__(
+        self,
+        storage: RunStorage,
+        total_steps: int = 0,
+        poll_seconds: float = 5.0,
+        progress_every: float = 10.0,
+        services: list | None = None,
+    ):
         self.storage, self.total_steps = storage, total_steps
         self.ledger = Ledger(storage)
         self.poll_seconds, self.progress_every = poll_seconds, progress_every
@@ -84,15 +90,23 @@ class Steward:
         self.total_steps = total_steps
         previous = [e for e in self.ledger.events if e["type"] == EventType.ATTEMPT]
         if self.progress and previous and self.progress.get("time", 0) > previous[-1]["time"]:
-            self.record(EventType.PROGRESS, self.progress["step"], time=self.progress["time"],
-                        steps_per_second=self.progress.get("steps_per_second"))
+            self.record(
+                EventType.PROGRESS,
+                self.progress["step"],
+                time=self.progress["time"],
+                steps_per_second=self.progress.get("steps_per_second"),
+            )
         last = previous[-1] if previous else {}
         alive = alive_nodes()
         facts = AttemptFacts(
-            resumed=resumed, first_in_job=bool(previous) and self._job_started_after(last),
-            had_attempt_before=bool(previous), notice_since_last=bool(previous) and self._notice_since(last),
+            resumed=resumed,
+            first_in_job=bool(previous) and self._job_started_after(last),
+            had_attempt_before=bool(previous),
+            notice_since_last=bool(previous) and self._notice_since(last),
             nodes_lost_since_last=sorted(self._nodes - alive) if self._nodes and alive else [],
-            world_size=world_size, previous_world_size=last.get("world_size"))
+            world_size=world_size,
+            previous_world_size=last.get("world_size"),
+        )
         reason = attempt_reason(facts)
         self._nodes = alive
         lost = max(self.progress["step"] - step, 0) if (resumed and self.progress) else 0
@@ -101,8 +115,16 @@ class Steward:
             log.warning("worker group resized: %s → %d worker(s) at step %d", last.get("world_size"), world_size, step)
             self.record(EventType.RESIZE, step, world_size=world_size, previous_world_size=last.get("world_size"))
         extra = {"nodes_lost": facts.nodes_lost_since_last} if facts.nodes_lost_since_last else {}
-        self.record(EventType.ATTEMPT, step, world_size=world_size, total_steps=total_steps, reason=reason, steps_lost=lost,
-                    **({"time_to_resume": back_in} if back_in is not None else {}), **extra)
+        self.record(
+            EventType.ATTEMPT,
+            step,
+            world_size=world_size,
+            total_steps=total_steps,
+            reason=reason,
+            steps_lost=lost,
+            **({"time_to_resume": back_in} if back_in is not None else {}),
+            **extra,
+        )
         self.progress = {"step": step, "time": time.time(), "steps_per_second": None, "total_steps": total_steps}
 
     def _job_started_after(self, event: dict) -> bool:
@@ -114,8 +136,12 @@ class Steward:
     def tick(self, step: int, steps_per_second: float | None = None, metrics: dict | None = None) -> None:
         """Rank 0's progress; written to storage at most every progress_every seconds."""
         now = time.time()
-        self.progress = {"step": step, "time": now, "total_steps": self.total_steps,
-                         "steps_per_second": steps_per_second or (self.progress or {}).get("steps_per_second")}
+        self.progress = {
+            "step": step,
+            "time": now,
+            "total_steps": self.total_steps,
+            "steps_per_second": steps_per_second or (self.progress or {}).get("steps_per_second"),
+        }
         if metrics:
             self.metrics = dict(metrics, step=step)
             self._tell("on_metrics", step, metrics)
@@ -140,10 +166,14 @@ class Steward:
         summary = summarize(self.storage.run_name, [*self.ledger.events, end], progress=self.progress)
         exported = [e for e in self.ledger.events if e["type"] == EventType.EXPORTED]
         files = exported[-1]["files"] if exported else []
-        return {"adapters": ", ".join(files) or "see the last checkpoint",
-                "goodput": f"{100 * summary.goodput:.1f}%" if summary.goodput is not None else "unknown",
-                "preemptions": summary.preemption_notices, "restarts": max(len(summary.attempts) - 1, 0),
-                "steps_lost": summary.steps_lost, "wall_hours": round(summary.wall_seconds / 3600, 3)}
+        return {
+            "adapters": ", ".join(files) or "see the last checkpoint",
+            "goodput": f"{100 * summary.goodput:.1f}%" if summary.goodput is not None else "unknown",
+            "preemptions": summary.preemption_notices,
+            "restarts": max(len(summary.attempts) - 1, 0),
+            "steps_lost": summary.steps_lost,
+            "wall_hours": round(summary.wall_seconds / 3600, 3),
+        }
 
     # -- what the driver asks -----------------------------------------------------------------------
     def view(self, since: int = 0) -> dict:
@@ -151,8 +181,14 @@ class Steward:
         with self.lock:
             events = self.ledger.events[since:]
             count = len(self.ledger.events)
-        return {"progress": self.progress, "metrics": self.metrics, "events": events, "count": count,
-                "total_steps": self.total_steps, "fatal": self.fatal_error}
+        return {
+            "progress": self.progress,
+            "metrics": self.metrics,
+            "events": events,
+            "count": count,
+            "total_steps": self.total_steps,
+            "fatal": self.fatal_error,
+        }
 
     def request_stop(self) -> None:
         """Ctrl-C or SIGTERM at the driver: the workers checkpoint at their next check and return."""
@@ -220,8 +256,14 @@ class Steward:
                 log.exception("steward service %s failed to close", type(service).__name__)
 
 
-def build_services(config, storage: RunStorage, record, wandb_dir: str | None = None, working_dir: str | None = None,
-                   validation_options: dict | None = None) -> list:
+def build_services(
+    config,
+    storage: RunStorage,
+    record,
+    wandb_dir: str | None = None,
+    working_dir: str | None = None,
+    validation_options: dict | None = None,
+) -> list:
     """What follows the run's events, per its config: the webhook notifier, the W&B tracker, the Hub
     mirror and the validation pool. `record(kind, step=None, **fields)` puts their own news (Hub
     commits, validations, warnings) in the ledger, which tells the others. Built, not started:
@@ -231,11 +273,16 @@ def build_services(config, storage: RunStorage, record, wandb_dir: str | None = 
     from orchestrator.tracking import Tracker
     from orchestrator.validation import ValidationService, flat_scores
 
-    notifier = (Notifier(config.webhook, storage.run_name, spool=storage, project=config.tracker_project_name)
-                if config.webhook else None)
+    notifier = (
+        Notifier(config.webhook, storage.run_name, spool=storage, project=config.tracker_project_name) if config.webhook else None
+    )
     tracker = Tracker.open(config, storage.run_name, storage, wandb_dir=wandb_dir)
-    mirror = HubMirror.for_run(config, storage, warn=lambda message: record(EventType.WARNING, message=message),
-                               on_pushed=lambda info: record(EventType.HUB_PUSHED, info["root"], **info))
+    mirror = HubMirror.for_run(
+        config,
+        storage,
+        warn=lambda message: record(EventType.WARNING, message=message),
+        on_pushed=lambda info: record(EventType.HUB_PUSHED, info["root"], **info),
+    )
 
     def forward(step: int, summary: dict, images: list[tuple[str, bytes]]) -> None:
         """A validation's images go where the ledger's line cannot carry them."""
@@ -244,11 +291,18 @@ def build_services(config, storage: RunStorage, record, wandb_dir: str | None = 
             mirror.note_validation(step, images, summary.get("scores", {}))
         if notifier is not None:
             pngs = [(name, data) for name, data in images if name != "grid.png"]
-            notifier.event(WebhookType.VALIDATION, "info", step, f"validation at step {step}",
-                           {"scores": summary.get("scores", {})}, images=pngs)
+            notifier.event(
+                WebhookType.VALIDATION,
+                "info",
+                step,
+                f"validation at step {step}",
+                {"scores": summary.get("scores", {})},
+                images=pngs,
+            )
 
-    validation = ValidationService.for_run(config, storage, record, forward, working_dir=working_dir,
-                                           **(validation_options or {}))
+    validation = ValidationService.for_run(
+        config, storage, record, forward, working_dir=working_dir, **(validation_options or {})
+    )
     # the notifier first: it hears every event, the others' warnings included (and closes last)
     return [s for s in (notifier, tracker, mirror, validation) if s is not None]
 
@@ -257,8 +311,15 @@ def build_services(config, storage: RunStorage, record, wandb_dir: str | None = 
 class RunSteward(Steward):
     """The steward as an actor beside the driver. Calls to it are fire-and-forget from workers."""
 
-    def __init__(self, storage: RunStorage, config=None, wandb_dir: str | None = None, working_dir: str | None = None,
-                 validation_options: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        storage: RunStorage,
+        config=None,
+        wandb_dir: str | None = None,
+        working_dir: str | None = None,
+        validation_options: dict | None = None,
+        **kwargs,
+    ):
         configure_logging(libraries=False)
         if config is not None:
             from orchestrator import redact
@@ -266,8 +327,7 @@ class RunSteward(Steward):
             redact.install(redact.secret_values(config))
         super().__init__(storage, **kwargs)
         if config is not None:  # after the ledger exists: the services record into it
-            self.services.extend(build_services(config, storage, self.record, wandb_dir, working_dir,
-                                                validation_options))
+            self.services.extend(build_services(config, storage, self.record, wandb_dir, working_dir, validation_options))
         self.start()  # the actor is the run's composition root: its services run as soon as it exists
 
     def ready(self) -> bool:

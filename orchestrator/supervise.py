@@ -25,7 +25,6 @@ from relay_train.config.overrides import add_set_flag
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class SuperviseOptions:
     address: str  # the head's dashboard, e.g. http://head:8265
@@ -78,8 +77,9 @@ def run_once(opts: SuperviseOptions, attempt: int) -> tuple[int, str]:
     deadline = time.monotonic() + opts.head_wait
     while True:  # a head that just started answers "no available agent" for a while
         try:
-            client.submit_job(entrypoint=opts.entrypoint(), submission_id=submission,
-                              runtime_env={"working_dir": opts.working_dir})
+            client.submit_job(
+                entrypoint=opts.entrypoint(), submission_id=submission, runtime_env={"working_dir": opts.working_dir}
+            )
             break
         except Exception as exc:
             if time.monotonic() >= deadline:
@@ -104,10 +104,14 @@ def run_once(opts: SuperviseOptions, attempt: int) -> tuple[int, str]:
             continue
         code = getattr(info, "driver_exit_code", None)
         outcome = supervise_outcome(str(info.status.value), code)
-        detail = {COMPLETED: f"job {submission} completed", STOPPED: f"job {submission} was stopped",
-                  CONFIG_ERROR: f"job {submission} failed on its configuration: see `ray job logs {submission}`"}
-        return outcome, detail.get(outcome, f"job {submission} ended {info.status.value} (exit code {code}): "
-                                            f"{(info.message or '')[:200]}")
+        detail = {
+            COMPLETED: f"job {submission} completed",
+            STOPPED: f"job {submission} was stopped",
+            CONFIG_ERROR: f"job {submission} failed on its configuration: see `ray job logs {submission}`",
+        }
+        return outcome, detail.get(
+            outcome, f"job {submission} ended {info.status.value} (exit code {code}): {(info.message or '')[:200]}"
+        )
 
 
 def connect(opts: SuperviseOptions):
@@ -137,8 +141,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--head-wait", type=float, default=900.0, help="how long to wait for an unreachable head")
     parser.add_argument("--working-dir", default=".", help="uploaded with each submission")
     parser.add_argument("--python", default="python", help="the interpreter the job's entrypoint runs")
-    parser.add_argument("--kuberay", action="store_true",
-                        help="run the job in this process (a RayJob's entrypoint): exit 0 done, 1 retry, 2 config")
+    parser.add_argument(
+        "--kuberay",
+        action="store_true",
+        help="run the job in this process (a RayJob's entrypoint): exit 0 done, 1 retry, 2 config",
+    )
 
 
 def run(args) -> int:
@@ -146,7 +153,18 @@ def run(args) -> int:
         from orchestrator.launch import run_job
 
         return run_job(args.config, args.cluster, args.set, args.cluster_set)
-    return supervise(SuperviseOptions(
-        address=args.address, config=args.config, cluster=args.cluster, sets=tuple(args.set),
-        cluster_sets=tuple(args.cluster_set), max_tries=args.max_tries, backoff=args.backoff, poll=args.poll,
-        head_wait=args.head_wait, working_dir=args.working_dir, python=args.python))
+    return supervise(
+        SuperviseOptions(
+            address=args.address,
+            config=args.config,
+            cluster=args.cluster,
+            sets=tuple(args.set),
+            cluster_sets=tuple(args.cluster_set),
+            max_tries=args.max_tries,
+            backoff=args.backoff,
+            poll=args.poll,
+            head_wait=args.head_wait,
+            working_dir=args.working_dir,
+            python=args.python,
+        )
+    )

@@ -124,8 +124,9 @@ class Tracker:
         return self
 
     @classmethod
-    def open(cls, config: TrainConfig, run_name: str, storage: RunStorage | None = None, *,
-             wandb_dir: Path | None = None) -> Tracker | NullTracker:
+    def open(
+        cls, config: TrainConfig, run_name: str, storage: RunStorage | None = None, *, wandb_dir: Path | None = None
+    ) -> Tracker | NullTracker:
         """Start or resume the run's W&B run. W&B trouble never stops training: it logs an error and
         returns a NullTracker."""
         if config.report_to != "wandb":
@@ -136,15 +137,20 @@ class Tracker:
 
             folder.mkdir(parents=True, exist_ok=True)
             wid = run_id(storage, folder / RUN_ID)
-            run = wandb.init(project=config.tracker_project_name, name=config.tracker_run_name or run_name,
-                             id=wid, resume="allow", dir=str(folder), config=config.resolved_dict(),
-                             reinit="create_new",
-                             settings=wandb.Settings(console="off", silent=True))
+            run = wandb.init(
+                project=config.tracker_project_name,
+                name=config.tracker_run_name or run_name,
+                id=wid,
+                resume="allow",
+                dir=str(folder),
+                config=config.resolved_dict(),
+                reinit="create_new",
+                settings=wandb.Settings(console="off", silent=True),
+            )
             run.define_metric(STEP_METRIC)
             run.define_metric("*", step_metric=STEP_METRIC)
         except Exception as exc:
-            log.error("W&B tracking is off for this run: could not start the W&B run (%s: %s)",
-                      type(exc).__name__, exc)
+            log.error("W&B tracking is off for this run: could not start the W&B run (%s: %s)", type(exc).__name__, exc)
             return NullTracker()
         log.info("W&B run %s (%s) in %s", wid, "offline" if run.offline else "online", run.dir)
         return cls(run)

@@ -61,7 +61,7 @@ def enqueue(queue: list[Job], job: Job, limit: int) -> list[Job]:
         return []
     queue.append(job)
     steps = [j for j in queue if j != BENCHMARK]
-    dropped = steps[:max(len(steps) - max(limit, 1), 0)]
+    dropped = steps[: max(len(steps) - max(limit, 1), 0)]
     for old in dropped:
         queue.remove(old)
     return dropped
@@ -74,8 +74,12 @@ def load(config: TrainConfig | str | Path, overrides: dict | None) -> TrainConfi
 
 def flat_scores(summary: dict) -> dict[str, float]:
     """scores.json's per-variant aggregates as flat scalars for a tracker: {'adapter/clip_mean': ...}."""
-    return {f"{variant}/clip_{stat}": value for variant, agg in summary.get("scores", {}).items()
-            for stat, value in agg.items() if stat != "count"}
+    return {
+        f"{variant}/clip_{stat}": value
+        for variant, agg in summary.get("scores", {}).items()
+        for stat, value in agg.items()
+        if stat != "count"
+    }
 
 
 def pending_validations(steps: Iterable[int], every: int, done: Callable[[int], bool]) -> list[int]:
@@ -98,8 +102,7 @@ class ValidatorActor:
             os.chdir(working_dir)  # relative model and prompt-file paths mean the job's directory
         self.config = load(config, overrides)
         self.storage = storage
-        self.validator = Validator(self.config, resolve_model_path(self.config.pretrained_model_name_or_path),
-                                   pick_device())
+        self.validator = Validator(self.config, resolve_model_path(self.config.pretrained_model_name_or_path), pick_device())
 
     def loads(self) -> int:
         """How many times this actor loaded the pipeline (1 for its whole life)."""
@@ -126,8 +129,11 @@ class ValidatorActor:
         where = result_folder(job)
         for name, data in files:
             self.storage.write(f"{where}/{name}", data)
-        summary = {**result.summary(), "kind": "benchmark" if job == BENCHMARK else "checkpoint",
-                   "location": self.storage.describe(where)}
+        summary = {
+            **result.summary(),
+            "kind": "benchmark" if job == BENCHMARK else "checkpoint",
+            "location": self.storage.describe(where),
+        }
         self.storage.write_json(f"{where}/{SCORES}", summary)  # last: marks the validation complete
         return summary, files
 
@@ -160,10 +166,20 @@ class ValidationPool:
     scores.json's content; images are (file name, PNG bytes), each image then grid.png. Relative paths
     in the config resolve from `working_dir` (default: this cwd)."""
 
-    def __init__(self, config: TrainConfig | str | Path, overrides: dict | None, storage: RunStorage,
-                 on_result: OnResult | None = None, num_actors: int | None = None, num_gpus: float | None = None,
-                 resources: dict[str, float] | None = None, queue_size: int | None = None,
-                 working_dir: str | None = None, num_cpus: float = 1.0, max_retries: int = 3):
+    def __init__(
+        self,
+        config: TrainConfig | str | Path,
+        overrides: dict | None,
+        storage: RunStorage,
+        on_result: OnResult | None = None,
+        num_actors: int | None = None,
+        num_gpus: float | None = None,
+        resources: dict[str, float] | None = None,
+        queue_size: int | None = None,
+        working_dir: str | None = None,
+        num_cpus: float = 1.0,
+        max_retries: int = 3,
+    ):
         self.config = load(config, overrides)
         self.storage, self.on_result, self.max_retries = storage, on_result, max_retries
         self.queue_size = queue_size or self.config.validation_queue_size
@@ -173,8 +189,13 @@ class ValidationPool:
             # up front from the cluster config's validation_cpu_fallback
             log.warning("validation_num_gpus=%g but the cluster has no GPU: validation actors run on the CPU", gpus)
             gpus = 0
-        self._options = {"num_cpus": num_cpus, "num_gpus": gpus, "resources": dict(resources or {}),
-                         "max_restarts": 0, "max_concurrency": 2}  # 2: progress() answers during validate()
+        self._options = {
+            "num_cpus": num_cpus,
+            "num_gpus": gpus,
+            "resources": dict(resources or {}),
+            "max_restarts": 0,
+            "max_concurrency": 2,
+        }  # 2: progress() answers during validate()
         source = config if isinstance(config, TrainConfig) else str(Path(config).resolve())
         self._args = (source, dict(overrides or {}), storage, working_dir or os.getcwd())
         self._actor_class = ray.remote(ValidatorActor)
@@ -220,8 +241,9 @@ class ValidationPool:
         """Validation steps among committed `steps` that have no scores.json in storage."""
         from relay_train.validate.results import SCORES
 
-        return pending_validations(steps, self.config.validation_steps,
-                                   lambda s: self.storage.exists(f"{result_folder(s)}/{SCORES}"))
+        return pending_validations(
+            steps, self.config.validation_steps, lambda s: self.storage.exists(f"{result_folder(s)}/{SCORES}")
+        )
 
     def reconcile(self, committed_steps: Iterable[int] | None = None) -> list[int]:
         """Re-queue what storage shows unfinished (a validation a preemption cut short); oldest first, so with
@@ -281,8 +303,9 @@ class ValidationPool:
             self.skipped += dropped
             self._lock.notify_all()
         for old in dropped:
-            log.warning("validation of checkpoint-%s skipped: %d already waiting, the newest (%s) wins",
-                        old, self.queue_size, job)
+            log.warning(
+                "validation of checkpoint-%s skipped: %d already waiting, the newest (%s) wins", old, self.queue_size, job
+            )
         return True
 
     def _jobs_locked(self) -> list[Job]:
@@ -349,8 +372,13 @@ class ValidationPool:
                     self.actors[slot] = self._new_actor()
                     self._idle.add(slot)
             self._lock.notify_all()
-        log.warning("validation actor %d died during %s (%s): restarted it; %s", slot, result_folder(job),
-                    type(exc).__name__, "re-running the job" if retry else "giving up on the job")
+        log.warning(
+            "validation actor %d died during %s (%s): restarted it; %s",
+            slot,
+            result_folder(job),
+            type(exc).__name__,
+            "re-running the job" if retry else "giving up on the job",
+        )
 
 
 class ValidationService:
@@ -363,8 +391,9 @@ class ValidationService:
 
     makes_news = True  # the steward closes it before recording the run's end: its last results still count
 
-    def __init__(self, pool_factory: Callable[[OnResult], ValidationPool], record: Callable[..., Any],
-                 forward: OnResult | None = None):
+    def __init__(
+        self, pool_factory: Callable[[OnResult], ValidationPool], record: Callable[..., Any], forward: OnResult | None = None
+    ):
         self.record, self.forward, self._started = record, forward, False
         self.pool = pool_factory(self._on_result)
 
@@ -373,13 +402,21 @@ class ValidationService:
         return self
 
     @classmethod
-    def for_run(cls, config: TrainConfig | str | Path, storage: RunStorage, record: Callable[..., Any],
-                forward: OnResult | None = None, overrides: dict | None = None, **pool_kwargs) -> ValidationService | None:
+    def for_run(
+        cls,
+        config: TrainConfig | str | Path,
+        storage: RunStorage,
+        record: Callable[..., Any],
+        forward: OnResult | None = None,
+        overrides: dict | None = None,
+        **pool_kwargs,
+    ) -> ValidationService | None:
         """None when the config asks for no validation (validation_steps 0)."""
         if load(config, overrides).validation_steps <= 0:
             return None
-        return cls(lambda on_result: ValidationPool(config, overrides, storage, on_result=on_result, **pool_kwargs),
-                   record, forward)
+        return cls(
+            lambda on_result: ValidationPool(config, overrides, storage, on_result=on_result, **pool_kwargs), record, forward
+        )
 
     def on_event(self, event: dict) -> None:
         kind = event.get("type")
@@ -391,8 +428,15 @@ class ValidationService:
             self.pool.submit(int(event["step"]))
 
     def _on_result(self, step: int, summary: dict, images: list[tuple[str, bytes]]) -> None:
-        self.record(EventType.VALIDATION, step, benchmark=summary.get("kind") == "benchmark", location=summary.get("location"),
-                    scores=summary.get("scores", {}), images=len(images), seconds=summary.get("seconds"))
+        self.record(
+            EventType.VALIDATION,
+            step,
+            benchmark=summary.get("kind") == "benchmark",
+            location=summary.get("location"),
+            scores=summary.get("scores", {}),
+            images=len(images),
+            seconds=summary.get("seconds"),
+        )
         if self.forward is not None:
             self.forward(step, summary, images)
 

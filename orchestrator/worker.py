@@ -74,8 +74,13 @@ class CheckpointReporter:
             ray.train.report(metrics, checkpoint=None)
             return
         mode = CheckpointUploadMode.SYNC if self.emergency else self.mode
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)), checkpoint_dir_name=folder.name,
-                         checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
+        ray.train.report(
+            metrics,
+            checkpoint=Checkpoint.from_directory(str(folder)),
+            checkpoint_dir_name=folder.name,
+            checkpoint_upload_mode=mode,
+            delete_local_checkpoint_after_upload=True,
+        )
 
 
 @contextlib.contextmanager
@@ -108,8 +113,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         steward = get_steward(spec.run_name)
         if steward is not None:
             rank = ray.train.get_context().get_world_rank()
-            text = redact.redact(f"rank {rank} failed: {type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            text = redact.redact(
+                f"rank {rank} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            )
             if (kind := fatal_kind(exc)) is not None:  # a restart would meet it again: the driver ends the run
                 steward.fatal.remote(kind, redact.redact(str(exc)[:2000]))
             steward.record.remote(EventType.WARNING, message=text)
@@ -146,10 +152,18 @@ def train_worker(spec: WorkerSpec) -> None:
     hooks = Hooks(on_checkpoint=reporter, should_stop=watch)
     # Ray Train has set up the torch.distributed group: build_trainer's rank 0 plans and encodes the data for all
     with restored_checkpoint() as resume_from:
-        trainer = build_trainer(config, hooks=hooks, device=ray.train.torch.get_device(), rank=rank,
-                                world_size=world_size, store=ckpt.LocalCheckpointStore(staging),
-                                resume_from=resume_from, global_workers=spec.global_workers,
-                                strategy=strategy, gradient_sync=sync)
+        trainer = build_trainer(
+            config,
+            hooks=hooks,
+            device=ray.train.torch.get_device(),
+            rank=rank,
+            world_size=world_size,
+            store=ckpt.LocalCheckpointStore(staging),
+            resume_from=resume_from,
+            global_workers=spec.global_workers,
+            strategy=strategy,
+            gradient_sync=sync,
+        )
     if rank != 0:  # per-step metrics come from rank 0 alone, with no extra barrier
         result = trainer.fit()
     else:
@@ -157,12 +171,15 @@ def train_worker(spec: WorkerSpec) -> None:
         if steward is not None:
             steward.attempt.remote(trainer.step, world_size, trainer.total_steps, resumed=resume_from is not None)
         with ProgressDisplay(trainer.total_steps, start_step=trainer.step) as progress:
-            hooks.on_step = (progress if steward is None else
-                             StepForwarder(progress, steward, config, spec.global_workers))
+            hooks.on_step = progress if steward is None else StepForwarder(progress, steward, config, spec.global_workers)
             result = trainer.fit()
         if steward is not None and not result.stopped_early:
-            steward.record.remote(EventType.EXPORTED, result.step, files=[str(p) for p in result.exported],
-                                  node=ray.get_runtime_context().get_node_id())
+            steward.record.remote(
+                EventType.EXPORTED,
+                result.step,
+                files=[str(p) for p in result.exported],
+                node=ray.get_runtime_context().get_node_id(),
+            )
     if watch.notice is not None:
         watch.after_emergency_checkpoint(spec.storage)
 
@@ -176,10 +193,18 @@ class StepForwarder:
 
     def __call__(self, report: StepReport) -> None:
         self.progress(report)
-        self.steward.tick.remote(report.step, report.steps_per_second, {
-            "loss": report.loss, "lr": report.lr, "grad_norm": report.grad_norm, "epoch": report.epoch,
-            "steps_per_second": report.steps_per_second,
-            "samples_per_second": report.steps_per_second * self.samples_per_step})
+        self.steward.tick.remote(
+            report.step,
+            report.steps_per_second,
+            {
+                "loss": report.loss,
+                "lr": report.lr,
+                "grad_norm": report.grad_norm,
+                "epoch": report.epoch,
+                "steps_per_second": report.steps_per_second,
+                "samples_per_second": report.steps_per_second * self.samples_per_step,
+            },
+        )
 
 
 def staging_dir(run_name: str, rank: int) -> Path:

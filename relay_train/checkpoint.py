@@ -96,10 +96,17 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def save_adapters(adapter: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None, metadata: dict[str, str],
-                  path: Path, ema_path: Path, dtype: torch.dtype | None = None) -> list[Path]:
+def save_adapters(
+    adapter: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor] | None,
+    metadata: dict[str, str],
+    path: Path,
+    ema_path: Path,
+    dtype: torch.dtype | None = None,
+) -> list[Path]:
     """The adapter (and its EMA twin, when kept) as LyCORIS-named safetensors; used by checkpoints (as they
     are: fp32, so a resume is exact) and by export (dtype bf16 where SimpleTuner writes bf16)."""
+
     def cast(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return tensors if dtype is None else {k: v.to(dtype).contiguous() for k, v in tensors.items()}
 
@@ -119,11 +126,7 @@ def write_checkpoint(folder: Path, payload: CheckpointPayload) -> None:
     torch.save(payload.rng, folder / RNG)
     (folder / TRAINING_STATE).write_text(json.dumps(payload.training_state, indent=2, sort_keys=True))
     (folder / CONFIG).write_text(payload.config_json)
-    files = {
-        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(folder.iterdir())
-        if p.name != MANIFEST
-    }
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(folder.iterdir()) if p.name != MANIFEST}
     manifest = {"format": MANIFEST_FORMAT, "step": payload.step, "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     # Durability: the data and the folder's entries reach the disk before the caller renames the folder,
@@ -290,7 +293,8 @@ class LocalCheckpointStore:
                 raise CheckpointWriteError(
                     f"no space left to write {partial.name} in {self.root} ({_human(free)} free when it failed); "
                     "the partial folder was removed and the earlier checkpoints are intact: free some space, then "
-                    "run the same command to resume") from exc
+                    "run the same command to resume"
+                ) from exc
             raise
         if final.exists():  # the same step saved again (an emergency save right after a scheduled one)
             shutil.rmtree(final)
@@ -307,8 +311,11 @@ class LocalCheckpointStore:
     def scan(self) -> list[tuple[Path, str | None]]:
         """Every `checkpoint-N` folder, newest first, with why it cannot be resumed (None: usable). Checks
         hashes until the first usable one; older ones are only listed."""
-        folders = sorted((p for p in self.root.glob("checkpoint-*") if checkpoint_step(p) is not None and p.is_dir()),
-                         key=checkpoint_step, reverse=True)
+        folders = sorted(
+            (p for p in self.root.glob("checkpoint-*") if checkpoint_step(p) is not None and p.is_dir()),
+            key=checkpoint_step,
+            reverse=True,
+        )
         found: list[tuple[Path, str | None]] = []
         for folder in folders:
             if any(reason is None for _, reason in found):
@@ -393,8 +400,10 @@ class RunLock:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             fh.close()
-            raise RunLockedError(f"output_dir {self.folder} is in use by another `relay train` ({holder}); "
-                                 "wait for it to finish, stop it, or choose another output_dir") from None
+            raise RunLockedError(
+                f"output_dir {self.folder} is in use by another `relay train` ({holder}); "
+                "wait for it to finish, stop it, or choose another output_dir"
+            ) from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

@@ -16,7 +16,6 @@ from relay_train.config.overrides import add_set_flag, config_overrides, parse_o
 log = logging.getLogger("relay")
 
 
-
 CONFIG_FLAG_COMMANDS = ("train", "launch", "demo")
 """Subcommands that also take config keys as SimpleTuner-style flags (--key=value, --key value)."""
 
@@ -41,13 +40,15 @@ class StopOnSignal:
     def _handle(self, signum, frame) -> None:
         if not self.requested:
             self.requested, self.signum = True, signum
-            log.warning("signal %d: checkpointing at the next step boundary, then stopping (send again to abort)",
-                        signum)
+            log.warning("signal %d: checkpointing at the next step boundary, then stopping (send again to abort)", signum)
             return
         if self.is_saving() and not self.pressed_while_saving:
             self.pressed_while_saving += 1
-            log.warning("signal %d: still writing the checkpoint; stopping as soon as it is complete (send once more "
-                        "to abandon it: the previous checkpoint stays)", signum)
+            log.warning(
+                "signal %d: still writing the checkpoint; stopping as soon as it is complete (send once more "
+                "to abandon it: the previous checkpoint stays)",
+                signum,
+            )
             return
         raise KeyboardInterrupt
 
@@ -75,8 +76,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             hooks.on_step = progress
             result = trainer.fit()
     if result.stopped_early:
-        log.warning("stopped at step %d/%d; %s holds everything. Run the same command to resume.",
-                    result.step, result.total_steps, result.last_checkpoint)
+        log.warning(
+            "stopped at step %d/%d; %s holds everything. Run the same command to resume.",
+            result.step,
+            result.total_steps,
+            result.last_checkpoint,
+        )
         return 128 + stop.signum if stop.signum else EXIT_OK  # the shell's "ended by this signal", as relay launch
     log.info("done: %d steps; adapter: %s", result.step, ", ".join(map(str, result.exported)))
     return EXIT_OK
@@ -111,8 +116,14 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     plan = plan_dataset(config, model_path)
     stats = build_missing(plan, model_path, device, compute_dtype(config, device))
-    log.info("precompute done in %.1fs: %d latent(s), %d text embedding(s) encoded, %d failed, %d bad file(s) skipped",
-             time.perf_counter() - start, stats.latents, stats.text, stats.failed, plan.problems)
+    log.info(
+        "precompute done in %.1fs: %d latent(s), %d text embedding(s) encoded, %d failed, %d bad file(s) skipped",
+        time.perf_counter() - start,
+        stats.latents,
+        stats.text,
+        stats.failed,
+        plan.problems,
+    )
     return 0
 
 
@@ -179,8 +190,10 @@ def main(argv: list[str] | None = None, extend: Callable[[argparse._SubParsersAc
         log.error("%s", exc, exc_info=args.verbose)
         return EXIT_DISK_FULL
     except KeyboardInterrupt:
-        log.error("interrupted before a checkpoint was complete: nothing was lost beyond the steps since the newest "
-                  "complete checkpoint, which is kept; run the same command to resume from it")
+        log.error(
+            "interrupted before a checkpoint was complete: nothing was lost beyond the steps since the newest "
+            "complete checkpoint, which is kept; run the same command to resume from it"
+        )
         return EXIT_INTERRUPTED
     return EXIT_USAGE
 

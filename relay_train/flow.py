@@ -8,9 +8,7 @@ from __future__ import annotations
 import torch
 
 
-def sample_logit_normal_sigmas(
-    batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu"
-) -> torch.Tensor:
+def sample_logit_normal_sigmas(batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
     """sigma = sigmoid(u), u ~ N(0, 1): the logit-normal density of SD3 §3.1 (m=0, s=1)."""
     u = torch.randn(batch_size, generator=generator, device=generator.device, dtype=torch.float32)
     return torch.sigmoid(u).to(device)
@@ -47,9 +45,7 @@ def normalize_latents(vae_latents: torch.Tensor, shift_factor: float, scaling_fa
     return (vae_latents - shift_factor) * scaling_factor
 
 
-def caption_dropout_mask(
-    batch_size: int, probability: float, generator: torch.Generator
-) -> torch.Tensor:
+def caption_dropout_mask(batch_size: int, probability: float, generator: torch.Generator) -> torch.Tensor:
     """Bool mask, True where a sample's caption is swapped for the empty prompt (classifier-free guidance)."""
     draws = torch.rand(batch_size, generator=generator, device=generator.device)
     return draws < probability

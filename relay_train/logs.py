@@ -18,9 +18,12 @@ def configure_logging(verbose: bool = False, libraries: bool = True) -> None:
         from rich.logging import RichHandler
 
         handlers = [RichHandler(console=Console(stderr=True), show_path=False)]
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers,
-                        format="%(name)s: %(message)s" if handlers else "%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        handlers=handlers,
+        format="%(name)s: %(message)s" if handlers else "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     if verbose:
         return
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -140,8 +140,9 @@ class SegmentCheckpointing:
 
     def __init__(self, blocks: torch.nn.ModuleList, interval: int, stride: int | None = None):
         if interval < 2 or (stride is not None and stride < interval):
-            raise ValueError(f"segment checkpointing: interval {interval} must be 2 or more and stride {stride} "
-                             "at least the interval")
+            raise ValueError(
+                f"segment checkpointing: interval {interval} must be 2 or more and stride {stride} at least the interval"
+            )
         self.blocks = list(blocks)
         self.position = {id(block): i for i, block in enumerate(self.blocks)}
         self.interval, self.stride = interval, stride or interval
@@ -149,15 +150,16 @@ class SegmentCheckpointing:
     def checkpointed(self, index: int) -> bool:
         return index % self.stride < self.interval
 
-    def __call__(self, block: torch.nn.Module, hidden: torch.Tensor, encoder_hidden: torch.Tensor | None,
-                 *rest: object) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def __call__(
+        self, block: torch.nn.Module, hidden: torch.Tensor, encoder_hidden: torch.Tensor | None, *rest: object
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         i = self.position[id(block)]
         offset = i % self.stride
         if offset >= self.interval:
             return block(hidden, encoder_hidden, *rest)
         if offset > 0:  # already run inside its segment's checkpoint
             return encoder_hidden, hidden
-        segment = self.blocks[i:i + self.interval]
+        segment = self.blocks[i : i + self.interval]
 
         def run(h: torch.Tensor, e: torch.Tensor | None, *args: object) -> tuple[torch.Tensor | None, torch.Tensor]:
             for member in segment:
@@ -167,8 +169,7 @@ class SegmentCheckpointing:
         return torch.utils.checkpoint.checkpoint(run, hidden, encoder_hidden, *rest, use_reentrant=False)
 
 
-def enable_gradient_checkpointing(transformer: torch.nn.Module, interval: int | None = None,
-                                  stride: int | None = None) -> None:
+def enable_gradient_checkpointing(transformer: torch.nn.Module, interval: int | None = None, stride: int | None = None) -> None:
     """Per-block checkpointing, diffusers' own (interval null or 1), or SimpleTuner's segments (interval > 1)."""
     if (interval or 1) <= 1:
         transformer.enable_gradient_checkpointing()
@@ -188,8 +189,9 @@ def build_adapter_model(config: TrainConfig, model_path: Path, device: torch.dev
         quantize_base(transformer, config.base_model_precision)
     transformer.requires_grad_(False)  # after quantizing: quanto's new weight Parameters default to trainable
     if config.gradient_checkpointing:
-        enable_gradient_checkpointing(transformer, config.gradient_checkpointing_interval,
-                                      config.gradient_checkpointing_segment_stride)
+        enable_gradient_checkpointing(
+            transformer, config.gradient_checkpointing_interval, config.gradient_checkpointing_segment_stride
+        )
     torch.manual_seed(seed)  # the adapter's initial weights are part of the run's determinism
     network = attach_lokr(transformer, config.lycoris).to(device)
     network.requires_grad_(True)

@@ -88,8 +88,10 @@ class StepGuard:
     @torch.no_grad()
     def after(self, snapshot: _Snapshot | None, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         device = self.params[0].device
-        checks = [grad_norm.to(device, torch.float32).reshape(()),
-                  torch.stack(torch._foreach_norm([p.detach().float() for p in self.params])).sum()]
+        checks = [
+            grad_norm.to(device, torch.float32).reshape(()),
+            torch.stack(torch._foreach_norm([p.detach().float() for p in self.params])).sum(),
+        ]
         if self.use_loss:
             checks.append(loss.to(device, torch.float32).reshape(()))
         ok = torch.isfinite(torch.stack(checks)).all()
@@ -97,8 +99,9 @@ class StepGuard:
             return ok
         for tensors, saved in snapshot.groups:
             keep = torch.where(ok.to(saved.device), torch.cat([t.detach().reshape(-1) for t in tensors]), saved)
-            torch._foreach_copy_([t.detach() for t in tensors],
-                                 [v.view_as(t) for v, t in zip(keep.split([t.numel() for t in tensors]), tensors)])
+            torch._foreach_copy_(
+                [t.detach() for t in tensors], [v.view_as(t) for v, t in zip(keep.split([t.numel() for t in tensors]), tensors)]
+            )
         if sum(len(e) for e in self.optimizer.state.values()) != snapshot.state_entries and not bool(ok):
             # The optimizer created state inside this (non-finite) step: nothing held a copy of it, so
             # drop it (a host sync, paid only on a step that created state: the run's first).

@@ -45,8 +45,12 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total
         name = "constant_with_warmup"
     if name == "polynomial":
         return get_polynomial_decay_schedule_with_warmup(
-            optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps,
-            lr_end=config.lr_end, power=config.lr_power)
+            optimizer,
+            num_warmup_steps=config.lr_warmup_steps,
+            num_training_steps=total_steps,
+            lr_end=config.lr_end,
+            power=config.lr_power,
+        )
     return get_scheduler(
         name,
         optimizer=optimizer,

@@ -67,8 +67,14 @@ class GradientSync:
     overlap: bool = True  # False: one flat, blocking all-reduce after backward (the old path; a baseline)
 
 
-def build_update(strategy: str, world_size: int, config: TrainConfig, network: torch.nn.Module,
-                 params: list[torch.nn.Parameter], sync: GradientSync | None = None) -> Update:
+def build_update(
+    strategy: str,
+    world_size: int,
+    config: TrainConfig,
+    network: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    sync: GradientSync | None = None,
+) -> Update:
     """The update for `strategy` ("ddp" or "deepspeed"). One rank syncs nothing and registers no hooks."""
     if strategy == "deepspeed":
         from relay_train.zero import ZeroStage2
@@ -91,8 +97,9 @@ class ReplicatedUpdate:
     ranks by the reducer before clipping and the step. Each rank already weighted its loss by its
     share of the global batch, so the sum is the global batch's mean gradient."""
 
-    def __init__(self, config: TrainConfig, params: list[torch.nn.Parameter],
-                 reducer: BucketedAllReduce | BlockingAllReduce | None = None):
+    def __init__(
+        self, config: TrainConfig, params: list[torch.nn.Parameter], reducer: BucketedAllReduce | BlockingAllReduce | None = None
+    ):
         self.params, self.reducer = params, reducer
         self.accumulation = config.gradient_accumulation_steps
         self.clip_method, self.clip_limit = config.grad_clip_method, config.max_grad_norm
@@ -180,8 +187,13 @@ class BucketedAllReduce:
       order again, so its bucket layout, and with it the bits of every sum, match an unbroken run.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], bucket_mb: float = 25.0, dtype: str = "fp32",
-                 group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        params: list[torch.nn.Parameter],
+        bucket_mb: float = 25.0,
+        dtype: str = "fp32",
+        group: dist.ProcessGroup | None = None,
+    ):
         if not params:
             raise ValueError("no parameters to synchronize")
         self.params, self.group = params, group
@@ -229,9 +241,9 @@ class BucketedAllReduce:
             param = self.params[i]
             n = param.numel()
             if param.grad is None:  # no gradient reached it on this rank: it adds zero to the sum
-                flat[offset:offset + n].zero_()
+                flat[offset : offset + n].zero_()
             else:
-                flat[offset:offset + n].copy_(param.grad.reshape(-1))  # fp32 → wire dtype
+                flat[offset : offset + n].copy_(param.grad.reshape(-1))  # fp32 → wire dtype
             offset += n
         self.works[b] = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         self.pending[b] = 0
@@ -252,16 +264,18 @@ class BucketedAllReduce:
             try:
                 self.works[b].wait()  # bounded by the process group's timeout: a dead peer raises here
             except RuntimeError as exc:
-                raise RuntimeError(f"gradient all-reduce of bucket {b + 1}/{len(self.buckets)} failed after "
-                                   f"{time.monotonic() - started:.0f} s: a peer is gone or the network is cut "
-                                   f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+                raise RuntimeError(
+                    f"gradient all-reduce of bucket {b + 1}/{len(self.buckets)} failed after "
+                    f"{time.monotonic() - started:.0f} s: a peer is gone or the network is cut "
+                    f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                ) from exc
             self.works[b] = None
             self._mark("done", b)
             flat, offset = self.flats[b], 0
             for i in bucket:
                 param = self.params[i]
                 n = param.numel()
-                synced = flat[offset:offset + n].view_as(param)
+                synced = flat[offset : offset + n].view_as(param)
                 if param.grad is None:
                     param.grad = synced.to(param.dtype, copy=True)
                 else:
@@ -275,7 +289,7 @@ class BucketedAllReduce:
         cut into buckets of about `bucket_bytes` on the wire. One broadcast: every rank agrees."""
         order = torch.full((len(self.params),), -1, dtype=torch.int64)
         seen = list(dict.fromkeys(self.produced))
-        order[:len(seen)] = torch.tensor(seen, dtype=torch.int64)
+        order[: len(seen)] = torch.tensor(seen, dtype=torch.int64)
         dist.broadcast(order, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
         chosen = [i for i in order.tolist() if i >= 0]
         placed = set(chosen)
@@ -295,14 +309,20 @@ class BucketedAllReduce:
         for b, bucket in enumerate(buckets):
             for i in bucket:
                 self.bucket_of[i] = b
-        self.flats = [torch.empty(sum(self.params[i].numel() for i in bucket), dtype=self.wire,
-                                  device=self.params[bucket[0]].device) for bucket in buckets]
+        self.flats = [
+            torch.empty(sum(self.params[i].numel() for i in bucket), dtype=self.wire, device=self.params[bucket[0]].device)
+            for bucket in buckets
+        ]
         self.works = [None] * len(buckets)
         self.pending = [len(bucket) for bucket in buckets]
         self.produced = []
-        log.info("gradient sync: %d bucket(s) of up to %.1f MiB (%s on the wire), %d parameters",
-                 len(buckets), self.bucket_bytes / MIB, "bf16" if self.wire == torch.bfloat16 else "fp32",
-                 len(self.params))
+        log.info(
+            "gradient sync: %d bucket(s) of up to %.1f MiB (%s on the wire), %d parameters",
+            len(buckets),
+            self.bucket_bytes / MIB,
+            "bf16" if self.wire == torch.bfloat16 else "fp32",
+            len(self.params),
+        )
 
     def _mark(self, what: str, bucket: int) -> None:
         if self.timeline is not None:

@@ -21,11 +21,19 @@ class ProgressDisplay:
         self.total, self.start = total_steps, start_step
         self.log_every = max(1, (total_steps - start_step) // log_lines)
         self.last_logged, self.t0 = start_step, time.perf_counter()
-        self.bar = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[its]:.2f} it/s"),
-            TimeRemainingColumn(), console=self.console, transient=False,
-        ) if self.console.is_terminal else None
+        self.bar = (
+            Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[its]:.2f} it/s"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
+            if self.console.is_terminal
+            else None
+        )
         self.task = None
 
     def __enter__(self) -> "ProgressDisplay":
@@ -46,8 +54,15 @@ class ProgressDisplay:
             done = report.step - self.start
             rate = done / max(time.perf_counter() - self.t0, 1e-9)
             eta = (self.total - report.step) / rate if rate > 0 else float("inf")
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.2f it/s  eta %s", report.step, self.total, report.loss,
-                     report.lr, report.steps_per_second, _clock(eta))
+            log.info(
+                "step %d/%d  loss %.4f  lr %.2e  %.2f it/s  eta %s",
+                report.step,
+                self.total,
+                report.loss,
+                report.lr,
+                report.steps_per_second,
+                _clock(eta),
+            )
             self.last_logged = report.step
 
 

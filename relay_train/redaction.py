@@ -15,8 +15,14 @@ MASK = "<hidden>"
 MIN_LENGTH = 8
 """Shorter values are not masked: real keys and tokens are longer, and masking a short word (moto's
 test credential 'testing', say) would garble ordinary text."""
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-              "AWS_SESSION_TOKEN", "WANDB_API_KEY")
+SECRET_ENV = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "WANDB_API_KEY",
+)
 """Environment variables whose values are secrets."""
 SECRET_KEY_WORDS = ("webhook", "callback_url", "token", "secret", "password", "api_key", "access_key")
 """A config key containing one of these holds a secret (webhook_url, auth_token, aws_secret_access_key...)."""
@@ -83,7 +89,8 @@ def secrets_in(data: Any, secret: bool = False) -> set[str]:
 def saved_hf_token(environ: Mapping[str, str]) -> str | None:
     """The token `hf auth login` stored, read as huggingface_hub does (HF_TOKEN_PATH, else HF_HOME/token)."""
     path = environ.get("HF_TOKEN_PATH") or os.path.join(
-        environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "token")
+        environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "token"
+    )
     try:
         with open(path, encoding="utf-8") as fh:
             return fh.read().strip() or None

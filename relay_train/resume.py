@@ -17,17 +17,47 @@ Verdict = Literal["allowed", "refused", "warned"]
 
 # Keys that may change freely between runs of one training: length, bookkeeping, validation, where
 # results go. learning_rate is applied to the restored optimizer and schedule (see Trainer.restore).
-ALLOWED = frozenset({
-    "max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpoint_step_interval", "checkpoints_total_limit",
-    "output_dir", "adapter_export_dtype", "init_lora_step", "vae_cache_ondemand",
-    "resume_from_checkpoint", "learning_rate", "lr_warmup_steps", "gradient_checkpointing", "quantize_via",
-    "gradient_checkpointing_interval", "gradient_checkpointing_segment_stride",  # memory/time only, same maths
-    "lycoris_config", "data_backend_config", "vae_batch_size", "delete_problematic_images",
-    "skip_file_discovery", "compress_disk_cache", "lora_rank", "lora_alpha", "init_lora",
-    "hub_model_id", "push_to_hub", "push_checkpoints_to_hub", "hub_private", "super_squash_history",
-    "report_to", "tracker_project_name", "tracker_run_name", "webhook_config", "webhook",
-    "nonfinite_policy", "max_nonfinite_steps",
-})
+ALLOWED = frozenset(
+    {
+        "max_train_steps",
+        "num_train_epochs",
+        "checkpointing_steps",
+        "checkpoint_step_interval",
+        "checkpoints_total_limit",
+        "output_dir",
+        "adapter_export_dtype",
+        "init_lora_step",
+        "vae_cache_ondemand",
+        "resume_from_checkpoint",
+        "learning_rate",
+        "lr_warmup_steps",
+        "gradient_checkpointing",
+        "quantize_via",
+        "gradient_checkpointing_interval",
+        "gradient_checkpointing_segment_stride",  # memory/time only, same maths
+        "lycoris_config",
+        "data_backend_config",
+        "vae_batch_size",
+        "delete_problematic_images",
+        "skip_file_discovery",
+        "compress_disk_cache",
+        "lora_rank",
+        "lora_alpha",
+        "init_lora",
+        "hub_model_id",
+        "push_to_hub",
+        "push_checkpoints_to_hub",
+        "hub_private",
+        "super_squash_history",
+        "report_to",
+        "tracker_project_name",
+        "tracker_run_name",
+        "webhook_config",
+        "webhook",
+        "nonfinite_policy",
+        "max_nonfinite_steps",
+    }
+)
 ALLOWED_PREFIXES = ("validation_",)
 ALLOWED_TOO = frozenset({"evaluation_type", "ema_validation", "disable_benchmark"})
 
@@ -85,8 +115,9 @@ def verdict_for(key: str) -> Verdict:
     return "warned"  # anything else changes the training the checkpoint started: say so
 
 
-def classify_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], step: int,
-                            defaults: Mapping[str, Any] | None = None) -> list[ConfigChange]:
+def classify_config_changes(
+    saved: Mapping[str, Any], current: Mapping[str, Any], step: int, defaults: Mapping[str, Any] | None = None
+) -> list[ConfigChange]:
     """Every key whose value differs, classified. `step` is the checkpoint's step: a max_train_steps
     below it is refused (the run would 'finish' at a later step than it asked for). A key the saved
     config lacks (written by an older version) counts as its default in `defaults`, when given."""
@@ -101,8 +132,13 @@ def classify_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]
             continue
         verdict, reason = verdict_for(key), REFUSED.get(key, "")
         if key == "max_train_steps" and isinstance(new, int) and 0 < new < step:
-            verdict, reason = "refused", (f"the checkpoint is already at step {step}: set max_train_steps to "
-                                          f"{step} or more, or resume from an earlier checkpoint")
+            verdict, reason = (
+                "refused",
+                (
+                    f"the checkpoint is already at step {step}: set max_train_steps to "
+                    f"{step} or more, or resume from an earlier checkpoint"
+                ),
+            )
         elif verdict == "warned":
             reason = "applied; the run continues with a setting the checkpoint was not trained with"
         changes.append(ConfigChange(key, old, new, verdict, reason))
@@ -112,6 +148,5 @@ def classify_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]
 def refusal_message(folder: str, refused: list[ConfigChange]) -> str:
     lines = [f"cannot resume from {folder}: {len(refused)} setting(s) differ from the ones it was trained with:"]
     lines += [f"  - {c.describe()}" for c in refused]
-    lines.append("  restore those settings, or set resume_from_checkpoint none (or another output_dir) to start "
-                 "a new run")
+    lines.append("  restore those settings, or set resume_from_checkpoint none (or another output_dir) to start a new run")
     return "\n".join(lines)

@@ -53,8 +53,9 @@ def train_step(
 
     latents, noise, sigmas = latents.to(device), noise.to(device), sigmas.to(device)
     noisy = add_noise(latents, noise, sigmas)  # x_σ = (1 − σ)·x0 + σ·ε
-    autocast = (torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else contextlib.nullcontext()
+    )
     with autocast:
         pred = transformer(
             hidden_states=noisy.to(dtype),

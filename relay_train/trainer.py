@@ -128,15 +128,17 @@ class Trainer:
         self.params = model.trainable_parameters()
         self.total_steps = total_train_steps(config, sampler.batches_per_epoch())
         # Backward, gradient reduction, clipping and the optimizer step, one interface for every strategy.
-        self.update = update if update is not None else build_update(strategy, world_size, config, model.network,
-                                                                     self.params, gradient_sync)
+        self.update = (
+            update
+            if update is not None
+            else build_update(strategy, world_size, config, model.network, self.params, gradient_sync)
+        )
         self.optimizer = self.update.optimizer  # the scheduler drives its lr
         self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
         self.ema = AdapterEMA(model.network, config.ema_decay) if config.use_ema else None
         # Non-finite steps (relay_train/nonfinite.py): undone on the device under policy skip, counted in
         # `nonfinite` (not yet read by the host, in a row) and read at the loop's existing host syncs.
-        self.guard = StepGuard(self.optimizer, self.params, undo=config.nonfinite_policy == "skip",
-                               use_loss=world_size == 1)
+        self.guard = StepGuard(self.optimizer, self.params, undo=config.nonfinite_policy == "skip", use_loss=world_size == 1)
         self.nonfinite = torch.zeros(2, device=device)
         self.nonfinite_total = 0
         self.saving = False  # a checkpoint is being gathered or written (the CLI's second Ctrl-C asks)
@@ -155,9 +157,15 @@ class Trainer:
             optimizer=optimizer_state,
             scheduler=self.scheduler.state_dict(),
             rng=ckpt.capture_rng(self.generator),
-            training_state={"step": self.step, "total_steps": self.total_steps, "sampler": self.sampler.state_dict(),
-                            "world_size": self.world_size, "resumed_at": self.resumed_at,
-                            "nonfinite_steps": self.nonfinite_total, "saved_at": time.time()},
+            training_state={
+                "step": self.step,
+                "total_steps": self.total_steps,
+                "sampler": self.sampler.state_dict(),
+                "world_size": self.world_size,
+                "resumed_at": self.resumed_at,
+                "nonfinite_steps": self.nonfinite_total,
+                "saved_at": time.time(),
+            },
             config_json=self.config.resolved_json(),
         )
 
@@ -185,8 +193,9 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
             if isinstance(exc, ckpt.CheckpointError):
                 raise
-            raise ckpt.CheckpointError(f"{folder}: its state does not fit this run ({type(exc).__name__}: "
-                                       f"{str(exc)[:300]})") from exc
+            raise ckpt.CheckpointError(
+                f"{folder}: its state does not fit this run ({type(exc).__name__}: {str(exc)[:300]})"
+            ) from exc
         if lr_changed:
             self._apply_learning_rate()
         self.step = state.step
@@ -202,8 +211,11 @@ class Trainer:
             assert isinstance(saved, dict)
         except (ValueError, AssertionError) as exc:
             raise ckpt.CheckpointError(f"{folder}: {ckpt.CONFIG} is not a JSON object of settings") from exc
-        defaults = {k: json.loads(json.dumps(f.default, default=str)) for k, f in TrainConfig.model_fields.items()
-                    if not f.is_required() and f.default_factory is None}
+        defaults = {
+            k: json.loads(json.dumps(f.default, default=str))
+            for k, f in TrainConfig.model_fields.items()
+            if not f.is_required() and f.default_factory is None
+        }
         if isinstance(saved.get("lycoris"), dict) and self.config.lycoris is not None:  # as this version reads it
             try:
                 saved["lycoris"] = type(self.config.lycoris).model_validate(saved["lycoris"]).model_dump(mode="json")
@@ -212,9 +224,15 @@ class Trainer:
         changes = classify_config_changes(saved, self.config.resolved_dict(), state.step, defaults)
         refused = [c for c in changes if c.verdict == "refused"]
         if self.total_steps < state.step and not any(c.key == "max_train_steps" for c in refused):
-            refused.append(ConfigChange("total steps", state.step, self.total_steps, "refused",
-                                        "the run would end before the checkpoint's step: raise max_train_steps "
-                                        "or num_train_epochs"))
+            refused.append(
+                ConfigChange(
+                    "total steps",
+                    state.step,
+                    self.total_steps,
+                    "refused",
+                    "the run would end before the checkpoint's step: raise max_train_steps or num_train_epochs",
+                )
+            )
         if refused:
             raise ckpt.CheckpointError(refusal_message(str(folder), refused))
         for change in changes:
@@ -237,8 +255,12 @@ class Trainer:
             for group, value in zip(self.optimizer.param_groups, current):
                 group["lr"] = value
             scheduler._last_lr = current
-        log.info("resume: learning rate %g applied to the restored optimizer (now %g at step %d)",
-                 lr, self.optimizer.param_groups[0]["lr"], scheduler.last_epoch)
+        log.info(
+            "resume: learning rate %g applied to the restored optimizer (now %g at step %d)",
+            lr,
+            self.optimizer.param_groups[0]["lr"],
+            scheduler.last_epoch,
+        )
 
     def save(self) -> Path | None:
         """Every rank takes part (ZeRO-2 gathers the state's slices); rank 0 writes. Refuses (NonFiniteError,
@@ -267,8 +289,10 @@ class Trainer:
             return
         names = nonfinite_tensors({k: v.detach().cpu() for k, v in self.model.network.state_dict().items()})
         names += [f"EMA {n}" for n in nonfinite_tensors(self.ema.state_dict() if self.ema else {})]
-        raise NonFiniteError(f"{what}: the adapter holds NaN or inf ({len(names)} tensor(s), e.g. "
-                             f"{', '.join(names[:3]) or 'a norm that overflows'}); the earlier checkpoints are intact")
+        raise NonFiniteError(
+            f"{what}: the adapter holds NaN or inf ({len(names)} tensor(s), e.g. "
+            f"{', '.join(names[:3]) or 'a norm that overflows'}); the earlier checkpoints are intact"
+        )
 
     def check_nonfinite(self, unread: float, in_a_row: float) -> None:
         """Act on the non-finite counters the host just read (policy: nonfinite_policy, max_nonfinite_steps)."""
@@ -276,6 +300,7 @@ class Trainer:
             return
         self.nonfinite[0] = 0
         self.nonfinite_total += int(unread)
+
         def where() -> str:
             last = self.store.latest() if self.is_writer else None
             return f"the newest checkpoint is {last}" if last else "no checkpoint of this run is kept"
@@ -284,15 +309,22 @@ class Trainer:
             raise NonFiniteError(
                 f"step {self.step}: the loss or gradient norm became NaN/inf ({int(unread)} step(s) since the last "
                 f"check) and nonfinite_policy is stop. Nothing non-finite was written; {where()}. Lower "
-                "learning_rate and resume, or set nonfinite_policy skip")
+                "learning_rate and resume, or set nonfinite_policy skip"
+            )
         if in_a_row >= self.config.max_nonfinite_steps:
             raise NonFiniteError(
                 f"step {self.step}: {int(in_a_row)} non-finite steps in a row (max_nonfinite_steps "
                 f"{self.config.max_nonfinite_steps}): training has diverged. Their updates were undone and nothing "
                 f"non-finite was written; {where()}. Check learning_rate, flow_schedule_shift and the data, "
-                "then resume")
-        log.warning("step %d: %d non-finite step(s) skipped since the last report (%d in this run, %d in a row now)",
-                    self.step, int(unread), self.nonfinite_total, int(in_a_row))
+                "then resume"
+            )
+        log.warning(
+            "step %d: %d non-finite step(s) skipped since the last report (%d in this run, %d in a row now)",
+            self.step,
+            int(unread),
+            self.nonfinite_total,
+            int(in_a_row),
+        )
 
     # -- loop ----------------------------------------------------------------------------------
     def optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -305,9 +337,15 @@ class Trainer:
             bucket, indices, batch = self.next_batch()
             share = shard_of(len(indices), self.rank, self.world_size)
             loss = train_step(
-                self.model.transformer, batch, self.empty_prompt, self.generator,
-                shift=self.config.flow_schedule_shift, caption_dropout=self.config.caption_dropout_probability,
-                device=self.device, dtype=self.dtype, share=share,
+                self.model.transformer,
+                batch,
+                self.empty_prompt,
+                self.generator,
+                shift=self.config.flow_schedule_shift,
+                caption_dropout=self.config.caption_dropout_probability,
+                device=self.device,
+                dtype=self.dtype,
+                share=share,
             )
             if share.stop > share.start:  # a partial global batch can leave a rank nothing to do
                 # weight by this rank's share so the sum over ranks is the global batch's mean
@@ -336,8 +374,10 @@ class Trainer:
                 return bucket, indices, self.dataset.batch(bucket, indices)
             except UnusableBatchError as exc:
                 log.warning("step %d: batch passed over: %s", self.step + 1, exc)
-        raise ValueError("no batch of a whole epoch could be read: the caches are corrupt (see the warnings above; the "
-                         "bad entries were removed): run again, or `relay precompute`, to encode them anew")
+        raise ValueError(
+            "no batch of a whole epoch could be read: the caches are corrupt (see the warnings above; the "
+            "bad entries were removed): run again, or `relay precompute`, to encode them anew"
+        )
 
     def fit(self) -> FitResult:
         result = FitResult(step=self.step, total_steps=self.total_steps, stopped_early=False, last_checkpoint=None)
@@ -354,8 +394,15 @@ class Trainer:
                 loss_sum, norm_sum, finite, unread, in_a_row = torch.cat([window, self.nonfinite]).tolist()  # the one host sync
                 self.check_nonfinite(unread, in_a_row)
                 mean_loss, mean_norm = (loss_sum / finite, norm_sum / finite) if finite else (math.nan, math.nan)
-                report = StepReport(self.step, self.total_steps, mean_loss, self.scheduler.get_last_lr()[0],
-                                    self.sampler.epoch, (self.step - window_start) / max(elapsed, 1e-9), mean_norm)
+                report = StepReport(
+                    self.step,
+                    self.total_steps,
+                    mean_loss,
+                    self.scheduler.get_last_lr()[0],
+                    self.sampler.epoch,
+                    (self.step - window_start) / max(elapsed, 1e-9),
+                    mean_norm,
+                )
                 result.losses.append(report.loss)
                 if self.hooks.on_step:
                     self.hooks.on_step(report)
@@ -381,10 +428,14 @@ class Trainer:
             raise NonFiniteError(f"export refused: {len(bad)} adapter tensor(s) hold NaN or inf ({', '.join(bad[:3])})")
         out_dir.mkdir(parents=True, exist_ok=True)
         base = f"sd35-{run_name(self.config)}-lokr"
-        paths = ckpt.save_adapters(adapter, ema,
-                                   adapter_metadata(self.config, self.step),
-                                   out_dir / f"{base}.safetensors", out_dir / f"{base}-ema.safetensors",
-                                   dtype=export_dtype(self.config))
+        paths = ckpt.save_adapters(
+            adapter,
+            ema,
+            adapter_metadata(self.config, self.step),
+            out_dir / f"{base}.safetensors",
+            out_dir / f"{base}-ema.safetensors",
+            dtype=export_dtype(self.config),
+        )
         log.info("exported %s", ", ".join(str(p) for p in paths))
         return paths
 
@@ -412,12 +463,27 @@ def build_trainer(
     model_path = resolve_model_path(config.pretrained_model_name_or_path)
     dataset = encode_dataset(config, model_path, device, compute_dtype(config, device), rank, world_size)
     # The sampler deals global batches; each rank trains on its share (see Trainer).
-    sampler = BucketBatchSampler(dataset.bucket_sizes(), config.train_batch_size * (global_workers or world_size), config.seed,
-                                 keep_partial_batches=config.disable_bucket_pruning)
+    sampler = BucketBatchSampler(
+        dataset.bucket_sizes(),
+        config.train_batch_size * (global_workers or world_size),
+        config.seed,
+        keep_partial_batches=config.disable_bucket_pruning,
+    )
     model = build_adapter_model(config, model_path, device, seed=config.seed)
     store = store or ckpt.LocalCheckpointStore(Path(config.output_dir), keep=ckpt.keep_count(config.checkpoints_total_limit))
-    trainer = Trainer(config, model, dataset, sampler, store, device, hooks, rank=rank, world_size=world_size,
-                      strategy=strategy, gradient_sync=gradient_sync)
+    trainer = Trainer(
+        config,
+        model,
+        dataset,
+        sampler,
+        store,
+        device,
+        hooks,
+        rank=rank,
+        world_size=world_size,
+        strategy=strategy,
+        gradient_sync=gradient_sync,
+    )
     folder = resume_from or resume_point(config, store)
     if folder is not None:
         trainer.restore(folder)
@@ -435,9 +501,11 @@ def continue_from_init_lora(trainer: Trainer, config: TrainConfig) -> None:
     if start == 0:
         return
     if start >= trainer.total_steps:
-        raise ValueError(f"--init_lora {config.init_lora}: it was saved at step {start}, at or past this run's "
-                         f"{trainer.total_steps} steps. Set --init_lora_step 0 to train it anew, or raise "
-                         "--max_train_steps to continue it")
+        raise ValueError(
+            f"--init_lora {config.init_lora}: it was saved at step {start}, at or past this run's "
+            f"{trainer.total_steps} steps. Set --init_lora_step 0 to train it anew, or raise "
+            "--max_train_steps to continue it"
+        )
     trainer.step = start
     trainer.scheduler.last_epoch = start - 1
     with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": here on purpose
@@ -456,9 +524,13 @@ def resume_point(config: TrainConfig, store: ckpt.CheckpointIO) -> Path | None:
     if choice == "none":
         found = scan() if scan else []
         if found:
-            log.warning("resume_from_checkpoint none: starting at step 0 in %s, which holds %d checkpoint folder(s) "
-                        "from an earlier run (%s); they are replaced or pruned as this run saves", config.output_dir,
-                        len(found), ", ".join(f.name for f, _ in found[:5]))
+            log.warning(
+                "resume_from_checkpoint none: starting at step 0 in %s, which holds %d checkpoint folder(s) "
+                "from an earlier run (%s); they are replaced or pruned as this run saves",
+                config.output_dir,
+                len(found),
+                ", ".join(f.name for f, _ in found[:5]),
+            )
         return None
     if choice == "latest":
         if scan is None:
@@ -472,8 +544,10 @@ def resume_point(config: TrainConfig, store: ckpt.CheckpointIO) -> Path | None:
             return usable[0] if usable else None
         lines = [f"{config.output_dir} holds {len(found)} checkpoint folder(s) and none can be resumed:"]
         lines += [f"  - {folder.name}: {reason}" for folder, reason in found]
-        lines.append("  set resume_from_checkpoint none (--set resume_from_checkpoint=none) to start a new run "
-                     "that replaces them, or move them away")
+        lines.append(
+            "  set resume_from_checkpoint none (--set resume_from_checkpoint=none) to start a new run "
+            "that replaces them, or move them away"
+        )
         raise ckpt.CheckpointError("\n".join(lines))
     folder = Path(choice)
     if not folder.is_dir():

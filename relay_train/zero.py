@@ -55,7 +55,8 @@ def check_config(config: TrainConfig) -> list[str]:
         problems.append(
             f"--optimizer {config.optimizer!r} with cluster strategy 'deepspeed' (ZeRO-2) is not supported: its "
             "block-quantized state cannot be consolidated into one exact optimizer.pt. Set --optimizer adamw, or "
-            "cluster strategy 'ddp' to keep bnb-adamw8bit")
+            "cluster strategy 'ddp' to keep bnb-adamw8bit"
+        )
     return problems
 
 
@@ -89,9 +90,11 @@ class ZeroStage2:
         from packaging.version import Version
 
         if Version(deepspeed.__version__) != Version(DEEPSPEED_VERSION):
-            raise RuntimeError(f"strategy deepspeed is built for deepspeed=={DEEPSPEED_VERSION} (it reads ZeRO-2's "
-                               f"internal state layout); found {deepspeed.__version__}. Install "
-                               f"deepspeed=={DEEPSPEED_VERSION}, or use cluster strategy 'ddp'")
+            raise RuntimeError(
+                f"strategy deepspeed is built for deepspeed=={DEEPSPEED_VERSION} (it reads ZeRO-2's "
+                f"internal state layout); found {deepspeed.__version__}. Install "
+                f"deepspeed=={DEEPSPEED_VERSION}, or use cluster strategy 'ddp'"
+            )
         self.clip_method, self.clip_limit = config.grad_clip_method, config.max_grad_norm
         # adamw, adamw_bf16 and optimi-adamw are all torch AdamW on fp32 weights, each with its own settings
         self.optimizer = ClippedAdamW(params, lr=config.learning_rate, **OPTIMIZER_SETTINGS[config.optimizer])
@@ -102,21 +105,29 @@ class ZeroStage2:
             "managed_gradient_accumulation": False,  # our loop: backward per micro-batch, step() per optimizer step
             "gradient_allreduce_op": "sum",  # losses are pre-weighted by each rank's share of the global batch
             "gradient_clipping": 0.0,  # ours, in ClippedAdamW.before_step
-            "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
-                                  "reduce_scatter": True, "reduce_bucket_size": bucket,
-                                  "allgather_bucket_size": bucket},
+            "zero_optimization": {
+                "stage": 2,
+                "overlap_comm": False,
+                "contiguous_gradients": True,
+                "reduce_scatter": True,
+                "reduce_bucket_size": bucket,
+                "allgather_bucket_size": bucket,
+            },
             "zero_allow_untested_optimizer": True,  # plain torch AdamW (a subclass of it)
             "steps_per_print": 1 << 62,
             "wall_clock_breakdown": False,
         }
         # torch.distributed is already up (Ray's TorchTrainer, or the caller); DeepSpeed joins that group.
-        self.engine, _, _, _ = deepspeed.initialize(model=network, optimizer=self.optimizer, config=ds_config,
-                                                    dist_init_required=False)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=network, optimizer=self.optimizer, config=ds_config, dist_init_required=False
+        )
         self.zero = self.engine.optimizer  # DeepSpeedZeroOptimizer
         self.params = params
         if [id(p) for p in self.zero.bit16_groups[0]] != [id(p) for p in params] or len(self.zero.bit16_groups) != 1:
-            raise RuntimeError("DeepSpeed reordered or regrouped the adapter's parameters, so optimizer.pt could not "
-                               f"be written in per-parameter order: use deepspeed {DEEPSPEED_VERSION}, or cluster strategy 'ddp'")
+            raise RuntimeError(
+                "DeepSpeed reordered or regrouped the adapter's parameters, so optimizer.pt could not "
+                f"be written in per-parameter order: use deepspeed {DEEPSPEED_VERSION}, or cluster strategy 'ddp'"
+            )
         self.optimizer.before_step = self._clip
         self._zero_loss: torch.Tensor | None = None
 
@@ -181,8 +192,10 @@ class ZeroStage2:
         master copy of this rank's slice is refreshed from them here."""
         groups = saved["param_groups"]
         if len(groups) != 1 or len(groups[0]["params"]) != len(self.params):
-            raise ValueError(f"optimizer state has {sum(len(g['params']) for g in groups)} parameter(s) in "
-                             f"{len(groups)} group(s); this adapter has {len(self.params)} in 1")
+            raise ValueError(
+                f"optimizer state has {sum(len(g['params']) for g in groups)} parameter(s) in "
+                f"{len(groups)} group(s); this adapter has {len(self.params)} in 1"
+            )
         self.zero.refresh_fp32_params()
         for key, value in groups[0].items():
             if key != "params":

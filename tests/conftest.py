@@ -56,13 +56,15 @@ def config_file(tmp_path, tiny_model, demo_data):
         backend_file = tmp_path / f"backends-{out}.json"
         backend_file.write_text(json.dumps(backends))
         raw = json.loads((REPO / "configs/demo/config.json").read_text())
-        raw.update({
-            "--pretrained_model_name_or_path": str(tiny_model),
-            "--data_backend_config": str(backend_file),
-            "--lycoris_config": str(REPO / "configs/demo/lycoris_config.json"),
-            "--output_dir": str(tmp_path / out),
-            "--validation_num_gpus": 0,  # these clusters have no GPU: the config asks for CPU validation itself
-        })
+        raw.update(
+            {
+                "--pretrained_model_name_or_path": str(tiny_model),
+                "--data_backend_config": str(backend_file),
+                "--lycoris_config": str(REPO / "configs/demo/lycoris_config.json"),
+                "--output_dir": str(tmp_path / out),
+                "--validation_num_gpus": 0,  # these clusters have no GPU: the config asks for CPU validation itself
+            }
+        )
         raw.update({f"--{k}" if f"--{k}" in raw or k not in raw else k: v for k, v in overrides.items()})
         path = tmp_path / f"config-{out}.json"
         path.write_text(json.dumps(raw, indent=2))
@@ -166,11 +168,26 @@ def ray_head(free_port):
     temp = tempfile.mkdtemp(prefix="rj")  # short: Ray's socket paths must fit 107 characters
     # A throwaway loopback head: no token auth (a machine with ~/.ray/auth_token would otherwise turn it on).
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-                             "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dashboard}", f"--temp-dir={temp}", "--disable-usage-stats"],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("ray")),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # until the job API answers

@@ -17,8 +17,19 @@ VERSION = "4.10.1"
 CACHE = Path(os.environ.get("RELAY_TEST_CACHE", Path.home() / ".cache" / "relay-test"))
 EXAMPLES = "simpletuner/examples/"
 REGISTRY = "simpletuner/simpletuner_sdk/server/services/field_registry/sections/"
-SECTIONS = ("model", "training", "lora", "data", "validation", "advanced", "loss", "optimizer", "memory",
-            "publishing", "logging_fields")  # the order its registry adds them in (sections/__init__.py)
+SECTIONS = (
+    "model",
+    "training",
+    "lora",
+    "data",
+    "validation",
+    "advanced",
+    "loss",
+    "optimizer",
+    "memory",
+    "publishing",
+    "logging_fields",
+)  # the order its registry adds them in (sections/__init__.py)
 
 
 @cache
@@ -29,8 +40,20 @@ def wheel_path() -> Path | None:
         return found[0]
     CACHE.mkdir(parents=True, exist_ok=True)
     # The wheel needs Python >= 3.12; --python-version lets any interpreter fetch it without installing.
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
-               "3.12", f"simpletuner=={VERSION}", "-d", str(CACHE), "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        f"simpletuner=={VERSION}",
+        "-d",
+        str(CACHE),
+        "--quiet",
+    ]
     try:
         subprocess.run(command, check=True, capture_output=True, timeout=300)
     except (subprocess.SubprocessError, OSError):
@@ -49,7 +72,7 @@ def wheel() -> zipfile.ZipFile:
 def example_files(suffix: str) -> dict[str, bytes]:
     """Every file under simpletuner/examples/ whose name ends with suffix: relative name -> bytes."""
     with wheel() as zf:
-        return {n[len(EXAMPLES):]: zf.read(n) for n in zf.namelist() if n.startswith(EXAMPLES) and n.endswith(suffix)}
+        return {n[len(EXAMPLES) :]: zf.read(n) for n in zf.namelist() if n.startswith(EXAMPLES) and n.endswith(suffix)}
 
 
 def registry_defaults() -> dict[str, tuple[object, list[str]]]:

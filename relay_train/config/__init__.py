@@ -16,6 +16,15 @@ from relay_train.config.problems import ConfigError
 from relay_train.config.schema import KEY_ALIASES, USER_KEYS, TrainConfig, canonical_key, skip_layer_guidance
 
 __all__ = [
-    "KEY_ALIASES", "USER_KEYS", "ConfigError", "DataBackendConfig", "LycorisConfig", "TrainConfig", "WebhookConfig",
-    "canonical_key", "load_config", "parse_config", "skip_layer_guidance",
+    "KEY_ALIASES",
+    "USER_KEYS",
+    "ConfigError",
+    "DataBackendConfig",
+    "LycorisConfig",
+    "TrainConfig",
+    "WebhookConfig",
+    "canonical_key",
+    "load_config",
+    "parse_config",
+    "skip_layer_guidance",
 ]

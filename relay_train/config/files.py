@@ -42,8 +42,7 @@ def read_json(path: Path) -> tuple[Any, list[str]]:
     return data, [f"{path}: key '{k}' appears more than once; keep one" for k in duplicates]
 
 
-def resolve_file(value: Path, base_dir: Path,
-                 other_suffixes: Iterable[str] = ()) -> tuple[Path | None, list[Path]]:
+def resolve_file(value: Path, base_dir: Path, other_suffixes: Iterable[str] = ()) -> tuple[Path | None, list[Path]]:
     """Find a referenced file: as given (cwd), beside the config, then its basename beside it.
 
     SimpleTuner configs say `config/sd3/x.json` while this repo keeps them in `configs/sd3/`.
@@ -67,19 +66,59 @@ def resolve_file(value: Path, base_dir: Path,
 # (create_single_module's and LokrModule's arguments). Anything else would be ignored silently, or fail
 # inside LyCORIS after the data work.
 LYCORIS_EXTRA_KEYS = (
-    "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "use_tucker", "use_scalar",
-    "block_size", "train_norm", "constraint", "rescaled", "dora_wd", "wd_on_output", "unbalanced_factorization",
-    "decompose_both", "rank_dropout_scale", "rs_lora", "use_cp", "use_conv_cp", "disable_conv_cp",
+    "conv_dim",
+    "conv_alpha",
+    "dropout",
+    "rank_dropout",
+    "module_dropout",
+    "use_tucker",
+    "use_scalar",
+    "block_size",
+    "train_norm",
+    "constraint",
+    "rescaled",
+    "dora_wd",
+    "wd_on_output",
+    "unbalanced_factorization",
+    "decompose_both",
+    "rank_dropout_scale",
+    "rs_lora",
+    "use_cp",
+    "use_conv_cp",
+    "disable_conv_cp",
 )
 PRESET_KEYS = (
-    "enable_conv", "target_module", "target_name", "module_algo_map", "name_algo_map", "lora_prefix",
-    "use_fnmatch", "unet_target_module", "unet_target_name", "text_encoder_target_module",
-    "text_encoder_target_name", "exclude_name",
+    "enable_conv",
+    "target_module",
+    "target_name",
+    "module_algo_map",
+    "name_algo_map",
+    "lora_prefix",
+    "use_fnmatch",
+    "unet_target_module",
+    "unet_target_name",
+    "text_encoder_target_module",
+    "text_encoder_target_name",
+    "exclude_name",
 )
 MODULE_KEYS = (
-    "algo", "dim", "alpha", "factor", "use_tucker", "use_scalar", "decompose_both", "rank_dropout_scale",
-    "weight_decompose", "wd_on_out", "full_matrix", "bypass_mode", "rs_lora", "unbalanced_factorization",
-    "dropout", "rank_dropout", "module_dropout",
+    "algo",
+    "dim",
+    "alpha",
+    "factor",
+    "use_tucker",
+    "use_scalar",
+    "decompose_both",
+    "rank_dropout_scale",
+    "weight_decompose",
+    "wd_on_out",
+    "full_matrix",
+    "bypass_mode",
+    "rs_lora",
+    "unbalanced_factorization",
+    "dropout",
+    "rank_dropout",
+    "module_dropout",
 )
 
 
@@ -150,7 +189,7 @@ def lycoris_key_problems(data: Mapping[str, Any], name: str) -> list[str]:
     problems += _unknown(preset, PRESET_KEYS, Where(f"{name}.apply_preset"))
     for map_key in ("module_algo_map", "name_algo_map"):
         entries = preset.get(map_key)
-        for target, settings in (entries.items() if isinstance(entries, dict) else ()):
+        for target, settings in entries.items() if isinstance(entries, dict) else ():
             if isinstance(settings, dict):
                 problems += _unknown(settings, MODULE_KEYS, Where(f"{name}.apply_preset.{map_key}[{target}]"))
     return problems
@@ -268,8 +307,7 @@ def _set_checks(entries: list[Mapping[str, Any]], name: str) -> list[str]:
     text = [e for e in live if e.get("dataset_type") == "text_embeds"]
     defaults = [e for e in text if e.get("default") is True]
     if text and len(defaults) != 1:
-        problems.append(f"{name}: exactly one text_embeds backend must have \"default\": true "
-                        f"(found {len(defaults)})")
+        problems.append(f'{name}: exactly one text_embeds backend must have "default": true (found {len(defaults)})')
     if not any(e.get("dataset_type", "image") == "image" for e in live):
         problems.append(f"{name}: no enabled image backend; add one with dataset_type 'image'")
     text_ids = [e.get("id") for e in text]
@@ -277,8 +315,9 @@ def _set_checks(entries: list[Mapping[str, Any]], name: str) -> list[str]:
         link = entry.get("text_embeds")
         if entry.get("dataset_type", "image") == "image" and link is not None and link not in text_ids:
             known = ", ".join(repr(i) for i in text_ids) or "none"
-            problems.append(f"{name}[{entry.get('id')}].text_embeds: got {link!r}; it must name an enabled "
-                            f"text_embeds backend (ids: {known})")
+            problems.append(
+                f"{name}[{entry.get('id')}].text_embeds: got {link!r}; it must name an enabled text_embeds backend (ids: {known})"
+            )
     return problems
 
 
@@ -374,8 +413,9 @@ def load_webhook(source: Path | SecretStr) -> tuple[list[WebhookConfig], list[st
         return [], problems
     if not isinstance(data, (dict, list)):
         return [], [*problems, f"{name}: must be a JSON object or a list of them, got {type(data).__name__}"]
-    entries = [(data, Where(name))] if isinstance(data, dict) else \
-        [(entry, Where(f"{name}[{i}]")) for i, entry in enumerate(data)]
+    entries = (
+        [(data, Where(name))] if isinstance(data, dict) else [(entry, Where(f"{name}[{i}]")) for i, entry in enumerate(data)]
+    )
     accepted: list[dict[str, Any]] = []
     for entry, where in entries:
         if not isinstance(entry, dict):

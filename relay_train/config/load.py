@@ -94,8 +94,15 @@ def _canonical(raw: Mapping[str, Any], problems: list[str], read: _Read) -> dict
             problems.extend([refusal] if refusal else [])
             continue
         if name not in USER_KEYS:
-            problems.append(unknown_key_problem(key, USER_KEYS, Where(dashes="--"), KEY_ALIASES,
-                                                fits=lambda k, v=value: not validate_field(TrainConfig, k, v, k)[1]))
+            problems.append(
+                unknown_key_problem(
+                    key,
+                    USER_KEYS,
+                    Where(dashes="--"),
+                    KEY_ALIASES,
+                    fits=lambda k, v=value: not validate_field(TrainConfig, k, v, k)[1],
+                )
+            )
             continue
         if bare in KEY_ALIASES:
             read.renamed.append((key, name))
@@ -104,8 +111,9 @@ def _canonical(raw: Mapping[str, Any], problems: list[str], read: _Read) -> dict
             read.renamed.append((f"{key}={value}", f"{name}={mapped}"))
             value = mapped
         if name in values and not _same(name, values[name], value):
-            problems.append(f"'{spelled[name]}' and '{key}' both set '--{name}', to {values[name]!r} "
-                            f"and {value!r}: keep only '--{name}'")
+            problems.append(
+                f"'{spelled[name]}' and '{key}' both set '--{name}', to {values[name]!r} and {value!r}: keep only '--{name}'"
+            )
             continue
         values.setdefault(name, value)
         spelled.setdefault(name, key)
@@ -146,8 +154,7 @@ def _family_problem(values: Mapping[str, Any]) -> str | None:
     """Another model family's config is refused in one line: none of its other keys mean anything here."""
     family = values.get("model_family")
     if isinstance(family, str) and family.strip().lower() != "sd3":
-        return (f"SimpleTuner model family {family!r} is not supported by Terminus Relay: "
-                f"{compat.FAMILIES_WORDS}")
+        return f"SimpleTuner model family {family!r} is not supported by Terminus Relay: {compat.FAMILIES_WORDS}"
     return None
 
 
@@ -159,8 +166,7 @@ def _flavour_problems(good: dict[str, Any], read: _Read) -> list[str]:
             about = (TrainConfig.model_fields["pretrained_model_name_or_path"].description or "").rstrip(".")
             return [f"missing required key '--pretrained_model_name_or_path' ({about})"]
         good["pretrained_model_name_or_path"] = compat.MODEL_FLAVOURS[flavour]
-        read.renamed.append((f"--model_flavour={flavour}",
-                             f"pretrained_model_name_or_path={compat.MODEL_FLAVOURS[flavour]}"))
+        read.renamed.append((f"--model_flavour={flavour}", f"pretrained_model_name_or_path={compat.MODEL_FLAVOURS[flavour]}"))
         return []
     if flavour is None:
         return []
@@ -174,17 +180,21 @@ def _flavour_problems(good: dict[str, Any], read: _Read) -> list[str]:
         except (ValueError, OSError, AttributeError):
             named = None
     if named is not None and named != flavour:
-        return [(f"'--model_flavour': got {flavour!r}, but '--pretrained_model_name_or_path' {model!r} is an "
-                 f"SD3.5 {named.title()} model: set --model_flavour {named!r}, or remove it")]
+        return [
+            (
+                f"'--model_flavour': got {flavour!r}, but '--pretrained_model_name_or_path' {model!r} is an "
+                f"SD3.5 {named.title()} model: set --model_flavour {named!r}, or remove it"
+            )
+        ]
     return []
 
 
-def parse_config(raw: dict[str, Any], base_dir: Path, *, overrides: Mapping[str, Any] | None = None,
-                 source_path: Path | None = None) -> TrainConfig:
+def parse_config(
+    raw: dict[str, Any], base_dir: Path, *, overrides: Mapping[str, Any] | None = None, source_path: Path | None = None
+) -> TrainConfig:
     """Validate a SimpleTuner-style config dict; referenced files are looked up from base_dir."""
     if not isinstance(raw, dict):
-        raise ConfigError([f"the config must be a JSON object of '--key': value, got {type(raw).__name__}"],
-                          source_path)
+        raise ConfigError([f"the config must be a JSON object of '--key': value, got {type(raw).__name__}"], source_path)
     secrets = secrets_in(raw) | secrets_in(dict(overrides or {}))
     problems: list[str] = []
     read = _Read()

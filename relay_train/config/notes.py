@@ -20,18 +20,26 @@ def _show(value: Any) -> str:
 def _note_lycoris_dims(c: TrainConfig) -> str | None:
     if not {"lora_rank", "lora_alpha"} & c.model_fields_set:
         return None
-    dims = (f"linear_dim={c.lycoris.linear_dim}, linear_alpha={c.lycoris.linear_alpha:g}"
-            if c.lycoris else "linear_dim and linear_alpha")
+    dims = (
+        f"linear_dim={c.lycoris.linear_dim}, linear_alpha={c.lycoris.linear_alpha:g}"
+        if c.lycoris
+        else "linear_dim and linear_alpha"
+    )
     alpha = "unset" if c.lora_alpha is None else f"{c.lora_alpha:g}"
-    return (f"--lora_rank={c.lora_rank}, --lora_alpha={alpha} are ignored with "
-            f"--lora_type=lycoris: the LyCORIS file's {dims} set the adapter")
+    return (
+        f"--lora_rank={c.lora_rank}, --lora_alpha={alpha} are ignored with "
+        f"--lora_type=lycoris: the LyCORIS file's {dims} set the adapter"
+    )
 
 
 def _note_quantize(c: TrainConfig) -> str | None:
     if c.base_model_precision == "no_change":
         return None
-    where = ("on the CPU, then moved to the accelerator (lower peak accelerator memory, slower start)"
-             if c.quantize_via == "cpu" else "after it is moved to the accelerator")
+    where = (
+        "on the CPU, then moved to the accelerator (lower peak accelerator memory, slower start)"
+        if c.quantize_via == "cpu"
+        else "after it is moved to the accelerator"
+    )
     return f"--quantize_via={c.quantize_via}: the base transformer is quantized to int8 {where}"
 
 
@@ -39,14 +47,15 @@ def _note_benchmark(c: TrainConfig) -> str | None:
     if "disable_benchmark" not in c.model_fields_set:
         return None
     effect = "is skipped" if c.disable_benchmark else "is rendered once by the validation pool as the reference"
-    return (f"--disable_benchmark={_show(c.disable_benchmark)}: SimpleTuner's step-0 validation "
-            f"of the base model (the 'benchmark') {effect}")
+    return (
+        f"--disable_benchmark={_show(c.disable_benchmark)}: SimpleTuner's step-0 validation "
+        f"of the base model (the 'benchmark') {effect}"
+    )
 
 
 def _note_length(c: TrainConfig) -> str | None:
     if c.max_train_steps > 0 and c.num_train_epochs > 0 and "num_train_epochs" in c.model_fields_set:
-        return (f"--num_train_epochs={c.num_train_epochs} is ignored: "
-                f"--max_train_steps={c.max_train_steps} sets the run length")
+        return f"--num_train_epochs={c.num_train_epochs} is ignored: --max_train_steps={c.max_train_steps} sets the run length"
     return None
 
 
@@ -54,18 +63,20 @@ def _note_clipping(c: TrainConfig) -> str | None:
     if c.max_grad_norm == 0:
         return "--max_grad_norm=0: gradient clipping is off"
     if c.grad_clip_method == "value":
-        return (f"--grad_clip_method=value: each gradient element is clamped to "
-                f"[-{c.max_grad_norm:g}, {c.max_grad_norm:g}] (--max_grad_norm), not the global norm")
+        return (
+            f"--grad_clip_method=value: each gradient element is clamped to "
+            f"[-{c.max_grad_norm:g}, {c.max_grad_norm:g}] (--max_grad_norm), not the global norm"
+        )
     return None
 
 
 OPTIMIZER_NOTES = {
     "adamw_bf16": "torch AdamW with SimpleTuner's adamw_bf16 settings (betas 0.9/0.999, eps 1e-6, weight decay "
-                  "1e-2); the adapter's weights and moments stay fp32 where SimpleTuner keeps them in bf16, so "
-                  "each update is the same AdamW step computed without bf16 rounding",
+    "1e-2); the adapter's weights and moments stay fp32 where SimpleTuner keeps them in bf16, so "
+    "each update is the same AdamW step computed without bf16 rounding",
     "optimi-adamw": "torch AdamW with SimpleTuner's optimi-adamw settings (betas 0.9/0.99, eps 1e-6, weight decay "
-                    "0); the adapter's weights are fp32, where optimi's Kahan summation does nothing, so the "
-                    "update is optimi's",
+    "0); the adapter's weights are fp32, where optimi's Kahan summation does nothing, so the "
+    "update is optimi's",
     "adamw": "torch AdamW (SimpleTuner's torch-adamw: betas 0.9/0.999, eps 1e-8, weight decay 1e-2)",
     "bnb-adamw8bit": "bitsandbytes AdamW8bit (betas 0.9/0.999, eps 1e-6, weight decay 1e-2, as SimpleTuner)",
 }
@@ -77,50 +88,74 @@ def _note_optimizer(c: TrainConfig) -> str | None:
 
 def _note_schedule(c: TrainConfig) -> str | None:
     if c.lr_scheduler == "constant" and c.lr_warmup_steps > 0:
-        return (f"--lr_scheduler=constant with --lr_warmup_steps={c.lr_warmup_steps} runs as constant_with_warmup, "
-                "as SimpleTuner does")
+        return (
+            f"--lr_scheduler=constant with --lr_warmup_steps={c.lr_warmup_steps} runs as constant_with_warmup, "
+            "as SimpleTuner does"
+        )
     if c.lr_scheduler == "cosine":
-        return ("--lr_scheduler=cosine: diffusers' cosine (linear warmup over lr_warmup_steps, then half a cosine "
-                "to 0 at the last step); SimpleTuner 4.10.1's own cosine restarts every lr_warmup_steps")
+        return (
+            "--lr_scheduler=cosine: diffusers' cosine (linear warmup over lr_warmup_steps, then half a cosine "
+            "to 0 at the last step); SimpleTuner 4.10.1's own cosine restarts every lr_warmup_steps"
+        )
     if c.lr_scheduler == "polynomial":
-        return (f"--lr_scheduler=polynomial: warmup over {c.lr_warmup_steps} steps, then "
-                f"(lr - lr_end)·(1 - t)^{c.lr_power:g} + lr_end down to --lr_end={c.lr_end:g}")
+        return (
+            f"--lr_scheduler=polynomial: warmup over {c.lr_warmup_steps} steps, then "
+            f"(lr - lr_end)·(1 - t)^{c.lr_power:g} + lr_end down to --lr_end={c.lr_end:g}"
+        )
     return None
 
 
 def _note_vae_ondemand(c: TrainConfig) -> str | None:
     if not c.vae_cache_ondemand:
         return None
-    return ("--vae_cache_ondemand=true: Relay still encodes each image's latents once, before the first step, "
-            "and reuses them on resume; the latents are the same, only the time they are computed differs")
+    return (
+        "--vae_cache_ondemand=true: Relay still encodes each image's latents once, before the first step, "
+        "and reuses them on resume; the latents are the same, only the time they are computed differs"
+    )
 
 
 def _note_dtype(c: TrainConfig) -> str | None:
     if c.base_model_precision == "no_change" or c.mixed_precision == "bf16":
         return None
     dtype = "bf16" if c.base_model_default_dtype == "bf16" else "fp32"
-    return (f"--base_model_default_dtype={c.base_model_default_dtype}: the quantized base's other weights run in "
-            f"{dtype} on the accelerator (fp32 on the CPU)")
+    return (
+        f"--base_model_default_dtype={c.base_model_default_dtype}: the quantized base's other weights run in "
+        f"{dtype} on the accelerator (fp32 on the CPU)"
+    )
 
 
 def _note_init_lora(c: TrainConfig) -> str | None:
     if c.init_lora is None:
         return None
-    start = ("the step in its global_step metadata" if c.init_lora_step is None else f"step {c.init_lora_step}")
-    return (f"--init_lora: a fresh run starts from the adapter's weights at {start} (the LR schedule and the "
-            "step count continue from there); an existing checkpoint in output_dir takes precedence")
+    start = "the step in its global_step metadata" if c.init_lora_step is None else f"step {c.init_lora_step}"
+    return (
+        f"--init_lora: a fresh run starts from the adapter's weights at {start} (the LR schedule and the "
+        "step count continue from there); an existing checkpoint in output_dir takes precedence"
+    )
 
 
 def _note_text_embeds(c: TrainConfig) -> str | None:
-    default = next((b for b in c.data_backends if b.dataset_type == "text_embeds" and b.default and not b.disabled),
-                   None)
+    default = next((b for b in c.data_backends if b.dataset_type == "text_embeds" and b.default and not b.disabled), None)
     linked = [b for b in c.data_backends if b.text_embeds and default and b.text_embeds != default.id]
     if not linked:
         return None
     where = ", ".join(f"{c.data_backend_config.name}[{b.id}].text_embeds={b.text_embeds!r}" for b in linked)
-    return (f"{where}: Relay caches each caption's embeddings once, in the default text_embeds backend "
-            f"{default.id!r}; the embeddings are the same whichever cache holds them")
+    return (
+        f"{where}: Relay caches each caption's embeddings once, in the default text_embeds backend "
+        f"{default.id!r}; the embeddings are the same whichever cache holds them"
+    )
 
 
-NOTE_RULES = (_note_text_embeds, _note_lycoris_dims, _note_quantize, _note_benchmark, _note_length, _note_clipping,
-               _note_optimizer, _note_schedule, _note_vae_ondemand, _note_dtype, _note_init_lora)
+NOTE_RULES = (
+    _note_text_embeds,
+    _note_lycoris_dims,
+    _note_quantize,
+    _note_benchmark,
+    _note_length,
+    _note_clipping,
+    _note_optimizer,
+    _note_schedule,
+    _note_vae_ondemand,
+    _note_dtype,
+    _note_init_lora,
+)

@@ -69,8 +69,13 @@ class Where:
         return f"{self.prefix}: {text}" if self.prefix else text
 
 
-def unknown_key_problem(key: str, known: Iterable[str], where: Where,
-                        aliases: Mapping[str, str] | None = None, fits: Callable[[str], bool] | None = None) -> str:
+def unknown_key_problem(
+    key: str,
+    known: Iterable[str],
+    where: Where,
+    aliases: Mapping[str, str] | None = None,
+    fits: Callable[[str], bool] | None = None,
+) -> str:
     """One line naming an unknown key and, when one is close, the key probably meant. With `fits`, a
     key is suggested only if it would accept the value written (a key of the same kind): a device name
     is never steered to a decay rate."""
@@ -116,8 +121,14 @@ def _type_words(annotation: Any) -> str:
     origin = get_origin(annotation)
     if origin is Literal:
         return "expected one of " + ", ".join(repr(a) for a in get_args(annotation))
-    simple = {bool: "expected true or false", int: "must be an integer", float: "must be a number",
-              str: "must be a string", SecretStr: "must be a string", Path: "must be a path"}
+    simple = {
+        bool: "expected true or false",
+        int: "must be an integer",
+        float: "must be a number",
+        str: "must be a string",
+        SecretStr: "must be a string",
+        Path: "must be a path",
+    }
     if annotation in simple:
         return simple[annotation]
     if origin is dict or annotation is dict:
@@ -127,16 +138,17 @@ def _type_words(annotation: Any) -> str:
     if origin is tuple:
         return f"must be a JSON list of {len(get_args(annotation))} values"
     if _is_union(annotation):
-        kinds = [_type_words(a).removeprefix("must be ").removeprefix("expected one of ").removeprefix("expected ")
-                 for a in get_args(annotation)]
+        kinds = [
+            _type_words(a).removeprefix("must be ").removeprefix("expected one of ").removeprefix("expected ")
+            for a in get_args(annotation)
+        ]
         return "must be " + ", or ".join(kinds)
     return "has the wrong type"
 
 
 def _bound_words(metadata: Iterable[Any]) -> str:
     words = {at.Ge: (">=", "ge"), at.Gt: (">", "gt"), at.Le: ("<=", "le"), at.Lt: ("<", "lt")}
-    parts = [f"{words[type(m)][0]} {getattr(m, words[type(m)][1]):g}"
-             for m in metadata if type(m) in words]
+    parts = [f"{words[type(m)][0]} {getattr(m, words[type(m)][1]):g}" for m in metadata if type(m) in words]
     return (" " + " and ".join(parts)) if parts else ""
 
 
@@ -203,8 +215,9 @@ def validate_field(model: type[BaseModel], name: str, value: Any, label: str) ->
     return parsed, []
 
 
-def field_problems(model: type[BaseModel], data: Mapping[str, Any], where: Where,
-                   known: Iterable[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+def field_problems(
+    model: type[BaseModel], data: Mapping[str, Any], where: Where, known: Iterable[str] | None = None
+) -> tuple[dict[str, Any], list[str]]:
     """Validate every key of data against model's fields: the valid values and every problem."""
     known = list(known if known is not None else model.model_fields)
     forbid = model.model_config.get("extra") == "forbid"
@@ -230,8 +243,7 @@ def field_problems(model: type[BaseModel], data: Mapping[str, Any], where: Where
 
 def with_defaults(model: type[BaseModel], good: Mapping[str, Any]) -> dict[str, Any]:
     """The valid values plus every field's default, for cross-field checks."""
-    merged = {n: f.get_default(call_default_factory=True)
-              for n, f in model.model_fields.items() if not f.is_required()}
+    merged = {n: f.get_default(call_default_factory=True) for n, f in model.model_fields.items() if not f.is_required()}
     return merged | dict(good)
 
 

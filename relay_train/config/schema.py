@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator, BeforeValidator, ConfigDict, Field, PrivateAttr, SecretStr,
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
 )
 
 from relay_train.config import compat
@@ -261,8 +266,7 @@ class TrainConfig(ConfigModel):
     """Turn validation off whatever the interval."""
     validation_seed: int | None = None
     """Seed for validation renders; null uses seed."""
-    validation_resolution: Annotated[str, BeforeValidator(_number_as_text),
-                                     AfterValidator(_check_resolutions)] = "256"
+    validation_resolution: Annotated[str, BeforeValidator(_number_as_text), AfterValidator(_check_resolutions)] = "256"
     """Render sizes: 'WxH' or 'N', comma-separated."""
     validation_negative_prompt: str = "blurry, cropped, ugly"
     """Negative prompt for validation renders."""
@@ -345,35 +349,52 @@ class TrainConfig(ConfigModel):
     def cross_field_problems(cls, values: Mapping[str, Any], bad: set[str]) -> list[str]:
         """Problems between fields; a check is skipped when one of its keys already failed."""
         problems = []
-        if not bad & {"max_train_steps", "num_train_epochs"} and \
-                values["max_train_steps"] == 0 and values["num_train_epochs"] == 0:
-            problems.append("'--max_train_steps' and '--num_train_epochs' are both 0: "
-                            "set --max_train_steps (e.g. 300000) or --num_train_epochs above 0")
-        if not bad & {"lycoris_config", "lora_type"} and \
-                values["lora_type"] == "lycoris" and values["lycoris_config"] is None:
-            problems.append("'--lycoris_config' is required with --lora_type 'lycoris': "
-                            "point it at the LyCORIS config file")
+        if (
+            not bad & {"max_train_steps", "num_train_epochs"}
+            and values["max_train_steps"] == 0
+            and values["num_train_epochs"] == 0
+        ):
+            problems.append(
+                "'--max_train_steps' and '--num_train_epochs' are both 0: "
+                "set --max_train_steps (e.g. 300000) or --num_train_epochs above 0"
+            )
+        if not bad & {"lycoris_config", "lora_type"} and values["lora_type"] == "lycoris" and values["lycoris_config"] is None:
+            problems.append("'--lycoris_config' is required with --lora_type 'lycoris': point it at the LyCORIS config file")
         for key in ("push_to_hub", "push_checkpoints_to_hub"):
             if key not in bad and "hub_model_id" not in bad and values[key] and not values["hub_model_id"]:
                 problems.append(f"'--{key}' is true but '--hub_model_id' is not set: name the Hub repository")
-        if not bad & {"lr_scheduler", "lr_end", "learning_rate"} and values["lr_scheduler"] == "polynomial" and \
-                values["lr_end"] >= values["learning_rate"]:
-            problems.append(f"'--lr_end' ({values['lr_end']:g}) must be below '--learning_rate' "
-                            f"({values['learning_rate']:g}) for the polynomial schedule to decay: lower --lr_end")
+        if (
+            not bad & {"lr_scheduler", "lr_end", "learning_rate"}
+            and values["lr_scheduler"] == "polynomial"
+            and values["lr_end"] >= values["learning_rate"]
+        ):
+            problems.append(
+                f"'--lr_end' ({values['lr_end']:g}) must be below '--learning_rate' "
+                f"({values['learning_rate']:g}) for the polynomial schedule to decay: lower --lr_end"
+            )
         interval, stride = values.get("gradient_checkpointing_interval"), values.get("gradient_checkpointing_segment_stride")
         if not bad & {"gradient_checkpointing_interval", "gradient_checkpointing_segment_stride"} and stride is not None:
             if (interval or 1) <= 1:
-                problems.append(f"'--gradient_checkpointing_segment_stride' ({stride}) needs "
-                                "'--gradient_checkpointing_interval' above 1 (the segment width): set it, or remove the stride")
+                problems.append(
+                    f"'--gradient_checkpointing_segment_stride' ({stride}) needs "
+                    "'--gradient_checkpointing_interval' above 1 (the segment width): set it, or remove the stride"
+                )
             elif stride < interval:
-                problems.append(f"'--gradient_checkpointing_segment_stride' ({stride}) must be at least "
-                                f"'--gradient_checkpointing_interval' ({interval}): segments cannot overlap")
+                problems.append(
+                    f"'--gradient_checkpointing_segment_stride' ({stride}) must be at least "
+                    f"'--gradient_checkpointing_interval' ({interval}): segments cannot overlap"
+                )
         if not bad & {"init_lora_step", "init_lora"} and values["init_lora_step"] and values["init_lora"] is None:
             problems.append("'--init_lora_step' needs '--init_lora': name the adapter file to continue from")
-        if not bad & {"init_lora_step", "max_train_steps"} and values["init_lora_step"] and \
-                0 < values["max_train_steps"] <= values["init_lora_step"]:
-            problems.append(f"'--init_lora_step' ({values['init_lora_step']}) must be below '--max_train_steps' "
-                            f"({values['max_train_steps']}): raise --max_train_steps, or set --init_lora_step 0 to start anew")
+        if (
+            not bad & {"init_lora_step", "max_train_steps"}
+            and values["init_lora_step"]
+            and 0 < values["max_train_steps"] <= values["init_lora_step"]
+        ):
+            problems.append(
+                f"'--init_lora_step' ({values['init_lora_step']}) must be below '--max_train_steps' "
+                f"({values['max_train_steps']}): raise --max_train_steps, or set --init_lora_step 0 to start anew"
+            )
         return problems
 
     @property
@@ -398,8 +419,9 @@ class TrainConfig(ConfigModel):
         notes = [f"'{old}' is read as '--{new}' (SimpleTuner's current name)" for old, new in self._renamed]
         from relay_train.config.notes import NOTE_RULES, _show  # it reads TrainConfig: imported late
 
-        notes += [f"SimpleTuner option '--{key}={_show(value)}' is what Relay does anyway; accepted"
-                  for key, value in self._matched]
+        notes += [
+            f"SimpleTuner option '--{key}={_show(value)}' is what Relay does anyway; accepted" for key, value in self._matched
+        ]
         notes += [n for n in (rule(self) for rule in NOTE_RULES) if n]
         return notes + compat.default_notes(self.model_fields_set | {k for k, _ in self._matched}, self.__dict__)
 
@@ -408,9 +430,13 @@ class TrainConfig(ConfigModel):
         groups = [
             ("per-dataset sampling weights and random crop aspects are", self._pending_data()),
         ]
-        return [f"{what} not built yet: {', '.join(items)} "
-                f"{'is' if len(items) == 1 else 'are'} parsed but {'has' if len(items) == 1 else 'have'} "
-                "no effect in this run" for what, items in groups if items]
+        return [
+            f"{what} not built yet: {', '.join(items)} "
+            f"{'is' if len(items) == 1 else 'are'} parsed but {'has' if len(items) == 1 else 'have'} "
+            "no effect in this run"
+            for what, items in groups
+            if items
+        ]
 
     def _pending_data(self) -> list[str]:
         """The few multidatabackend settings the data pipeline still ignores."""
@@ -446,7 +472,9 @@ def skip_layer_guidance(config: TrainConfig) -> dict[str, Any]:
     (as SimpleTuner passes them); empty otherwise."""
     if not config.validation_guidance_skip_layers:
         return {}
-    return {"skip_guidance_layers": list(config.validation_guidance_skip_layers),
-            "skip_layer_guidance_scale": config.validation_guidance_skip_scale,
-            "skip_layer_guidance_start": config.validation_guidance_skip_layers_start,
-            "skip_layer_guidance_stop": config.validation_guidance_skip_layers_stop}
+    return {
+        "skip_guidance_layers": list(config.validation_guidance_skip_layers),
+        "skip_layer_guidance_scale": config.validation_guidance_skip_scale,
+        "skip_layer_guidance_start": config.validation_guidance_skip_layers_start,
+        "skip_layer_guidance_stop": config.validation_guidance_skip_layers_stop,
+    }

@@ -13,9 +13,7 @@ log = logging.getLogger(__name__)
 Bucket = tuple[int, int]  # (width, height) in pixels
 
 
-def bucket_for(
-    width: int, height: int, resolution: float, resolution_type: str, rounding: int, alignment: int
-) -> Bucket:
+def bucket_for(width: int, height: int, resolution: float, resolution_type: str, rounding: int, alignment: int) -> Bucket:
     """The (W, H) an image is resized and cropped to.
 
     pixel_area: W·H ≈ resolution², W/H ≈ the image's aspect rounded to `rounding` decimals.
@@ -75,17 +73,19 @@ class BucketBatchSampler:
                 "or set --disable_bucket_pruning true"
             )
 
-    def global_batches(self, epoch: int, start: dict[Bucket, int] | None = None,
-                       batch_size: int | None = None) -> list[Batch]:
+    def global_batches(self, epoch: int, start: dict[Bucket, int] | None = None, batch_size: int | None = None) -> list[Batch]:
         """Every batch of the epoch from `start` on, in order."""
         start, batch_size = start or {}, batch_size or self.batch_size
         chunks: dict[Bucket, list[list[int]]] = {}
         for bucket in sorted(self.bucket_sizes):
             order = list(range(self.bucket_sizes[bucket]))
             random.Random(f"{self.seed}:{epoch}:{bucket}").shuffle(order)
-            rest = order[start.get(bucket, 0):]
-            chunks[bucket] = [rest[i : i + batch_size] for i in range(0, len(rest), batch_size)
-                              if len(rest[i : i + batch_size]) == batch_size or self.keep_partial_batches]
+            rest = order[start.get(bucket, 0) :]
+            chunks[bucket] = [
+                rest[i : i + batch_size]
+                for i in range(0, len(rest), batch_size)
+                if len(rest[i : i + batch_size]) == batch_size or self.keep_partial_batches
+            ]
         labels = [bucket for bucket in sorted(chunks) for _ in chunks[bucket]]
         where = ":".join(f"{start[b]}" for b in sorted(start) if start[b])  # a fresh epoch: ""
         random.Random(f"{self.seed}:{epoch}:{where}").shuffle(labels)
@@ -111,9 +111,14 @@ class BucketBatchSampler:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
-                "start": [[w, h, n] for (w, h), n in sorted(self.start.items())],
-                "buckets": [[w, h, n] for (w, h), n in sorted(self.bucket_sizes.items())]}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "start": [[w, h, n] for (w, h), n in sorted(self.start.items())],
+            "buckets": [[w, h, n] for (w, h), n in sorted(self.bucket_sizes.items())],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore exactly when the batch size matches; otherwise continue each bucket where it stopped."""
@@ -121,9 +126,13 @@ class BucketBatchSampler:
             raise ValueError(f"sampler state was saved with seed {state['seed']}, this run uses {self.seed}")
         saved = {(w, h): n for w, h, n in state.get("buckets", [])}
         if saved and saved != dict(self.bucket_sizes):
-            log.warning("sampler: the dataset's buckets changed since the checkpoint (%d → %d samples): "
-                        "epoch %d's order differs from the one it started with",
-                        sum(saved.values()), sum(self.bucket_sizes.values()), state["epoch"])
+            log.warning(
+                "sampler: the dataset's buckets changed since the checkpoint (%d → %d samples): "
+                "epoch %d's order differs from the one it started with",
+                sum(saved.values()),
+                sum(self.bucket_sizes.values()),
+                state["epoch"],
+            )
         size = state.get("batch_size", self.batch_size)
         start = {(w, h): n for w, h, n in state.get("start", [])}
         self.epoch, self.position, self.start, self._order = state["epoch"], state["position"], start, None
@@ -134,6 +143,11 @@ class BucketBatchSampler:
         for bucket, indices in done:
             consumed[bucket] = consumed.get(bucket, 0) + len(indices)
         self.start, self.position = consumed, 0
-        log.warning("sampler: resuming epoch %d with batches of %d (saved with %d): %d samples of the epoch "
-                    "were done and are not repeated; the rest of each bucket is cut into new batches",
-                    self.epoch, self.batch_size, size, sum(consumed.values()))
+        log.warning(
+            "sampler: resuming epoch %d with batches of %d (saved with %d): %d samples of the epoch "
+            "were done and are not repeated; the rest of each bucket is cut into new batches",
+            self.epoch,
+            self.batch_size,
+            size,
+            sum(consumed.values()),
+        )

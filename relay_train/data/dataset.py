@@ -43,12 +43,22 @@ class EncodedDataset:
     uses it is replaced, for the rest of this run, by the next usable sample of its bucket (so batch
     shapes, and the data order of every other sample, are unchanged on every rank)."""
 
-    def __init__(self, buckets: dict[Bucket, list[SampleRef]], latent_caches: list[TensorCache], text_cache: TensorCache,
-                 empty_key: str, memory_budget: int = MEMORY_BUDGET, stats: BuildStats | None = None) -> None:
+    def __init__(
+        self,
+        buckets: dict[Bucket, list[SampleRef]],
+        latent_caches: list[TensorCache],
+        text_cache: TensorCache,
+        empty_key: str,
+        memory_budget: int = MEMORY_BUDGET,
+        stats: BuildStats | None = None,
+    ) -> None:
         self.buckets, self.latent_caches, self.text_cache = buckets, latent_caches, text_cache
         self.stats = stats or BuildStats()
-        total = sum(self.latent_caches[r.backend].size_of(r.latent) + text_cache.size_of(r.text)
-                    for refs in buckets.values() for r in refs)
+        total = sum(
+            self.latent_caches[r.backend].size_of(r.latent) + text_cache.size_of(r.text)
+            for refs in buckets.values()
+            for r in refs
+        )
         self._memo: dict[tuple[int, str], dict[str, torch.Tensor]] | None = {} if total <= memory_budget else None
         self._pool = ThreadPoolExecutor(max_workers=8)
         self.bad: set[tuple[int, str]] = set()  # (backend, key) of entries found corrupt; -1 is the text cache
@@ -79,10 +89,12 @@ class EncodedDataset:
                 if (exc.backend, exc.key) not in self.bad:
                     self.bad.add((exc.backend, exc.key))
                     self._report(exc)
-        latents, texts = entries[: len(refs)], entries[len(refs):]
-        return BucketTensors(torch.stack([e["latents"] for e in latents]),
-                             torch.stack([e["prompt_embeds"] for e in texts]),
-                             torch.stack([e["pooled_embeds"] for e in texts]))
+        latents, texts = entries[: len(refs)], entries[len(refs) :]
+        return BucketTensors(
+            torch.stack([e["latents"] for e in latents]),
+            torch.stack([e["prompt_embeds"] for e in texts]),
+            torch.stack([e["pooled_embeds"] for e in texts]),
+        )
 
     def _usable(self, bucket: Bucket, index: int) -> SampleRef:
         """The sample, or (when one of its entries is corrupt) the next usable one of its bucket."""
@@ -107,19 +119,26 @@ class EncodedDataset:
             # Stored in the encoder's dtype (bf16 on a GPU); the step gets fp32 and autocasts itself.
             entry = {k: v.float() for k, v in cache.get(key).items()}
         except Exception as exc:  # truncated gzip, a bad safetensors header, a vanished file...
-            raise CorruptEntryError(backend, key, cache.describe_entry(key),
-                                    f"{type(exc).__name__}: {str(exc)[:120]}") from exc
+            raise CorruptEntryError(backend, key, cache.describe_entry(key), f"{type(exc).__name__}: {str(exc)[:120]}") from exc
         if self._memo is not None:
             self._memo[(backend, key)] = entry
         return entry
 
     def _report(self, exc: CorruptEntryError) -> None:
         cache = self.text_cache if exc.backend < 0 else self.latent_caches[exc.backend]
-        users = sum(1 for refs in self.buckets.values() for r in refs
-                    if (r.backend, r.latent) == (exc.backend, exc.key) or (exc.backend < 0 and r.text == exc.key))
-        log.warning("%s; %d sample(s) use it and are skipped this run (replaced by another of their bucket); the entry "
-                    "is removed so that the next start encodes it again (report: %s)", exc, users,
-                    cache.store.describe(CORRUPT_REPORT))
+        users = sum(
+            1
+            for refs in self.buckets.values()
+            for r in refs
+            if (r.backend, r.latent) == (exc.backend, exc.key) or (exc.backend < 0 and r.text == exc.key)
+        )
+        log.warning(
+            "%s; %d sample(s) use it and are skipped this run (replaced by another of their bucket); the entry "
+            "is removed so that the next start encodes it again (report: %s)",
+            exc,
+            users,
+            cache.store.describe(CORRUPT_REPORT),
+        )
         cache.quarantine(exc.key, exc.reason)
 
 
@@ -135,6 +154,5 @@ class CorruptEntryError(RuntimeError):
         self.backend, self.key, self.name, self.reason = backend, key, name, reason
 
 
-def open_dataset(plan: DatasetPlan, stats: BuildStats | None = None,
-                 memory_budget: int = MEMORY_BUDGET) -> EncodedDataset:
+def open_dataset(plan: DatasetPlan, stats: BuildStats | None = None, memory_budget: int = MEMORY_BUDGET) -> EncodedDataset:
     return EncodedDataset(plan.buckets, plan.latent_caches, plan.text_cache, plan.empty_key, memory_budget, stats)

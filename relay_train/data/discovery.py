@@ -72,8 +72,10 @@ def inspect_image(data: bytes, max_pixels: int | None = None) -> tuple[tuple[int
 
 
 def _too_many_pixels(width: int, height: int, limit: int) -> str:
-    return (f"too many pixels ({width}x{height} = {width * height:,}, over the decoder's limit of {limit:,}: "
-            "Pillow's MAX_IMAGE_PIXELS, a guard against decompression bombs)")
+    return (
+        f"too many pixels ({width}x{height} = {width * height:,}, over the decoder's limit of {limit:,}: "
+        "Pillow's MAX_IMAGE_PIXELS, a guard against decompression bombs)"
+    )
 
 
 def _probe(store: FileStore, info: FileInfo) -> dict[str, Any]:
@@ -143,8 +145,14 @@ def load_index(cache: FileStore) -> dict[str, Any]:
     return data.get("files", {}) if data.get("version") == INDEX_VERSION else {}
 
 
-def discover(backend: DataBackendConfig, store: FileStore, cache: FileStore, minimum_size: float,
-             trust_index: bool = False, threads: int = 16) -> Discovery:
+def discover(
+    backend: DataBackendConfig,
+    store: FileStore,
+    cache: FileStore,
+    minimum_size: float,
+    trust_index: bool = False,
+    threads: int = 16,
+) -> Discovery:
     """Every usable image of one backend, plus (key, reason) for each one skipped.
 
     trust_index (skip_file_discovery 'metadata'/'aspect'): use the saved index without listing.
@@ -155,8 +163,7 @@ def discover(backend: DataBackendConfig, store: FileStore, cache: FileStore, min
     else:
         listing = {info.key: info for info in store.list()}
     images = [info for key, info in sorted(listing.items()) if PurePosixPath(key).suffix.lower() in IMAGE_SUFFIXES]
-    stale = [info for info in images
-             if index.get(info.key, {}).get("stamp") != info.stamp or "digest" not in index[info.key]]
+    stale = [info for info in images if index.get(info.key, {}).get("stamp") != info.stamp or "digest" not in index[info.key]]
     # I/O-bound (S3 GETs) and PIL releases the GIL while decoding: threads overlap both.
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for info, entry in zip(stale, pool.map(lambda i: _probe(store, i), stale)):
@@ -187,36 +194,42 @@ def _size_problem(size: list[int], minimum: float) -> str | None:
 
 
 def problem_kind(reason: str) -> str:
-    for kind in ("empty file", "unreadable", "no caption", "too many pixels", "too big for the model",
-                 "could not be read"):
+    for kind in ("empty file", "unreadable", "no caption", "too many pixels", "too big for the model", "could not be read"):
         if reason.startswith(kind):
             return kind
     return "too small"
 
 
-def report_problems(backend: DataBackendConfig, store: FileStore, cache: FileStore,
-                    problems: list[tuple[str, str]], delete: bool) -> list[str]:
+def report_problems(
+    backend: DataBackendConfig, store: FileStore, cache: FileStore, problems: list[tuple[str, str]], delete: bool
+) -> list[str]:
     """Write the report into the cache folder, log a summary, delete unreadable files when asked
     (local backends only: an S3 dataset is never modified). Returns what was deleted."""
     deleted: list[str] = []
     if delete and problems and not store.is_local:
-        log.warning("data backend %r: --delete_problematic_images leaves S3 objects alone; %d bad file(s) "
-                    "are only skipped", backend.id, len(problems))
+        log.warning(
+            "data backend %r: --delete_problematic_images leaves S3 objects alone; %d bad file(s) are only skipped",
+            backend.id,
+            len(problems),
+        )
     elif delete:
         for key, reason in problems:
             if reason.startswith(UNREADABLE):
                 store.delete(key)
                 deleted.append(store.describe(key))
         if deleted:
-            log.warning("data backend %r: deleted %d problematic image(s): %s", backend.id, len(deleted),
-                        ", ".join(deleted))
+            log.warning("data backend %r: deleted %d problematic image(s): %s", backend.id, len(deleted), ", ".join(deleted))
     counts = Counter(problem_kind(reason) for _, reason in problems)
-    report = {"backend": backend.id, "count": len(problems), "by_reason": dict(counts),
-              "files": [{"file": store.describe(k), "reason": r, "deleted": store.describe(k) in deleted}
-                        for k, r in problems]}
+    report = {
+        "backend": backend.id,
+        "count": len(problems),
+        "by_reason": dict(counts),
+        "files": [{"file": store.describe(k), "reason": r, "deleted": store.describe(k) in deleted} for k, r in problems],
+    }
     cache.write(REPORT_NAME, json.dumps(report, indent=2).encode())
     if problems:
         shown = "; ".join(f"{k}: {r}" for k, r in problems[:10])
-        log.warning("data backend %r: skipped %d image(s) (report: %s): %s", backend.id, len(problems),
-                    cache.describe(REPORT_NAME), shown)
+        log.warning(
+            "data backend %r: skipped %d image(s) (report: %s): %s", backend.id, len(problems), cache.describe(REPORT_NAME), shown
+        )
     return deleted

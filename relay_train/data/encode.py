@@ -43,8 +43,16 @@ def latent_items(plan: DatasetPlan) -> list[dict[str, Any]]:
     rows = []
     for key in plan.missing_latents:
         backend, record, (width, height) = plan.records[key]
-        rows.append({"latent_key": key, "backend": backend, "image_key": record.key, "digest": record.digest,
-                     "width": width, "height": height})
+        rows.append(
+            {
+                "latent_key": key,
+                "backend": backend,
+                "image_key": record.key,
+                "digest": record.digest,
+                "width": width,
+                "height": height,
+            }
+        )
     return sorted(rows, key=lambda r: (r["width"], r["height"], r["latent_key"]))
 
 
@@ -84,8 +92,11 @@ class LatentEncoder:
         from diffusers import AutoencoderKL
 
         self.config, self.device, self.dtype = config, torch.device(device), getattr(torch, dtype)
-        self.vae = AutoencoderKL.from_pretrained(Path(model_path), subfolder="vae", dtype=self.dtype,
-                                                 local_files_only=True).to(self.device).eval()
+        self.vae = (
+            AutoencoderKL.from_pretrained(Path(model_path), subfolder="vae", dtype=self.dtype, local_files_only=True)
+            .to(self.device)
+            .eval()
+        )
         self.backends = [b for b in config.data_backends if b.dataset_type == "image" and not b.disabled]
         self._stores: dict[int, tuple[FileStore, TensorCache]] = {}
 
@@ -136,17 +147,23 @@ class TextEncoder:
         from diffusers import StableDiffusion3Pipeline
 
         self.device, self.dtype = torch.device(device), getattr(torch, dtype)
-        self.pipe = StableDiffusion3Pipeline.from_pretrained(Path(model_path), transformer=None, vae=None,
-                                                             dtype=self.dtype, local_files_only=True).to(self.device)
+        self.pipe = StableDiffusion3Pipeline.from_pretrained(
+            Path(model_path), transformer=None, vae=None, dtype=self.dtype, local_files_only=True
+        ).to(self.device)
         self.cache = TensorCache(text_cache_store(config), config.compress_disk_cache)
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
         keys, captions = list(batch["text_key"]), [str(c) for c in batch["caption"]]
         # CLIP-L/G at 77 tokens + T5 at 154, concatenated to (231, 4096); pooled = cat(L, G).
-        embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=captions, prompt_2=captions, prompt_3=captions,
-                                                      device=self.device, do_classifier_free_guidance=False,
-                                                      max_sequence_length=T5_TOKENS)
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=captions,
+            prompt_2=captions,
+            prompt_3=captions,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=T5_TOKENS,
+        )
         for key, e, p in zip(keys, embeds, pooled):
             self.cache.put(key, {"prompt_embeds": e.to(self.dtype).cpu(), "pooled_embeds": p.to(self.dtype).cpu()})
         return {"key": np.array(keys, dtype=object), "ok": np.ones(len(keys), dtype=bool)}
@@ -163,8 +180,13 @@ def _columns(rows: list[dict[str, Any]]) -> Batch:
 Progress = Callable[[str, int, int], None]
 
 
-def run_in_process(encoder: Callable[[Batch], dict[str, np.ndarray]], rows: list[dict[str, Any]], batch_size: int,
-                   what: str, progress: Progress | None = None) -> list[str]:
+def run_in_process(
+    encoder: Callable[[Batch], dict[str, np.ndarray]],
+    rows: list[dict[str, Any]],
+    batch_size: int,
+    what: str,
+    progress: Progress | None = None,
+) -> list[str]:
     """Feed rows to an encoder batch by batch; returns the keys that failed."""
     failed: list[str] = []
     for start in range(0, len(rows), batch_size):
@@ -175,8 +197,9 @@ def run_in_process(encoder: Callable[[Batch], dict[str, np.ndarray]], rows: list
     return failed
 
 
-def build_missing(plan: DatasetPlan, model_path: Path, device: torch.device, dtype: torch.dtype,
-                  progress: Progress | None = None) -> BuildStats:
+def build_missing(
+    plan: DatasetPlan, model_path: Path, device: torch.device, dtype: torch.dtype, progress: Progress | None = None
+) -> BuildStats:
     """Encode the plan's missing entries in this process, one encoder at a time (each freed after)."""
     stats, dtype_name = BuildStats(), str(dtype).removeprefix("torch.")
     progress = progress or LogProgress()
@@ -213,8 +236,9 @@ class LogProgress:
 # ---------------------------------------------------------------- the trainer's seam
 
 
-def encode_dataset(config: TrainConfig, model_path: Path, device: torch.device, dtype: torch.dtype,
-                   rank: int = 0, world_size: int = 1) -> EncodedDataset:
+def encode_dataset(
+    config: TrainConfig, model_path: Path, device: torch.device, dtype: torch.dtype, rank: int = 0, world_size: int = 1
+) -> EncodedDataset:
     """Plan the dataset, encode whatever the caches lack (loading only the encoders needed), then
     open it for reading from the caches alone.
 

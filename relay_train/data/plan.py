@@ -59,8 +59,10 @@ def image_backends(config: TrainConfig) -> list[DataBackendConfig]:
         if backend.vae_cache_clear_each_epoch:
             raise NotImplementedError(f"data backend {backend.id!r}: vae_cache_clear_each_epoch is not built yet")
     if len(backends) > 1 and any(b.probability != 1.0 for b in backends):
-        raise NotImplementedError("per-backend sampling 'probability' is not built yet: every sample is drawn "
-                                  "once per epoch; remove 'probability' or set it to 1.0")
+        raise NotImplementedError(
+            "per-backend sampling 'probability' is not built yet: every sample is drawn "
+            "once per epoch; remove 'probability' or set it to 1.0"
+        )
     return backends
 
 
@@ -75,8 +77,9 @@ def text_cache_store(config: TrainConfig) -> FileStore:
     text = [b for b in config.data_backends if b.dataset_type == "text_embeds" and not b.disabled and b.default]
     if text and text[0].cache_dir:
         return cache_store(text[0], text[0].cache_dir)
-    return cache_store(DataBackendConfig(id="text", type="local", dataset_type="text_embeds"),
-                       str(Path(config.output_dir) / "cache/text"))
+    return cache_store(
+        DataBackendConfig(id="text", type="local", dataset_type="text_embeds"), str(Path(config.output_dir) / "cache/text")
+    )
 
 
 def crop_settings(backend: DataBackendConfig) -> tuple[str, ...]:
@@ -89,8 +92,7 @@ def target_bucket(record: ImageRecord, config: TrainConfig, backend: DataBackend
     width, height = record.size
     if backend.crop and backend.crop_aspect == "square":
         width = height = 1  # SimpleTuner's crop_aspect square: every image trains square
-    return bucket_for(width, height, resolution, resolution_type, config.aspect_bucket_rounding,
-                      config.aspect_bucket_alignment)
+    return bucket_for(width, height, resolution, resolution_type, config.aspect_bucket_rounding, config.aspect_bucket_alignment)
 
 
 @dataclass(frozen=True)
@@ -118,16 +120,21 @@ class ModelLimits:
             return None
         if not transformer.get("pos_embed_max_size") or "patch_size" not in transformer:
             return None
-        return cls(int(transformer["pos_embed_max_size"]), int(transformer["patch_size"]),
-                   2 ** (len(vae.get("block_out_channels", [0])) - 1))
+        return cls(
+            int(transformer["pos_embed_max_size"]),
+            int(transformer["patch_size"]),
+            2 ** (len(vae.get("block_out_channels", [0])) - 1),
+        )
 
     def problem(self, bucket: Bucket) -> str | None:
         width, height = bucket
         if max(width, height) <= self.max_side:
             return None
-        return (f"too big for the model: its bucket {width}x{height} (aspect {max(width, height) / min(width, height):.1f}:1) "
-                f"has a side over {self.max_side} px, the transformer's limit (pos_embed_max_size "
-                f"{self.pos_embed_max_size} x patch_size {self.patch_size} x VAE scale {self.vae_scale})")
+        return (
+            f"too big for the model: its bucket {width}x{height} (aspect {max(width, height) / min(width, height):.1f}:1) "
+            f"has a side over {self.max_side} px, the transformer's limit (pos_embed_max_size "
+            f"{self.pos_embed_max_size} x patch_size {self.patch_size} x VAE scale {self.vae_scale})"
+        )
 
 
 def _skip_words(config: TrainConfig, backend: DataBackendConfig) -> set[str]:
@@ -149,11 +156,15 @@ def plan_dataset(config: TrainConfig, model_path: Path) -> DatasetPlan:
         plan.latent_caches.append(TensorCache(cache, config.compress_disk_cache))
         skip = _skip_words(config, backend)
         skip_text |= "text" in skip
-        found = discover(backend, store, cache, backend.minimum_image_size or config.minimum_image_size,
-                         trust_index=bool(skip & {"metadata", "aspect"}))
+        found = discover(
+            backend,
+            store,
+            cache,
+            backend.minimum_image_size or config.minimum_image_size,
+            trust_index=bool(skip & {"metadata", "aspect"}),
+        )
         if limits is not None:  # an image whose bucket the transformer cannot embed would end the run at its batch
-            too_big = {r.key: reason for r in found.records
-                       if (reason := limits.problem(target_bucket(r, config, backend)))}
+            too_big = {r.key: reason for r in found.records if (reason := limits.problem(target_bucket(r, config, backend)))}
             found.records = [r for r in found.records if r.key not in too_big]
             found.problems += sorted(too_big.items())
         report_problems(backend, store, cache, found.problems, config.delete_problematic_images)
@@ -173,9 +184,14 @@ def plan_dataset(config: TrainConfig, model_path: Path) -> DatasetPlan:
     present_text = set() if skip_text else text_cache.refresh()
     plan.missing_text = [] if skip_text else sorted(set(plan.captions) - present_text)
     plan.buckets = dict(sorted(plan.buckets.items()))
-    log.info("dataset: %d samples in %d aspect buckets %s; %d latent(s) and %d text embedding(s) to encode",
-             sum(map(len, plan.buckets.values())), len(plan.buckets),
-             {f"{w}x{h}": len(m) for (w, h), m in plan.buckets.items()}, len(plan.missing_latents), len(plan.missing_text))
+    log.info(
+        "dataset: %d samples in %d aspect buckets %s; %d latent(s) and %d text embedding(s) to encode",
+        sum(map(len, plan.buckets.values())),
+        len(plan.buckets),
+        {f"{w}x{h}": len(m) for (w, h), m in plan.buckets.items()},
+        len(plan.missing_latents),
+        len(plan.missing_text),
+    )
     return plan
 
 

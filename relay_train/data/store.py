@@ -52,16 +52,19 @@ def _is_temp(name: str) -> bool:
     return name.startswith(".") and TEMP_MARK in name
 
 
-def s3_filesystem(endpoint_url: str | None = None, access_key: SecretStr | None = None,
-                  secret_key: SecretStr | None = None, region: str | None = None) -> pafs.S3FileSystem:
+def s3_filesystem(
+    endpoint_url: str | None = None,
+    access_key: SecretStr | None = None,
+    secret_key: SecretStr | None = None,
+    region: str | None = None,
+) -> pafs.S3FileSystem:
     """A pyarrow S3 filesystem: an S3-compatible endpoint if given (scheme and host:port are used), the keys
     if both are given, else the usual AWS chain (environment, shared files, instance role)."""
     from pyarrow import fs
 
     # Delayed open sends a small file as one PUT instead of a three-request multipart upload; errors
     # (a missing bucket) then surface at close, which every write here reaches.
-    options: dict[str, Any] = {"retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=5),
-                               "allow_delayed_open": True}
+    options: dict[str, Any] = {"retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=5), "allow_delayed_open": True}
     if endpoint_url:
         endpoint = urlparse(endpoint_url)
         options.update(endpoint_override=endpoint.netloc, scheme=endpoint.scheme or "https")
@@ -78,8 +81,14 @@ class FileStore:
     Small and picklable: each process opens its own filesystem on first use (an S3 client must not cross
     a fork or a pickle)."""
 
-    def __init__(self, root: str | Path, endpoint_url: str | None = None, access_key: SecretStr | None = None,
-                 secret_key: SecretStr | None = None, region: str | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        endpoint_url: str | None = None,
+        access_key: SecretStr | None = None,
+        secret_key: SecretStr | None = None,
+        region: str | None = None,
+    ) -> None:
         root = str(root)
         self.is_local = not root.startswith("s3://")
         if self.is_local:
@@ -101,8 +110,11 @@ class FileStore:
         if self._fs is None or self._pid != os.getpid():
             from pyarrow import fs
 
-            self._fs = (fs.LocalFileSystem() if self.is_local else
-                        s3_filesystem(self.endpoint_url, self.access_key, self.secret_key, self.region))
+            self._fs = (
+                fs.LocalFileSystem()
+                if self.is_local
+                else s3_filesystem(self.endpoint_url, self.access_key, self.secret_key, self.region)
+            )
             self._pid = os.getpid()
         return self._fs
 
@@ -123,8 +135,10 @@ class FileStore:
         except OSError as exc:
             if self.is_local:
                 raise
-            raise OSError(f"{self.describe(key)} at {self.endpoint_url or 'AWS'}: {exc} "
-                          "(check the bucket name, the endpoint and the credentials)") from exc
+            raise OSError(
+                f"{self.describe(key)} at {self.endpoint_url or 'AWS'}: {exc} "
+                "(check the bucket name, the endpoint and the credentials)"
+            ) from exc
 
     def list(self, prefix: str = "") -> list[FileInfo]:
         """Every file under the folder `prefix` (recursively), sorted by key; [] when there is none."""
@@ -133,8 +147,11 @@ class FileStore:
         with self._named_errors(prefix):
             infos = self.fs.get_file_info(fs.FileSelector(self._path(prefix), recursive=True, allow_not_found=True))
             start = len(self._root) + 1
-            found = [FileInfo(info.path[start:], info.size, f"{info.mtime_ns}:{info.size}") for info in infos
-                     if info.type == fs.FileType.File and not _is_temp(info.base_name)]
+            found = [
+                FileInfo(info.path[start:], info.size, f"{info.mtime_ns}:{info.size}")
+                for info in infos
+                if info.type == fs.FileType.File and not _is_temp(info.base_name)
+            ]
         if not found and not self.is_local:
             self._check_bucket()
         return sorted(found, key=lambda f: f.key)
@@ -146,8 +163,9 @@ class FileStore:
         with self._named_errors(""):
             missing = self.fs.get_file_info(self.bucket).type == fs.FileType.NotFound
         if missing:
-            raise OSError(f"S3 bucket {self.bucket!r} does not exist at {self.endpoint_url or 'AWS'} "
-                          "(or these credentials cannot see it)")
+            raise OSError(
+                f"S3 bucket {self.bucket!r} does not exist at {self.endpoint_url or 'AWS'} (or these credentials cannot see it)"
+            )
 
     def listdir(self, prefix: str = "") -> list[str]:
         """Names directly under the folder `prefix` (files and folders), sorted; [] when it does not exist."""
@@ -192,8 +210,9 @@ def _s3_root(bucket: str | None, prefix: str | None) -> str:
 
 
 def _backend_store(backend: DataBackendConfig, root: str) -> FileStore:
-    return FileStore(root, backend.aws_endpoint_url, backend.aws_access_key_id, backend.aws_secret_access_key,
-                     backend.aws_region_name)
+    return FileStore(
+        root, backend.aws_endpoint_url, backend.aws_access_key_id, backend.aws_secret_access_key, backend.aws_region_name
+    )
 
 
 def image_store(backend: DataBackendConfig) -> FileStore:

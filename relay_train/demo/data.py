@@ -80,9 +80,7 @@ def draw_sample(index: int, seed: int = 0) -> tuple[Image.Image, str]:
     return image, caption
 
 
-def _draw_shape(
-    draw: ImageDraw.ImageDraw, rng: random.Random, colour: str, x_span: tuple[int, int], height: int
-) -> str:
+def _draw_shape(draw: ImageDraw.ImageDraw, rng: random.Random, colour: str, x_span: tuple[int, int], height: int) -> str:
     """Draw one random shape inside the columns `x_span`; return its caption phrase."""
     shape = rng.choice(SHAPES)
     size_word = rng.choice(sorted(SIZE_WORDS))
@@ -106,4 +104,3 @@ def _polygon(shape: str, box: tuple[int, int, int, int]) -> list[tuple[int, int]
     if shape == "triangle":
         return [(mid_x, top), (right, bottom), (left, bottom)]
     return [(mid_x, top), (right, mid_y), (mid_x, bottom), (left, mid_y)]
-

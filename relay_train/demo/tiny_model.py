@@ -246,17 +246,32 @@ def make_tiny_clip(path: str | Path, seed: int = 0) -> Path:
     root = Path(path)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = _build_tokenizers(Path(scratch))["tokenizer"]
-        text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                "num_attention_heads": 2, "max_position_embeddings": CLIP_MAX_LENGTH,
-                "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                "pad_token_id": tokenizer.pad_token_id}
-        vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                  "image_size": 32, "patch_size": 8}
+        text = {
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": CLIP_MAX_LENGTH,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        vision = {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        }
         with torch.random.fork_rng(devices=[]):
             _seeded(seed, "clip")
             model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-        processor = CLIPProcessor(tokenizer=tokenizer, image_processor=CLIPImageProcessor(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))
+        processor = CLIPProcessor(
+            tokenizer=tokenizer,
+            image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        )
         model.save_pretrained(root, safe_serialization=True)
         processor.save_pretrained(root)
     log.info("wrote a tiny CLIP (seed %d) to %s", seed, root)
@@ -391,4 +406,3 @@ def _write_sentencepiece(folder: Path, corpus: list[str], vocab_size: int) -> No
     proto.ParseFromString(model.getvalue())
     proto.trainer_spec.ClearField("seed_sentencepieces_file")
     (folder / "spiece.model").write_bytes(proto.SerializeToString(deterministic=True))
-

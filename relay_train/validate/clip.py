@@ -30,7 +30,8 @@ def resolve_clip_path(name_or_path: str) -> Path:
     raise ModelNotFoundError(
         f"--validation_clip_model: {name_or_path!r} is neither a local folder nor in the Hugging Face cache. "
         f"Download it first (`hf download {name_or_path}`) or point the key at a local CLIP folder "
-        "(model + processor), or set --evaluation_type none.")
+        "(model + processor), or set --evaluation_type none."
+    )
 
 
 def clip_score(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
@@ -54,8 +55,13 @@ class ClipScorer:
     def score(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
         scores: list[float] = []
         for start in range(0, len(images), self.batch):
-            inputs = self.processor(text=prompts[start:start + self.batch], images=images[start:start + self.batch],
-                                    return_tensors="pt", padding=True, truncation=True)  # CLIP reads 77 tokens
+            inputs = self.processor(
+                text=prompts[start : start + self.batch],
+                images=images[start : start + self.batch],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+            )  # CLIP reads 77 tokens
             out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
             scores += clip_score(out.image_embeds, out.text_embeds).tolist()  # host sync, once per batch
         return scores

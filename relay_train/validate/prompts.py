@@ -73,8 +73,7 @@ def read_prompt_file(path: Path) -> list[tuple[str, str]]:
             return [(slug(str(name)), prompt) for name, prompt in data.items()]
         if isinstance(data, list) and all(isinstance(v, str) for v in data):
             return [(f"user-{slug(prompt, 30)}", prompt) for prompt in data]
-        raise ValueError(f"--validation_prompt_file {path}: expected a JSON list of strings or an object of "
-                         "name -> prompt")
+        raise ValueError(f"--validation_prompt_file {path}: expected a JSON list of strings or an object of name -> prompt")
     lines = [line.strip() for line in text.splitlines()]
     return [(f"user-{slug(line, 30)}", line) for line in lines if line and not line.startswith("#")]
 

@@ -38,8 +38,9 @@ def adapter_variants(config: TrainConfig, adapter: Path, ema: Path | None) -> di
     if not config.use_ema or config.ema_validation == "none":
         return {ADAPTER: adapter}
     if ema is None:
-        log.warning("ema_validation %s: no EMA adapter next to %s; rendering the live adapter only",
-                    config.ema_validation, adapter)
+        log.warning(
+            "ema_validation %s: no EMA adapter next to %s; rendering the live adapter only", config.ema_validation, adapter
+        )
         return {ADAPTER: adapter}
     return {EMA: ema} if config.ema_validation == "ema_only" else {ADAPTER: adapter, EMA: ema}
 
@@ -86,8 +87,9 @@ def guidance_rescaled(pipeline: Any, phi: float) -> Iterator[None]:
         del pipeline.transformer.forward, pipeline.scheduler.step  # back to the class methods
 
 
-def read_adapter(source: Path | str | Mapping[str, torch.Tensor], fallback: LycorisConfig | None
-                 ) -> tuple[dict[str, torch.Tensor], LycorisConfig | None]:
+def read_adapter(
+    source: Path | str | Mapping[str, torch.Tensor], fallback: LycorisConfig | None
+) -> tuple[dict[str, torch.Tensor], LycorisConfig | None]:
     """The adapter's tensors and the LyCORIS config it was trained with (its metadata's, else `fallback`)."""
     if isinstance(source, Mapping):
         return dict(source), fallback
@@ -109,8 +111,9 @@ class Validator:
         self.config, self.device, self.dtype = config, torch.device(device), compute_dtype(config, torch.device(device))
         self.prompts = validation_prompts(config)
         if not self.prompts:
-            raise ValueError("validation has no prompts: set --validation_prompt, --validation_prompt_library true "
-                             "or --validation_prompt_file")
+            raise ValueError(
+                "validation has no prompts: set --validation_prompt, --validation_prompt_library true or --validation_prompt_file"
+            )
         self.seed = config.seed if config.validation_seed is None else config.validation_seed
         self.loads = 0
         self.rendered = 0  # images finished in the current render; read by progress reports
@@ -172,8 +175,12 @@ class Validator:
             network = attach_lokr(transformer, lycoris) if lycoris is not None else None
         own = network.state_dict() if network is not None else {}
         if network is not None and {k: v.shape for k, v in own.items()} != {k: v.shape for k, v in weights.items()}:
-            log.warning("adapter tensors do not fit the LyCORIS config (%d tensors vs %d expected, or shapes differ): "
-                        "building the network from the weights instead", len(weights), len(own))
+            log.warning(
+                "adapter tensors do not fit the LyCORIS config (%d tensors vs %d expected, or shapes differ): "
+                "building the network from the weights instead",
+                len(weights),
+                len(own),
+            )
             network.restore()
             network = None
         if network is None:
@@ -190,9 +197,15 @@ class Validator:
         config = self.config
         with torch.inference_mode(), guidance_rescaled(self.pipeline, config.validation_guidance_rescale):
             out = self.pipeline(
-                prompt=prompt, negative_prompt=config.validation_negative_prompt, width=width, height=height,
-                num_inference_steps=config.validation_num_inference_steps, guidance_scale=config.validation_guidance,
-                generator=generator, max_sequence_length=T5_TOKENS, **skip_layer_guidance(config),
+                prompt=prompt,
+                negative_prompt=config.validation_negative_prompt,
+                width=width,
+                height=height,
+                num_inference_steps=config.validation_num_inference_steps,
+                guidance_scale=config.validation_guidance,
+                generator=generator,
+                max_sequence_length=T5_TOKENS,
+                **skip_layer_guidance(config),
             )
         return out.images[0]
 
@@ -207,8 +220,9 @@ class Validator:
                 self.use_adapter(source)
                 for name, prompt in self.prompts:
                     for width, height in self.config.validation_resolutions:
-                        images.append(RenderedImage(variant, name, prompt, self.seed, width, height,
-                                                    self.render_one(prompt, width, height)))
+                        images.append(
+                            RenderedImage(variant, name, prompt, self.seed, width, height, self.render_one(prompt, width, height))
+                        )
                         self.rendered += 1
         finally:
             self.use_adapter(None)
@@ -216,13 +230,19 @@ class Validator:
             for image, score in zip(images, self.clip.score([i.image for i in images], [i.prompt for i in images])):
                 image.clip_score = score
         result = ValidationResult(step, images, time.perf_counter() - started, variants=list(adapters))
-        log.info("validation at step %d: %d image(s) in %.1fs%s", step, len(images), result.seconds,
-                 "".join(f"; {v} CLIP {s['mean']:.2f}" for v, s in result.scores().items()))
+        log.info(
+            "validation at step %d: %d image(s) in %.1fs%s",
+            step,
+            len(images),
+            result.seconds,
+            "".join(f"; {v} CLIP {s['mean']:.2f}" for v, s in result.scores().items()),
+        )
         return result
 
 
-def validate_offline(config: TrainConfig, checkpoint: Path, out: Path | None = None,
-                     device: torch.device | None = None) -> tuple[ValidationResult, Path]:
+def validate_offline(
+    config: TrainConfig, checkpoint: Path, out: Path | None = None, device: torch.device | None = None
+) -> tuple[ValidationResult, Path]:
     """`relay validate`: the same renders for a checkpoint folder (verified against its manifest) or an
     adapter .safetensors file, with the base beside them unless disable_benchmark; written to `out`
     (default <output_dir>/validation/<checkpoint name>)."""
@@ -239,8 +259,9 @@ def validate_offline(config: TrainConfig, checkpoint: Path, out: Path | None = N
             with safe_open(str(checkpoint), framework="pt") as fh:
                 step = int((fh.metadata() or {}).get("step", 0))
         except Exception as exc:  # a truncated or corrupt file: one line, not the loader's traceback
-            raise ckpt.CheckpointError(f"--checkpoint {checkpoint}: not a readable adapter file (truncated or corrupt: "
-                                       f"{str(exc)[:120]})") from exc
+            raise ckpt.CheckpointError(
+                f"--checkpoint {checkpoint}: not a readable adapter file (truncated or corrupt: {str(exc)[:120]})"
+            ) from exc
         adapters = {ADAPTER: checkpoint}
     else:
         raise FileNotFoundError(f"--checkpoint {checkpoint}: neither a checkpoint folder nor an adapter .safetensors file")

@@ -40,15 +40,27 @@ class RenderedImage:
         return buffer.getvalue()
 
     def record(self) -> dict[str, Any]:
-        return {"file": self.filename, "variant": self.variant, "prompt_name": self.prompt_name,
-                "prompt": self.prompt, "seed": self.seed, "width": self.width, "height": self.height,
-                "clip_score": self.clip_score}
+        return {
+            "file": self.filename,
+            "variant": self.variant,
+            "prompt_name": self.prompt_name,
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "width": self.width,
+            "height": self.height,
+            "clip_score": self.clip_score,
+        }
 
 
 def aggregate(scores: list[float]) -> dict[str, float]:
     """min, mean, max and population std (a step's images are the whole population, not a sample)."""
-    return {"min": min(scores), "mean": statistics.fmean(scores), "max": max(scores),
-            "std": statistics.pstdev(scores), "count": len(scores)}
+    return {
+        "min": min(scores),
+        "mean": statistics.fmean(scores),
+        "max": max(scores),
+        "std": statistics.pstdev(scores),
+        "count": len(scores),
+    }
 
 
 @dataclass
@@ -69,8 +81,14 @@ class ValidationResult:
 
     def summary(self) -> dict[str, Any]:
         """What scores.json holds, and what a ledger, tracker or webhook needs."""
-        return {"step": self.step, "seconds": round(self.seconds, 3), "variants": self.variants,
-                "scores": self.scores(), "images": [i.record() for i in self.images], "grid": GRID}
+        return {
+            "step": self.step,
+            "seconds": round(self.seconds, 3),
+            "variants": self.variants,
+            "scores": self.scores(),
+            "images": [i.record() for i in self.images],
+            "grid": GRID,
+        }
 
     def grid(self) -> Image.Image:
         """One row per (prompt, size), one column per variant: base | adapter | ema side by side."""

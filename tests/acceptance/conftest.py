@@ -49,16 +49,18 @@ class Clone:
 
     def run(self, command: str, timeout: float, **env: str) -> subprocess.CompletedProcess:
         """A shell command line in the clone, as a person would type it."""
-        return subprocess.run(["bash", "-c", command], cwd=self.root, env=self.env(**env), capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            ["bash", "-c", command], cwd=self.root, env=self.env(**env), capture_output=True, text=True, timeout=timeout
+        )
 
 
 def _lay_working_tree(clone: Path) -> None:
     diff = subprocess.run(["git", "diff", "HEAD", "--binary"], cwd=REPO, capture_output=True, check=True).stdout
     if diff:
         subprocess.run(["git", "apply", "--whitespace=nowarn"], cwd=clone, input=diff, check=True)
-    untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.split("\0")
+    untracked = subprocess.run(
+        ["git", "ls-files", "--others", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
     for rel in filter(None, untracked):
         (clone / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, clone / rel)
@@ -117,12 +119,36 @@ def head(fresh_clone, background, tmp_path_factory):
     def own_ports() -> list[str]:
         """Every per-node port Ray would otherwise take at a fixed default (the dashboard agent's 52365, the
         client server's 10001, ...): two nodes on one machine, or another cluster there, must not collide."""
-        return [f"--{name}={free()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                   "runtime-env-agent-port", "metrics-export-port")]
-    background([fresh_clone.ray, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
-                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
-                f"--ray-client-server-port={free()}", *own_ports(), *common],
-               env=env, cwd=fresh_clone.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return [
+            f"--{name}={free()}"
+            for name in (
+                "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port",
+                "runtime-env-agent-port",
+                "metrics-export-port",
+            )
+        ]
+
+    background(
+        [
+            fresh_clone.ray,
+            "start",
+            "--head",
+            f"--port={gcs}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--temp-dir={temp}",
+            f"--ray-client-server-port={free()}",
+            *own_ports(),
+            *common,
+        ],
+        env=env,
+        cwd=fresh_clone.root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     address = f"http://127.0.0.1:{dashboard}"
 
     def answers() -> bool:
@@ -137,8 +163,14 @@ def head(fresh_clone, background, tmp_path_factory):
     wait_for("the Ray head's job API", answers, timeout=180)
 
     def takes_jobs() -> bool:  # a fresh head answers "no available agent" to submissions for a while
-        probe = subprocess.run([fresh_clone.ray, "job", "submit", f"--address={address}", "--", "true"],
-                               env=env, cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=120)
+        probe = subprocess.run(
+            [fresh_clone.ray, "job", "submit", f"--address={address}", "--", "true"],
+            env=env,
+            cwd=tempfile.gettempdir(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         return probe.returncode == 0
 
     wait_for("the Ray head to take jobs", takes_jobs, timeout=240, every=3)
@@ -147,9 +179,22 @@ def head(fresh_clone, background, tmp_path_factory):
         # a temp dir of its own: nodes sharing one on a machine would clear each other's job working dirs
         own = tempfile.mkdtemp(prefix="rn")
         temps.append(own)
-        return background([fresh_clone.ray, "start", f"--address=127.0.0.1:{gcs}", f"--num-cpus={cpus}",
-                           f"--resources={json.dumps(resources)}", f"--temp-dir={own}", *own_ports(), *common],
-                          env=env, cwd=fresh_clone.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return background(
+            [
+                fresh_clone.ray,
+                "start",
+                f"--address=127.0.0.1:{gcs}",
+                f"--num-cpus={cpus}",
+                f"--resources={json.dumps(resources)}",
+                f"--temp-dir={own}",
+                *own_ports(),
+                *common,
+            ],
+            env=env,
+            cwd=fresh_clone.root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     temps = [temp]
     yield address, f"127.0.0.1:{gcs}", start_node, env
@@ -179,8 +224,10 @@ def user_files(fresh_clone, tmp_path):
     """A user's own recipe for a cluster: the demo's config with the model, the data and the caches at
     absolute paths (a job's working directory is a copy), made with the user's commands where missing."""
     root = fresh_clone.root
-    for command, marker in ((".venv/bin/relay make-tiny-model demo/tiny-sd3", "demo/tiny-sd3/model_index.json"),
-                            (".venv/bin/relay make-demo-data demo/data", "demo/data")):
+    for command, marker in (
+        (".venv/bin/relay make-tiny-model demo/tiny-sd3", "demo/tiny-sd3/model_index.json"),
+        (".venv/bin/relay make-demo-data demo/data", "demo/data"),
+    ):
         if not (root / marker).exists():
             made = fresh_clone.run(command, timeout=300)
             assert made.returncode == 0, made.stderr[-2000:]
@@ -190,9 +237,14 @@ def user_files(fresh_clone, tmp_path):
     backends[1]["cache_dir"] = str(tmp_path / "cache/text")
     (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
     config = json.loads((root / "configs/demo/config.json").read_text())
-    config.update({"--pretrained_model_name_or_path": str(root / "demo/tiny-sd3"),
-                   "--data_backend_config": str(tmp_path / "multidatabackend.json"),
-                   "--lycoris_config": str(root / "configs/demo/lycoris_config.json"),
-                   "--output_dir": str(tmp_path / "out"), "--validation_steps": 0})
+    config.update(
+        {
+            "--pretrained_model_name_or_path": str(root / "demo/tiny-sd3"),
+            "--data_backend_config": str(tmp_path / "multidatabackend.json"),
+            "--lycoris_config": str(root / "configs/demo/lycoris_config.json"),
+            "--output_dir": str(tmp_path / "out"),
+            "--validation_steps": 0,
+        }
+    )
     (tmp_path / "config.json").write_text(json.dumps(config, indent=1))
     return tmp_path / "config.json"

@@ -17,31 +17,55 @@ SUBMIT = "ray job submit --working-dir . -- python jobs/train.py --config {confi
 
 def _cluster(tmp_path, name: str, bucket: str, endpoint: str, **extra) -> str:
     path = tmp_path / f"cluster-{name}.json"
-    path.write_text(json.dumps({"num_workers": 1, "storage_path": f"s3://{bucket}/runs", "storage_endpoint_url": endpoint,
-                                "run_name": name, "max_failures": 3, "preemption_check_steps": 5, **extra}))
+    path.write_text(
+        json.dumps(
+            {
+                "num_workers": 1,
+                "storage_path": f"s3://{bucket}/runs",
+                "storage_endpoint_url": endpoint,
+                "run_name": name,
+                "max_failures": 3,
+                "preemption_check_steps": 5,
+                **extra,
+            }
+        )
+    )
     return str(path)
 
 
 def _status(clone, run: str, bucket: str, endpoint: str, env: dict) -> dict | None:
-    got = subprocess.run([clone.relay, "status", run, "--storage", f"s3://{bucket}/runs", "--endpoint", endpoint, "--json",
-                          "--no-hub"], cwd=clone.root, env=env, capture_output=True, text=True, timeout=120)
+    got = subprocess.run(
+        [clone.relay, "status", run, "--storage", f"s3://{bucket}/runs", "--endpoint", endpoint, "--json", "--no-hub"],
+        cwd=clone.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return json.loads(got.stdout) if got.returncode == 0 else None
 
 
-def test_ray_job_submit_status_while_it_trains_and_a_resubmit_resumes(fresh_clone, head, user_files, s3_bucket,
-                                                                      s3_endpoint, background, poll, tmp_path):
+def test_ray_job_submit_status_while_it_trains_and_a_resubmit_resumes(
+    fresh_clone, head, user_files, s3_bucket, s3_endpoint, background, poll, tmp_path
+):
     address, _, _, env = head
     _, bucket = s3_bucket
     cluster = _cluster(tmp_path, "job", bucket, s3_endpoint)
     env = {**env, "RAY_ADDRESS": address}
     command = SUBMIT.format(config=user_files, cluster=cluster)
-    job = background(["bash", "-c", command + " --set max_train_steps=1000 --set checkpointing_steps=250"],
-                     cwd=fresh_clone.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = background(
+        ["bash", "-c", command + " --set max_train_steps=1000 --set checkpointing_steps=250"],
+        cwd=fresh_clone.root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
     def training():
         if job.poll() is not None:
             pytest.fail(f"the job ended before status saw it train ({job.returncode}): {job.communicate()[0][-5000:]}")
-        return (s := _status(fresh_clone, "job", bucket, s3_endpoint, env)) and s["state"] == "running" \
-            and s["step"] > 0 and s
+        return (s := _status(fresh_clone, "job", bucket, s3_endpoint, env)) and s["state"] == "running" and s["step"] > 0 and s
 
     seen = poll("relay status to show the run training", training, timeout=600)
     assert seen["total_steps"] == 1000 and seen["storage"] == f"s3://{bucket}/runs/job"
@@ -50,8 +74,14 @@ def test_ray_job_submit_status_while_it_trains_and_a_resubmit_resumes(fresh_clon
     assert "succeeded" in out and "completed at step 1000" in out and "checkpoint 1000 committed: s3://" in out
     assert "(RayTrainWorker" not in out and "PlacementGroupCleaner" not in out  # the driver's view only
 
-    again = subprocess.run(["bash", "-c", command + " --max_train_steps=1050 --checkpointing_steps=50"],
-                           cwd=fresh_clone.root, env=env, capture_output=True, text=True, timeout=900)
+    again = subprocess.run(
+        ["bash", "-c", command + " --max_train_steps=1050 --checkpointing_steps=50"],
+        cwd=fresh_clone.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-5000:]
     assert "resumed at step 1000" in out and "completed at step 1050" in out
@@ -60,16 +90,21 @@ def test_ray_job_submit_status_while_it_trains_and_a_resubmit_resumes(fresh_clon
     assert [a["reason"] for a in final["attempts"]] == ["fresh", "resubmitted"]
 
 
-def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(fresh_clone, head, user_files, s3_bucket, s3_endpoint,
-                                                            background, poll, webhook_receiver, tmp_path):
+def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(
+    fresh_clone, head, user_files, s3_bucket, s3_endpoint, background, poll, webhook_receiver, tmp_path
+):
     from support.fake_imds import FakeMetadata  # tests/support/
 
     address, gcs, start_node, env = head
     _, bucket = s3_bucket
     env = {**env, "RAY_ADDRESS": address}
     node = start_node({"spot": 1})
-    find = [fresh_clone.python, "-c", "import json, ray; ray.init(address='" + gcs + "', logging_level='ERROR'); "
-            "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] and n['Resources'].get('spot')]))"]
+    find = [
+        fresh_clone.python,
+        "-c",
+        "import json, ray; ray.init(address='" + gcs + "', logging_level='ERROR'); "
+        "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] and n['Resources'].get('spot')]))",
+    ]
 
     def spot_nodes() -> list[str]:
         found = subprocess.run(find, env=env, capture_output=True, text=True, timeout=120)
@@ -79,19 +114,47 @@ def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(fresh_clone, head, 
     imds = FakeMetadata()
     imds.start()
     try:
-        agent = background([fresh_clone.relay, "spot-agent", "--cloud", "aws", "--aws-endpoint", imds.url,
-                            "--ray-address", gcs, "--node-id", spot_node, "--interval", "0.5"],
-                           cwd=fresh_clone.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        agent = background(
+            [
+                fresh_clone.relay,
+                "spot-agent",
+                "--cloud",
+                "aws",
+                "--aws-endpoint",
+                imds.url,
+                "--ray-address",
+                gcs,
+                "--node-id",
+                spot_node,
+                "--interval",
+                "0.5",
+            ],
+            cwd=fresh_clone.root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         hook = json.dumps({"webhook_type": "raw", "callback_url": webhook_receiver.url("/relay"), "log_level": "info"})
         cluster = _cluster(tmp_path, "spot", bucket, s3_endpoint, resources_per_worker={"spot": 1}, max_failures=1)
-        job = background(["bash", "-c", SUBMIT.format(config=user_files, cluster=cluster)
-                          + f" --set max_train_steps=1500 --set checkpointing_steps=500 --set 'webhook_config={hook}'"],
-                         cwd=fresh_clone.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        job = background(
+            [
+                "bash",
+                "-c",
+                SUBMIT.format(config=user_files, cluster=cluster)
+                + f" --set max_train_steps=1500 --set checkpointing_steps=500 --set 'webhook_config={hook}'",
+            ],
+            cwd=fresh_clone.root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
         def training_past_20():
             if job.poll() is not None:
                 pytest.fail(f"the job ended early ({job.returncode}): {job.communicate()[0][-4000:]}")
-            return (s := _status(fresh_clone, "spot", bucket, s3_endpoint, env)) and s["state"] == "running" \
-                and s["step"] > 20
+            return (s := _status(fresh_clone, "spot", bucket, s3_endpoint, env)) and s["state"] == "running" and s["step"] > 20
 
         poll("training to pass step 20", training_past_20, timeout=600)
         imds.announce(seconds=30)
@@ -99,8 +162,10 @@ def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(fresh_clone, head, 
         def emergency_checkpoint():
             if job.poll() is not None:
                 agent.kill()
-                pytest.fail(f"the job ended before its emergency checkpoint ({job.returncode}):\n"
-                            f"{job.communicate()[0][-3000:]}\nagent:\n{agent.communicate()[0][-2000:]}")
+                pytest.fail(
+                    f"the job ended before its emergency checkpoint ({job.returncode}):\n"
+                    f"{job.communicate()[0][-3000:]}\nagent:\n{agent.communicate()[0][-2000:]}"
+                )
             return (s := _status(fresh_clone, "spot", bucket, s3_endpoint, env)) and s["emergency_checkpoints"] and s
 
         report = poll("the emergency checkpoint", emergency_checkpoint, timeout=180)

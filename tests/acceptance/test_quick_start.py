@@ -41,8 +41,14 @@ def test_the_readme_first_command_runs_the_demo_and_status_reads_it(fresh_clone)
     assert "checkpoint 300 committed" in out and "validation at step 300 done: " in out and "grid.png" in out
     assert "completed at step 300; adapter: output/demo/sd35-demo-lokr.safetensors" in out
     assert "relay status demo --storage output/ray" in out
-    for noise in ("PlacementGroupCleaner", "gemm_4bit", "Setting accelerator to CPU", "Loading pipeline components",
-                  "(RayTrainWorker", "Traceback"):
+    for noise in (
+        "PlacementGroupCleaner",
+        "gemm_4bit",
+        "Setting accelerator to CPU",
+        "Loading pipeline components",
+        "(RayTrainWorker",
+        "Traceback",
+    ):
         assert noise not in out, noise
     root = fresh_clone.root
     assert (root / "output/demo/sd35-demo-lokr.safetensors").is_file()

@@ -15,8 +15,14 @@ from relay_train.data.discovery import REPORT_NAME, discover, report_problems
 from relay_train.data.store import FileStore, image_store
 from relay_train.trainer import build_trainer
 
-BAD = {"garbage.png": "unreadable", "empty.jpg": "empty file", "truncated.png": "unreadable",
-       "truncated.jpg": "unreadable", "tiny.png": "too small", "uncaptioned.png": "no caption"}
+BAD = {
+    "garbage.png": "unreadable",
+    "empty.jpg": "empty file",
+    "truncated.png": "unreadable",
+    "truncated.jpg": "unreadable",
+    "tiny.png": "too small",
+    "uncaptioned.png": "no caption",
+}
 
 
 def _sprinkle(folder, demo_data):
@@ -78,8 +84,15 @@ def test_s3_bad_files_are_reported_and_never_deleted(tmp_path, demo_data, s3_buc
     for path in folder.iterdir():
         client.put_object(Bucket=bucket, Key="bad/" + path.name, Body=path.read_bytes())
     config = make_config(minimum_image_size=32, delete_problematic_images=True)
-    s3 = DataBackendConfig(id="s3bad", type="aws", aws_bucket_name=bucket, aws_data_prefix="bad/", aws_region_name="us-east-1",
-                           aws_endpoint_url=s3_endpoint, cache_dir_vae="cache/vae")
+    s3 = DataBackendConfig(
+        id="s3bad",
+        type="aws",
+        aws_bucket_name=bucket,
+        aws_data_prefix="bad/",
+        aws_region_name="us-east-1",
+        aws_endpoint_url=s3_endpoint,
+        cache_dir_vae="cache/vae",
+    )
     config = config.model_copy(update={"data_backends": [s3, *config.data_backends[1:]]})
     with caplog.at_level(logging.WARNING):
         plan = plan_dataset(config, tmp_path)

@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def relay(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "relay_train.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=900, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "relay_train.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=900, **kwargs
+    )
 
 
 def test_bad_config_lists_every_problem_without_a_traceback(tmp_path):
@@ -32,8 +33,14 @@ def test_bad_config_lists_every_problem_without_a_traceback(tmp_path):
     assert proc.returncode == 2
     err = proc.stderr
     assert "Traceback" not in err
-    for fragment in ("--learning_rat", "--learning_rate", "--train_batch_sise", "--train_batch_size",
-                     "--grad_clip_method", "--max_train_steps"):
+    for fragment in (
+        "--learning_rat",
+        "--learning_rate",
+        "--train_batch_sise",
+        "--train_batch_size",
+        "--grad_clip_method",
+        "--max_train_steps",
+    ):
         assert fragment in err, fragment
 
 
@@ -45,8 +52,9 @@ def test_missing_model_folder_is_a_clear_error(config_file, tmp_path):
 
 def test_sigint_checkpoints_and_the_same_command_resumes(config_file, tmp_path):
     path = config_file(max_train_steps=5000, checkpointing_steps=4000)
-    proc = subprocess.Popen([sys.executable, "-m", "relay_train.cli", "train", "--config", str(path)], cwd=REPO,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay_train.cli", "train", "--config", str(path)], cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 120
     for line in proc.stderr:  # wait until the loop is running
         if "step " in line or time.monotonic() > deadline:

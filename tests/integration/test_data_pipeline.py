@@ -24,14 +24,23 @@ def write_config(tmp_path, tiny_model):
     """A demo-recipe config whose multidatabackend.json is `images` plus a local text-embed cache."""
 
     def write(images: dict, name: str = "run", text_cache: Path | None = None, **overrides):
-        backends = [{"id": "images", "resolution": 64, "resolution_type": "pixel_area", **images},
-                    {"id": "text", "dataset_type": "text_embeds", "default": True,
-                     "cache_dir": str(text_cache or tmp_path / name / "text")}]
+        backends = [
+            {"id": "images", "resolution": 64, "resolution_type": "pixel_area", **images},
+            {
+                "id": "text",
+                "dataset_type": "text_embeds",
+                "default": True,
+                "cache_dir": str(text_cache or tmp_path / name / "text"),
+            },
+        ]
         (tmp_path / f"{name}-backends.json").write_text(json.dumps(backends))
-        over = {"pretrained_model_name_or_path": str(tiny_model),
-                "lycoris_config": str(REPO / "configs/demo/lycoris_config.json"),
-                "data_backend_config": str(tmp_path / f"{name}-backends.json"), "output_dir": str(tmp_path / name / "out"),
-                **overrides}
+        over = {
+            "pretrained_model_name_or_path": str(tiny_model),
+            "lycoris_config": str(REPO / "configs/demo/lycoris_config.json"),
+            "data_backend_config": str(tmp_path / f"{name}-backends.json"),
+            "output_dir": str(tmp_path / name / "out"),
+            **overrides,
+        }
         return load_config(REPO / "configs/demo/config.json", over)
 
     return write
@@ -43,8 +52,15 @@ def upload(client, bucket: str, folder: Path, prefix: str) -> None:
 
 
 def s3_images(endpoint: str, bucket: str, **extra) -> dict:
-    return {"type": "aws", "aws_bucket_name": bucket, "aws_data_prefix": "demo/", "aws_region_name": "us-east-1",
-            "aws_endpoint_url": endpoint, "cache_dir_vae": "cache/vae", **extra}
+    return {
+        "type": "aws",
+        "aws_bucket_name": bucket,
+        "aws_data_prefix": "demo/",
+        "aws_region_name": "us-east-1",
+        "aws_endpoint_url": endpoint,
+        "cache_dir_vae": "cache/vae",
+        **extra,
+    }
 
 
 def epoch_batches(dataset):
@@ -157,12 +173,26 @@ def test_parquet_captions(write_config, demo_data, tmp_path):
     folder.mkdir()
     for path in sorted(demo_data.glob("*.png"))[:4]:
         shutil.copy(path, folder / path.name)
-    table = pa.table({"id": ["0000", "0001", "0002", "0003"], "caption": ["one", None, "three", "four"],
-                      "alt": ["uno", "dos", "tres", "cuatro"]})
+    table = pa.table(
+        {
+            "id": ["0000", "0001", "0002", "0003"],
+            "caption": ["one", None, "three", "four"],
+            "alt": ["uno", "dos", "tres", "cuatro"],
+        }
+    )
     pq.write_table(table, folder / "captions.parquet")
-    config = write_config({"instance_data_dir": str(folder), "caption_strategy": "parquet",
-                           "parquet": {"path": "captions.parquet", "filename_column": "id", "caption_column": "caption",
-                                       "fallback_caption_column": "alt"}})
+    config = write_config(
+        {
+            "instance_data_dir": str(folder),
+            "caption_strategy": "parquet",
+            "parquet": {
+                "path": "captions.parquet",
+                "filename_column": "id",
+                "caption_column": "caption",
+                "fallback_caption_column": "alt",
+            },
+        }
+    )
     plan = plan_dataset(config, model_of(config))
     assert sorted(plan.captions.values()) == ["", "dos", "four", "one", "three"]
 

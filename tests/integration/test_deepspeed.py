@@ -20,42 +20,72 @@ from relay_train.config import ConfigError
 from state_equal import assert_tree_equal  # tests/ is on sys.path (conftest rootdir)
 
 STEPS, STOP = 6, 3
-RECIPE = dict(max_train_steps=STEPS, checkpointing_steps=100, lr_warmup_steps=2, ema_update_interval=2,
-              train_batch_size=2, gradient_accumulation_steps=2, optimizer="adamw", caption_dropout_probability=0.1)
+RECIPE = dict(
+    max_train_steps=STEPS,
+    checkpointing_steps=100,
+    lr_warmup_steps=2,
+    ema_update_interval=2,
+    train_batch_size=2,
+    gradient_accumulation_steps=2,
+    optimizer="adamw",
+    caption_dropout_probability=0.1,
+)
 
 
-def _rank_main(rank: int, world: int, port: int, config_path: str, strategy: str, stop_at: int, out: str,
-               global_workers: int) -> None:
+def _rank_main(
+    rank: int, world: int, port: int, config_path: str, strategy: str, stop_at: int, out: str, global_workers: int
+) -> None:
     """One rank: train (resuming from the latest checkpoint in output_dir), then rank 0 saves the state."""
     import torch.distributed as dist
 
     from relay_train.config import load_config
     from relay_train.trainer import Hooks, build_trainer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         hooks = Hooks(should_stop=(lambda step: step == stop_at) if stop_at else None)
-        trainer = build_trainer(load_config(config_path), hooks=hooks, device=torch.device("cpu"), rank=rank,
-                                world_size=world, strategy=strategy, global_workers=global_workers)
+        trainer = build_trainer(
+            load_config(config_path),
+            hooks=hooks,
+            device=torch.device("cpu"),
+            rank=rank,
+            world_size=world,
+            strategy=strategy,
+            global_workers=global_workers,
+        )
         started = trainer.step
         result = trainer.fit()
         optimizer = trainer.update.consolidated_state_dict()  # every rank: ZeRO-2 gathers the slices
         if rank == 0:
-            torch.save({"started": started, "step": result.step, "adapter": trainer.adapter_tensors(),
-                        "ema": trainer.ema.state_dict(), "optimizer": optimizer,
-                        "scheduler": trainer.scheduler.state_dict(), "generator": trainer.generator.get_state(),
-                        "last_checkpoint": str(result.last_checkpoint)}, out)
+            torch.save(
+                {
+                    "started": started,
+                    "step": result.step,
+                    "adapter": trainer.adapter_tensors(),
+                    "ema": trainer.ema.state_dict(),
+                    "optimizer": optimizer,
+                    "scheduler": trainer.scheduler.state_dict(),
+                    "generator": trainer.generator.get_state(),
+                    "last_checkpoint": str(result.last_checkpoint),
+                },
+                out,
+            )
     finally:
         dist.destroy_process_group()
 
 
 def _run(config_path: Path, strategy: str, out: Path, free_port, stop_at: int = 0, world: int = 2) -> dict:
     """`world` ranks; the global batch is always sized for 2 (as an elastic run keeps it)."""
-    mp.spawn(_rank_main, args=(world, free_port(), str(config_path), strategy, stop_at, str(out), 2), nprocs=world,
-             join=True)
+    mp.spawn(_rank_main, args=(world, free_port(), str(config_path), strategy, stop_at, str(out), 2), nprocs=world, join=True)
     return torch.load(out, weights_only=True)
 
 
@@ -97,7 +127,14 @@ def test_zero2_resumes_bitwise_and_agrees_with_ddp(config_file, tmp_path, free_p
     # the same checkpoint layout as ddp, optimizer.pt in torch AdamW's per-parameter form
     folder = Path(first["last_checkpoint"])
     assert set(ckpt.verify_checkpoint(folder)["files"]) == {
-        ckpt.ADAPTER, ckpt.ADAPTER_EMA, ckpt.OPTIMIZER, ckpt.SCHEDULER, ckpt.RNG, ckpt.TRAINING_STATE, ckpt.CONFIG}
+        ckpt.ADAPTER,
+        ckpt.ADAPTER_EMA,
+        ckpt.OPTIMIZER,
+        ckpt.SCHEDULER,
+        ckpt.RNG,
+        ckpt.TRAINING_STATE,
+        ckpt.CONFIG,
+    }
     assert json.loads((folder / ckpt.TRAINING_STATE).read_text())["world_size"] == 2
     saved = ckpt.read_checkpoint(folder).optimizer
 
@@ -111,15 +148,21 @@ def test_zero2_resumes_bitwise_and_agrees_with_ddp(config_file, tmp_path, free_p
     shutil.copytree(folder, tmp_path / "one" / folder.name)
     one = _run(config_file(out="one", **RECIPE), "deepspeed", tmp_path / "one.pt", free_port, world=1)
     assert one["started"] == STOP and one["step"] == STEPS
-    print(f"deepspeed resumed on 1 rank vs 2 ranks throughout: adapter max abs diff "
-          f"{_max_diff(straight['adapter'], one['adapter']):.3e}")
+    print(
+        f"deepspeed resumed on 1 rank vs 2 ranks throughout: adapter max abs diff "
+        f"{_max_diff(straight['adapter'], one['adapter']):.3e}"
+    )
     assert _max_diff(straight["adapter"], one["adapter"]) < 1e-5
     diff, ema_diff = _max_diff(straight["adapter"], ddp["adapter"]), _max_diff(straight["ema"], ddp["ema"])
-    moments = [(straight["optimizer"]["state"][i]["exp_avg"] - s["exp_avg"]).abs().max().item()
-               for i, s in ddp["optimizer"]["state"].items()]
+    moments = [
+        (straight["optimizer"]["state"][i]["exp_avg"] - s["exp_avg"]).abs().max().item()
+        for i, s in ddp["optimizer"]["state"].items()
+    ]
     largest = max(v.abs().max().item() for k, v in ddp["adapter"].items() if not k.endswith(".alpha"))
-    print(f"deepspeed vs ddp after {STEPS} steps on 2 ranks: adapter max abs diff {diff:.3e}, EMA {ema_diff:.3e}, "
-          f"exp_avg {max(moments):.3e} (largest weight {largest:.3e})")
+    print(
+        f"deepspeed vs ddp after {STEPS} steps on 2 ranks: adapter max abs diff {diff:.3e}, EMA {ema_diff:.3e}, "
+        f"exp_avg {max(moments):.3e} (largest weight {largest:.3e})"
+    )
     assert diff < 1e-5 and ema_diff < 1e-5 and max(moments) < 1e-5
 
 
@@ -152,8 +195,9 @@ def test_ray_zero2_resubmit_resumes_bitwise(local_ray, config_file, tmp_path):
     finals = {}
     for name, legs in (("straight", [STEPS]), ("resubmitted", [STOP, STEPS])):
         path = config_file(out=name, **RECIPE)
-        cluster = ClusterConfig(num_workers=2, strategy="deepspeed", storage_path=str(tmp_path / "runs"),
-                                run_name=name, max_failures=0)
+        cluster = ClusterConfig(
+            num_workers=2, strategy="deepspeed", storage_path=str(tmp_path / "runs"), run_name=name, max_failures=0
+        )
         for steps in legs:
             result = launch(path, {"max_train_steps": steps}, cluster)
             assert result.error is None

@@ -50,7 +50,6 @@ def test_one_contract_on_both_media(root):
     assert again.read("a/b.bin") == b"three" and again.describe() == store.describe()
 
 
-
 def test_gz_names_are_stored_and_read_byte_for_byte(root, request):
     path, endpoint = root
     store, blob = FileStore(path, endpoint), b"\x1f\x8b" + bytes(range(256))  # a gzip magic, not a gzip stream
@@ -61,6 +60,7 @@ def test_gz_names_are_stored_and_read_byte_for_byte(root, request):
     else:
         client, bucket = request.getfixturevalue("s3_bucket")
         assert client.get_object(Bucket=bucket, Key="pre/entry.safetensors.gz")["Body"].read() == blob
+
 
 def test_run_storage_on_both_media(root):
     path, endpoint = root
@@ -86,9 +86,16 @@ def test_backend_stores_read_the_bucket_with_the_entrys_keys(s3_bucket, s3_endpo
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    backend = DataBackendConfig(id="s3", type="aws", aws_bucket_name=bucket, aws_data_prefix="images/",
-                                aws_endpoint_url=s3_endpoint, aws_region_name="us-east-1",
-                                aws_access_key_id=SecretStr("testing"), aws_secret_access_key=SecretStr("testing"))
+    backend = DataBackendConfig(
+        id="s3",
+        type="aws",
+        aws_bucket_name=bucket,
+        aws_data_prefix="images/",
+        aws_endpoint_url=s3_endpoint,
+        aws_region_name="us-east-1",
+        aws_access_key_id=SecretStr("testing"),
+        aws_secret_access_key=SecretStr("testing"),
+    )
     images, cache = image_store(backend), cache_store(backend, "cache/vae")
     assert [f.key for f in images.list()] == ["x.png"] and images.describe() == f"s3://{bucket}/images"
     cache.write("k.safetensors", b"t")
@@ -143,4 +150,3 @@ def test_an_s3_store_loads_no_boto3(s3_bucket, s3_endpoint):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
-

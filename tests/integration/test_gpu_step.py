@@ -25,9 +25,30 @@ def load_bench():
 def test_gpu_step_bench_runs_every_config_on_cpu(tmp_path, capsys, one_thread):
     bench = load_bench()
     out = tmp_path / "gpu_step.json"
-    results = bench.main(["--device", "cpu", "--preset", "tiny", "--resolution", "64", "--steps", "2",
-                          "--warmup", "1", "--phase-steps", "2", "--render", "eager", "--render-steps", "2",
-                          "--render-repeats", "1", "--out", str(out)])
+    results = bench.main(
+        [
+            "--device",
+            "cpu",
+            "--preset",
+            "tiny",
+            "--resolution",
+            "64",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--phase-steps",
+            "2",
+            "--render",
+            "eager",
+            "--render-steps",
+            "2",
+            "--render-repeats",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     configs = results["configs"]
     assert sorted(configs) == ["a", "b", "c", "d"]
@@ -60,9 +81,30 @@ def test_gpu_step_bench_refuses_what_it_cannot_run():
 def test_gpu_step_bench_compiled_render_on_cpu(tmp_path):
     """The torch.compile path of the render timing (validation_torch_compile), on the tiny model."""
     bench = load_bench()
-    results = bench.main(["--device", "cpu", "--preset", "tiny", "--resolution", "64", "--configs", "a",
-                          "--steps", "1", "--warmup", "0", "--phase-steps", "1", "--render", "compiled",
-                          "--render-steps", "2", "--render-repeats", "1"])
+    results = bench.main(
+        [
+            "--device",
+            "cpu",
+            "--preset",
+            "tiny",
+            "--resolution",
+            "64",
+            "--configs",
+            "a",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--phase-steps",
+            "1",
+            "--render",
+            "compiled",
+            "--render-steps",
+            "2",
+            "--render-repeats",
+            "1",
+        ]
+    )
     compiled = results["render"]["compiled"]
     assert "error" not in compiled, compiled.get("error")
     assert compiled["s_per_image"] > 0
@@ -84,10 +126,33 @@ def test_gpu_step_bench_profile_on_cpu(tmp_path, capsys, one_thread):
     summary come out in the JSON and the printout, with values that make sense."""
     bench = load_bench()
     out = tmp_path / "gpu_step.json"
-    results = bench.main(["--device", "cpu", "--preset", "tiny", "--resolution", "64", "--configs", "a",
-                          "--steps", "1", "--warmup", "1", "--phase-steps", "1", "--render", "off",
-                          "--profile", "--profile-steps", "1", "--trace", str(tmp_path / "trace.json"),
-                          "--out", str(out)])
+    results = bench.main(
+        [
+            "--device",
+            "cpu",
+            "--preset",
+            "tiny",
+            "--resolution",
+            "64",
+            "--configs",
+            "a",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--phase-steps",
+            "1",
+            "--render",
+            "off",
+            "--profile",
+            "--profile-steps",
+            "1",
+            "--trace",
+            str(tmp_path / "trace.json"),
+            "--out",
+            str(out),
+        ]
+    )
     profile = json.loads(out.read_text())["configs"]["a"]["profile"]
     assert profile["flops_per_step"] > 0
     assert "quanto.qbytes_mm" in profile["flops_by_op"]  # the int8 base's forward matmuls are counted
@@ -107,8 +172,13 @@ def test_gpu_step_bench_profile_on_cpu(tmp_path, capsys, one_thread):
     assert (tmp_path / "trace.json").stat().st_size > 0
     assert results["configs"]["a"]["profile"]["flops_per_step"] == profile["flops_per_step"]
     # counting on fake tensors (how sd35m's FLOPs are had without a GPU) agrees with the real step's count
-    fake = bench.step_profile.architecture_flops("tiny", 4, 64, bench.load_config(bench.REPO / "configs/sd3/config.json",
-                                                 {"resume_from_checkpoint": "none"}).lycoris, bench.TEXT_TOKENS)
+    fake = bench.step_profile.architecture_flops(
+        "tiny",
+        4,
+        64,
+        bench.load_config(bench.REPO / "configs/sd3/config.json", {"resume_from_checkpoint": "none"}).lycoris,
+        bench.TEXT_TOKENS,
+    )
     assert fake["lokr_ckpt"] == profile["flops_per_step"]
     assert fake["lokr_no_ckpt"] < fake["lokr_ckpt"] and 0 < fake["lokr_share"] < 1
     printed = capsys.readouterr().out
@@ -151,7 +221,7 @@ def test_lokr_bypass_forms_agree():
 
     step_profile = load_bench().step_profile
     g = torch.Generator().manual_seed(0)
-    for (s1, s2) in (((2, 2), (48, 32)), ((4, 4), (24, 16))):
+    for s1, s2 in (((2, 2), (48, 32)), ((4, 4), (24, 16))):
         h = torch.randn(3, 5, s1[1] * s2[1], generator=g, dtype=torch.float64)
         w1, w2 = torch.randn(*s1, generator=g, dtype=torch.float64), torch.randn(*s2, generator=g, dtype=torch.float64)
         ref = step_profile.bypass_materialised(h, w1, w2)

@@ -23,13 +23,21 @@ ROOT = ("sd35-run-lokr.safetensors", "sd35-run-lokr-ema.safetensors")
 
 def _payload(step: int) -> ckpt.CheckpointPayload:
     g = torch.Generator().manual_seed(step)
-    adapter = {"lycoris_blocks_0_attn.lokr_w1": torch.randn(8, 8, generator=g),
-               "lycoris_blocks_0_attn.lokr_w2": torch.randn(16, 16, generator=g)}
+    adapter = {
+        "lycoris_blocks_0_attn.lokr_w1": torch.randn(8, 8, generator=g),
+        "lycoris_blocks_0_attn.lokr_w2": torch.randn(16, 16, generator=g),
+    }
     return ckpt.CheckpointPayload(
-        step=step, adapter=adapter, adapter_metadata={"step": str(step)},
-        ema={k: v * 0.5 for k, v in adapter.items()}, optimizer={"state": {}, "param_groups": []},
-        scheduler={"last_epoch": step}, rng={"seed": torch.tensor([step])},
-        training_state={"step": step}, config_json='{"masked": "***"}')
+        step=step,
+        adapter=adapter,
+        adapter_metadata={"step": str(step)},
+        ema={k: v * 0.5 for k, v in adapter.items()},
+        optimizer={"state": {}, "param_groups": []},
+        scheduler={"last_epoch": step},
+        rng={"seed": torch.tensor([step])},
+        training_state={"step": step},
+        config_json='{"masked": "***"}',
+    )
 
 
 class FakeRay:
@@ -43,14 +51,24 @@ class FakeRay:
         local = self.tmp / f"staging-{step}"
         ckpt.write_checkpoint(local, _payload(step))
         self.storage.upload_dir(local, f"checkpoint-{step}")
-        self.steps = (self.steps + [step])[-self.keep:]
-        self.storage.write_json(SNAPSHOT, {"checkpoint_results": [{"checkpoint_dir_name": f"checkpoint-{s}"}
-                                                                   for s in self.steps]})
+        self.steps = (self.steps + [step])[-self.keep :]
+        self.storage.write_json(
+            SNAPSHOT, {"checkpoint_results": [{"checkpoint_dir_name": f"checkpoint-{s}"} for s in self.steps]}
+        )
 
 
 def _settings(**kw) -> HubSettings:
-    return HubSettings(**{"repo_id": REPO_ID, "run_name": "run", "base_model": "stabilityai/stable-diffusion-3.5-medium",
-                          "backoff_base_s": 0.2, "backoff_max_s": 2.0, "warn_every_s": 0.0, **kw})
+    return HubSettings(
+        **{
+            "repo_id": REPO_ID,
+            "run_name": "run",
+            "base_model": "stabilityai/stable-diffusion-3.5-medium",
+            "backoff_base_s": 0.2,
+            "backoff_max_s": 2.0,
+            "warn_every_s": 0.0,
+            **kw,
+        }
+    )
 
 
 def _assert_mirrors(server, storage: RunStorage, steps: list[int]) -> None:
@@ -62,7 +80,7 @@ def _assert_mirrors(server, storage: RunStorage, steps: list[int]) -> None:
         manifest = storage.read_json(f"checkpoint-{step}/{ckpt.MANIFEST}")
         names = sorted([*manifest["files"], ckpt.MANIFEST])
         prefix = f"checkpoints/checkpoint-{step}/"
-        assert sorted(p[len(prefix):] for p in repo.files if p.startswith(prefix)) == names
+        assert sorted(p[len(prefix) :] for p in repo.files if p.startswith(prefix)) == names
         for name in names:
             assert repo.read(prefix + name) == storage.read_bytes(f"checkpoint-{step}/{name}"), f"{prefix}{name} differs"
     newest = steps[-1]
@@ -76,8 +94,7 @@ def test_eight_checkpoints_leave_the_newest_five_byte_for_byte(hub_server, s3_bu
     ray = FakeRay(storage, tmp_path)
     warnings: list[str] = []
     api = HfApi(endpoint=hub_server.url)  # the real client, injected, pointed at the loopback Hub
-    mirror = HubMirror(_settings(), api=api, fetch=StorageFetch(storage), warn=warnings.append,
-                       work_dir=tmp_path / "hub").start()
+    mirror = HubMirror(_settings(), api=api, fetch=StorageFetch(storage), warn=warnings.append, work_dir=tmp_path / "hub").start()
     for step in range(1, 9):
         ray.commit(step)
         mirror.submit(step)
@@ -90,8 +107,15 @@ def test_eight_checkpoints_leave_the_newest_five_byte_for_byte(hub_server, s3_bu
     _assert_mirrors(hub_server, storage, [4, 5, 6, 7, 8])
     assert repo.private  # hub_private defaults to true
     extra = {p for p in repo.files if not p.startswith("checkpoints/")}
-    assert extra == {".gitattributes", "README.md", *ROOT, "validation/step-6/cat.png", "validation/step-6/scores.json",
-                     "validation/step-8/cat.png", "validation/step-8/scores.json"}
+    assert extra == {
+        ".gitattributes",
+        "README.md",
+        *ROOT,
+        "validation/step-6/cat.png",
+        "validation/step-6/scores.json",
+        "validation/step-8/cat.png",
+        "validation/step-8/scores.json",
+    }
     card = repo.read("README.md").decode()
     assert "Step 8" in card and "![cat](validation/step-8/cat.png)" in card and "| 8 | 0.33 |" in card
     assert len(repo.commits) == 1 + 8 and mirror.status()["commits"] == 8  # the initial commit + one per step
@@ -116,16 +140,20 @@ def test_a_failing_hub_never_blocks_training_and_the_mirror_catches_up(hub_serve
         mirror.submit(step)
         blocked.append(time.perf_counter() - t0)
     loop_s = time.perf_counter() - start
-    print(f"\nsubmit blocked per checkpoint: max {max(blocked) * 1e3:.3f} ms, "
-          f"mean {statistics.mean(blocked) * 1e3:.3f} ms; loop {loop_s:.2f} s for {8 * step_s:.1f} s of steps "
-          "(the rest is writing checkpoints to storage)")
+    print(
+        f"\nsubmit blocked per checkpoint: max {max(blocked) * 1e3:.3f} ms, "
+        f"mean {statistics.mean(blocked) * 1e3:.3f} ms; loop {loop_s:.2f} s for {8 * step_s:.1f} s of steps "
+        "(the rest is writing checkpoints to storage)"
+    )
     assert max(blocked) < 0.05
     assert mirror.close(60), mirror.status()
     caught_up_s = time.perf_counter() - start
     status = mirror.status()
     failed = {code: sum(hub_server.state.count(m, "", code) for m in ("GET", "POST", "HEAD", "PUT")) for code in (429, 500)}
-    print(f"mirror caught up {caught_up_s:.1f} s after the first step: {status['commits']} commit(s), "
-          f"{status['skipped']} step(s) coalesced away, answers refused {failed}, {len(warnings)} warning(s)")
+    print(
+        f"mirror caught up {caught_up_s:.1f} s after the first step: {status['commits']} commit(s), "
+        f"{status['skipped']} step(s) coalesced away, answers refused {failed}, {len(warnings)} warning(s)"
+    )
     assert hub_server.state.count("POST", "/commit/", 429) >= 1
     _assert_mirrors(hub_server, storage, [4, 5, 6, 7, 8])
     assert sum(hub_server.state.count(m, "", s) for m in ("GET", "POST", "HEAD") for s in (429, 500)) > 0
@@ -166,7 +194,7 @@ def test_killed_mid_push_then_a_new_mirror_reconciles(hub_server, tmp_path):
         folders = {p.rsplit("/", 1)[0] for p in commit.tree if p.startswith("checkpoints/")}
         for folder in folders:
             manifest = json.loads(commit.tree[f"{folder}/{ckpt.MANIFEST}"].data)
-            held = sorted(p[len(folder) + 1:] for p in commit.tree if p.startswith(folder + "/"))
+            held = sorted(p[len(folder) + 1 :] for p in commit.tree if p.startswith(folder + "/"))
             assert held == sorted([*manifest["files"], ckpt.MANIFEST]), (commit.title, folder)
     assert second.status()["hub_steps"] == [4, 5, 6, 7, 8]
 
@@ -174,8 +202,9 @@ def test_killed_mid_push_then_a_new_mirror_reconciles(hub_server, tmp_path):
 def test_falling_behind_coalesces_and_respects_the_commit_limit(hub_server, tmp_path):
     storage = RunStorage(str(tmp_path / "store"), "run")
     ray = FakeRay(storage, tmp_path)
-    mirror = HubMirror(_settings(commits_per_window=2, window_s=1.5), fetch=StorageFetch(storage),
-                       work_dir=tmp_path / "hub").start()
+    mirror = HubMirror(
+        _settings(commits_per_window=2, window_s=1.5), fetch=StorageFetch(storage), work_dir=tmp_path / "hub"
+    ).start()
     for step in range(1, 9):
         ray.commit(step)
         mirror.submit(step)
@@ -193,8 +222,9 @@ def test_falling_behind_coalesces_and_respects_the_commit_limit(hub_server, tmp_
 def test_super_squash_frees_the_space_of_pruned_checkpoints(hub_server, tmp_path):
     storage = RunStorage(str(tmp_path / "store"), "run")
     ray = FakeRay(storage, tmp_path, keep=3)
-    mirror = HubMirror(_settings(keep=3, super_squash=True, squash_interval_s=0.0), fetch=StorageFetch(storage),
-                       work_dir=tmp_path / "hub").start()
+    mirror = HubMirror(
+        _settings(keep=3, super_squash=True, squash_interval_s=0.0), fetch=StorageFetch(storage), work_dir=tmp_path / "hub"
+    ).start()
     for step in range(1, 6):
         ray.commit(step)
         mirror.submit(step)
@@ -218,11 +248,19 @@ def test_hub_adapter_loads_with_lycoris(hub_server, make_config, tmp_path, tiny_
 
     def safe_metadata(data: bytes) -> dict:
         size = int.from_bytes(data[:8], "little")
-        return json.loads(data[8:8 + size])["__metadata__"]
+        return json.loads(data[8 : 8 + size])["__metadata__"]
 
-    config = make_config(out="run", max_train_steps=2, checkpointing_steps=2, ema_update_interval=1,
-                         train_batch_size=2, push_to_hub=True, push_checkpoints_to_hub=True, hub_model_id=REPO_ID,
-                         tracker_run_name="run")
+    config = make_config(
+        out="run",
+        max_train_steps=2,
+        checkpointing_steps=2,
+        ema_update_interval=1,
+        train_batch_size=2,
+        push_to_hub=True,
+        push_checkpoints_to_hub=True,
+        hub_model_id=REPO_ID,
+        tracker_run_name="run",
+    )
     trainer = build_trainer(config)
     result = trainer.fit()
     storage = RunStorage(str(Path(config.output_dir).parent), "run")

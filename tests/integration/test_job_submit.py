@@ -23,9 +23,29 @@ def test_ray_job_submit_runs_and_a_resubmit_resumes(ray_head, config_file, tmp_p
 
     def submit(*extra: str) -> subprocess.CompletedProcess:
         # the entrypoint names this venv's python: CI runs it without activating the venv
-        return subprocess.run([RAY, "job", "submit", f"--address={address}", "--working-dir", ".", "--",
-                               sys.executable, "jobs/train.py", "--config", str(config), "--cluster", str(cluster),
-                               *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            [
+                RAY,
+                "job",
+                "submit",
+                f"--address={address}",
+                "--working-dir",
+                ".",
+                "--",
+                sys.executable,
+                "jobs/train.py",
+                "--config",
+                str(config),
+                "--cluster",
+                str(cluster),
+                *extra,
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     first = submit()
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]

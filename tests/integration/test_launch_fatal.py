@@ -21,17 +21,18 @@ pytestmark = pytest.mark.slow
 
 def test_nan_past_the_policy_ends_a_launch_with_exit_3_and_no_retry(config_file, tiny_model, tmp_path):
     path = config_file(max_train_steps=30, checkpointing_steps=10, nonfinite_policy="stop", validation_steps=0)
-    made = subprocess.run([RELAY, "precompute", "--config", str(path)], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    made = subprocess.run([RELAY, "precompute", "--config", str(path)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert made.returncode == 0, made.stderr[-3000:]
     for entry in (tmp_path / "out/cache/vae").rglob("*.safetensors"):  # every sample NaN
         save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(str(entry)).items()}, str(entry))
     cluster = tmp_path / "cluster.json"
-    cluster.write_text(json.dumps({"num_workers": 1, "storage_path": str(tmp_path / "runs"), "run_name": "nan",
-                                   "max_failures": 5}))
+    cluster.write_text(
+        json.dumps({"num_workers": 1, "storage_path": str(tmp_path / "runs"), "run_name": "nan", "max_failures": 5})
+    )
     start = time.monotonic()
-    got = subprocess.run([RELAY, "launch", "--config", str(path), "--cluster", str(cluster)], cwd=REPO,
-                         capture_output=True, text=True, timeout=900)
+    got = subprocess.run(
+        [RELAY, "launch", "--config", str(path), "--cluster", str(cluster)], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
     err = got.stderr
     assert got.returncode == 3, err[-4000:]
     assert "run stopped:" in err and "Traceback" not in err

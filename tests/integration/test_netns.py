@@ -54,8 +54,9 @@ def _send(nodes: TwoNodes, mib: int, timeout: float, cut_after: float | None = N
     """Send `mib` MiB from node a to node b: (the client's seconds or "stalled", "<bytes> <seconds>" as
     node b received them)."""
     server = nodes.popen(1, [sys.executable, "-c", SERVER, nodes.ips[1]], stdout=subprocess.PIPE, text=True)
-    client = nodes.popen(0, [sys.executable, "-c", CLIENT, nodes.ips[1], str(mib), str(timeout)],
-                         stdout=subprocess.PIPE, text=True)
+    client = nodes.popen(
+        0, [sys.executable, "-c", CLIENT, nodes.ips[1], str(mib), str(timeout)], stdout=subprocess.PIPE, text=True
+    )
     if cut_after is not None:
         time.sleep(cut_after)
         nodes.cut()
@@ -93,8 +94,7 @@ def test_close_deletes_the_namespaces_and_what_ran_in_them():
     with TwoNodes() as two:
         sleeper = two.popen(1, ["sleep", "300"])
         names = two.names
-        assert all(IFNAME in subprocess.run(["ip", "-n", n, "link"], capture_output=True, text=True).stdout
-                   for n in names)
+        assert all(IFNAME in subprocess.run(["ip", "-n", n, "link"], capture_output=True, text=True).stdout for n in names)
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(n in listed for n in names)
     assert sleeper.poll() is not None

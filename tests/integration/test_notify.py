@@ -57,8 +57,9 @@ RUN_EVENTS = [  # a run with a checkpoint, a validation, a preemption, a restart
 
 def send_run(notifier: Notifier, images: list[tuple[str, bytes]]) -> None:
     for kind, severity, step, fields in RUN_EVENTS:
-        notifier.event(kind, severity, step, f"{kind} at {step}", fields,
-                       images=images if kind == WebhookType.VALIDATION else None)
+        notifier.event(
+            kind, severity, step, f"{kind} at {step}", fields, images=images if kind == WebhookType.VALIDATION else None
+        )
 
 
 def test_every_event_type_arrives_in_order_at_a_raw_receiver(webhook_receiver) -> None:
@@ -75,8 +76,10 @@ def test_every_event_type_arrives_in_order_at_a_raw_receiver(webhook_receiver) -
     assert first.json["severity"] == "info" and abs(first.json["timestamp"] - time.time()) < 60
     validation = got[3].json
     assert validation["clip_score"] == 0.31
-    assert [(i["name"], base64.b64decode(i["png_base64"])) for i in validation["images"]] == \
-        [("cat.png", shots[0][1]), ("dog.png", shots[1][1])]
+    assert [(i["name"], base64.b64decode(i["png_base64"])) for i in validation["images"]] == [
+        ("cat.png", shots[0][1]),
+        ("dog.png", shots[1][1]),
+    ]
 
 
 def test_discord_gets_multipart_images_ten_to_a_message(webhook_receiver) -> None:
@@ -110,8 +113,13 @@ def _blocking_times(notifier: Notifier, count: int) -> list[float]:
 @pytest.mark.parametrize("trouble", ["refuse", "close", "slow", "429", "500"])
 def test_trouble_never_blocks_and_everything_arrives_after_recovery(webhook_receiver, trouble: str) -> None:
     receiver = webhook_receiver
-    {"refuse": receiver.refuse, "close": receiver.close_connections, "slow": lambda: receiver.slow(0.5),
-     "429": lambda: receiver.rate_limit(6, retry_after=0.15), "500": lambda: receiver.fail(6)}[trouble]()
+    {
+        "refuse": receiver.refuse,
+        "close": receiver.close_connections,
+        "slow": lambda: receiver.slow(0.5),
+        "429": lambda: receiver.rate_limit(6, retry_after=0.15),
+        "500": lambda: receiver.fail(6),
+    }[trouble]()
     notifier = Notifier([raw_hook(receiver)], "run-1", policy=FAST).start()
     try:
         times = _blocking_times(notifier, 40)
@@ -120,8 +128,10 @@ def test_trouble_never_blocks_and_everything_arrives_after_recovery(webhook_rece
         got = receiver.wait_for(40, timeout=20)
     finally:
         assert notifier.close(timeout=5)
-    print(f"\n{trouble}: event() blocking mean {statistics.mean(times) * 1e6:.1f} us, "
-          f"max {max(times) * 1e6:.1f} us over {len(times)} calls; {notifier.stats()[0]}")
+    print(
+        f"\n{trouble}: event() blocking mean {statistics.mean(times) * 1e6:.1f} us, "
+        f"max {max(times) * 1e6:.1f} us over {len(times)} calls; {notifier.stats()[0]}"
+    )
     assert [r.json["step"] for r in got] == list(range(40))  # all of them, in order, once each
     assert max(times) < 0.05  # microseconds in practice; loose bound for a loaded 2-core machine
     if trouble == "429":
@@ -157,16 +167,17 @@ def test_training_rate_holds_while_the_webhook_is_down(webhook_receiver) -> None
     baseline_again = _train_rate(300, None)
     assert down.close(timeout=15)
     reference = (baseline + baseline_again) / 2
-    print(f"\nsteps/s: no notifier {baseline:.0f} / {baseline_again:.0f}, receiver down {rate_down:.0f} "
-          f"({rate_down / reference:.0%}), receiver slow {rate_slow:.0f} ({rate_slow / reference:.0%}); "
-          f"{down.stats()[0]}")
+    print(
+        f"\nsteps/s: no notifier {baseline:.0f} / {baseline_again:.0f}, receiver down {rate_down:.0f} "
+        f"({rate_down / reference:.0%}), receiver slow {rate_slow:.0f} ({rate_slow / reference:.0%}); "
+        f"{down.stats()[0]}"
+    )
     assert len(webhook_receiver.requests) == 120  # 60 events each phase, all delivered in the end
     assert rate_down > 0.5 * reference and rate_slow > 0.5 * reference  # loose: a shared 2-core machine
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_undelivered_messages_are_spooled_and_sent_by_the_next_notifier(webhook_receiver, tmp_path, where,
-                                                                       request) -> None:
+def test_undelivered_messages_are_spooled_and_sent_by_the_next_notifier(webhook_receiver, tmp_path, where, request) -> None:
     if where == "s3":
         _, bucket = request.getfixturevalue("s3_bucket")
         storage = RunStorage(f"s3://{bucket}/runs", "run-1", request.getfixturevalue("s3_endpoint"))
@@ -196,13 +207,17 @@ def test_undelivered_messages_are_spooled_and_sent_by_the_next_notifier(webhook_
     delivered_in = time.perf_counter() - start
     assert second.close(timeout=5)
     raw = [r.json for r in got if r.path == "/relay"]
-    assert [(p["type"], p["step"]) for p in raw] == [("checkpoint_committed", s) for s in range(5)] + \
-        [("preemption_notice", 5), ("resumed", 4)]
+    assert [(p["type"], p["step"]) for p in raw] == [("checkpoint_committed", s) for s in range(5)] + [
+        ("preemption_notice", 5),
+        ("resumed", 4),
+    ]
     assert base64.b64decode(raw[2]["images"][0]["png_base64"]) == shot[0][1]
     assert [len(r.files) for r in got if r.path == HOOK_PATH] == [0, 0, 1, 0, 0, 0, 0]
     assert storage.listdir(SPOOL) == []
-    print(f"\n{where}: close spooled 12 files in {closed_in:.2f} s; the next notifier delivered 14 "
-          f"(12 spooled) in {delivered_in:.2f} s; stats {first.stats()} -> {second.stats()}")
+    print(
+        f"\n{where}: close spooled 12 files in {closed_in:.2f} s; the next notifier delivered 14 "
+        f"(12 spooled) in {delivered_in:.2f} s; stats {first.stats()} -> {second.stats()}"
+    )
 
 
 def test_a_full_queue_drops_the_oldest_least_severe(webhook_receiver, caplog) -> None:
@@ -253,16 +268,20 @@ def test_ledger_events_become_webhook_events(webhook_receiver, tmp_path) -> None
 
     ledger = Ledger(RunStorage(str(tmp_path / "runs"), "run-1"))
     with Notifier([raw_hook(webhook_receiver)], "run-1", policy=FAST) as notifier:
-        for kind, step, fields in [("run_started", None, {"world_size": 2}),
-                                   ("attempt", 0, {"reason": "fresh", "world_size": 2}),
-                                   ("checkpoint", 50, {"uri": "s3://b/run-1/checkpoint-50"}),
-                                   ("progress", 60, {}),
-                                   ("preemption_notice", 70, {"node": "n1"}),
-                                   ("attempt", 50, {"reason": "preemption", "world_size": 1})]:
+        for kind, step, fields in [
+            ("run_started", None, {"world_size": 2}),
+            ("attempt", 0, {"reason": "fresh", "world_size": 2}),
+            ("checkpoint", 50, {"uri": "s3://b/run-1/checkpoint-50"}),
+            ("progress", 60, {}),
+            ("preemption_notice", 70, {"node": "n1"}),
+            ("attempt", 50, {"reason": "preemption", "world_size": 1}),
+        ]:
             notifier.on_event(ledger.record(kind, step, **fields))
     got = [(r.json["type"], r.json["step"], r.json["message"]) for r in webhook_receiver.requests]
-    assert got == [("run_started", None, "run started"),
-                   ("checkpoint_committed", 50, "checkpoint 50 committed: s3://b/run-1/checkpoint-50"),
-                   ("preemption_notice", 70, "preemption notice"),
-                   ("resumed", 50, "resumed from step 50 (preemption)")]
+    assert got == [
+        ("run_started", None, "run started"),
+        ("checkpoint_committed", 50, "checkpoint 50 committed: s3://b/run-1/checkpoint-50"),
+        ("preemption_notice", 70, "preemption notice"),
+        ("resumed", 50, "resumed from step 50 (preemption)"),
+    ]
     assert webhook_receiver.requests[-1].json["world_size"] == 1

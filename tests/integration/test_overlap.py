@@ -16,11 +16,17 @@ from state_equal import assert_tree_equal  # tests/ is on sys.path (conftest roo
 STEPS, STOP = 6, 3
 # accumulation 2: the sync runs on the second micro-step only; 4 KiB buckets: the tiny adapter's
 # gradients (~90 KiB) split into many buckets, as the seed's 760 MiB split into ~30 of 25 MiB.
-RECIPE = {"max_train_steps": STEPS, "checkpointing_steps": 100, "lr_warmup_steps": 2, "ema_update_interval": 2,
-          "train_batch_size": 2, "gradient_accumulation_steps": 2, "optimizer": "adamw",
-          "caption_dropout_probability": 0.1}
-SYNCS = {"blocking": {"overlap": False}, "overlap": {"bucket_mb": 4 / 1024},
-         "bf16": {"bucket_mb": 4 / 1024, "dtype": "bf16"}}
+RECIPE = {
+    "max_train_steps": STEPS,
+    "checkpointing_steps": 100,
+    "lr_warmup_steps": 2,
+    "ema_update_interval": 2,
+    "train_batch_size": 2,
+    "gradient_accumulation_steps": 2,
+    "optimizer": "adamw",
+    "caption_dropout_probability": 0.1,
+}
+SYNCS = {"blocking": {"overlap": False}, "overlap": {"bucket_mb": 4 / 1024}, "bf16": {"bucket_mb": 4 / 1024, "dtype": "bf16"}}
 
 
 def _rank_main(rank: int, world: int, port: int, config_path: str, sync: str, stop_at: int, out: str) -> None:
@@ -35,23 +41,37 @@ def _rank_main(rank: int, world: int, port: int, config_path: str, sync: str, st
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         hooks = Hooks(should_stop=(lambda step: step == stop_at) if stop_at else None)
-        trainer = build_trainer(load_config(config_path), hooks=hooks, device=torch.device("cpu"), rank=rank,
-                                world_size=world, global_workers=2, gradient_sync=GradientSync(**SYNCS[sync]))
+        trainer = build_trainer(
+            load_config(config_path),
+            hooks=hooks,
+            device=torch.device("cpu"),
+            rank=rank,
+            world_size=world,
+            global_workers=2,
+            gradient_sync=GradientSync(**SYNCS[sync]),
+        )
         started = trainer.step
         result = trainer.fit()
         reducer = getattr(trainer.update, "reducer", None)
         if rank == 0:
-            torch.save({"started": started, "step": result.step, "adapter": trainer.adapter_tensors(),
-                        "ema": trainer.ema.state_dict(), "optimizer": trainer.update.consolidated_state_dict(),
-                        "generator": trainer.generator.get_state(),
-                        "buckets": len(reducer.buckets) if isinstance(reducer, BucketedAllReduce) else 0}, out)
+            torch.save(
+                {
+                    "started": started,
+                    "step": result.step,
+                    "adapter": trainer.adapter_tensors(),
+                    "ema": trainer.ema.state_dict(),
+                    "optimizer": trainer.update.consolidated_state_dict(),
+                    "generator": trainer.generator.get_state(),
+                    "buckets": len(reducer.buckets) if isinstance(reducer, BucketedAllReduce) else 0,
+                },
+                out,
+            )
     finally:
         dist.destroy_process_group()
 
 
 def _run(config_path, sync: str, out, free_port, stop_at: int = 0, world: int = 2) -> dict:
-    mp.spawn(_rank_main, args=(world, free_port(), str(config_path), sync, stop_at, str(out)), nprocs=world,
-             join=True)
+    mp.spawn(_rank_main, args=(world, free_port(), str(config_path), sync, stop_at, str(out)), nprocs=world, join=True)
     return torch.load(out, weights_only=True)
 
 

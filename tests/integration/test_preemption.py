@@ -74,13 +74,29 @@ def _in_order(seen: list[str], expected: list[str]) -> bool:
 
 def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tmp_path, webhook_receiver):
     cluster, nodes = fake_cluster
-    path = config_file(max_train_steps=120, checkpointing_steps=10, train_batch_size=2, optimizer="bnb-adamw8bit",
-                       webhook_config={"webhook_type": "raw", "callback_url": webhook_receiver.url(),
-                                       "auth_token": "chaos-token-123456", "log_level": "info"})
+    path = config_file(
+        max_train_steps=120,
+        checkpointing_steps=10,
+        train_batch_size=2,
+        optimizer="bnb-adamw8bit",
+        webhook_config={
+            "webhook_type": "raw",
+            "callback_url": webhook_receiver.url(),
+            "auth_token": "chaos-token-123456",
+            "log_level": "info",
+        },
+    )
 
     def cluster_config(name: str) -> ClusterConfig:
-        return ClusterConfig(num_workers=2, resources_per_worker=TRAINER, storage_path=str(tmp_path / "runs"),
-                             run_name=name, max_failures=3, preemption_check_steps=2, steward_poll_seconds=0.5)
+        return ClusterConfig(
+            num_workers=2,
+            resources_per_worker=TRAINER,
+            storage_path=str(tmp_path / "runs"),
+            run_name=name,
+            max_failures=3,
+            preemption_check_steps=2,
+            steward_poll_seconds=0.5,
+        )
 
     straight = launch(path, {}, cluster_config("straight"))
     assert straight.error is None
@@ -99,8 +115,10 @@ def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tm
             assert notice is not None and notice.cloud == "aws"
             _wait_for("the emergency checkpoint", lambda n=n: len(_events(storage, "emergency_checkpoint")) >= n)
         else:  # no warning: a checkpoint commits, then the node simply goes
-            _wait_for("a checkpoint after the restart", lambda: any(
-                e["time"] > _events(storage, "attempt")[-1]["time"] for e in _events(storage, "checkpoint")))
+            _wait_for(
+                "a checkpoint after the restart",
+                lambda: any(e["time"] > _events(storage, "attempt")[-1]["time"] for e in _events(storage, "checkpoint")),
+            )
         cluster.remove_node(victim)  # the cloud takes the node (main thread, as Ray requires)
         nodes[nodes.index(victim)] = cluster.add_node(num_cpus=1, resources=TRAINER)  # capacity returns
         timings.append(lost_at)
@@ -120,9 +138,11 @@ def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tm
     summary = summarize("chaos", Ledger(storage).events)
     assert summary.state == "completed" and summary.step == 120
     assert [a.steps_lost for a in summary.attempts[:3]] == [0, 0, attempts[3]["steps_lost"]]
-    print(f"chaos: notice→commit {[round(e['seconds_from_notice'], 2) for e in emergencies]} s; "
-          f"loss→first step {[round(a.time_to_resume, 1) for a in summary.attempts[1:]]} s; "
-          f"steps lost {[a.steps_lost for a in summary.attempts[:3]]}; goodput {summary.goodput:.3f}")
+    print(
+        f"chaos: notice→commit {[round(e['seconds_from_notice'], 2) for e in emergencies]} s; "
+        f"loss→first step {[round(a.time_to_resume, 1) for a in summary.attempts[1:]]} s; "
+        f"steps lost {[a.steps_lost for a in summary.attempts[:3]]}; goodput {summary.goodput:.3f}"
+    )
 
     a, b = _adapter(straight), _adapter(results[0])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -130,8 +150,9 @@ def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tm
     # The webhook heard it all, in order, from the steward (the straight run sent its own messages too).
     chaos = [r.json for r in webhook_receiver.requests if r.json.get("run") == "chaos"]
     kinds = [m["type"] for m in chaos]
-    assert _in_order(kinds, ["run_started", "preemption_notice", "resumed", "preemption_notice", "resumed",
-                             "node_lost", "completed"]), " ".join(kinds)
+    assert _in_order(
+        kinds, ["run_started", "preemption_notice", "resumed", "preemption_notice", "resumed", "node_lost", "completed"]
+    ), " ".join(kinds)
     alert = next(m for m in chaos if m["type"] == "node_lost")  # a loss without notice is an alert
     assert alert["severity"] == "error" and "step(s) lost" in alert["message"], alert
     assert {"checkpoint_committed", "validation"} <= set(kinds), " ".join(kinds)
@@ -146,26 +167,34 @@ def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(config_file, t
     import ray
     from ray.cluster_utils import Cluster
 
-    path = config_file(max_train_steps=150, checkpointing_steps=10, train_batch_size=2, optimizer="adamw",
-                       validation_steps=0)
+    path = config_file(max_train_steps=150, checkpointing_steps=10, train_batch_size=2, optimizer="adamw", validation_steps=0)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     nodes = [cluster.add_node(num_cpus=1, resources=TRAINER)]
     ray.init(address=cluster.address)
     try:
+
         def config(name: str, workers) -> ClusterConfig:
-            return ClusterConfig(num_workers=workers, resources_per_worker=TRAINER, storage_path=str(tmp_path / "runs"),
-                                 run_name=name, max_failures=3, elastic_resize_seconds=2, steward_poll_seconds=0.5)
+            return ClusterConfig(
+                num_workers=workers,
+                resources_per_worker=TRAINER,
+                storage_path=str(tmp_path / "runs"),
+                run_name=name,
+                max_failures=3,
+                elastic_resize_seconds=2,
+                steward_poll_seconds=0.5,
+            )
 
         storage = RunStorage(str(tmp_path / "runs"), "elastic")
         results = []
-        thread = threading.Thread(target=lambda: results.append(launch(path, {}, config("elastic", [1, 2]))),
-                                  daemon=True)
+        thread = threading.Thread(target=lambda: results.append(launch(path, {}, config("elastic", [1, 2]))), daemon=True)
         thread.start()
         _wait_for("a 1-worker attempt", lambda: any(e["world_size"] == 1 for e in _events(storage, "attempt")))
         nodes.append(cluster.add_node(num_cpus=1, resources=TRAINER))  # capacity arrives: grow
         _wait_for("the group to grow", lambda: any(e["world_size"] == 2 for e in _events(storage, "attempt")))
-        _wait_for("a checkpoint at 2 workers", lambda: any(
-            e["time"] > _events(storage, "attempt")[-1]["time"] for e in _events(storage, "checkpoint")))
+        _wait_for(
+            "a checkpoint at 2 workers",
+            lambda: any(e["time"] > _events(storage, "attempt")[-1]["time"] for e in _events(storage, "checkpoint")),
+        )
         cluster.remove_node(nodes.pop())  # and goes again: shrink
         thread.join(timeout=900)
         assert results and results[0].error is None, results and results[0].error

@@ -45,16 +45,21 @@ def _rank_main(rank: int, world: int, port: int, config_path: str, out: str) -> 
     try:
         config = load_config(config_path)
         try:
-            dataset = encode_dataset(config, Path(config.pretrained_model_name_or_path), torch.device("cpu"),
-                                     torch.float32, rank, world)
+            dataset = encode_dataset(
+                config, Path(config.pretrained_model_name_or_path), torch.device("cpu"), torch.float32, rank, world
+            )
         except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
             result = {"error": f"{type(exc).__name__}: {exc}"}
         else:
             buckets = {bucket: [(r.backend, r.latent, r.text) for r in refs] for bucket, refs in dataset.buckets.items()}
             bucket, refs = next(iter(dataset.buckets.items()))
             batch = dataset.batch(bucket, list(range(len(refs))))
-            result = {"buckets": buckets, "stats": vars(dataset.stats), "latents": batch.latents,
-                      "prompt_embeds": batch.prompt_embeds}
+            result = {
+                "buckets": buckets,
+                "stats": vars(dataset.stats),
+                "latents": batch.latents,
+                "prompt_embeds": batch.prompt_embeds,
+            }
         result["log"] = collect.records
         with open(Path(out) / f"rank{rank}.pkl", "wb") as f:
             pickle.dump(result, f)
@@ -79,12 +84,14 @@ def _dirty_copy(folder: Path, demo_data: Path, count: int = 6) -> None:
 
 
 def _data_records(result: dict) -> list[tuple[str, str]]:
-    return [(name, message) for name, message in result["log"]
-            if name in ("relay_train.data.plan", "relay_train.data.discovery", "relay_train.data.encode")]
+    return [
+        (name, message)
+        for name, message in result["log"]
+        if name in ("relay_train.data.plan", "relay_train.data.discovery", "relay_train.data.encode")
+    ]
 
 
-def test_rank_zero_discovers_deletes_and_encodes_once_and_both_ranks_get_its_plan(config_file, demo_data, tmp_path,
-                                                                                   free_port):
+def test_rank_zero_discovers_deletes_and_encodes_once_and_both_ranks_get_its_plan(config_file, demo_data, tmp_path, free_port):
     folder = tmp_path / "dirty"
     _dirty_copy(folder, demo_data)
     config = config_file(data_dir=folder, delete_problematic_images=True)
@@ -131,9 +138,17 @@ def test_a_plan_over_s3_travels_pickled_and_reads_the_same_entries(make_config, 
     for path in sorted(demo_data.iterdir()):
         client.put_object(Bucket=bucket, Key="demo/" + path.name, Body=path.read_bytes())
     config = make_config()
-    s3 = DataBackendConfig(id="s3", type="aws", aws_bucket_name=bucket, aws_data_prefix="demo/", resolution=64,
-                           resolution_type="pixel_area", aws_region_name="us-east-1", aws_endpoint_url=s3_endpoint,
-                           cache_dir_vae="cache/vae")
+    s3 = DataBackendConfig(
+        id="s3",
+        type="aws",
+        aws_bucket_name=bucket,
+        aws_data_prefix="demo/",
+        resolution=64,
+        resolution_type="pixel_area",
+        aws_region_name="us-east-1",
+        aws_endpoint_url=s3_endpoint,
+        cache_dir_vae="cache/vae",
+    )
     config = config.model_copy(update={"data_backends": [s3, *config.data_backends[1:]]})
     model = Path(config.pretrained_model_name_or_path)
     encode_dataset(config, model, torch.device("cpu"), torch.float32)

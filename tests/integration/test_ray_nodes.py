@@ -50,8 +50,9 @@ def test_node_loss_and_replacement_end_bitwise_equal(fake_cluster, config_file, 
     path = config_file(max_train_steps=40, checkpointing_steps=5, train_batch_size=2, optimizer="bnb-adamw8bit")
 
     def cluster_config(name: str) -> ClusterConfig:
-        return ClusterConfig(num_workers=2, resources_per_worker={"trainer": 1}, storage_path=str(tmp_path / "runs"),
-                             run_name=name, max_failures=3)
+        return ClusterConfig(
+            num_workers=2, resources_per_worker={"trainer": 1}, storage_path=str(tmp_path / "runs"), run_name=name, max_failures=3
+        )
 
     straight = launch(path, {}, cluster_config("straight"))
     assert straight.error is None

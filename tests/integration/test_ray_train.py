@@ -37,8 +37,14 @@ def test_two_workers_match_one_with_the_same_global_batch(local_ray, config_file
     adapters = {}
     for workers, batch in ((1, 4), (2, 2)):
         name = f"ddp{workers}"
-        path = config_file(out=name, max_train_steps=8, checkpointing_steps=8, train_batch_size=batch,
-                           optimizer="adamw", caption_dropout_probability=0.1)
+        path = config_file(
+            out=name,
+            max_train_steps=8,
+            checkpointing_steps=8,
+            train_batch_size=batch,
+            optimizer="adamw",
+            caption_dropout_probability=0.1,
+        )
         cluster = ClusterConfig(num_workers=workers, storage_path=str(tmp_path / "runs"), run_name=name, max_failures=0)
         result = launch(path, {}, cluster)
         assert result.error is None
@@ -51,8 +57,9 @@ def test_two_workers_match_one_with_the_same_global_batch(local_ray, config_file
 
 def test_s3_keeps_five_each_restores_and_a_resubmit_resumes(local_ray, config_file, s3_endpoint, s3_bucket, tmp_path):
     client, bucket = s3_bucket
-    cluster = ClusterConfig(num_workers=1, storage_path=f"s3://{bucket}/runs", storage_endpoint_url=s3_endpoint,
-                            run_name="s3run", max_failures=0)
+    cluster = ClusterConfig(
+        num_workers=1, storage_path=f"s3://{bucket}/runs", storage_endpoint_url=s3_endpoint, run_name="s3run", max_failures=0
+    )
     path = config_file(max_train_steps=16, checkpointing_steps=2, checkpoints_total_limit=5)
     assert launch(path, {}, cluster).error is None
 
@@ -83,7 +90,7 @@ def test_resume_none_on_an_existing_run_is_refused(local_ray, config_file, tmp_p
         launch(path, {"resume_from_checkpoint": "none"}, cluster)
 
 
-KILL_DRIVER = '''
+KILL_DRIVER = """
 import os, sys, time, tempfile
 from pathlib import Path
 import ray, ray.train
@@ -113,7 +120,7 @@ ray.init(address="local", num_cpus=2, include_dashboard=False)
 TorchTrainer(train_fn, scaling_config=ScalingConfig(num_workers=1),
              run_config=RunConfig(name="kill", storage_path=path, storage_filesystem=fs,
                                   checkpoint_config=CheckpointConfig(num_to_keep=5))).fit()
-'''
+"""
 
 
 def test_a_kill_mid_upload_leaves_the_last_complete_checkpoint(local_ray, s3_endpoint, s3_bucket, tmp_path):
@@ -136,9 +143,14 @@ def test_a_kill_mid_upload_leaves_the_last_complete_checkpoint(local_ray, s3_end
     script = tmp_path / "driver.py"
     script.write_text(KILL_DRIVER)
     repo = Path(__file__).resolve().parents[2]
-    driver = subprocess.Popen([sys.executable, str(script), f"s3://{bucket}/runs", s3_endpoint], cwd=repo,
-                              env={**os.environ, "PYTHONPATH": str(repo)}, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        [sys.executable, str(script), f"s3://{bucket}/runs", s3_endpoint],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline:  # until checkpoint-1 is committed and checkpoint-2's upload has begun
@@ -159,8 +171,12 @@ def test_a_kill_mid_upload_leaves_the_last_complete_checkpoint(local_ray, s3_end
     cluster = ClusterConfig(storage_path=f"s3://{bucket}/runs", storage_endpoint_url=s3_endpoint)
     fs, path = storage_filesystem(cluster)
     out = tmp_path / "restored.txt"
-    TorchTrainer(restore_probe, train_loop_config={"out": str(out)}, scaling_config=ScalingConfig(num_workers=1),
-                 run_config=RunConfig(name="kill", storage_path=path, storage_filesystem=fs)).fit()
+    TorchTrainer(
+        restore_probe,
+        train_loop_config={"out": str(out)},
+        scaling_config=ScalingConfig(num_workers=1),
+        run_config=RunConfig(name="kill", storage_path=path, storage_filesystem=fs),
+    ).fit()
     assert out.read_text() == "1"
 
 

@@ -52,6 +52,7 @@ def four_images(folder: Path, demo_data: Path) -> Path:
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG that claims width x height pixels in a few dozen bytes: a decompression bomb's header."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -75,6 +76,7 @@ def latent_entries(out: Path) -> list[Path]:
 
 
 # -- 1. bad images never end a run ---------------------------------------------------------------
+
 
 def test_images_the_model_cannot_take_are_reported_and_the_run_completes(config_file, demo_data, tmp_path):
     data = four_images(tmp_path / "data", demo_data)
@@ -116,6 +118,7 @@ def test_a_corrupt_cache_entry_is_skipped_reported_and_rebuilt_next_start(config
 
 # -- 2. non-finite training never ends in success ------------------------------------------------
 
+
 def _poison(entries: list[Path]) -> None:
     for entry in entries:
         tensors = load_file(str(entry))
@@ -152,6 +155,7 @@ def test_nonfinite_steps_are_skipped_or_stop_the_run_per_policy(config_file, dem
 
 
 # -- 3. checkpoint state that lies ----------------------------------------------------------------
+
 
 def test_resume_classifies_config_changes_and_refuses_lying_checkpoints(make_config, config_file, tmp_path):
     from relay_train.trainer import build_trainer
@@ -190,14 +194,19 @@ def test_resume_classifies_config_changes_and_refuses_lying_checkpoints(make_con
     lying = train(path, "max_train_steps=8")
     assert lying.returncode == EXIT_USAGE, lying.stderr[-3000:]
     no_traceback(lying)
-    for line in ("holds 3 checkpoint folder(s) and none can be resumed", "checkpoint-6: malformed manifest.json",
-                 "checkpoint-4: malformed manifest.json: step 6 disagrees with the folder's name",
-                 "checkpoint-2: no manifest.json", "resume_from_checkpoint=none"):
+    for line in (
+        "holds 3 checkpoint folder(s) and none can be resumed",
+        "checkpoint-6: malformed manifest.json",
+        "checkpoint-4: malformed manifest.json: step 6 disagrees with the folder's name",
+        "checkpoint-2: no manifest.json",
+        "resume_from_checkpoint=none",
+    ):
         assert line in lying.stderr, line
     assert not (out / "checkpoint-8").exists()
 
 
 # -- 6. one clear line where a traceback was -------------------------------------------------------
+
 
 def test_validate_on_a_truncated_adapter_is_one_clear_line(config_file, tmp_path):
     adapter = tmp_path / "adapter.safetensors"
@@ -221,8 +230,9 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_state(config_file, demo_data, small_disk, tmp_path):
     out = small_disk / "run"
-    path = config_file(data_dir=four_images(tmp_path / "data", demo_data), output_dir=str(out),
-                       max_train_steps=2, checkpointing_steps=2)
+    path = config_file(
+        data_dir=four_images(tmp_path / "data", demo_data), output_dir=str(out), max_train_steps=2, checkpointing_steps=2
+    )
     assert train(path).returncode == 0
     free = shutil.disk_usage(small_disk).free
     checkpoint_size = sum(f.stat().st_size for f in (out / "checkpoint-2").iterdir())
@@ -236,6 +246,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_state(config_
 
 
 # -- 7. one run per output_dir; Ctrl-C twice -------------------------------------------------------
+
 
 def test_a_second_run_on_one_output_dir_is_refused_and_double_ctrl_c_keeps_state(config_file, tmp_path):
     path = config_file(max_train_steps=5000, checkpointing_steps=3)
@@ -269,6 +280,7 @@ def test_a_second_run_on_one_output_dir_is_refused_and_double_ctrl_c_keeps_state
 
 # -- crash consistency ---------------------------------------------------------------------------
 
+
 def _kill_when(proc: subprocess.Popen, out: Path, mode: str, delay: float) -> str:
     """SIGKILL `proc` after `delay` s (mode 'time') or as soon as a checkpoint write is under way
     (mode 'partial'); returns what happened."""
@@ -294,16 +306,18 @@ def test_kill_9_at_random_points_then_resume_is_bitwise_an_uninterrupted_run(con
     from state_equal import assert_tree_equal  # tests/ is on sys.path (conftest rootdir)
 
     data = four_images(tmp_path / "data", demo_data)
-    common = dict(data_dir=data, max_train_steps=10, checkpointing_steps=1, checkpoints_total_limit=3,
-                  gradient_checkpointing=False)
+    common = dict(
+        data_dir=data, max_train_steps=10, checkpointing_steps=1, checkpoints_total_limit=3, gradient_checkpointing=False
+    )
     straight = config_file(out="straight", **common)
     assert train(straight).returncode == 0
     chaos, out = config_file(out="chaos", **common), tmp_path / "chaos"
     rng = random.Random(int(os.environ.get("RELAY_CHAOS_SEED", "19")))
     events = []
     for mode in ("partial", "time", "partial", "time"):
-        proc = subprocess.Popen([RELAY, "train", "--config", str(chaos)], cwd=REPO, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [RELAY, "train", "--config", str(chaos)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         events.append(_kill_when(proc, out, mode, rng.uniform(3.0, 15.0)))
         proc.wait(timeout=60)
     last = train(chaos)
@@ -315,10 +329,14 @@ def test_kill_9_at_random_points_then_resume_is_bitwise_an_uninterrupted_run(con
     for name in ("sd35-straight-lokr.safetensors", "sd35-straight-lokr-ema.safetensors"):
         assert_tree_equal(load_file(str(a / name)), load_file(str(b / name.replace("straight", "chaos"))), name)
     for name in (ckpt.OPTIMIZER, ckpt.SCHEDULER):
-        assert_tree_equal(torch.load(a / "checkpoint-10" / name, weights_only=True),
-                          torch.load(b / "checkpoint-10" / name, weights_only=True), name)
+        assert_tree_equal(
+            torch.load(a / "checkpoint-10" / name, weights_only=True),
+            torch.load(b / "checkpoint-10" / name, weights_only=True),
+            name,
+        )
     rng_a, rng_b = (torch.load(x / "checkpoint-10" / ckpt.RNG, weights_only=True) for x in (a, b))
     for name in ("generator", "torch"):  # numpy's and Python's start from OS entropy in each process; unused
         assert_tree_equal(rng_a[name], rng_b[name], f"rng.{name}")
-    assert_tree_equal(load_file(str(a / "checkpoint-10" / ckpt.ADAPTER_EMA)),
-                      load_file(str(b / "checkpoint-10" / ckpt.ADAPTER_EMA)), "ema")
+    assert_tree_equal(
+        load_file(str(a / "checkpoint-10" / ckpt.ADAPTER_EMA)), load_file(str(b / "checkpoint-10" / ckpt.ADAPTER_EMA)), "ema"
+    )

@@ -18,20 +18,30 @@ pytestmark = pytest.mark.slow
 TOKEN = "e2e-api-key-0123456789"
 
 
-def test_a_run_reaches_the_hub_wandb_and_the_webhook(config_file, tiny_clip, hub_server, webhook_receiver,
-                                                      tmp_path):
+def test_a_run_reaches_the_hub_wandb_and_the_webhook(config_file, tiny_clip, hub_server, webhook_receiver, tmp_path):
     import ray
 
     ray.init(address="local", num_cpus=3, include_dashboard=False, configure_logging=False)  # after HF_* are set
     try:
-        path = config_file(max_train_steps=16, checkpointing_steps=2, checkpoints_total_limit=5, validation_steps=8,
-                           evaluation_type="clip", validation_clip_model=str(tiny_clip), validation_num_gpus=0,
-                           push_to_hub=True, push_checkpoints_to_hub=True, hub_model_id="relay/e2e",
-                           report_to="wandb", tracker_project_name="relay-e2e", tracker_run_name="e2e",
-                           webhook_config={"webhook_type": "raw", "callback_url": webhook_receiver.url(),
-                                           "auth_token": TOKEN})
-        cluster = ClusterConfig(num_workers=1, storage_path=str(tmp_path / "runs"), run_name="e2e", max_failures=0,
-                                steward_poll_seconds=0.5)
+        path = config_file(
+            max_train_steps=16,
+            checkpointing_steps=2,
+            checkpoints_total_limit=5,
+            validation_steps=8,
+            evaluation_type="clip",
+            validation_clip_model=str(tiny_clip),
+            validation_num_gpus=0,
+            push_to_hub=True,
+            push_checkpoints_to_hub=True,
+            hub_model_id="relay/e2e",
+            report_to="wandb",
+            tracker_project_name="relay-e2e",
+            tracker_run_name="e2e",
+            webhook_config={"webhook_type": "raw", "callback_url": webhook_receiver.url(), "auth_token": TOKEN},
+        )
+        cluster = ClusterConfig(
+            num_workers=1, storage_path=str(tmp_path / "runs"), run_name="e2e", max_failures=0, steward_poll_seconds=0.5
+        )
         assert launch(path, {}, cluster).error is None
     finally:
         ray.shutdown()
@@ -67,8 +77,7 @@ def test_a_run_reaches_the_hub_wandb_and_the_webhook(config_file, tiny_clip, hub
     with_images = [m for m in messages if m["type"] == "validation" and m.get("images")]
     assert with_images and base64.b64decode(with_images[0]["images"][0]["png_base64"])[:4] == b"\x89PNG"
     assert all(r.headers.get("x-api-key") == TOKEN for r in webhook_receiver.requests)
-    assert not any(TOKEN.encode() in r.body or hub_server.state.token.encode() in r.body
-                   for r in webhook_receiver.requests)
+    assert not any(TOKEN.encode() in r.body or hub_server.state.token.encode() in r.body for r in webhook_receiver.requests)
 
     # W&B offline: the run id kept in storage names a run folder with the logged history
     run_id = storage.read_bytes("relay/wandb-run-id").decode().strip()

@@ -37,8 +37,14 @@ def with_tiny_paths(raw: dict, tiny_model: Path, demo_data: Path, tmp_path: Path
     backends[0]["instance_data_dir"] = str(demo_data)
     backends[1]["cache_dir"] = str(tmp_path / "cache")
     (tmp_path / "backends.json").write_text(json.dumps(backends))
-    swapped = {**raw, "pretrained_model_name_or_path": str(tiny_model), "data_backend_config": str(tmp_path / "backends.json"),
-               "output_dir": str(tmp_path / "out"), "resolution": 64, "max_train_steps": 2}
+    swapped = {
+        **raw,
+        "pretrained_model_name_or_path": str(tiny_model),
+        "data_backend_config": str(tmp_path / "backends.json"),
+        "output_dir": str(tmp_path / "out"),
+        "resolution": 64,
+        "max_train_steps": 2,
+    }
     if swapped.get("lora_type") == "standard":
         swapped.update(lora_type="lycoris", lycoris_config=str(lycoris))
     return swapped
@@ -79,13 +85,24 @@ def simpletuner_adapter(network: torch.nn.Module, path: Path, step: int, lycoris
     tensors = {}
     for key, value in network.state_dict().items():
         assert key.startswith("lycoris_") and key.rsplit(".", 1)[1] in ("alpha", "lokr_w1", "lokr_w2"), key
-        filled = torch.full_like(value, 10000.0) if key.endswith(".alpha") else \
-            torch.randn(value.shape, generator=generator) * 0.01
+        filled = (
+            torch.full_like(value, 10000.0) if key.endswith(".alpha") else torch.randn(value.shape, generator=generator) * 0.01
+        )
         tensors[key] = filled.to(torch.bfloat16)
-    trimmed = {k: lycoris[k] for k in ("algo", "multiplier", "linear_dim", "linear_alpha", "factor", "full_matrix",
-                                       "bypass_mode", "apply_preset")}
-    save_file(tensors, str(path), metadata={"lycoris_config": json.dumps(trimmed), "global_step": str(step),
-                                             "modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "diffusers"})
+    trimmed = {
+        k: lycoris[k]
+        for k in ("algo", "multiplier", "linear_dim", "linear_alpha", "factor", "full_matrix", "bypass_mode", "apply_preset")
+    }
+    save_file(
+        tensors,
+        str(path),
+        metadata={
+            "lycoris_config": json.dumps(trimmed),
+            "global_step": str(step),
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.implementation": "diffusers",
+        },
+    )
     alphas = {v.float().unique().item() for k, v in tensors.items() if k.endswith(".alpha")}
     assert alphas == {9984.0}
     return tensors
@@ -98,8 +115,9 @@ def test_init_lora_continues_from_a_simpletuner_adapter(config_file, tmp_path):
     adapter = tmp_path / "simpletuner-lokr.safetensors"
     written = simpletuner_adapter(network, adapter, step=3, lycoris=lycoris)
 
-    config = load_config(config_file(out="continued", max_train_steps=5, checkpointing_steps=5, use_ema=False,
-                                     init_lora=str(adapter)))
+    config = load_config(
+        config_file(out="continued", max_train_steps=5, checkpointing_steps=5, use_ema=False, init_lora=str(adapter))
+    )
     trainer = build_trainer(config)
     first_weights = {k: v.detach().clone() for k, v in trainer.model.network.state_dict().items()}  # step 1's
     assert trainer.step == 3  # SimpleTuner's global_step metadata
@@ -124,8 +142,9 @@ def test_our_export_loads_with_lycoris_and_as_simpletuners_init_lora(config_file
 
     from relay_train.model import load_transformer
 
-    config = load_config(config_file(out="export", max_train_steps=2, checkpointing_steps=2, use_ema=False,
-                                     adapter_export_dtype="fp32"))
+    config = load_config(
+        config_file(out="export", max_train_steps=2, checkpointing_steps=2, use_ema=False, adapter_export_dtype="fp32")
+    )
     trainer = build_trainer(config)
     exported = trainer.fit().exported[0]
     state = load_file(str(exported))

@@ -53,16 +53,27 @@ def loss_and_grads(transformer, network, setting):
     if setting is not None:
         enable_gradient_checkpointing(transformer, *setting)
     calls = [0] * LAYERS
-    hooks = [block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
-             for i, block in enumerate(transformer.transformer_blocks)]
+    hooks = [
+        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, block in enumerate(transformer.transformer_blocks)
+    ]
     g = torch.Generator().manual_seed(7)
-    batch = BucketTensors(torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 231, 64, generator=g),
-                          torch.randn(2, 64, generator=g))
+    batch = BucketTensors(
+        torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 231, 64, generator=g), torch.randn(2, 64, generator=g)
+    )
     empty = (torch.zeros(231, 64), torch.zeros(64))
     try:
         network.zero_grad(set_to_none=True)
-        loss = train_step(transformer, batch, empty, torch.Generator().manual_seed(3), shift=3.0, caption_dropout=0.0,
-                          device=torch.device("cpu"), dtype=torch.float32)
+        loss = train_step(
+            transformer,
+            batch,
+            empty,
+            torch.Generator().manual_seed(3),
+            shift=3.0,
+            caption_dropout=0.0,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+        )
         loss.backward()
     finally:
         for hook in hooks:
@@ -70,14 +81,17 @@ def loss_and_grads(transformer, network, setting):
     return loss.detach(), [p.grad.clone() for p in network.parameters()], calls
 
 
-@pytest.mark.parametrize(("setting", "recomputed"), [
-    ((None, None), [1, 1, 1, 1, 1]),  # today's per-block checkpointing
-    ((1, None), [1, 1, 1, 1, 1]),  # interval 1 is the same
-    ((2, None), [1, 1, 1, 1, 1]),  # segments [0,1] [2,3] [4]: all recomputed, fewer inputs kept
-    ((2, 3), [1, 1, 0, 1, 1]),  # segments [0,1] [3,4]; block 2 runs plainly
-    ((2, 5), [1, 1, 0, 0, 0]),
-    ((5, None), [1, 1, 1, 1, 1]),  # one segment: only the first block's input kept
-])
+@pytest.mark.parametrize(
+    ("setting", "recomputed"),
+    [
+        ((None, None), [1, 1, 1, 1, 1]),  # today's per-block checkpointing
+        ((1, None), [1, 1, 1, 1, 1]),  # interval 1 is the same
+        ((2, None), [1, 1, 1, 1, 1]),  # segments [0,1] [2,3] [4]: all recomputed, fewer inputs kept
+        ((2, 3), [1, 1, 0, 1, 1]),  # segments [0,1] [3,4]; block 2 runs plainly
+        ((2, 5), [1, 1, 0, 0, 0]),
+        ((5, None), [1, 1, 1, 1, 1]),  # one segment: only the first block's input kept
+    ],
+)
 def test_segmented_checkpointing_keeps_the_maths(model, reference, setting, recomputed):
     transformer, network = model
     loss_off, grads_off, calls_off = reference

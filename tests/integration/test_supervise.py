@@ -35,11 +35,21 @@ def test_a_killed_driver_is_resubmitted_and_resumes(ray_head, config_file, tmp_p
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the loopback head runs without token auth
     config = config_file(max_train_steps=60, checkpointing_steps=5, validation_steps=0)
     cluster = tmp_path / "cluster.json"
-    cluster.write_text(json.dumps({"num_workers": 1, "storage_path": str(tmp_path / "runs"), "run_name": "sup",
-                                   "steward_poll_seconds": 0.5}))
+    cluster.write_text(
+        json.dumps({"num_workers": 1, "storage_path": str(tmp_path / "runs"), "run_name": "sup", "steward_poll_seconds": 0.5})
+    )
     storage = RunStorage(str(tmp_path / "runs"), "sup")
-    opts = SuperviseOptions(address=address, config=str(config), cluster=str(cluster), max_tries=3, backoff=0.5,
-                            poll=0.5, head_wait=30, working_dir=str(REPO), python=sys.executable)
+    opts = SuperviseOptions(
+        address=address,
+        config=str(config),
+        cluster=str(cluster),
+        max_tries=3,
+        backoff=0.5,
+        poll=0.5,
+        head_wait=30,
+        working_dir=str(REPO),
+        python=sys.executable,
+    )
     outcome = []
     thread = threading.Thread(target=lambda: outcome.append(supervise(opts)), daemon=True)
     thread.start()
@@ -64,8 +74,17 @@ def test_a_killed_driver_is_resubmitted_and_resumes(ray_head, config_file, tmp_p
 def test_a_config_error_is_not_retried(ray_head, config_file, tmp_path, monkeypatch):
     address, _ = ray_head
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    opts = SuperviseOptions(address=address, config=str(config_file()), sets=("max_train_stepz=3",), max_tries=5,
-                            backoff=0.1, poll=0.5, head_wait=30, working_dir=str(REPO), python=sys.executable)
+    opts = SuperviseOptions(
+        address=address,
+        config=str(config_file()),
+        sets=("max_train_stepz=3",),
+        max_tries=5,
+        backoff=0.1,
+        poll=0.5,
+        head_wait=30,
+        working_dir=str(REPO),
+        python=sys.executable,
+    )
     start = time.monotonic()
     assert supervise(opts) == CONFIG_ERROR
     print(f"config error recognised in {time.monotonic() - start:.1f} s, one submission")

@@ -31,11 +31,11 @@ def wandb_records(path: Path) -> list:
         if left < 7:  # too small for a header: the block's tail is padding
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:
             pos += left
             continue
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         pending = chunk if kind in (FULL, FIRST) else pending + chunk
         if kind in (FULL, LAST):
             record = pb.Record()
@@ -59,15 +59,22 @@ def history(records: list) -> list[dict[str, object]]:
     rows = []
     for record in records:
         if record.WhichOneof("record_type") == "history":
-            rows.append({"/".join(item.nested_key or [item.key]): json.loads(item.value_json)
-                         for item in record.history.item})
+            rows.append({"/".join(item.nested_key or [item.key]): json.loads(item.value_json) for item in record.history.item})
     return rows
 
 
 def config(tmp_path: Path, **kw) -> TrainConfig:
-    return TrainConfig(pretrained_model_name_or_path="m", data_backend_config=tmp_path / "d.json",
-                       lycoris_config=tmp_path / "l.json", max_train_steps=100, output_dir=tmp_path / "out",
-                       report_to="wandb", tracker_project_name="relay-tests", tracker_run_name="tiny-run", **kw)
+    return TrainConfig(
+        pretrained_model_name_or_path="m",
+        data_backend_config=tmp_path / "d.json",
+        lycoris_config=tmp_path / "l.json",
+        max_train_steps=100,
+        output_dir=tmp_path / "out",
+        report_to="wandb",
+        tracker_project_name="relay-tests",
+        tracker_run_name="tiny-run",
+        **kw,
+    )
 
 
 def png(colour: str) -> bytes:
@@ -84,16 +91,18 @@ def test_offline_run_holds_metrics_and_images_and_resumes_the_same_id(tmp_path: 
     times = []
     for step in range(1, 21):
         start = time.perf_counter()
-        first.log_step(step, {"loss": 1.0 / step, "lr": 5e-5, "grad_norm": 0.5, "steps_per_second": 2.0,
-                              "samples_per_second": 8.0})
+        first.log_step(
+            step, {"loss": 1.0 / step, "lr": 5e-5, "grad_norm": 0.5, "steps_per_second": 2.0, "samples_per_second": 8.0}
+        )
         times.append(time.perf_counter() - start)
     start = time.perf_counter()
-    first.log_validation(20, [("a cat", png("red")), ("a dog", Image.new("RGB", (24, 16), "blue"))],
-                         {"clip_score": 0.31})
+    first.log_validation(20, [("a cat", png("red")), ("a dog", Image.new("RGB", (24, 16), "blue"))], {"clip_score": 0.31})
     queued_in = time.perf_counter() - start
     first.finish()
-    print(f"\nlog_step blocking: mean {sum(times) / len(times) * 1e6:.0f} us, max {max(times) * 1e6:.0f} us; "
-          f"log_validation with 2 images: {queued_in * 1e6:.0f} us")
+    print(
+        f"\nlog_step blocking: mean {sum(times) / len(times) * 1e6:.0f} us, max {max(times) * 1e6:.0f} us; "
+        f"log_validation with 2 images: {queued_in * 1e6:.0f} us"
+    )
     run_id = first.run_id
     assert storage.read_bytes(RUN_ID).decode() == run_id
 

@@ -48,8 +48,15 @@ def test_checkpoint_contents_and_pruning(make_config):
     assert folders == ["checkpoint-12", "checkpoint-16", "checkpoint-20"]
     latest = config.output_dir / "checkpoint-20"
     manifest = ckpt.verify_checkpoint(latest)
-    assert set(manifest["files"]) == {"adapter.safetensors", "adapter_ema.safetensors", "optimizer.pt",
-                                      "scheduler.pt", "rng_state.pt", "training_state.json", "config.json"}
+    assert set(manifest["files"]) == {
+        "adapter.safetensors",
+        "adapter_ema.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pt",
+        "training_state.json",
+        "config.json",
+    }
     state = json.loads((latest / "training_state.json").read_text())
     assert state["step"] == 20 and state["world_size"] == 1
     assert {"epoch", "position", "start", "seed", "batch_size"} <= set(state["sampler"])
@@ -105,16 +112,18 @@ def test_exported_adapter_reloads_through_lycoris(make_config, tiny_model):
     assert plain.name == "sd35-out-lokr.safetensors" and ema.name == "sd35-out-lokr-ema.safetensors"
 
     gen = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 16, 8, 8, generator=gen),
-                  encoder_hidden_states=torch.randn(1, 231, 64, generator=gen),
-                  pooled_projections=torch.randn(1, 64, generator=gen), timestep=torch.tensor([700.0]),
-                  return_dict=False)
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 8, 8, generator=gen),
+        encoder_hidden_states=torch.randn(1, 231, 64, generator=gen),
+        pooled_projections=torch.randn(1, 64, generator=gen),
+        timestep=torch.tensor([700.0]),
+        return_dict=False,
+    )
     trainer.model.transformer.eval()
     with torch.no_grad():
         expected = trainer.model.transformer(**inputs)[0]
 
-    fresh = build_adapter_model(make_config(**SHORT, max_train_steps=8, out="fresh"), tiny_model,
-                                torch.device("cpu"), seed=123)
+    fresh = build_adapter_model(make_config(**SHORT, max_train_steps=8, out="fresh"), tiny_model, torch.device("cpu"), seed=123)
     fresh.network.restore()  # take our adapter off: a bare int8 transformer
     network, weights = lycoris.create_lycoris_from_weights(1.0, str(plain), fresh.transformer)
     network.apply_to()
@@ -130,8 +139,7 @@ def test_init_lora_continues_from_an_export(make_config):
     first = build_trainer(make_config(**SHORT, max_train_steps=4, out="first", adapter_export_dtype="fp32"))
     exported = first.fit().exported[0]
     # init_lora_step 0: train it anew (unset, the run would continue from the file's step 4, i.e. be done)
-    second = build_trainer(make_config(**SHORT, max_train_steps=4, out="second", init_lora=str(exported),
-                                       init_lora_step=0))
+    second = build_trainer(make_config(**SHORT, max_train_steps=4, out="second", init_lora=str(exported), init_lora_step=0))
     for name, tensor in first.model.network.state_dict().items():
         assert torch.equal(second.model.network.state_dict()[name], tensor)
 
@@ -144,8 +152,19 @@ def _fixed_draw_loss(trainer, draws: int = 16) -> float:
     batch = trainer.dataset.batch(bucket, [0])
     generator = torch.Generator().manual_seed(1234)
     with torch.no_grad():
-        losses = [train_step(trainer.model.transformer, batch, trainer.empty_prompt, generator, shift=3.0,
-                             caption_dropout=0.0, device=trainer.device, dtype=torch.float32) for _ in range(draws)]
+        losses = [
+            train_step(
+                trainer.model.transformer,
+                batch,
+                trainer.empty_prompt,
+                generator,
+                shift=3.0,
+                caption_dropout=0.0,
+                device=trainer.device,
+                dtype=torch.float32,
+            )
+            for _ in range(draws)
+        ]
     return torch.stack(losses).mean().item()
 
 
@@ -156,9 +175,18 @@ def test_loss_falls_when_overfitting_one_image(make_config, demo_data, tmp_path)
     one.mkdir()
     for suffix in (".png", ".txt"):
         (one / f"0000{suffix}").write_bytes((demo_data / f"0000{suffix}").read_bytes())
-    config = make_config(data_dir=one, max_train_steps=200, train_batch_size=1, checkpointing_steps=1000,
-                         optimizer="adamw", learning_rate=1e-2, lr_warmup_steps=10, caption_dropout_probability=0.0,
-                         max_grad_norm=1.0, grad_clip_method="norm")
+    config = make_config(
+        data_dir=one,
+        max_train_steps=200,
+        train_batch_size=1,
+        checkpointing_steps=1000,
+        optimizer="adamw",
+        learning_rate=1e-2,
+        lr_warmup_steps=10,
+        caption_dropout_probability=0.0,
+        max_grad_norm=1.0,
+        grad_clip_method="norm",
+    )
     trainer = build_trainer(config)
     before = _fixed_draw_loss(trainer)
     losses = trainer.fit().losses  # one mean per 10 steps

@@ -18,9 +18,18 @@ from relay_train.validate.render import Validator, adapter_variants, checkpoint_
 from relay_train.validate.results import ADAPTER, BASE, EMA, SCORES, save
 
 REPO = Path(__file__).resolve().parents[2]
-VALIDATION = dict(validation_num_inference_steps=2, validation_resolution="32x32,64x32", validation_guidance=4.0,
-                  validation_prompt="a red circle", evaluation_type="clip", use_ema=True, ema_validation="comparison",
-                  ema_update_interval=1, ema_decay=0.5, validation_seed=7)
+VALIDATION = dict(
+    validation_num_inference_steps=2,
+    validation_resolution="32x32,64x32",
+    validation_guidance=4.0,
+    validation_prompt="a red circle",
+    evaluation_type="clip",
+    use_ema=True,
+    ema_validation="comparison",
+    ema_update_interval=1,
+    ema_decay=0.5,
+    validation_seed=7,
+)
 
 
 def write_config(folder: Path, tiny_model: Path, demo_data: Path, **overrides) -> Path:
@@ -30,9 +39,17 @@ def write_config(folder: Path, tiny_model: Path, demo_data: Path, **overrides) -
     backends[1]["cache_dir"] = str(folder / "cache")
     (folder / "backends.json").write_text(json.dumps(backends))
     raw = json.loads((REPO / "configs/demo/config.json").read_text())
-    raw.update({"--pretrained_model_name_or_path": str(tiny_model), "--data_backend_config": str(folder / "backends.json"),
-                "--lycoris_config": str(REPO / "configs/demo/lycoris_config.json"), "--output_dir": str(folder / "out"),
-                "--max_train_steps": 4, "--checkpointing_steps": 2, "--train_batch_size": 2})
+    raw.update(
+        {
+            "--pretrained_model_name_or_path": str(tiny_model),
+            "--data_backend_config": str(folder / "backends.json"),
+            "--lycoris_config": str(REPO / "configs/demo/lycoris_config.json"),
+            "--output_dir": str(folder / "out"),
+            "--max_train_steps": 4,
+            "--checkpointing_steps": 2,
+            "--train_batch_size": 2,
+        }
+    )
     raw.pop("ema_update_interval", None)
     raw.pop("use_ema", None)
     raw.pop("ema_validation", None)
@@ -47,8 +64,14 @@ def run(tmp_path_factory, tiny_model, demo_data, tiny_clip):
     """A 4-step run (checkpoints 2 and 4, with EMA) and a validator on its config; (config path, checkpoint, validator)."""
     folder = tmp_path_factory.mktemp("validate")
     (folder / "prompts.json").write_text(json.dumps(["a sign that says OPEN"]))
-    path = write_config(folder, tiny_model, demo_data, validation_clip_model=str(tiny_clip),
-                        validation_prompt_file=str(folder / "prompts.json"), **VALIDATION)
+    path = write_config(
+        folder,
+        tiny_model,
+        demo_data,
+        validation_clip_model=str(tiny_clip),
+        validation_prompt_file=str(folder / "prompts.json"),
+        **VALIDATION,
+    )
     config = load_config(path)
     build_trainer(config).fit()
     validator = Validator(config, tiny_model, torch.device("cpu"))
@@ -66,8 +89,9 @@ def test_every_prompt_seed_size_and_variant_renders_and_repeats_exactly(run, tmp
     result = validator.render(adapters, step=4)
 
     got = {(i.variant, i.prompt_name, i.width, i.height) for i in result.images}
-    expected = {(v, p, w, h) for v in adapters for p in ("validation", "user-a-sign-that-says-open")
-                for w, h in ((32, 32), (64, 32))}
+    expected = {
+        (v, p, w, h) for v in adapters for p in ("validation", "user-a-sign-that-says-open") for w, h in ((32, 32), (64, 32))
+    }
     assert got == expected and len(result.images) == 12
     for image in result.images:
         assert image.image.size == (image.width, image.height)

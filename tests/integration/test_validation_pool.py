@@ -11,7 +11,13 @@ import pytest
 
 from orchestrator.store import SNAPSHOT, RunStorage
 from orchestrator.validation import (
-    BENCHMARK, ValidationPool, ValidationService, enqueue, flat_scores, pending_validations, result_folder,
+    BENCHMARK,
+    ValidationPool,
+    ValidationService,
+    enqueue,
+    flat_scores,
+    pending_validations,
+    result_folder,
 )
 from relay_train import checkpoint as ckpt
 from relay_train.config import load_config
@@ -19,8 +25,15 @@ from relay_train.trainer import build_trainer
 from relay_train.validate.results import SCORES
 from tests.integration.test_validate import write_config
 
-POOL = dict(validation_steps=2, validation_num_inference_steps=2, validation_resolution="32x32",
-            validation_prompt="a red circle", use_ema=True, ema_validation="comparison", ema_update_interval=1)
+POOL = dict(
+    validation_steps=2,
+    validation_num_inference_steps=2,
+    validation_resolution="32x32",
+    validation_prompt="a red circle",
+    use_ema=True,
+    ema_validation="comparison",
+    ema_update_interval=1,
+)
 
 
 # ---------------------------------------------------------------- policies (no Ray)
@@ -58,12 +71,12 @@ def local_ray(s3_endpoint):
 def trained_run(tmp_path_factory, tiny_model, demo_data, tiny_clip):
     """Checkpoints 2 and 4 in a local run folder, listed in a Ray-style snapshot; returns (config path, storage root)."""
     folder = tmp_path_factory.mktemp("pool")
-    path = write_config(folder, tiny_model, demo_data, evaluation_type="clip", validation_clip_model=str(tiny_clip),
-                        **POOL)
+    path = write_config(folder, tiny_model, demo_data, evaluation_type="clip", validation_clip_model=str(tiny_clip), **POOL)
     root = folder / "runs"
     build_trainer(load_config(path), store=ckpt.LocalCheckpointStore(root / "run")).fit()
-    (root / "run" / SNAPSHOT).write_text(json.dumps(
-        {"checkpoint_results": [{"checkpoint_dir_name": f"checkpoint-{s}"} for s in (2, 4)]}))
+    (root / "run" / SNAPSHOT).write_text(
+        json.dumps({"checkpoint_results": [{"checkpoint_dir_name": f"checkpoint-{s}"} for s in (2, 4)]})
+    )
     return path, root
 
 
@@ -90,8 +103,9 @@ def test_pool_renders_each_validation_step_from_s3_and_loads_once(local_ray, tra
 
     results, ledger = Results(), []
     # as the steward runs it: the run's first event queues the benchmark and what storage lacks (2, 4)
-    service = ValidationService.for_run(path, storage, record=lambda *a, **kw: ledger.append((a, kw)),
-                                        forward=results, num_actors=1).start()
+    service = ValidationService.for_run(
+        path, storage, record=lambda *a, **kw: ledger.append((a, kw)), forward=results, num_actors=1
+    ).start()
     pool = service.pool
     try:
         started = time.perf_counter()
@@ -105,10 +119,14 @@ def test_pool_renders_each_validation_step_from_s3_and_loads_once(local_ray, tra
         assert service.close(timeout=10)
 
     assert [c[0] for c in results.calls] == [0, 2, 4] and results.threads == {"validation-pool"}
-    assert [(a, kw["benchmark"]) for a, kw in ledger] == [(("validation", 0), True), (("validation", 2), False),
-                                                          (("validation", 4), False)]
-    assert set(flat_scores(results.calls[1][1])) == {f"{v}/clip_{s}" for v in ("adapter", "ema")
-                                                     for s in ("min", "mean", "max", "std")}
+    assert [(a, kw["benchmark"]) for a, kw in ledger] == [
+        (("validation", 0), True),
+        (("validation", 2), False),
+        (("validation", 4), False),
+    ]
+    assert set(flat_scores(results.calls[1][1])) == {
+        f"{v}/clip_{s}" for v in ("adapter", "ema") for s in ("min", "mean", "max", "std")
+    }
     for step, summary, names in results.calls:
         folder = result_folder(BENCHMARK if step == 0 else step)
         stored = storage.read_json(f"{folder}/{SCORES}")

@@ -143,8 +143,16 @@ class HubServer(LoopbackServer):
     def repos(self) -> dict[str, Repo]:
         return self.state.repos
 
-    def fail(self, status: int | Fault = 429, *, count: int | None = None, seconds: float | None = None,
-             retry_after: float | None = None, path: str | None = None, start_in: float = 0.0) -> None:
+    def fail(
+        self,
+        status: int | Fault = 429,
+        *,
+        count: int | None = None,
+        seconds: float | None = None,
+        retry_after: float | None = None,
+        path: str | None = None,
+        start_in: float = 0.0,
+    ) -> None:
         """Answer `status` to the next `count` requests, or to all requests for `seconds` (matching the
         regex `path` when given), starting `start_in` seconds from now. 429s carry Retry-After (default
         1 s) as the real Hub's do. Any other Fault may be passed as it is."""
@@ -154,8 +162,9 @@ class HubServer(LoopbackServer):
             raise ValueError("fail() needs count= or seconds=")
         if status == 429 and retry_after is None:
             retry_after = 1
-        super().fail(Fault("status", status=status, count=count, seconds=seconds, retry_after=retry_after,
-                           path=path, start_in=start_in))
+        super().fail(
+            Fault("status", status=status, count=count, seconds=seconds, retry_after=retry_after, path=path, start_in=start_in)
+        )
 
     def fault_answer(self, fault: Fault) -> tuple[bytes, dict[str, str], str]:
         message = f"injected {fault.status}"
@@ -191,8 +200,13 @@ class _Call:
     def base_url(self) -> str:
         return str(self.server.url)
 
-    def _send(self, status: int, body: bytes | dict | list = b"", headers: dict[str, str] | None = None,
-              content_type: str = "application/json") -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes | dict | list = b"",
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> None:
         self.server.reply(self.handler, status, body, headers, content_type)
 
     def _error(self, status: int, message: str, code: str | None = None, headers: dict | None = None) -> None:
@@ -238,15 +252,21 @@ class _Call:
         if repo_id in self.state.repos:
             return self._send(409, {"error": "You already created this model repo", "url": url})
         repo = Repo(repo_id, private=payload.get("visibility") == "private")
-        repo.commit("initial commit", {".gitattributes": Blob(b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n",
-                                                                 lfs=False)})
+        repo.commit("initial commit", {".gitattributes": Blob(b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n", lfs=False)})
         self.state.repos[repo_id] = repo
         self._send(200, {"url": url, "name": repo_id, "id": uuid.uuid4().hex})
 
     @_route("GET", rf"{_MODEL}(?:/revision/(?P<rev>[^/]+))?", repo=True)
     def _repo_info(self, repo, match, query, body) -> None:
-        self._send(200, {"id": repo.repo_id, "sha": repo.head, "private": repo.private,
-                         "siblings": [{"rfilename": p} for p in sorted(repo.files)]})
+        self._send(
+            200,
+            {
+                "id": repo.repo_id,
+                "sha": repo.head,
+                "private": repo.private,
+                "siblings": [{"rfilename": p} for p in sorted(repo.files)],
+            },
+        )
 
     @_route("POST", r"/api/validate-yaml")
     def _validate_yaml(self, match, query, body) -> None:
@@ -257,11 +277,10 @@ class _Call:
         files = []
         for entry in json.loads(body)["files"]:
             sample = base64.b64decode(entry["sample"])
-            lfs = (entry["path"].endswith(LFS_SUFFIXES) or entry["size"] >= LFS_MIN_SIZE or b"\0" in sample)
+            lfs = entry["path"].endswith(LFS_SUFFIXES) or entry["size"] >= LFS_MIN_SIZE or b"\0" in sample
             existing = repo.files.get(entry["path"])
             oid = None if existing is None else (existing.sha256 if existing.lfs else git_blob_sha1(existing.data))
-            files.append({"path": entry["path"], "uploadMode": "lfs" if lfs else "regular",
-                          "shouldIgnore": False, "oid": oid})
+            files.append({"path": entry["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
         self._send(200, {"files": files, "commitOid": repo.head})
 
     @_route("POST", rf"/{_REPO}\.git/info/lfs/objects/batch", repo=True)
@@ -278,8 +297,9 @@ class _Call:
                 }
             objects.append(entry)
         # "basic" only: never "xet", so a client that asks falls back to the plain PUT transfer.
-        self._send(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
-                   content_type="application/vnd.git-lfs+json")
+        self._send(
+            200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"}, content_type="application/vnd.git-lfs+json"
+        )
 
     @_route("PUT", rf"/lfs-upload/{_REPO}/(?P<oid>[0-9a-f]{{64}})", auth=False)
     def _lfs_put(self, match, query, body) -> None:
@@ -329,8 +349,15 @@ class _Call:
                 return self._error(400, f"unknown commit operation {key!r}")
         commit = repo.commit(header["summary"], files)
         base = self.base_url
-        self._send(200, {"success": True, "commitOid": commit.oid, "commitUrl": f"{base}/{repo.repo_id}/commit/{commit.oid}",
-                         "pullRequestUrl": None})
+        self._send(
+            200,
+            {
+                "success": True,
+                "commitOid": commit.oid,
+                "commitUrl": f"{base}/{repo.repo_id}/commit/{commit.oid}",
+                "pullRequestUrl": None,
+            },
+        )
 
     @_route("GET", rf"{_MODEL}/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?", repo=True)
     def _tree(self, repo, match, query, body) -> None:
@@ -341,14 +368,15 @@ class _Call:
             return self._error(404, f"{prefix} does not exist on main", "EntryNotFound")
         entries, folders = [], set()
         for path, blob in sorted(under.items()):
-            rest = path[len(prefix) + 1:] if prefix else path
+            rest = path[len(prefix) + 1 :] if prefix else path
             parts = rest.split("/")
             for depth in range(1, len(parts)):
                 folder = "/".join(([prefix] if prefix else []) + parts[:depth])
                 if (recursive or depth == 1) and folder not in folders:
                     folders.add(folder)
-                    entries.append({"type": "directory", "oid": hashlib.sha1(folder.encode()).hexdigest(),
-                                    "size": 0, "path": folder})
+                    entries.append(
+                        {"type": "directory", "oid": hashlib.sha1(folder.encode()).hexdigest(), "size": 0, "path": folder}
+                    )
             if recursive or len(parts) == 1:
                 entry = {"type": "file", "oid": blob.oid, "size": len(blob.data), "path": path}
                 if blob.lfs:
@@ -358,9 +386,19 @@ class _Call:
 
     @_route("GET", rf"{_MODEL}/commits/(?P<rev>[^/]+)", repo=True)
     def _commits(self, repo, match, query, body) -> None:
-        self._send(200, [{"id": c.oid, "title": c.title, "message": "", "authors": [],
-                          "date": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(c.time))}
-                         for c in reversed(repo.commits)])
+        self._send(
+            200,
+            [
+                {
+                    "id": c.oid,
+                    "title": c.title,
+                    "message": "",
+                    "authors": [],
+                    "date": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(c.time)),
+                }
+                for c in reversed(repo.commits)
+            ],
+        )
 
     @_route("GET", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", repo=True)
     def _resolve(self, repo, match, query, body) -> None:
@@ -379,4 +417,3 @@ class _Call:
         repo.commits = [Commit(uuid.uuid4().hex + uuid.uuid4().hex[:8], message, dict(repo.files), time.time())]
         repo.squashes += 1
         self._send(200, {"commitId": repo.head})
-

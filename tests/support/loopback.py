@@ -143,8 +143,7 @@ class LoopbackServer:
         httpd.daemon_threads = True
         self._port = httpd.server_address[1]
         self._httpd = httpd
-        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=self.name,
-                         daemon=True).start()
+        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=self.name, daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -212,8 +211,14 @@ class LoopbackServer:
     def _serve(self, handler: BaseHTTPRequestHandler, method: str) -> None:
         url = urlparse(handler.path)
         body = read_body(handler) if method in ("POST", "PUT") else b""
-        request = self.request_class(method, url.path, {k.lower(): v for k, v in handler.headers.items()}, body,
-                                     time.monotonic(), query=parse_qs(url.query))
+        request = self.request_class(
+            method,
+            url.path,
+            {k.lower(): v for k, v in handler.headers.items()},
+            body,
+            time.monotonic(),
+            query=parse_qs(url.query),
+        )
         handler.request_record = request  # type: ignore[attr-defined]
         fault = self._take_fault(url.path)
         if fault is not None and fault.kind == "delay":
@@ -237,8 +242,14 @@ class LoopbackServer:
         """(body, headers, content type) of a status fault's answer; subclasses speak their API's errors."""
         return (fault.body if fault.body is not None else b"error"), {}, "text/plain"
 
-    def reply(self, handler: BaseHTTPRequestHandler, status: int, body: bytes | dict | list = b"",
-              headers: dict[str, str] | None = None, content_type: str = "application/json") -> None:
+    def reply(
+        self,
+        handler: BaseHTTPRequestHandler,
+        status: int,
+        body: bytes | dict | list = b"",
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> None:
         """Record the request with its status (before the answer goes out: once a client has its answer,
         the test sees the request), then answer it."""
         data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
@@ -263,8 +274,11 @@ class LoopbackServer:
     def count(self, method: str, pattern: str, status: int | None = None) -> int:
         """Requests received with this method, a path the regex `pattern` matches, and (when given) status."""
         with self.lock:
-            return sum(1 for r in self.received if r.method == method and re.search(pattern, r.path)
-                       and (status is None or r.status == status))
+            return sum(
+                1
+                for r in self.received
+                if r.method == method and re.search(pattern, r.path) and (status is None or r.status == status)
+            )
 
 
 def read_body(handler: BaseHTTPRequestHandler) -> bytes:

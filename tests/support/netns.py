@@ -92,8 +92,7 @@ class TwoNodes:
             self.made.append(name)
             _ip("-n", name, "link", "set", "lo", "up")
         peer_a, peer_b = f"ra{uuid.uuid4().hex[:8]}", f"rb{uuid.uuid4().hex[:8]}"  # unique in the root namespace
-        _ip("link", "add", peer_a, "netns", self.names[0], "type", "veth", "peer", "name", peer_b,
-            "netns", self.names[1])
+        _ip("link", "add", peer_a, "netns", self.names[0], "type", "veth", "peer", "name", peer_b, "netns", self.names[1])
         for name, peer, ip in zip(self.names, (peer_a, peer_b), self.ips):
             _ip("-n", name, "link", "set", peer, "name", IFNAME)
             _ip("-n", name, "addr", "add", f"{ip}/30", "dev", IFNAME)
@@ -108,21 +107,44 @@ class TwoNodes:
         """(Re)shape both ends: tbf at `rate_mbit` (None: unlimited), under netem `delay_ms` when > 0."""
         self.rate_mbit, self.delay_ms = rate_mbit, delay_ms
         for name in self.names:
-            subprocess.run(["tc", "-n", name, "qdisc", "del", "dev", IFNAME, "root"], capture_output=True,
-                           timeout=COMMAND_TIMEOUT)
+            subprocess.run(
+                ["tc", "-n", name, "qdisc", "del", "dev", IFNAME, "root"], capture_output=True, timeout=COMMAND_TIMEOUT
+            )
             parent = ["root"]
             if delay_ms > 0:
-                made = subprocess.run(["tc", "-n", name, "qdisc", "add", "dev", IFNAME, "root", "handle", "1:",
-                                       "netem", "delay", f"{delay_ms}ms"], capture_output=True, text=True,
-                                      timeout=COMMAND_TIMEOUT)
+                made = subprocess.run(
+                    ["tc", "-n", name, "qdisc", "add", "dev", IFNAME, "root", "handle", "1:", "netem", "delay", f"{delay_ms}ms"],
+                    capture_output=True,
+                    text=True,
+                    timeout=COMMAND_TIMEOUT,
+                )
                 if made.returncode != 0:
                     raise NetnsUnavailable(f"a link delay needs the netem qdisc: {made.stderr.strip()}")
                 parent = ["parent", "1:", "handle", "2:"]
             if rate_mbit:
                 # burst: bytes sent at line rate before the bucket throttles; latency: queue bound
-                subprocess.run(["tc", "-n", name, "qdisc", "add", "dev", IFNAME, *parent, "tbf", "rate",
-                                f"{rate_mbit}mbit", "burst", f"{self.burst_kb}kb", "latency", "200ms"],
-                               check=True, capture_output=True, timeout=COMMAND_TIMEOUT)
+                subprocess.run(
+                    [
+                        "tc",
+                        "-n",
+                        name,
+                        "qdisc",
+                        "add",
+                        "dev",
+                        IFNAME,
+                        *parent,
+                        "tbf",
+                        "rate",
+                        f"{rate_mbit}mbit",
+                        "burst",
+                        f"{self.burst_kb}kb",
+                        "latency",
+                        "200ms",
+                    ],
+                    check=True,
+                    capture_output=True,
+                    timeout=COMMAND_TIMEOUT,
+                )
 
     def cut(self) -> None:
         """The link goes dead, as when a node drops off the network: no packet crosses, nothing closes."""
@@ -134,8 +156,9 @@ class TwoNodes:
     # -- processes ------------------------------------------------------------------------------
     def popen(self, node: int, argv: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
         """Start `argv` inside node `node` (0 or 1), in its own process group (closed with the nodes)."""
-        proc = subprocess.Popen(["ip", "netns", "exec", self.names[node], *argv], env={**os.environ, **(env or {})},
-                                start_new_session=True, **kwargs)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.names[node], *argv], env={**os.environ, **(env or {})}, start_new_session=True, **kwargs
+        )
         self.processes.append(proc)
         return proc
 
@@ -197,16 +220,21 @@ class RayOnTwoNodes:
 
     PORT = 6379
 
-    def __init__(self, nodes: TwoNodes, cpus: tuple[float, float] = (1, 1), resources: tuple[dict, dict] = ({}, {}),
-                 object_store_mb: int = 256, env: dict | None = None):
+    def __init__(
+        self,
+        nodes: TwoNodes,
+        cpus: tuple[float, float] = (1, 1),
+        resources: tuple[dict, dict] = ({}, {}),
+        object_store_mb: int = 256,
+        env: dict | None = None,
+    ):
         self.nodes, self.cpus, self.resources = nodes, cpus, resources
         # Ray's session (sockets, logs) in a short folder of its own: unix socket paths are limited to 107
         # bytes; deleted with the cluster.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rn-", dir="/tmp"))
         self.object_store = object_store_mb * (1 << 20)
         # Token auth off: the cluster's only network is the veth pair inside these two namespaces.
-        self.env = {"GLOO_SOCKET_IFNAME": IFNAME, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-                    **(env or {})}
+        self.env = {"GLOO_SOCKET_IFNAME": IFNAME, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", **(env or {})}
         self.heads: list[subprocess.Popen] = []
 
     @property
@@ -236,13 +264,32 @@ class RayOnTwoNodes:
 
     def start_node(self, node: int) -> subprocess.Popen:
         """`ray start --block` in `node` (the head in node 0). Call again for node 1 to replace a lost node."""
-        common = ["--block", "--node-ip-address", self.nodes.ips[node], "--num-cpus", str(self.cpus[node]),
-                  "--resources", json.dumps(self.resources[node]), "--object-store-memory", str(self.object_store),
-                  "--disable-usage-stats"]
+        common = [
+            "--block",
+            "--node-ip-address",
+            self.nodes.ips[node],
+            "--num-cpus",
+            str(self.cpus[node]),
+            "--resources",
+            json.dumps(self.resources[node]),
+            "--object-store-memory",
+            str(self.object_store),
+            "--disable-usage-stats",
+        ]
         if node == 0:
             self.temp_dir.mkdir(parents=True, exist_ok=True)
-            argv = [self._ray(), "start", "--head", "--port", str(self.PORT), "--include-dashboard", "false",
-                    "--temp-dir", str(self.temp_dir), *common]
+            argv = [
+                self._ray(),
+                "start",
+                "--head",
+                "--port",
+                str(self.PORT),
+                "--include-dashboard",
+                "false",
+                "--temp-dir",
+                str(self.temp_dir),
+                *common,
+            ]
         else:
             argv = [self._ray(), "start", "--address", self.address, *common]
         log = open(self.temp_dir / f"node-{node}-{len(self.heads)}.log", "w")
@@ -253,27 +300,32 @@ class RayOnTwoNodes:
         return proc
 
     def _wait_for_port(self, timeout: float) -> None:
-        probe = ("import socket, sys, time\n"
-                 f"end = time.monotonic() + {timeout}\n"
-                 "while time.monotonic() < end:\n"
-                 "    try:\n"
-                 f"        socket.create_connection(('{self.nodes.ips[0]}', {self.PORT}), 1).close(); sys.exit(0)\n"
-                 "    except OSError:\n"
-                 "        time.sleep(0.3)\n"
-                 "sys.exit(1)\n")
+        probe = (
+            "import socket, sys, time\n"
+            f"end = time.monotonic() + {timeout}\n"
+            "while time.monotonic() < end:\n"
+            "    try:\n"
+            f"        socket.create_connection(('{self.nodes.ips[0]}', {self.PORT}), 1).close(); sys.exit(0)\n"
+            "    except OSError:\n"
+            "        time.sleep(0.3)\n"
+            "sys.exit(1)\n"
+        )
         if self.nodes.run(0, [sys.executable, "-c", probe], timeout=timeout + 10).returncode != 0:
-            raise RuntimeError(f"the Ray head in {self.nodes.names[0]} did not listen within {timeout} s; see "
-                               f"{self.temp_dir}/node-0-0.log")
+            raise RuntimeError(
+                f"the Ray head in {self.nodes.names[0]} did not listen within {timeout} s; see {self.temp_dir}/node-0-0.log"
+            )
 
     def wait_for_nodes(self, count: int, timeout: float) -> None:
         """Until `count` nodes are alive (asked from inside node a)."""
-        script = ("import ray, sys, time\n"
-                  f"ray.init(address='{self.address}', _node_ip_address='{self.nodes.ips[0]}', "
-                  "configure_logging=False, log_to_driver=False)\n"
-                  f"end = time.monotonic() + {timeout}\n"
-                  f"while sum(n['Alive'] for n in ray.nodes()) < {count} and time.monotonic() < end:\n"
-                  "    time.sleep(0.5)\n"
-                  f"sys.exit(0 if sum(n['Alive'] for n in ray.nodes()) >= {count} else 1)\n")
+        script = (
+            "import ray, sys, time\n"
+            f"ray.init(address='{self.address}', _node_ip_address='{self.nodes.ips[0]}', "
+            "configure_logging=False, log_to_driver=False)\n"
+            f"end = time.monotonic() + {timeout}\n"
+            f"while sum(n['Alive'] for n in ray.nodes()) < {count} and time.monotonic() < end:\n"
+            "    time.sleep(0.5)\n"
+            f"sys.exit(0 if sum(n['Alive'] for n in ray.nodes()) >= {count} else 1)\n"
+        )
         done = self.run_driver([sys.executable, "-c", script], timeout=timeout + 30)
         if done.returncode != 0:
             raise RuntimeError(f"fewer than {count} Ray nodes came up within {timeout} s:\n{done.stdout[-3000:]}")

@@ -51,10 +51,17 @@ class Received(Request):
 
 def parse_multipart(content_type: str, body: bytes) -> list[Part]:
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        f"Content-Type: {content_type}\r\n\r\n".encode() + body)
-    return [Part(part.get_param("name", header="content-disposition"), part.get_filename(),
-                 part.get_content_type(), part.get_payload(decode=True) or b"")
-            for part in message.iter_parts()]
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body
+    )
+    return [
+        Part(
+            part.get_param("name", header="content-disposition"),
+            part.get_filename(),
+            part.get_content_type(),
+            part.get_payload(decode=True) or b"",
+        )
+        for part in message.iter_parts()
+    ]
 
 
 class WebhookReceiver(LoopbackServer):
@@ -93,10 +100,16 @@ class WebhookReceiver(LoopbackServer):
 
     def rate_limit(self, count: int, retry_after: float = 0.2) -> None:
         """Answer the next `count` requests 429 with Discord's body and Retry-After header."""
-        body = json.dumps({"message": "You are being rate limited.", "retry_after": retry_after,
-                           "global": False}).encode()
-        self.fail(Fault("status", status=429, count=count, body=body,
-                        headers={"Content-Type": "application/json", "Retry-After": str(max(1, round(retry_after)))}))
+        body = json.dumps({"message": "You are being rate limited.", "retry_after": retry_after, "global": False}).encode()
+        self.fail(
+            Fault(
+                "status",
+                status=429,
+                count=count,
+                body=body,
+                headers={"Content-Type": "application/json", "Retry-After": str(max(1, round(retry_after)))},
+            )
+        )
 
     def fail(self, count_or_fault: int | Fault, status: int = 500) -> None:  # type: ignore[override]
         """`fail(count, status=500)`: answer the next `count` requests `status`; or add any Fault."""

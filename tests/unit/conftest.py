@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-LYCORIS = {"algo": "lokr", "linear_dim": 10000, "linear_alpha": 1, "factor": 4, "full_matrix": True,
-           "apply_preset": {"target_module": ["Attention"], "module_algo_map": {"Attention": {"factor": 2}}}}
+LYCORIS = {
+    "algo": "lokr",
+    "linear_dim": 10000,
+    "linear_alpha": 1,
+    "factor": 4,
+    "full_matrix": True,
+    "apply_preset": {"target_module": ["Attention"], "module_algo_map": {"Attention": {"factor": 2}}},
+}
 BACKENDS = [
     {"id": "images", "type": "local", "instance_data_dir": "data"},
     {"id": "text", "dataset_type": "text_embeds", "default": True, "cache_dir": "cache/text"},

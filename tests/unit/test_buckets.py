@@ -82,19 +82,22 @@ def test_state_from_another_seed_is_refused():
 
 # Worked by hand: aspect = round(W/H, 2); pixel_area → w = √(R²·a), h = √(R²/a); pixel → short side R;
 # each side → nearest multiple of the alignment (at least one alignment step).
-@pytest.mark.parametrize("size, resolution, kind, alignment, expected", [
-    ((1344, 768), 1024, "pixel_area", 64, (1344, 768)),  # a=1.75: √(1048576·1.75)=1354.6→1344, 774.1→768
-    ((4096, 512), 1024, "pixel_area", 64, (2880, 384)),  # a=8: 2896.3→2880 (45.25·64), 362.0→384 (5.66·64)
-    ((512, 4096), 1024, "pixel_area", 64, (384, 2944)),  # a=round(0.125,2)=0.12, not a mirror: 354.7→384, 2956.0→2944
-    ((10000, 100), 1024, "pixel_area", 64, (10240, 128)),  # a=100: 10240 exactly; 102.4→128 (1.6·64)
-    ((100, 10000), 1024, "pixel_area", 64, (128, 10240)),  # a=0.01: 102.4→128, 10240 exactly
-    ((1, 1000), 1024, "pixel_area", 64, (64, 32384)),  # round(0.001, 2)=0 → exact a: 32.4→64, 32382→32384
-    ((3000, 1000), 1024, "pixel", 64, (3072, 1024)),  # a=3: long side 3072
-    ((1000, 3000), 1024, "pixel", 64, (1024, 3072)),  # a=0.33: 1024/0.33=3103.0→48.48→3072
-    ((128, 64), 64, "pixel_area", 16, (96, 48)),  # the demo: a=2: √8192=90.5→96 (5.66·16), 45.25→48
-    ((64, 96), 64, "pixel_area", 16, (48, 80)),  # a=0.67: √2744.3=52.4→48, √6113.4=78.2→80
-    ((30, 30), 1024, "pixel_area", 64, (1024, 1024)),  # tiny squares upscale into the 1 MP bucket
-])
+@pytest.mark.parametrize(
+    "size, resolution, kind, alignment, expected",
+    [
+        ((1344, 768), 1024, "pixel_area", 64, (1344, 768)),  # a=1.75: √(1048576·1.75)=1354.6→1344, 774.1→768
+        ((4096, 512), 1024, "pixel_area", 64, (2880, 384)),  # a=8: 2896.3→2880 (45.25·64), 362.0→384 (5.66·64)
+        ((512, 4096), 1024, "pixel_area", 64, (384, 2944)),  # a=round(0.125,2)=0.12, not a mirror: 354.7→384, 2956.0→2944
+        ((10000, 100), 1024, "pixel_area", 64, (10240, 128)),  # a=100: 10240 exactly; 102.4→128 (1.6·64)
+        ((100, 10000), 1024, "pixel_area", 64, (128, 10240)),  # a=0.01: 102.4→128, 10240 exactly
+        ((1, 1000), 1024, "pixel_area", 64, (64, 32384)),  # round(0.001, 2)=0 → exact a: 32.4→64, 32382→32384
+        ((3000, 1000), 1024, "pixel", 64, (3072, 1024)),  # a=3: long side 3072
+        ((1000, 3000), 1024, "pixel", 64, (1024, 3072)),  # a=0.33: 1024/0.33=3103.0→48.48→3072
+        ((128, 64), 64, "pixel_area", 16, (96, 48)),  # the demo: a=2: √8192=90.5→96 (5.66·16), 45.25→48
+        ((64, 96), 64, "pixel_area", 16, (48, 80)),  # a=0.67: √2744.3=52.4→48, √6113.4=78.2→80
+        ((30, 30), 1024, "pixel_area", 64, (1024, 1024)),  # tiny squares upscale into the 1 MP bucket
+    ],
+)
 def test_bucket_table(size, resolution, kind, alignment, expected):
     assert bucket_for(*size, resolution=resolution, resolution_type=kind, rounding=2, alignment=alignment) == expected
 

@@ -12,10 +12,12 @@ from relay_train.data.store import FileStore
 def test_keys_change_with_every_input_and_only_then():
     base = latent_key("d1", (64, 64), ("cover", "center"), "vae1")
     assert base == latent_key("d1", (64, 64), ("cover", "center"), "vae1")
-    for other in (latent_key("d2", (64, 64), ("cover", "center"), "vae1"),
-                  latent_key("d1", (64, 48), ("cover", "center"), "vae1"),
-                  latent_key("d1", (64, 64), ("crop", "random", "preserve"), "vae1"),
-                  latent_key("d1", (64, 64), ("cover", "center"), "vae2")):
+    for other in (
+        latent_key("d2", (64, 64), ("cover", "center"), "vae1"),
+        latent_key("d1", (64, 48), ("cover", "center"), "vae1"),
+        latent_key("d1", (64, 64), ("crop", "random", "preserve"), "vae1"),
+        latent_key("d1", (64, 64), ("cover", "center"), "vae2"),
+    ):
         assert other != base
     assert text_key("a cat", "t") == text_key("a cat", "t") != text_key("a cat.", "t") != text_key("a cat", "u")
 

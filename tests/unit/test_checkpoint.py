@@ -36,8 +36,15 @@ def test_store_round_trip_and_prunes(tmp_path):
     back = ckpt.read_checkpoint(store.latest())
     assert back.step == 30 and torch.equal(back.adapter["lycoris_a.lokr_w1"], _payload(30).adapter["lycoris_a.lokr_w1"])
     manifest = json.loads((store.latest() / ckpt.MANIFEST).read_text())
-    assert set(manifest["files"]) == {ckpt.ADAPTER, ckpt.ADAPTER_EMA, ckpt.OPTIMIZER, ckpt.SCHEDULER, ckpt.RNG,
-                                      ckpt.TRAINING_STATE, ckpt.CONFIG}
+    assert set(manifest["files"]) == {
+        ckpt.ADAPTER,
+        ckpt.ADAPTER_EMA,
+        ckpt.OPTIMIZER,
+        ckpt.SCHEDULER,
+        ckpt.RNG,
+        ckpt.TRAINING_STATE,
+        ckpt.CONFIG,
+    }
 
 
 def test_incomplete_and_corrupt_checkpoints_are_never_loaded(tmp_path):
@@ -75,6 +82,7 @@ def test_rng_round_trip():
 
 # -- the manifest is a schema, cross-checked with its folder ---------------------------------------
 
+
 def _manifest(folder):
     return json.loads((folder / ckpt.MANIFEST).read_text())
 
@@ -85,18 +93,21 @@ def _rewrite(folder, change):
     (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("change, fragment", [
-    (lambda m: m.update(step=20), "disagrees with the folder's name"),
-    (lambda m: m.update(step="10"), "step '10'"),
-    (lambda m: m.update(step=True), "step True"),
-    (lambda m: m.update(files=[]), "files: expected an object"),
-    (lambda m: m["files"].update({ckpt.ADAPTER: "abc"}), "expected {size, sha256}"),
-    (lambda m: m["files"][ckpt.OPTIMIZER].update(size="12"), "size '12'"),
-    (lambda m: m["files"][ckpt.OPTIMIZER].update(sha256="00"), "64 hex digits"),
-    (lambda m: m["files"].pop(ckpt.RNG), "rng_state.pt not listed"),
-    (lambda m: m["files"].update({"../escape": {"size": 1, "sha256": "0" * 64}}), "not a plain file name"),
-    (lambda m: m.update(format=2), "format 2"),
-])
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (lambda m: m.update(step=20), "disagrees with the folder's name"),
+        (lambda m: m.update(step="10"), "step '10'"),
+        (lambda m: m.update(step=True), "step True"),
+        (lambda m: m.update(files=[]), "files: expected an object"),
+        (lambda m: m["files"].update({ckpt.ADAPTER: "abc"}), "expected {size, sha256}"),
+        (lambda m: m["files"][ckpt.OPTIMIZER].update(size="12"), "size '12'"),
+        (lambda m: m["files"][ckpt.OPTIMIZER].update(sha256="00"), "64 hex digits"),
+        (lambda m: m["files"].pop(ckpt.RNG), "rng_state.pt not listed"),
+        (lambda m: m["files"].update({"../escape": {"size": 1, "sha256": "0" * 64}}), "not a plain file name"),
+        (lambda m: m.update(format=2), "format 2"),
+    ],
+)
 def test_a_manifest_that_lies_is_a_checkpoint_error(tmp_path, change, fragment):
     folder = ckpt.LocalCheckpointStore(tmp_path).save(_payload(10))
     _rewrite(folder, change)
@@ -119,8 +130,9 @@ def test_a_training_state_that_names_another_step_is_refused(tmp_path):
     folder = ckpt.LocalCheckpointStore(tmp_path).save(_payload(10))
     state = folder / ckpt.TRAINING_STATE
     state.write_text(json.dumps({"step": 30}))
-    _rewrite(folder, lambda m: m["files"][ckpt.TRAINING_STATE].update(
-        size=state.stat().st_size, sha256=ckpt.sha256_file(state)))  # consistent hashes, inconsistent content
+    _rewrite(
+        folder, lambda m: m["files"][ckpt.TRAINING_STATE].update(size=state.stat().st_size, sha256=ckpt.sha256_file(state))
+    )  # consistent hashes, inconsistent content
     with pytest.raises(ckpt.CheckpointError, match="says step 30, the manifest step 10"):
         ckpt.read_checkpoint(folder)
 
@@ -150,6 +162,7 @@ def test_scan_says_why_each_checkpoint_is_rejected(tmp_path):
 
 # -- one run per output_dir ------------------------------------------------------------------------
 
+
 def test_a_second_lock_on_one_output_dir_is_refused_naming_the_holder(tmp_path):
     import os
     import socket
@@ -165,6 +178,7 @@ def test_a_second_lock_on_one_output_dir_is_refused_naming_the_holder(tmp_path):
 
 
 # -- a full disk ------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def small_disk(tmp_path):

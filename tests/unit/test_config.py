@@ -67,8 +67,11 @@ def test_every_file_in_configs_is_read(in_repo: Path) -> None:
     for path in sorted((in_repo / "configs").glob("*/config.json")):
         config = load_config(path.relative_to(in_repo))
         read.add(path)
-        read |= {(in_repo / p).resolve() for p in (config.lycoris_config, config.data_backend_config,
-                                                  config.webhook_config) if p is not None}
+        read |= {
+            (in_repo / p).resolve()
+            for p in (config.lycoris_config, config.data_backend_config, config.webhook_config)
+            if p is not None
+        }
     for path in sorted((in_repo / "configs").glob("*/cluster.json")):  # the orchestrator's section
         load_cluster_config(path)
         read.add(path)
@@ -95,7 +98,7 @@ def test_sd3_config_is_the_model_card_verbatim(in_repo: Path) -> None:
     if not CARD.is_file():
         pytest.skip("model card not available here")
     card = CARD.read_text()
-    block = card[card.index("{", card.index("config/sd3/config.json")):]
+    block = card[card.index("{", card.index("config/sd3/config.json")) :]
     card_raw, _ = json.JSONDecoder().raw_decode(block)
     shipped = json.loads(Path("configs/sd3/config.json").read_text())
     assert list(shipped.items()) == list(card_raw.items())
@@ -106,8 +109,7 @@ def test_lycoris_file_loads_verbatim(in_repo: Path) -> None:
     file_dict = json.loads(Path("configs/sd3/lycoris_config.json").read_text())
     assert config.lycoris is not None
     assert config.lycoris.raw() == file_dict
-    assert config.lycoris.create_kwargs() == {"algo": "lokr", "factor": 4, "full_matrix": True,
-                                              "bypass_mode": True}
+    assert config.lycoris.create_kwargs() == {"algo": "lokr", "factor": 4, "full_matrix": True, "bypass_mode": True}
     assert config.lycoris.apply_preset["module_algo_map"]["Attention"] == {"factor": 2}
 
 
@@ -131,8 +133,12 @@ def test_path_as_given_from_cwd_wins(workdir: Path) -> None:
 
 
 def test_unknown_keys_are_reported_together_with_suggestions(workdir: Path) -> None:
-    problems = problems_of(minimal(**{"--learning_rat": 1e-4, "--gradient_checkpoint": True,
-                                      "use_emaa": True, "--flux_schedule_shif": 3, "--zzz": 1}), workdir)
+    problems = problems_of(
+        minimal(
+            **{"--learning_rat": 1e-4, "--gradient_checkpoint": True, "use_emaa": True, "--flux_schedule_shif": 3, "--zzz": 1}
+        ),
+        workdir,
+    )
     assert problems == [
         "unknown key '--learning_rat': did you mean '--learning_rate'?",
         "unknown key '--gradient_checkpoint': did you mean '--gradient_checkpointing'?",
@@ -143,12 +149,23 @@ def test_unknown_keys_are_reported_together_with_suggestions(workdir: Path) -> N
 
 
 def test_wrong_types_and_impossible_values_are_reported_together(workdir: Path) -> None:
-    problems = problems_of(minimal(**{
-        "--grad_clip_method": "clip", "--checkpointing_steps": 0, "--train_batch_size": "two",
-        "--caption_dropout_probability": 1.5, "--learning_rate": True, "--use_ema": "maybe",
-        "--validation_resolution": "1000x1024", "--skip_file_discovery": "vae foo",
-        "--checkpoints_total_limit": 0, "--max_train_steps": -1,
-    }), workdir)
+    problems = problems_of(
+        minimal(
+            **{
+                "--grad_clip_method": "clip",
+                "--checkpointing_steps": 0,
+                "--train_batch_size": "two",
+                "--caption_dropout_probability": 1.5,
+                "--learning_rate": True,
+                "--use_ema": "maybe",
+                "--validation_resolution": "1000x1024",
+                "--skip_file_discovery": "vae foo",
+                "--checkpoints_total_limit": 0,
+                "--max_train_steps": -1,
+            }
+        ),
+        workdir,
+    )
     expected = [
         "'--grad_clip_method': got 'clip'; expected one of 'value', 'norm'",
         "'--checkpointing_steps': got 0; must be an integer >= 1",
@@ -168,8 +185,9 @@ def test_wrong_types_and_impossible_values_are_reported_together(workdir: Path) 
 
 def test_cross_field_problems_join_the_same_error(workdir: Path) -> None:
     # num_train_epochs and lycoris_config have SimpleTuner's defaults (1, config/lycoris_config.json): unset them
-    raw = minimal(**{"--max_train_steps": 0, "--num_train_epochs": 0, "--push_to_hub": True, "--seed": "x",
-                     "--lycoris_config": None})
+    raw = minimal(
+        **{"--max_train_steps": 0, "--num_train_epochs": 0, "--push_to_hub": True, "--seed": "x", "--lycoris_config": None}
+    )
     problems = problems_of(raw, workdir)
     assert "'--seed': got 'x'; must be an integer" in problems
     assert any("'--max_train_steps' and '--num_train_epochs' are both 0" in p for p in problems)
@@ -186,11 +204,23 @@ def test_missing_required_keys(workdir: Path) -> None:
 
 
 def test_strings_are_read_as_bools_and_numbers(workdir: Path) -> None:
-    config = load_config(write_config(workdir, minimal(**{
-        "--push_to_hub": "false", "--gradient_checkpointing": "true", "--learning_rate": "5e-5",
-        "--validation_num_inference_steps": "30", "--validation_guidance_rescale": "0.0",
-        "--max_train_steps": "300", "--skip_file_discovery": False, "--resume_from_checkpoint": None,
-    })))
+    config = load_config(
+        write_config(
+            workdir,
+            minimal(
+                **{
+                    "--push_to_hub": "false",
+                    "--gradient_checkpointing": "true",
+                    "--learning_rate": "5e-5",
+                    "--validation_num_inference_steps": "30",
+                    "--validation_guidance_rescale": "0.0",
+                    "--max_train_steps": "300",
+                    "--skip_file_discovery": False,
+                    "--resume_from_checkpoint": None,
+                }
+            ),
+        )
+    )
     assert config.push_to_hub is False and config.gradient_checkpointing is True
     assert config.learning_rate == 5e-5 and config.validation_num_inference_steps == 30
     assert config.validation_guidance_rescale == 0.0 and config.max_train_steps == 300
@@ -219,11 +249,17 @@ def test_conflicting_alias_values_are_a_problem(workdir: Path) -> None:
 
 
 def test_missing_referenced_file_names_the_places_tried(workdir: Path) -> None:
-    problems = problems_of(minimal(**{"--lycoris_config": "config/sd3/lyco.conf",
-                                      "--webhook_config": "hooks/webhook.json"}), workdir)
+    problems = problems_of(
+        minimal(**{"--lycoris_config": "config/sd3/lyco.conf", "--webhook_config": "hooks/webhook.json"}), workdir
+    )
     lyco = next(p for p in problems if p.startswith("'--lycoris_config'"))
-    for tried in ["config/sd3/lyco.conf", "config/sd3/lyco.json", "configs/run/config/sd3/lyco.conf",
-                  "configs/run/lyco.conf", "configs/run/lyco.json"]:
+    for tried in [
+        "config/sd3/lyco.conf",
+        "config/sd3/lyco.json",
+        "configs/run/config/sd3/lyco.conf",
+        "configs/run/lyco.conf",
+        "configs/run/lyco.json",
+    ]:
         assert tried in lyco
     assert any(p.startswith("'--webhook_config'") and "configs/run/webhook.json" in p for p in problems)
 
@@ -256,8 +292,10 @@ def test_bad_backend_entries_join_the_same_error(workdir: Path) -> None:
 
 def test_bad_lycoris_file_is_reported(workdir: Path) -> None:
     (workdir / "configs/run/lycoris_config.json").write_text(
-        json.dumps({"algo": "locon", "linear_alpha": 1, "factor": 0, "apply_preset": {"target_module": "Attention"},
-                    "linear_dims": 8}))  # linear_dim has LyCORIS's default (4): a misspelling would go unseen
+        json.dumps(
+            {"algo": "locon", "linear_alpha": 1, "factor": 0, "apply_preset": {"target_module": "Attention"}, "linear_dims": 8}
+        )
+    )  # linear_dim has LyCORIS's default (4): a misspelling would go unseen
     problems = problems_of(minimal(), workdir)
     assert "lycoris_config.json.algo: got 'locon'; expected one of 'lokr'" in problems
     assert "lycoris_config.json: unknown key 'linear_dims': did you mean 'linear_dim'?" in problems
@@ -274,8 +312,12 @@ def test_invalid_json_names_the_line(workdir: Path) -> None:
 
 def test_direct_construction_checks_fields_together() -> None:
     with pytest.raises(ValueError, match="both 0"):
-        TrainConfig(pretrained_model_name_or_path="m", data_backend_config=Path("d.json"),
-                    lycoris_config=Path("l.json"), num_train_epochs=0)
+        TrainConfig(
+            pretrained_model_name_or_path="m",
+            data_backend_config=Path("d.json"),
+            lycoris_config=Path("l.json"),
+            num_train_epochs=0,
+        )
 
 
 def test_loading_checks_the_rules_between_fields_once(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -296,8 +338,18 @@ def test_loading_checks_the_rules_between_fields_once(workdir: Path, monkeypatch
 
 def test_cluster_problems_read_as_a_training_configs(tmp_path: Path) -> None:
     path = tmp_path / "cluster.json"
-    path.write_text(json.dumps({"num_worker": 2, "use_gpu": "maybe", "cpus_per_worker": 0, "num_workers": [3, 2],
-                                "autoscaling": "sometimes", "zzz": 1}))
+    path.write_text(
+        json.dumps(
+            {
+                "num_worker": 2,
+                "use_gpu": "maybe",
+                "cpus_per_worker": 0,
+                "num_workers": [3, 2],
+                "autoscaling": "sometimes",
+                "zzz": 1,
+            }
+        )
+    )
     with pytest.raises(ConfigError) as info:
         load_cluster_config(path, {"max_failure": 1, "num_workers": "two"})
     assert str(info.value).splitlines()[0] == f"7 problem(s) in {path}:"
@@ -314,8 +366,10 @@ def test_cluster_problems_read_as_a_training_configs(tmp_path: Path) -> None:
 
 def test_cluster_values_and_rules_are_reported_together(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        load_cluster_config(None, {"strategy": "deepspeed", "gradient_sync_dtype": "bf16", "num_workers": [3, 2],
-                                   "hourly_price_head": float("inf")})
+        load_cluster_config(
+            None,
+            {"strategy": "deepspeed", "gradient_sync_dtype": "bf16", "num_workers": [3, 2], "hourly_price_head": float("inf")},
+        )
     assert str(info.value).splitlines()[0] == "3 problem(s) in the cluster config:"
     num_workers, price, rule = info.value.problems
     assert num_workers == "'num_workers': got [3, 2]; num_workers must be >= 1, or [min, max] with 1 <= min <= max"
@@ -334,8 +388,10 @@ def test_broken_cluster_file_names_the_line(tmp_path: Path) -> None:
     path.write_text('{"num_workers": 2, "num_workers": 3, "strategy": "zero"}')
     with pytest.raises(ConfigError) as info:
         load_cluster_config(path)
-    assert info.value.problems == [f"{path}: key 'num_workers' appears more than once; keep one",
-                                   "'strategy': got 'zero'; expected one of 'ddp', 'deepspeed'"]
+    assert info.value.problems == [
+        f"{path}: key 'num_workers' appears more than once; keep one",
+        "'strategy': got 'zero'; expected one of 'ddp', 'deepspeed'",
+    ]
     path.write_text("[2]")
     with pytest.raises(ConfigError, match="must be a JSON object"):
         load_cluster_config(path)
@@ -358,11 +414,14 @@ def test_webhook_url_never_leaks_from_a_good_config(workdir: Path) -> None:
     assert config.pending_features() == []  # webhooks are built: nothing of this config is pending
 
 
-@pytest.mark.parametrize("webhook", [
-    {"webhook_url": 12, "log_level": "loud", "colour": "red"},
-    {"webhook_url": "ftp://" + SECRET_URL},
-    {"webhook_type": "raw", "callback_url": "https://x"},
-])
+@pytest.mark.parametrize(
+    "webhook",
+    [
+        {"webhook_url": 12, "log_level": "loud", "colour": "red"},
+        {"webhook_url": "ftp://" + SECRET_URL},
+        {"webhook_type": "raw", "callback_url": "https://x"},
+    ],
+)
 def test_webhook_url_never_leaks_from_errors(workdir: Path, webhook: dict[str, object]) -> None:
     write_webhook(workdir, **webhook)
     raw = minimal(**{"--webhook_config": "config/run/webhook.json", "--seed": "x"})
@@ -373,8 +432,15 @@ def test_webhook_url_never_leaks_from_errors(workdir: Path, webhook: dict[str, o
 
 
 def test_aws_keys_are_masked(workdir: Path) -> None:
-    backends = [{"id": "s3", "type": "aws", "aws_bucket_name": "b", "aws_access_key_id": "AKIAEXAMPLE",
-                 "aws_secret_access_key": "s3cr3t-aws"}]
+    backends = [
+        {
+            "id": "s3",
+            "type": "aws",
+            "aws_bucket_name": "b",
+            "aws_access_key_id": "AKIAEXAMPLE",
+            "aws_secret_access_key": "s3cr3t-aws",
+        }
+    ]
     (workdir / "configs/run/multidatabackend.json").write_text(json.dumps(backends))
     config = load_config(write_config(workdir, minimal()))
     assert config.data_backends[0].aws_secret_access_key.get_secret_value() == "s3cr3t-aws"
@@ -385,8 +451,7 @@ def test_aws_keys_are_masked(workdir: Path) -> None:
 def test_webhook_problems(workdir: Path) -> None:
     write_webhook(workdir, log_level="loud", colour="red")
     problems = problems_of(minimal(**{"--webhook_config": "config/run/webhook.json"}), workdir)
-    assert "webhook.json.log_level: got 'loud'; expected one of 'debug', 'info', 'warning', 'error', " \
-           "'critical'" in problems
+    assert "webhook.json.log_level: got 'loud'; expected one of 'debug', 'info', 'warning', 'error', 'critical'" in problems
     assert "webhook.json: unknown key 'colour': not a recognised option" in problems
 
 
@@ -396,14 +461,17 @@ def test_pending_features_for_the_sd3_config(in_repo: Path) -> None:
 
 
 def test_pending_features_name_what_the_data_pipeline_ignores(workdir: Path) -> None:
-    backends = [{"id": "images", "instance_data_dir": "data", "crop": True, "crop_aspect": "random"},
-                {"id": "more", "instance_data_dir": "more", "probability": 0.5},
-                {"id": "square", "instance_data_dir": "square", "crop": False, "crop_aspect": "random"}]
+    backends = [
+        {"id": "images", "instance_data_dir": "data", "crop": True, "crop_aspect": "random"},
+        {"id": "more", "instance_data_dir": "more", "probability": 0.5},
+        {"id": "square", "instance_data_dir": "square", "crop": False, "crop_aspect": "random"},
+    ]
     (workdir / "configs/run/multidatabackend.json").write_text(json.dumps(backends))
     assert load_config(write_config(workdir, minimal())).pending_features() == [
         "per-dataset sampling weights and random crop aspects are not built yet: "
         "multidatabackend.json[images].crop_aspect=random, multidatabackend.json[more].probability=0.5 "
-        "are parsed but have no effect in this run"]
+        "are parsed but have no effect in this run"
+    ]
 
 
 def test_pending_features_empty_for_a_minimal_config(workdir: Path) -> None:

@@ -11,19 +11,36 @@ from orchestrator.store import RunStorage
 
 T0 = 1_000.0
 SAMPLES: dict[EventType, dict] = {  # each event with the fields its writer gives it
-    EventType.RUN_STARTED: {"world_size": 2, "storage": "s3://b/run-1", "config": {"lora_type": "lycoris"},
-                            "hourly_cost": 4.0},
-    EventType.ATTEMPT: {"step": 50, "reason": "node_lost", "world_size": 2, "total_steps": 300, "steps_lost": 20,
-                        "time_to_resume": 30.0, "nodes_lost": ["n1"]},
+    EventType.RUN_STARTED: {"world_size": 2, "storage": "s3://b/run-1", "config": {"lora_type": "lycoris"}, "hourly_cost": 4.0},
+    EventType.ATTEMPT: {
+        "step": 50,
+        "reason": "node_lost",
+        "world_size": 2,
+        "total_steps": 300,
+        "steps_lost": 20,
+        "time_to_resume": 30.0,
+        "nodes_lost": ["n1"],
+    },
     EventType.PROGRESS: {"step": 200, "steps_per_second": 2.5},
     EventType.CHECKPOINT: {"step": 200, "uri": "s3://b/run-1/checkpoint-200", "kept": [100, 200]},
     EventType.EMERGENCY_CHECKPOINT: {"step": 205, "committed": True, "seconds_from_notice": 12.5},
     EventType.PREEMPTION_NOTICE: {"step": 204, "nodes": ["n1"], "ranks": [1], "deadline": T0 + 200},
     EventType.RESIZE: {"step": 50, "world_size": 1, "previous_world_size": 2},
-    EventType.VALIDATION: {"step": 200, "benchmark": False, "location": "s3://b/run-1/relay/validation/checkpoint-200",
-                           "scores": {"adapter": {"mean": 25.0}}, "images": 2, "seconds": 9.0},
-    EventType.HUB_PUSHED: {"step": 200, "root": 200, "added": ["checkpoints/checkpoint-200"], "deleted": [],
-                           "hub_steps": [100, 200]},
+    EventType.VALIDATION: {
+        "step": 200,
+        "benchmark": False,
+        "location": "s3://b/run-1/relay/validation/checkpoint-200",
+        "scores": {"adapter": {"mean": 25.0}},
+        "images": 2,
+        "seconds": 9.0,
+    },
+    EventType.HUB_PUSHED: {
+        "step": 200,
+        "root": 200,
+        "added": ["checkpoints/checkpoint-200"],
+        "deleted": [],
+        "hub_steps": [100, 200],
+    },
     EventType.EXPORTED: {"step": 300, "files": ["out/adapter.safetensors"], "node": "n0"},
     EventType.WARNING: {"message": "the Hub answered 429"},
     EventType.STOP_REQUESTED: {"step": 120},
@@ -41,12 +58,16 @@ def test_every_event_has_a_sample() -> None:
     assert set(SAMPLES) == set(EventType)
 
 
-@pytest.mark.parametrize(("used", "left_out"), [
-    (set(notify.SENT) | {EventType.ATTEMPT}, set(notify.NOT_SENT)),  # attempts: by reason, below
-    (set(tracking.LOGGED), set(tracking.NOT_LOGGED)),
-    (set(status.SHOWN), set(status.NOT_SHOWN)),
-    (set(display.MILESTONES), set(display.NOT_SHOWN)),
-], ids=["webhook", "wandb", "status", "display"])
+@pytest.mark.parametrize(
+    ("used", "left_out"),
+    [
+        (set(notify.SENT) | {EventType.ATTEMPT}, set(notify.NOT_SENT)),  # attempts: by reason, below
+        (set(tracking.LOGGED), set(tracking.NOT_LOGGED)),
+        (set(status.SHOWN), set(status.NOT_SHOWN)),
+        (set(display.MILESTONES), set(display.NOT_SHOWN)),
+    ],
+    ids=["webhook", "wandb", "status", "display"],
+)
 def test_each_consumer_places_every_event_once(used: set, left_out: set) -> None:
     assert used | left_out == set(EventType)
     assert not used & left_out
@@ -107,9 +128,11 @@ def report(storage: RunStorage) -> dict:
 def test_status_shows_what_it_says_it_shows(tmp_path, kind: EventType) -> None:
     storage = RunStorage(str(tmp_path / "runs"), "run-1")
     ledger = Ledger(storage)
-    for e in [{"time": T0, "type": "run_started", "total_steps": 300},
-              {"time": T0 + 5, "type": "attempt", "step": 0, "reason": "fresh", "world_size": 2, "total_steps": 300},
-              {"time": T0 + 30, "type": "checkpoint", "step": 100}]:
+    for e in [
+        {"time": T0, "type": "run_started", "total_steps": 300},
+        {"time": T0 + 5, "type": "attempt", "step": 0, "reason": "fresh", "world_size": 2, "total_steps": 300},
+        {"time": T0 + 30, "type": "checkpoint", "step": 100},
+    ]:
         record(ledger, e)
     before = report(storage)
     record(ledger, event(kind))
@@ -132,8 +155,12 @@ def test_the_display_shows_its_milestones(kind: EventType) -> None:
 def test_the_display_words_a_restart_by_its_reason() -> None:
     where = str
     assert display.milestone(event(EventType.ATTEMPT), where) == (
-        "error", "resumed at step 50 (a node was lost; 20 step(s) lost; back in 30 s)")
+        "error",
+        "resumed at step 50 (a node was lost; 20 step(s) lost; back in 30 s)",
+    )
     assert display.milestone(event(EventType.ATTEMPT, reason="preemption", steps_lost=0), where) == (
-        "warning", "resumed at step 50 (preempted; back in 30 s)")
+        "warning",
+        "resumed at step 50 (preempted; back in 30 s)",
+    )
     assert display.milestone(event(EventType.ATTEMPT, reason="fresh"), where) is None
     assert set(display.RESUMED_BECAUSE) | {AttemptReason.FRESH} == set(AttemptReason)

@@ -9,8 +9,7 @@ ADAPTER = "sd35-run-lokr.safetensors"
 
 
 def _settings(**kw) -> HubSettings:
-    return HubSettings(**{"repo_id": "me/run", "run_name": "run", "base_model": "stabilityai/stable-diffusion-3.5-medium",
-                          **kw})
+    return HubSettings(**{"repo_id": "me/run", "run_name": "run", "base_model": "stabilityai/stable-diffusion-3.5-medium", **kw})
 
 
 def _view(steps=(), validation=(), extra=()) -> HubView:
@@ -86,8 +85,13 @@ def test_the_card_step_is_the_newest_held_after_the_commit():
 def test_the_card_is_a_model_card_and_the_same_inputs_give_the_same_bytes():
     from huggingface_hub import ModelCard
 
-    kwargs = {"step": 8, "final": True, "checkpoints": [4, 8], "images": {8: ["validation/step-8/cat.png"]},
-              "scores": {8: {"clip_score": 0.25}}}
+    kwargs = {
+        "step": 8,
+        "final": True,
+        "checkpoints": [4, 8],
+        "images": {8: ["validation/step-8/cat.png"]},
+        "scores": {8: {"clip_score": 0.25}},
+    }
     text = model_card(_settings(), **kwargs)
     card = ModelCard(text)
     assert card.data.library_name == "lycoris" and card.data.pipeline_tag == "text-to-image"

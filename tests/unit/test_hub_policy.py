@@ -42,21 +42,41 @@ def test_commit_window_is_a_sliding_window():
 
 
 def _settings(**kw) -> HubSettings:
-    return HubSettings(**{"repo_id": "me/run", "run_name": "run", "base_model": "stabilityai/stable-diffusion-3.5-medium",
-                          "summary": {"optimizer": "bnb-adamw8bit, lr 5e-05"}, "total_steps": 300000, **kw})
+    return HubSettings(
+        **{
+            "repo_id": "me/run",
+            "run_name": "run",
+            "base_model": "stabilityai/stable-diffusion-3.5-medium",
+            "summary": {"optimizer": "bnb-adamw8bit, lr 5e-05"},
+            "total_steps": 300000,
+            **kw,
+        }
+    )
 
 
 def test_model_card_says_what_and_how_to_load():
-    card = model_card(_settings(), step=10000, final=False, checkpoints=[6000, 8000, 10000],
-                      images={10000: ["validation/step-10000/cat.png"]}, scores={10000: {"clip_score": 0.3125}})
+    card = model_card(
+        _settings(),
+        step=10000,
+        final=False,
+        checkpoints=[6000, 8000, 10000],
+        images={10000: ["validation/step-10000/cat.png"]},
+        scores={10000: {"clip_score": 0.3125}},
+    )
     assert card.startswith("---\n") and "base_model: stabilityai/stable-diffusion-3.5-medium" in card
     assert "Step 10000 of 300000 (training in progress)" in card
     assert "`sd35-run-lokr-ema.safetensors`" in card and "`checkpoint-10000`" in card
     assert "![cat](validation/step-10000/cat.png)" in card and "| 10000 | 0.3125 |" in card
     assert "create_lycoris_from_weights(1.0, path, pipe.transformer)" in card
     assert 'hf_hub_download("me/run", "sd35-run-lokr-ema.safetensors")' in card
-    assert card == model_card(_settings(), step=10000, final=False, checkpoints=[6000, 8000, 10000],
-                              images={10000: ["validation/step-10000/cat.png"]}, scores={10000: {"clip_score": 0.3125}})
+    assert card == model_card(
+        _settings(),
+        step=10000,
+        final=False,
+        checkpoints=[6000, 8000, 10000],
+        images={10000: ["validation/step-10000/cat.png"]},
+        scores={10000: {"clip_score": 0.3125}},
+    )
 
 
 def test_model_card_leaves_a_local_base_model_out_of_the_metadata(tmp_path):

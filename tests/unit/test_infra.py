@@ -22,11 +22,21 @@ REPO = Path(__file__).resolve().parents[2]
 AWS = REPO / "infra/aws/cluster.yaml"
 RAYJOB = REPO / "infra/k8s/rayjob.yaml"
 RUNBOOK = REPO / "docs/runbook.md"
-SECRET_ENV = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-              "AWS_SESSION_TOKEN"}
+SECRET_ENV = {
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "WANDB_API_KEY",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+}
 # Shapes of real secrets that must never be written into infra/ or docs/.
-SECRET_PATTERNS = [r"hf_[A-Za-z0-9]{30,}", r"AKIA[0-9A-Z]{16}", r"discord(app)?\.com/api/webhooks/\d+",
-                   r"hooks\.slack\.com/services/T"]
+SECRET_PATTERNS = [
+    r"hf_[A-Za-z0-9]{30,}",
+    r"AKIA[0-9A-Z]{16}",
+    r"discord(app)?\.com/api/webhooks/\d+",
+    r"hooks\.slack\.com/services/T",
+]
 
 
 def aws_config() -> dict:
@@ -171,8 +181,7 @@ def test_rayjob_places_head_on_demand_and_gpus_on_spot_with_the_agent_beside_the
 
 def test_rayjob_takes_secrets_only_from_secret_references():
     job = rayjob()
-    pods = [job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"],
-            *(g["template"]["spec"] for g in _groups(job))]
+    pods = [job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in _groups(job))]
     for pod in pods:
         for container in pod["containers"]:
             for env in container.get("env", []):
@@ -284,8 +293,10 @@ def cli_help(command: Command) -> str:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
             main([*command.sub, "--help"])
         if exit_.value.code != 0 and "invalid choice" in err.getvalue():
-            pytest.skip(f"`{command.name}` is not in the relay CLI yet (being written by the lead); "
-                        f"used in {', '.join(sorted(command.sources))}")
+            pytest.skip(
+                f"`{command.name}` is not in the relay CLI yet (being written by the lead); "
+                f"used in {', '.join(sorted(command.sources))}"
+            )
         assert exit_.value.code == 0, err.getvalue()
         return out.getvalue()
     script = REPO / command.program.split()[1]
@@ -304,8 +315,9 @@ def cli_help(command: Command) -> str:
 
 def test_commands_were_found():
     names = set(COMMANDS)
-    assert {"relay status", "relay supervise", "relay spot-agent", "python jobs/train.py", "ray job submit",
-            "ray up"} <= names, names
+    assert {"relay status", "relay supervise", "relay spot-agent", "python jobs/train.py", "ray job submit", "ray up"} <= names, (
+        names
+    )
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

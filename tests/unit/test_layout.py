@@ -82,8 +82,11 @@ def imports_of(source: str, module: str, is_package: bool = False) -> Iterator[I
                 yield Import(module, sub if sub in MODULES else base, node.lineno, node.lineno in typing_only)
 
 
-IMPORTS = [imp for name, path in MODULES.items()
-           for imp in sorted(imports_of(path.read_text(), name, path.name == "__init__.py"), key=lambda imp: imp.line)]
+IMPORTS = [
+    imp
+    for name, path in MODULES.items()
+    for imp in sorted(imports_of(path.read_text(), name, path.name == "__init__.py"), key=lambda imp: imp.line)
+]
 
 
 def top(name: str) -> str:
@@ -94,8 +97,7 @@ def assert_no_imports(rule: str, wanted, modules=lambda module: True) -> None:
     """Fails, naming each `file:line: module imports target`, when a module `modules` accepts imports a
     target `wanted` accepts."""
     __tracebackhide__ = True
-    found = [f"  {imp.where}: {imp.module} imports {imp.target}" for imp in IMPORTS
-             if wanted(imp.target) and modules(imp.module)]
+    found = [f"  {imp.where}: {imp.module} imports {imp.target}" for imp in IMPORTS if wanted(imp.target) and modules(imp.module)]
     if found:
         pytest.fail(f"{rule}:\n" + "\n".join(found))
 
@@ -182,14 +184,16 @@ def test_the_cycle_finder_reports_each_tangle_and_a_shortest_cycle():
 
 
 def test_only_the_cli_parses_arguments():
-    assert_no_imports("argparse outside relay_train/cli.py", lambda t: top(t) == "argparse",
-                      lambda m: m != "relay_train.cli")
+    assert_no_imports("argparse outside relay_train/cli.py", lambda t: top(t) == "argparse", lambda m: m != "relay_train.cli")
 
 
 def test_the_data_room_does_not_reach_up_into_the_cli_or_the_trainer():
     above = ("relay_train.cli", "relay_train.trainer")
-    assert_no_imports("relay_train/data imports the CLI or the trainer", lambda t: t in above,
-                      lambda m: m == "relay_train.data" or m.startswith("relay_train.data."))
+    assert_no_imports(
+        "relay_train/data imports the CLI or the trainer",
+        lambda t: t in above,
+        lambda m: m == "relay_train.data" or m.startswith("relay_train.data."),
+    )
 
 
 def test_relay_train_stores_through_pyarrow_not_boto():
@@ -203,8 +207,11 @@ def test_relay_train_knows_nothing_of_the_orchestrator():
 def test_every_subpackage_has_an_init_with_a_docstring():
     folders = sorted({p.parent for p in source_files()})
     missing = [str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").is_file()]
-    undocumented = [str(f.relative_to(ROOT)) for f in folders if (f / "__init__.py").is_file()
-                    and not ast.get_docstring(ast.parse((f / "__init__.py").read_text()))]
+    undocumented = [
+        str(f.relative_to(ROOT))
+        for f in folders
+        if (f / "__init__.py").is_file() and not ast.get_docstring(ast.parse((f / "__init__.py").read_text()))
+    ]
     assert (missing, undocumented) == ([], [])
 
 
@@ -225,11 +232,18 @@ def test_the_reader_sees_imports_at_any_depth_and_resolves_relative_ones():
         "        import boto3.session\n"
     )
     found = [(imp.target, imp.line, imp.typing_only) for imp in imports_of(source, "relay_train.data.encode")]
-    assert sorted(found) == sorted([
-        ("__future__", 1, False), ("typing", 2, False), ("relay_train.data.caches", 3, False),
-        ("relay_train.data.store", 4, False), ("relay_train.checkpoint", 5, False),
-        ("relay_train.trainer", 7, True), ("argparse", 9, False), ("relay_train.cli", 10, False),
-        ("boto3.session", 13, False),
-    ])
+    assert sorted(found) == sorted(
+        [
+            ("__future__", 1, False),
+            ("typing", 2, False),
+            ("relay_train.data.caches", 3, False),
+            ("relay_train.data.store", 4, False),
+            ("relay_train.checkpoint", 5, False),
+            ("relay_train.trainer", 7, True),
+            ("argparse", 9, False),
+            ("relay_train.cli", 10, False),
+            ("boto3.session", 13, False),
+        ]
+    )
     in_package = [imp.target for imp in imports_of("from .caches import T5_TOKENS", "relay_train.data", is_package=True)]
     assert in_package == ["relay_train.data.caches"]

@@ -48,14 +48,21 @@ def test_status_reads_storage_alone(tmp_path):
     (tmp_path / "r/checkpoint-300").mkdir(parents=True)
     (tmp_path / "r/checkpoint-300/manifest.json").write_text("{}")
     storage.write_json("checkpoint_manager_snapshot.json", {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint-300"}]})
-    storage.write_json("relay/validation/checkpoint-300/scores.json",
-                       {"variants": {"ema": {"mean": 25.0, "min": 20.0, "max": 30.0, "std": 3.0}}})
+    storage.write_json(
+        "relay/validation/checkpoint-300/scores.json", {"variants": {"ema": {"mean": 25.0, "min": 20.0, "max": 30.0, "std": 3.0}}}
+    )
     report = gather(storage, hub=False, now=381)
     assert report["checkpoints"] == [300] and report["state"] == "completed"
     assert report["estimated_cost"] == round(3.6 * 381 / 3600, 2)
     text = render(report)
-    for fragment in ("step       300 / ?", "checkpoints 300", "ema CLIP 25.00", "goodput    79.0%",
-                     "steps lost 0, 30", "1 emergency checkpoint(s) (notice to commit: 1.0 s)"):
+    for fragment in (
+        "step       300 / ?",
+        "checkpoints 300",
+        "ema CLIP 25.00",
+        "goodput    79.0%",
+        "steps lost 0, 30",
+        "1 emergency checkpoint(s) (notice to commit: 1.0 s)",
+    ):
         assert fragment in text, (fragment, text)
     json.dumps(report, default=str)  # --json works
 

@@ -24,16 +24,22 @@ def base(tmp_path: Path) -> Path:
 
 
 def parse(base: Path, webhook_config: object, **extra: object):
-    raw = {"--pretrained_model_name_or_path": "m", "--data_backend_config": "multidatabackend.json",
-           "--lycoris_config": "lycoris.json", "--max_train_steps": 10, "--webhook_config": webhook_config,
-           **extra}
+    raw = {
+        "--pretrained_model_name_or_path": "m",
+        "--data_backend_config": "multidatabackend.json",
+        "--lycoris_config": "lycoris.json",
+        "--max_train_steps": 10,
+        "--webhook_config": webhook_config,
+        **extra,
+    }
     return parse_config(raw, base)
 
 
 def both() -> list[dict[str, object]]:
-    return [{"webhook_type": "discord", "webhook_url": DISCORD, "message_prefix": "relay", "log_level": "warning"},
-            {"webhook_type": "raw", "callback_url": RAW, "auth_token": TOKEN, "ssl_no_verify": True,
-             "log_level": "debug"}]
+    return [
+        {"webhook_type": "discord", "webhook_url": DISCORD, "message_prefix": "relay", "log_level": "warning"},
+        {"webhook_type": "raw", "callback_url": RAW, "auth_token": TOKEN, "ssl_no_verify": True, "log_level": "debug"},
+    ]
 
 
 def assert_masked(config) -> None:

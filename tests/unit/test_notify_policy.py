@@ -7,7 +7,13 @@ import json
 import random
 
 from orchestrator.notify import (
-    DISCORD_TEXT_LIMIT, Message, RetryPolicy, discord_requests, discord_text, drop_choice, raw_payload,
+    DISCORD_TEXT_LIMIT,
+    Message,
+    RetryPolicy,
+    discord_requests,
+    discord_text,
+    drop_choice,
+    raw_payload,
 )
 from orchestrator.policy import retry_delay
 
@@ -16,13 +22,19 @@ POLICY = RetryPolicy(timeout=1.0, base=1.0, cap=8.0)
 
 def notify_delay(status: int | None, retry_after: float | None, attempt: int, rng: random.Random | None = None) -> float | None:
     """As the delivery thread asks: the answer's status and wait, POLICY's backoff, jittered."""
-    return retry_delay(attempt, POLICY.base, POLICY.cap, status=status, retry_after=retry_after,
-                       jitter=(rng or random).random())
+    return retry_delay(attempt, POLICY.base, POLICY.cap, status=status, retry_after=retry_after, jitter=(rng or random).random())
 
 
 def message(**kw) -> Message:
-    base = dict(type="validation", severity="info", step=5000, message="validation done",
-                fields={"clip_score": 0.312}, images=[], timestamp=1.5)
+    base = dict(
+        type="validation",
+        severity="info",
+        step=5000,
+        message="validation done",
+        fields={"clip_score": 0.312},
+        images=[],
+        timestamp=1.5,
+    )
     return Message(**(base | kw))
 
 

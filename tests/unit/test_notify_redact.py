@@ -47,16 +47,37 @@ def test_short_values_are_not_masked() -> None:
 
 def test_secret_values_from_config_and_environment(tmp_path) -> None:
     config = TrainConfig(
-        pretrained_model_name_or_path="m", data_backend_config=tmp_path / "d.json",
-        lycoris_config=tmp_path / "l.json", max_train_steps=1,
-        webhook=[WebhookConfig(webhook_url=URL), WebhookConfig(webhook_type="raw", callback_url="https://h/x",
-                                                              auth_token=TOKEN)],
-        data_backends=[DataBackendConfig(id="s3", type="aws", aws_bucket_name="b",
-                                         aws_access_key_id="AKIAEXAMPLEKEY", aws_secret_access_key="aws-s3cr3t-key")])
+        pretrained_model_name_or_path="m",
+        data_backend_config=tmp_path / "d.json",
+        lycoris_config=tmp_path / "l.json",
+        max_train_steps=1,
+        webhook=[WebhookConfig(webhook_url=URL), WebhookConfig(webhook_type="raw", callback_url="https://h/x", auth_token=TOKEN)],
+        data_backends=[
+            DataBackendConfig(
+                id="s3",
+                type="aws",
+                aws_bucket_name="b",
+                aws_access_key_id="AKIAEXAMPLEKEY",
+                aws_secret_access_key="aws-s3cr3t-key",
+            )
+        ],
+    )
     (tmp_path / "token").write_text("hf_savedtoken123\n")
-    env = {"HF_TOKEN": "hf_envtoken456", "AWS_SECRET_ACCESS_KEY": "testing", "HF_TOKEN_PATH": str(tmp_path / "token"),
-           "HOME": str(tmp_path)}
+    env = {
+        "HF_TOKEN": "hf_envtoken456",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "HF_TOKEN_PATH": str(tmp_path / "token"),
+        "HOME": str(tmp_path),
+    }
     found = redact.secret_values(config, env)
-    assert {URL, "/api/webhooks/123456/s3cr3t-discord-token", TOKEN, "https://h/x", "AKIAEXAMPLEKEY",
-            "aws-s3cr3t-key", "hf_envtoken456", "hf_savedtoken123"} <= found
+    assert {
+        URL,
+        "/api/webhooks/123456/s3cr3t-discord-token",
+        TOKEN,
+        "https://h/x",
+        "AKIAEXAMPLEKEY",
+        "aws-s3cr3t-key",
+        "hf_envtoken456",
+        "hf_savedtoken123",
+    } <= found
     assert "testing" not in found  # moto's test credential: too short to be a real key

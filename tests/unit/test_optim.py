@@ -20,6 +20,7 @@ def _run(opt_factory, steps, state=None, params=None):
 def test_bnb_adamw8bit_resumes_bitwise_with_8bit_state():
     """Tensors of ≥4096 elements get bitsandbytes' blockwise 8-bit state; a state_dict round trip is exact."""
     bnb = pytest.importorskip("bitsandbytes")
+
     def factory(p):
         return bnb.optim.AdamW8bit(p, lr=1e-2)
 
@@ -82,8 +83,11 @@ def test_optimizers_use_simpletuners_settings_for_each():
     from relay_train.optim import build_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(3))]
-    expected = {"adamw_bf16": ((0.9, 0.999), 1e-6, 1e-2), "optimi-adamw": ((0.9, 0.99), 1e-6, 0.0),
-                "adamw": ((0.9, 0.999), 1e-8, 1e-2)}
+    expected = {
+        "adamw_bf16": ((0.9, 0.999), 1e-6, 1e-2),
+        "optimi-adamw": ((0.9, 0.99), 1e-6, 0.0),
+        "adamw": ((0.9, 0.999), 1e-8, 1e-2),
+    }
     for name, (betas, eps, decay) in expected.items():
         opt = build_optimizer(SimpleNamespace(optimizer=name, learning_rate=1e-3), params)
         group = opt.param_groups[0]

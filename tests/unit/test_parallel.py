@@ -18,8 +18,13 @@ def _net() -> torch.nn.Module:
 
 
 def _config(accumulation: int = 1) -> SimpleNamespace:
-    return SimpleNamespace(gradient_accumulation_steps=accumulation, grad_clip_method="value", max_grad_norm=0.0,
-                           optimizer="adamw", learning_rate=1e-3)
+    return SimpleNamespace(
+        gradient_accumulation_steps=accumulation,
+        grad_clip_method="value",
+        max_grad_norm=0.0,
+        optimizer="adamw",
+        learning_rate=1e-3,
+    )
 
 
 def _micro_batches(rank: int, accumulation: int, empty_last: bool) -> list[torch.Tensor | None]:
@@ -46,8 +51,10 @@ def _rank_main(rank: int, port: int, out: str, accumulation: int, empty_last: bo
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         results = {}
-        for name, sync in (("flat", GradientSync(overlap=False, dtype=dtype)),
-                           ("bucketed", GradientSync(bucket_mb=2 / 1024, dtype=dtype))):
+        for name, sync in (
+            ("flat", GradientSync(overlap=False, dtype=dtype)),
+            ("bucketed", GradientSync(bucket_mb=2 / 1024, dtype=dtype)),
+        ):
             net = _net()
             update = build_update("ddp", 2, _config(accumulation), net, list(net.parameters()), sync)
             if isinstance(update.reducer, BucketedAllReduce):
@@ -107,7 +114,7 @@ def test_bf16_sync_is_close_to_fp32(tmp_path, free_port):
     for bucketed, flat, exact in zip(rank["bucketed"][0], rank["flat"][0], fp32):
         assert bucketed.dtype == torch.float32
         assert torch.equal(bucketed, flat)  # same rounding either way
-        assert (bucketed - exact).abs().max() <= 2 ** -7 * exact.abs().max()  # bf16: 8 significant bits
+        assert (bucketed - exact).abs().max() <= 2**-7 * exact.abs().max()  # bf16: 8 significant bits
     assert any(not torch.equal(a, b) for a, b in zip(rank["bucketed"][0], fp32))  # it did round
 
 

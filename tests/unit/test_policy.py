@@ -34,8 +34,10 @@ def test_an_actor_must_fit_on_one_node() -> None:
 
 
 def test_gpus_and_custom_resources_are_checked() -> None:
-    asks = [Ask("training worker", 4, {"CPU": 8, "GPU": 1, "train_gpu": 1}, WORKER),
-            Ask("validation actor", 1, {"CPU": 1, "GPU": 1, "validation_gpu": 1}, "validation_resources")]
+    asks = [
+        Ask("training worker", 4, {"CPU": 8, "GPU": 1, "train_gpu": 1}, WORKER),
+        Ask("validation actor", 1, {"CPU": 1, "GPU": 1, "validation_gpu": 1}, "validation_resources"),
+    ]
     head = {"CPU": 8}
     gpu_node = {"CPU": 32, "GPU": 4, "train_gpu": 4}
     val_node = {"CPU": 8, "GPU": 1, "validation_gpu": 1}
@@ -50,16 +52,32 @@ def test_retention_is_one_number_everywhere() -> None:
     assert retention([10, 20], 3) == ([10, 20], [])
 
 
-@pytest.mark.parametrize("facts, reason", [
-    (AttemptFacts(resumed=False, first_in_job=True, had_attempt_before=False, notice_since_last=False), "fresh"),
-    (AttemptFacts(resumed=True, first_in_job=True, had_attempt_before=True, notice_since_last=False), "resubmitted"),
-    (AttemptFacts(resumed=True, first_in_job=False, had_attempt_before=True, notice_since_last=True), "preemption"),
-    (AttemptFacts(resumed=True, first_in_job=False, had_attempt_before=True, notice_since_last=False,
-                  nodes_lost_since_last=["n1"]), "node_lost"),
-    (AttemptFacts(resumed=True, first_in_job=False, had_attempt_before=True, notice_since_last=False,
-                  world_size=4, previous_world_size=2), "resize"),
-    (AttemptFacts(resumed=True, first_in_job=False, had_attempt_before=True, notice_since_last=False), "failure"),
-])
+@pytest.mark.parametrize(
+    "facts, reason",
+    [
+        (AttemptFacts(resumed=False, first_in_job=True, had_attempt_before=False, notice_since_last=False), "fresh"),
+        (AttemptFacts(resumed=True, first_in_job=True, had_attempt_before=True, notice_since_last=False), "resubmitted"),
+        (AttemptFacts(resumed=True, first_in_job=False, had_attempt_before=True, notice_since_last=True), "preemption"),
+        (
+            AttemptFacts(
+                resumed=True, first_in_job=False, had_attempt_before=True, notice_since_last=False, nodes_lost_since_last=["n1"]
+            ),
+            "node_lost",
+        ),
+        (
+            AttemptFacts(
+                resumed=True,
+                first_in_job=False,
+                had_attempt_before=True,
+                notice_since_last=False,
+                world_size=4,
+                previous_world_size=2,
+            ),
+            "resize",
+        ),
+        (AttemptFacts(resumed=True, first_in_job=False, had_attempt_before=True, notice_since_last=False), "failure"),
+    ],
+)
 def test_attempt_reason(facts: AttemptFacts, reason: str) -> None:
     from orchestrator.ledger import AttemptReason
     from orchestrator.policy import UNPLANNED
@@ -117,10 +135,17 @@ def test_retry_after_reads_discord_bodies_seconds_and_http_dates() -> None:
     assert 25 <= retry_after({"Retry-After": formatdate(time.time() + 30, usegmt=True)}) <= 30
 
 
-@pytest.mark.parametrize("status, code, outcome", [
-    ("SUCCEEDED", 0, 0), ("STOPPED", None, 4), ("FAILED", 2, 2), ("FAILED", 1, 1), ("FAILED", None, 1),
-    ("FAILED", 143, 1),  # a driver ended by SIGTERM (a head going away): resubmit
-])
+@pytest.mark.parametrize(
+    "status, code, outcome",
+    [
+        ("SUCCEEDED", 0, 0),
+        ("STOPPED", None, 4),
+        ("FAILED", 2, 2),
+        ("FAILED", 1, 1),
+        ("FAILED", None, 1),
+        ("FAILED", 143, 1),  # a driver ended by SIGTERM (a head going away): resubmit
+    ],
+)
 def test_supervise_outcome(status: str, code: int | None, outcome: int) -> None:
     from orchestrator.policy import supervise_outcome
 

@@ -12,8 +12,7 @@ from relay_train.validate.prompts import PROMPT_LIBRARY, read_prompt_file, slug,
 
 
 def _config(prompt=None, library=False, prompt_file=None):
-    return SimpleNamespace(validation_prompt=prompt, validation_prompt_library=library,
-                           validation_prompt_file=prompt_file)
+    return SimpleNamespace(validation_prompt=prompt, validation_prompt_library=library, validation_prompt_file=prompt_file)
 
 
 def test_library_covers_the_model_cards_focus_with_stable_names() -> None:
@@ -31,7 +30,7 @@ def test_order_is_run_prompt_then_library_then_user_file(tmp_path: Path) -> None
     user.write_text("# my prompts\n\na red bicycle\nA red bicycle!\n")
     pairs = validation_prompts(_config("a cat", library=True, prompt_file=user))
     assert pairs[0] == ("validation", "a cat")
-    assert pairs[1:1 + len(PROMPT_LIBRARY)] == list(PROMPT_LIBRARY.items())
+    assert pairs[1 : 1 + len(PROMPT_LIBRARY)] == list(PROMPT_LIBRARY.items())
     # the two user lines slug to the same name: the second gets a suffix, so files never collide
     assert pairs[-2:] == [("user-a-red-bicycle", "a red bicycle"), ("user-a-red-bicycle-2", "A red bicycle!")]
     assert len({name for name, _ in pairs}) == len(pairs)

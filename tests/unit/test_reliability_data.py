@@ -39,8 +39,13 @@ def test_pixel_count_limits_are_checked_from_the_header(demo_data):
     def png(width, height):
         def chunk(kind, data):
             return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+        return (
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b""))
+            + chunk(b"IEND", b"")
+        )
 
     for data in (png(30_000, 30_000), png(10_000, 10_000)):  # over 2x the limit (Pillow raises), and over it
         size, reason = inspect_image(data)

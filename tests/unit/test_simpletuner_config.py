@@ -21,8 +21,13 @@ SAME_EFFECT = {"max_train_steps": (None, 0), "minimum_image_size": (None, 0), "d
 
 
 def minimal(**extra: object) -> dict[str, object]:
-    return {"pretrained_model_name_or_path": "demo/tiny-sd3", "lycoris_config": "config/run/lycoris_config.json",
-            "data_backend_config": "config/run/multidatabackend.json", "max_train_steps": 10, **extra}
+    return {
+        "pretrained_model_name_or_path": "demo/tiny-sd3",
+        "lycoris_config": "config/run/lycoris_config.json",
+        "data_backend_config": "config/run/multidatabackend.json",
+        "max_train_steps": 10,
+        **extra,
+    }
 
 
 def written(workdir: Path, name: str) -> Any:
@@ -75,18 +80,26 @@ def test_legacy_aliases_are_simpletuners() -> None:
     for alias, key in compat.KEY_ALIASES.items():
         assert alias in ours_only or alias in theirs[key][1], alias
     # every refused option is a real SimpleTuner option (a stale name would refuse a typo with a wrong story)
-    legacy = {"use_8bit_adam", "use_prodigy_optimizer", "use_adafactor_optimizer", "adam_bfloat16",
-              "weighting_scheme", "ignore_final_epochs"}
+    legacy = {
+        "use_8bit_adam",
+        "use_prodigy_optimizer",
+        "use_adafactor_optimizer",
+        "adam_bfloat16",
+        "weighting_scheme",
+        "ignore_final_epochs",
+    }
     source = registry_source()  # names registered in a loop (text_encoder_{i}_precision) are not literals
-    unknown = sorted(k for k in compat.REFUSED if k not in theirs and k not in legacy and f'"{k}"' not in source
-                     and k.rsplit("_", 2)[0] + "_{" not in source)
+    unknown = sorted(
+        k
+        for k in compat.REFUSED
+        if k not in theirs and k not in legacy and f'"{k}"' not in source and k.rsplit("_", 2)[0] + "_{" not in source
+    )
     assert unknown == []
 
 
 def test_every_simpletuner_option_is_implemented_aliased_or_refused() -> None:
     theirs = registry_defaults()
-    loose = sorted(k for k in theirs if k not in USER_KEYS and k not in compat.KEY_ALIASES
-                   and not compat.refused_group(k))
+    loose = sorted(k for k in theirs if k not in USER_KEYS and k not in compat.KEY_ALIASES and not compat.refused_group(k))
     assert loose == []  # none would meet a bare "unknown key", or a suggestion of another key
     assert not [k for k in USER_KEYS if compat.refused_group(k)]
 
@@ -95,11 +108,30 @@ def test_every_simpletuner_option_is_implemented_aliased_or_refused() -> None:
 
 
 def test_current_and_legacy_names_resolve_to_one_canonical_key(workdir: Path) -> None:
-    legacy = load_config(write(workdir, minimal(checkpointing_steps=7, validation_steps=3, save_total_limit=2,
-                                                vae_cache_preprocess=False, validation_prompt="a cat")))
-    current = load_config(write(workdir, minimal(checkpoint_step_interval=7, validation_step_interval=3,
-                                                 checkpoints_total_limit=2, vae_cache_ondemand=True,
-                                                 validation_prompt="a cat")))
+    legacy = load_config(
+        write(
+            workdir,
+            minimal(
+                checkpointing_steps=7,
+                validation_steps=3,
+                save_total_limit=2,
+                vae_cache_preprocess=False,
+                validation_prompt="a cat",
+            ),
+        )
+    )
+    current = load_config(
+        write(
+            workdir,
+            minimal(
+                checkpoint_step_interval=7,
+                validation_step_interval=3,
+                checkpoints_total_limit=2,
+                vae_cache_ondemand=True,
+                validation_prompt="a cat",
+            ),
+        )
+    )
     assert legacy.resolved_dict() | {"source_path": None} == current.resolved_dict() | {"source_path": None}
     resolved = legacy.resolved_dict()
     assert resolved["checkpoint_step_interval"] == 7 and resolved["validation_step_interval"] == 3
@@ -114,8 +146,10 @@ def test_a_value_alias_and_the_conflict_of_two_spellings(workdir: Path) -> None:
     config = load_config(write(workdir, minimal(lr_scheduler="cosine_with_warmup", optimizer="adam_bfloat16")))
     assert (config.lr_scheduler, config.optimizer) == ("cosine", "adamw_bf16")
     problems = problems_of(workdir, minimal(checkpointing_steps=5, checkpoint_step_interval=6))
-    assert problems == ["'checkpointing_steps' and 'checkpoint_step_interval' both set '--checkpoint_step_interval', "
-                        "to 5 and 6: keep only '--checkpoint_step_interval'"]
+    assert problems == [
+        "'checkpointing_steps' and 'checkpoint_step_interval' both set '--checkpoint_step_interval', "
+        "to 5 and 6: keep only '--checkpoint_step_interval'"
+    ]
 
 
 def test_validation_disable_and_no_prompt_turn_validation_off(workdir: Path) -> None:
@@ -128,8 +162,10 @@ def test_validation_disable_and_no_prompt_turn_validation_off(workdir: Path) -> 
 
 
 def test_refused_options_say_so_without_a_near_miss(workdir: Path) -> None:
-    problems = problems_of(workdir, minimal(ema_device="cpu", num_validation_images=4, controlnet=True,
-                                            attention_mechanism="sageattention", snr_gamma=5.0))
+    problems = problems_of(
+        workdir,
+        minimal(ema_device="cpu", num_validation_images=4, controlnet=True, attention_mechanism="sageattention", snr_gamma=5.0),
+    )
     assert len(problems) == 5
     for key in ("ema_device", "num_validation_images", "controlnet", "attention_mechanism", "snr_gamma"):
         line = next(p for p in problems if f"'{key}'" in p)
@@ -138,32 +174,60 @@ def test_refused_options_say_so_without_a_near_miss(workdir: Path) -> None:
 
 
 def test_a_refused_option_set_to_what_relay_does_is_accepted(workdir: Path) -> None:
-    config = load_config(write(workdir, minimal(controlnet=False, num_validation_images=1,
-                                                validation_disable_unconditional="true",
-                                                attention_mechanism="diffusers")))
+    config = load_config(
+        write(
+            workdir,
+            minimal(
+                controlnet=False,
+                num_validation_images=1,
+                validation_disable_unconditional="true",
+                attention_mechanism="diffusers",
+            ),
+        )
+    )
     notes = "\n".join(config.mapping_notes())
     assert "'--controlnet=false' is what Relay does anyway" in notes
     assert "'--num_validation_images=1'" in notes
 
 
-@pytest.mark.parametrize(("key", "value"), [("lora_type", "standard"), ("model_type", "full"),
-                                            ("mixed_precision", "fp16"), ("base_model_precision", "int8-torchao"),
-                                            ("lr_scheduler", "sine"), ("report_to", "tensorboard")])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("lora_type", "standard"),
+        ("model_type", "full"),
+        ("mixed_precision", "fp16"),
+        ("base_model_precision", "int8-torchao"),
+        ("lr_scheduler", "sine"),
+        ("report_to", "tensorboard"),
+    ],
+)
 def test_refused_values_name_the_alternative(workdir: Path, key: str, value: str) -> None:
     [line] = problems_of(workdir, minimal(**{key: value}))
     assert line.startswith(f"SimpleTuner option '{key}'={value!r} is not supported by Terminus Relay: ")
 
 
 def test_another_model_family_is_refused_in_one_line(workdir: Path) -> None:
-    problems = problems_of(workdir, {"model_family": "flux", "flux_guidance_value": 1.0, "lora_type": "standard",
-                                     "data_backend_config": "nowhere.json", "learning_rate": "lots"})
-    assert problems == ["SimpleTuner model family 'flux' is not supported by Terminus Relay: "
-                        "it trains Stable Diffusion 3.x (model_family sd3) LyCORIS adapters only"]
+    problems = problems_of(
+        workdir,
+        {
+            "model_family": "flux",
+            "flux_guidance_value": 1.0,
+            "lora_type": "standard",
+            "data_backend_config": "nowhere.json",
+            "learning_rate": "lots",
+        },
+    )
+    assert problems == [
+        "SimpleTuner model family 'flux' is not supported by Terminus Relay: "
+        "it trains Stable Diffusion 3.x (model_family sd3) LyCORIS adapters only"
+    ]
 
 
 def test_typo_suggestions_point_at_keys_of_the_same_kind(workdir: Path) -> None:
-    problems = problems_of(workdir, minimal(**{"--learning_rat": 1e-4, "--ema_deca": "cpu",
-                                               "--validation_num_gpu": 2, "--gradient_checkpoint": True}))
+    problems = problems_of(
+        workdir,
+        minimal(**{"--learning_rat": 1e-4, "--ema_deca": "cpu", "--validation_num_gpu": 2, "--gradient_checkpoint": True}),
+    )
     assert "unknown key '--learning_rat': did you mean '--learning_rate'?" in problems
     assert "unknown key '--gradient_checkpoint': did you mean '--gradient_checkpointing'?" in problems
     assert "unknown key '--ema_deca': not a recognised option" in problems  # 'cpu' is no decay rate
@@ -174,14 +238,27 @@ def test_typo_suggestions_point_at_keys_of_the_same_kind(workdir: Path) -> None:
 
 
 def test_non_finite_and_absurd_numbers_are_refused(workdir: Path) -> None:
-    raw = minimal(learning_rate=math.inf, flow_schedule_shift=math.inf, lr_end=math.nan, max_grad_norm=math.inf,
-                  validation_guidance=1e30, ema_decay=math.nan, minimum_image_size=math.inf)
+    raw = minimal(
+        learning_rate=math.inf,
+        flow_schedule_shift=math.inf,
+        lr_end=math.nan,
+        max_grad_norm=math.inf,
+        validation_guidance=1e30,
+        ema_decay=math.nan,
+        minimum_image_size=math.inf,
+    )
     problems = problems_of(workdir, json.dumps(raw))  # json writes Infinity and NaN, which json reads back
-    for key in ("learning_rate", "flow_schedule_shift", "lr_end", "max_grad_norm", "validation_guidance",
-                "ema_decay", "minimum_image_size"):
+    for key in (
+        "learning_rate",
+        "flow_schedule_shift",
+        "lr_end",
+        "max_grad_norm",
+        "validation_guidance",
+        "ema_decay",
+        "minimum_image_size",
+    ):
         assert any(p.startswith(f"'--{key}': got ") for p in problems), key
-    assert problems_of(workdir, minimal(learning_rate=1e30)) == ["'--learning_rate': got 1e+30; must be a number > 0 "
-                                                                  "and <= 1"]
+    assert problems_of(workdir, minimal(learning_rate=1e30)) == ["'--learning_rate': got 1e+30; must be a number > 0 and <= 1"]
     lycoris = {**written(workdir, "lycoris_config.json"), "multiplier": math.inf}
     (workdir / "configs/run/lycoris_config.json").write_text(json.dumps(lycoris))
     assert any(p.startswith("lycoris_config.json.multiplier: got inf") for p in problems_of(workdir, minimal()))
@@ -190,7 +267,8 @@ def test_non_finite_and_absurd_numbers_are_refused(workdir: Path) -> None:
 def test_the_lycoris_file_is_checked_as_strictly_as_the_config(workdir: Path) -> None:
     preset = {"target_modules": ["Attention"], "module_algo_map": {"Attention": {"facter": 2}}}
     (workdir / "configs/run/lycoris_config.json").write_text(
-        json.dumps({**written(workdir, "lycoris_config.json"), "full_matirx": True, "apply_preset": preset}))
+        json.dumps({**written(workdir, "lycoris_config.json"), "full_matirx": True, "apply_preset": preset})
+    )
     problems = problems_of(workdir, minimal())
     assert problems == [
         "lycoris_config.json: unknown key 'full_matirx': did you mean 'full_matrix'?",
@@ -199,14 +277,16 @@ def test_the_lycoris_file_is_checked_as_strictly_as_the_config(workdir: Path) ->
     ]
 
 
-@pytest.mark.parametrize("webhook", [
-    {"webhook_type": "discord", "webhook_url": SECRET_URL, "colour": "red"},
-    json.dumps({"webhook_type": "raw", "callback_url": SECRET_URL, "log_level": "loud"}),
-    json.dumps([{"webhook_url": SECRET_URL}])[:-3],  # broken inline JSON
-])
+@pytest.mark.parametrize(
+    "webhook",
+    [
+        {"webhook_type": "discord", "webhook_url": SECRET_URL, "colour": "red"},
+        json.dumps({"webhook_type": "raw", "callback_url": SECRET_URL, "log_level": "loud"}),
+        json.dumps([{"webhook_url": SECRET_URL}])[:-3],  # broken inline JSON
+    ],
+)
 def test_no_error_shows_a_webhook_secret(workdir: Path, webhook: object) -> None:
-    problems = problems_of(workdir, minimal(webhook_config=webhook, seed="x", webhook_url=SECRET_URL,
-                                            tracker_run_name=12))
+    problems = problems_of(workdir, minimal(webhook_config=webhook, seed="x", webhook_url=SECRET_URL, tracker_run_name=12))
     assert problems and not any("s3cr3t" in p or "123456" in p for p in problems)
     assert any("'--seed'" in p for p in problems)
 
@@ -235,8 +315,9 @@ def test_model_flavour_names_or_checks_the_model(workdir: Path) -> None:
     del raw["pretrained_model_name_or_path"]
     config = load_config(write(workdir, raw))
     assert config.pretrained_model_name_or_path == "stabilityai/stable-diffusion-3.5-large"
-    [line] = problems_of(workdir, minimal(model_flavour="large",
-                                          pretrained_model_name_or_path="stabilityai/stable-diffusion-3.5-medium"))
+    [line] = problems_of(
+        workdir, minimal(model_flavour="large", pretrained_model_name_or_path="stabilityai/stable-diffusion-3.5-medium")
+    )
     assert "is an SD3.5 Medium model" in line
     local = workdir / "models" / "mmdit-x"
     (local / "transformer").mkdir(parents=True)
@@ -249,26 +330,31 @@ def test_model_flavour_names_or_checks_the_model(workdir: Path) -> None:
 
 
 def test_cross_key_rules_of_the_new_keys(workdir: Path) -> None:
-    problems = problems_of(workdir, minimal(lr_scheduler="polynomial", learning_rate=1e-5, lr_end=1e-4,
-                                            init_lora_step=3))
+    problems = problems_of(workdir, minimal(lr_scheduler="polynomial", learning_rate=1e-5, lr_end=1e-4, init_lora_step=3))
     assert any(p.startswith("'--lr_end' (0.0001) must be below '--learning_rate'") for p in problems)
     assert "'--init_lora_step' needs '--init_lora': name the adapter file to continue from" in problems
 
 
 def test_text_embeds_links_an_image_backend_to_a_text_cache(workdir: Path) -> None:
     images, text = written(workdir, "multidatabackend.json")
-    backends = [{**images, "text_embeds": "other"}, text,
-                {"id": "other", "dataset_type": "text_embeds", "cache_dir": "cache/other"}]
+    backends = [
+        {**images, "text_embeds": "other"},
+        text,
+        {"id": "other", "dataset_type": "text_embeds", "cache_dir": "cache/other"},
+    ]
     (workdir / "configs/run/multidatabackend.json").write_text(json.dumps(backends))
     config = load_config(write(workdir, minimal()))
     assert config.data_backends[0].text_embeds == "other"
-    assert any("Relay caches each caption's embeddings once, in the default text_embeds backend 'text'" in n
-               for n in config.mapping_notes())
+    assert any(
+        "Relay caches each caption's embeddings once, in the default text_embeds backend 'text'" in n
+        for n in config.mapping_notes()
+    )
     backends[0]["text_embeds"] = "missing"
     (workdir / "configs/run/multidatabackend.json").write_text(json.dumps(backends))
     assert problems_of(workdir, minimal()) == [
         "multidatabackend.json[images].text_embeds: got 'missing'; it must name an enabled text_embeds backend "
-        "(ids: 'text', 'other')"]
+        "(ids: 'text', 'other')"
+    ]
 
 
 def test_relied_on_default_differences_are_logged(workdir: Path) -> None:
@@ -282,10 +368,14 @@ def test_relied_on_default_differences_are_logged(workdir: Path) -> None:
 
 
 def test_flags_as_simpletuner_takes_them() -> None:
-    argv = ["--max_train_steps=10", "--init_lora", "a b.safetensors", "--use_ema", "--lr_end", "1e-6",
-            "--validation_prompt=x=y"]
-    assert flag_pairs(argv) == ["--max_train_steps=10", "--init_lora=a b.safetensors", "--use_ema=true",
-                                "--lr_end=1e-6", "--validation_prompt=x=y"]
+    argv = ["--max_train_steps=10", "--init_lora", "a b.safetensors", "--use_ema", "--lr_end", "1e-6", "--validation_prompt=x=y"]
+    assert flag_pairs(argv) == [
+        "--max_train_steps=10",
+        "--init_lora=a b.safetensors",
+        "--use_ema=true",
+        "--lr_end=1e-6",
+        "--validation_prompt=x=y",
+    ]
     assert config_overrides(["seed=3"], argv[:1]) == {"seed": 3, "--max_train_steps": 10}
     with pytest.raises(ConfigError, match="unexpected argument 'stray'"):
         flag_pairs(["stray", "--seed", "1"])
@@ -329,8 +419,9 @@ def test_every_other_family_example_is_refused_in_one_line(workdir: Path) -> Non
             continue
         with pytest.raises(ConfigError) as info:
             load_config(write(workdir, raw))
-        assert info.value.problems == [f"SimpleTuner model family {family!r} is not supported by Terminus Relay: "
-                                       f"{compat.FAMILIES_WORDS}"], name
+        assert info.value.problems == [
+            f"SimpleTuner model family {family!r} is not supported by Terminus Relay: {compat.FAMILIES_WORDS}"
+        ], name
         refused += 1
     assert refused >= 100 and len(not_json) <= 1, not_json
 

@@ -45,10 +45,8 @@ def test_the_agent_polls_until_the_notice_then_drains(metadata):
 
     source = spot.AwsSpot(metadata.url)  # the real drain is exercised against Ray in test_preemption.py
     start = time.monotonic()
-    assert spot.run_agent(source, "unused", "ab" * 14, interval=0.05, max_polls=3,
-                          drain=lambda *a: drained.append(a)) is None
+    assert spot.run_agent(source, "unused", "ab" * 14, interval=0.05, max_polls=3, drain=lambda *a: drained.append(a)) is None
     metadata.announce(seconds=60)
-    notice = spot.run_agent(source, "gcs:1", "cd" * 14, interval=0.05, max_polls=20,
-                            drain=lambda *a: drained.append(a))
+    notice = spot.run_agent(source, "gcs:1", "cd" * 14, interval=0.05, max_polls=20, drain=lambda *a: drained.append(a))
     assert notice is not None and len(drained) == 1 and drained[0][:2] == ("gcs:1", "cd" * 14)
     assert time.monotonic() - start < 10

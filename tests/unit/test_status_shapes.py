@@ -24,8 +24,10 @@ def _commit(storage: RunStorage, root, *steps: int, config: dict | None = None) 
 
 
 def _events(*kinds: tuple) -> list[dict]:
-    return [{"time": T0 + t, "type": kind, **({"step": step} if step is not None else {}), **fields}
-            for t, kind, step, fields in kinds]
+    return [
+        {"time": T0 + t, "type": kind, **({"step": step} if step is not None else {}), **fields}
+        for t, kind, step, fields in kinds
+    ]
 
 
 STARTED = (0, "run_started", None, {"total_steps": 300})
@@ -34,33 +36,82 @@ FRESH = (5, "attempt", 0, {"reason": "fresh", "world_size": 2, "total_steps": 30
 
 def _scores_clip() -> dict:  # scores.json as the validation pool writes it with CLIP on, comparison mode
     stats = {"mean": 25.0, "min": 20.0, "max": 30.0, "std": 3.0, "count": 2}
-    return {"kind": "checkpoint", "step": 100, "variants": ["adapter", "ema"], "scores": {"adapter": stats, "ema": stats},
-            "images": [{"file": "a.png"}, {"file": "b.png"}], "grid": "grid.png"}
+    return {
+        "kind": "checkpoint",
+        "step": 100,
+        "variants": ["adapter", "ema"],
+        "scores": {"adapter": stats, "ema": stats},
+        "images": [{"file": "a.png"}, {"file": "b.png"}],
+        "grid": "grid.png",
+    }
 
 
 def _scores_unscored() -> dict:  # CLIP off (the demo): variants is a list, scores empty
-    return {"kind": "checkpoint", "step": 100, "variants": ["adapter", "ema"], "scores": {}, "images": [{"file": "a.png"}],
-            "grid": "grid.png"}
+    return {
+        "kind": "checkpoint",
+        "step": 100,
+        "variants": ["adapter", "ema"],
+        "scores": {},
+        "images": [{"file": "a.png"}],
+        "grid": "grid.png",
+    }
 
 
 SHAPES = {
     "not started": ([], None, [], None),
-    "before the first checkpoint": ([STARTED, FRESH], {"step": 12, "time": T0 + 20, "steps_per_second": 2.0,
-                                                      "total_steps": 300}, [], None),
-    "running": ([STARTED, FRESH, (30, "checkpoint", 50, {"uri": "x"})],
-                {"step": 80, "time": T0 + 40, "steps_per_second": 2.0, "total_steps": 300}, [50], _scores_unscored()),
+    "before the first checkpoint": (
+        [STARTED, FRESH],
+        {"step": 12, "time": T0 + 20, "steps_per_second": 2.0, "total_steps": 300},
+        [],
+        None,
+    ),
+    "running": (
+        [STARTED, FRESH, (30, "checkpoint", 50, {"uri": "x"})],
+        {"step": 80, "time": T0 + 40, "steps_per_second": 2.0, "total_steps": 300},
+        [50],
+        _scores_unscored(),
+    ),
     "resumed after a node loss": (
-        [STARTED, FRESH, (30, "checkpoint", 50, {}), (60, "progress", 70, {"steps_per_second": 2.0}),
-         (90, "attempt", 50, {"reason": "node_lost", "world_size": 2, "steps_lost": 20, "time_to_resume": 30.0,
-                              "nodes_lost": ["n1"]})],
-        {"step": 60, "time": T0 + 100, "steps_per_second": 2.0, "total_steps": 300}, [50], _scores_clip()),
-    "failed": ([STARTED, FRESH, (30, "checkpoint", 50, {}), (35, "failed", None, {"error": "RuntimeError: boom"})],
-               None, [50], None),
-    "completed": ([STARTED, FRESH, (30, "checkpoint", 300, {}), (31, "exported", 300, {"files": ["out/a.safetensors"]}),
-                   (32, "completed", 300, {"goodput": "90.0%"})], {"step": 300, "time": T0 + 29, "total_steps": 300},
-                  [300], _scores_clip()),
-    "stopped": ([STARTED, FRESH, (20, "stop_requested", 40, {}), (30, "checkpoint", 41, {}),
-                 (31, "stopped", 41, {"signal": 2})], None, [41], None),
+        [
+            STARTED,
+            FRESH,
+            (30, "checkpoint", 50, {}),
+            (60, "progress", 70, {"steps_per_second": 2.0}),
+            (
+                90,
+                "attempt",
+                50,
+                {"reason": "node_lost", "world_size": 2, "steps_lost": 20, "time_to_resume": 30.0, "nodes_lost": ["n1"]},
+            ),
+        ],
+        {"step": 60, "time": T0 + 100, "steps_per_second": 2.0, "total_steps": 300},
+        [50],
+        _scores_clip(),
+    ),
+    "failed": (
+        [STARTED, FRESH, (30, "checkpoint", 50, {}), (35, "failed", None, {"error": "RuntimeError: boom"})],
+        None,
+        [50],
+        None,
+    ),
+    "completed": (
+        [
+            STARTED,
+            FRESH,
+            (30, "checkpoint", 300, {}),
+            (31, "exported", 300, {"files": ["out/a.safetensors"]}),
+            (32, "completed", 300, {"goodput": "90.0%"}),
+        ],
+        {"step": 300, "time": T0 + 29, "total_steps": 300},
+        [300],
+        _scores_clip(),
+    ),
+    "stopped": (
+        [STARTED, FRESH, (20, "stop_requested", 40, {}), (30, "checkpoint", 41, {}), (31, "stopped", 41, {"signal": 2})],
+        None,
+        [41],
+        None,
+    ),
 }
 
 
@@ -82,9 +133,15 @@ def test_every_run_shape_renders_in_text_and_json(tmp_path, shape: str) -> None:
     text = render(report)
     json.loads(json.dumps(report, default=str))
     assert sorted(p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()) == before  # read only
-    expected_state = {"not started": "not started", "before the first checkpoint": "running", "running": "running",
-                      "resumed after a node loss": "running", "failed": "failed", "completed": "completed",
-                      "stopped": "stopped"}[shape]
+    expected_state = {
+        "not started": "not started",
+        "before the first checkpoint": "running",
+        "running": "running",
+        "resumed after a node loss": "running",
+        "failed": "failed",
+        "completed": "completed",
+        "stopped": "stopped",
+    }[shape]
     assert report["state"] == expected_state and f"[{expected_state}]" in text
     if shape == "before the first checkpoint":
         assert "checkpoints none yet" in text and report["step"] == 12 and report["eta_seconds"] == pytest.approx(144)

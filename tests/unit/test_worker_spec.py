@@ -19,16 +19,31 @@ from orchestrator.worker import WorkerSpec
 @pytest.fixture
 def spec(tmp_path: Path) -> WorkerSpec:
     # every knob away from its default, so a field filled from the wrong source shows
-    cluster = ClusterConfig(num_workers=(2, 4), strategy="ddp", gradient_bucket_mb=8.0, gradient_sync_dtype="bf16",
-                            upload_mode="sync", preemption_check_steps=7)
+    cluster = ClusterConfig(
+        num_workers=(2, 4),
+        strategy="ddp",
+        gradient_bucket_mb=8.0,
+        gradient_sync_dtype="bf16",
+        upload_mode="sync",
+        preemption_check_steps=7,
+    )
     storage = RunStorage(str(tmp_path / "runs"), "run-1", "http://127.0.0.1:9")
     return worker_spec("configs/tiny.json", {"max_train_steps": 3}, cluster, storage)
 
 
 def test_launch_fills_every_field_of_the_spec(spec: WorkerSpec) -> None:
-    expected = {"config_path": str(Path("configs/tiny.json").resolve()), "overrides": {"max_train_steps": 3},
-                "working_dir": os.getcwd(), "run_name": "run-1", "upload_mode": "sync", "preemption_check_steps": 7,
-                "global_workers": 4, "strategy": "ddp", "gradient_bucket_mb": 8.0, "gradient_sync_dtype": "bf16"}
+    expected = {
+        "config_path": str(Path("configs/tiny.json").resolve()),
+        "overrides": {"max_train_steps": 3},
+        "working_dir": os.getcwd(),
+        "run_name": "run-1",
+        "upload_mode": "sync",
+        "preemption_check_steps": 7,
+        "global_workers": 4,
+        "strategy": "ddp",
+        "gradient_bucket_mb": 8.0,
+        "gradient_sync_dtype": "bf16",
+    }
     assert {f.name for f in dataclasses.fields(WorkerSpec)} == {*expected, "storage"}
     assert {name: getattr(spec, name) for name in expected} == expected
     assert spec.storage.describe() == RunStorage(spec.storage.storage_path, "run-1", "http://127.0.0.1:9").describe()
