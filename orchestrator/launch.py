@@ -140,7 +140,7 @@ def run_on_ray(
         ),
     )
     log.info("run %r: %s worker(s), storage %s", name, cluster.num_workers, storage.describe())
-    display = DriverDisplay(lambda since: ray.get(steward.view.remote(since), timeout=10), storage.uri).start()
+    display = DriverDisplay(lambda since: ray.get(steward.view.remote(since), timeout=10), storage.describe).start()
     stop = StopRequest(steward)
     try:
         with stop:

@@ -112,15 +112,13 @@ class Trainer:
         log_every: int = 10,
         rank: int = 0,
         world_size: int = 1,
-        strategy: str = "ddp",
         update: Update | None = None,
-        gradient_sync: GradientSync | None = None,
     ):
         """`sampler` yields global batches (train_batch_size × world_size); this rank trains on its share.
         Every rank keeps an identical replica of the adapter, optimizer and RNG; rank 0 alone writes.
-        `update` does backward, the sum over ranks, clipping and the step; by default
-        `build_update(strategy, world_size, ...)`: "ddp" all-reduces gradients (overlapped with backward,
-        per `gradient_sync`), "deepspeed" partitions the optimizer state (ZeRO-2, relay_train/zero.py)."""
+        `update` does backward, the sum over ranks, clipping and the step (relay_train/parallel.py's
+        `build_update`: "ddp" all-reduces gradients, overlapped with backward; "deepspeed" partitions the
+        optimizer state, ZeRO-2 in relay_train/zero.py). None is plain ddp with the default sync."""
         self.config, self.model, self.dataset, self.sampler, self.store = config, model, dataset, sampler, store
         self.rank, self.world_size, self.is_writer = rank, world_size, rank == 0
         self.device, self.dtype = device, compute_dtype(config, device)
@@ -128,11 +126,7 @@ class Trainer:
         self.params = model.trainable_parameters()
         self.total_steps = total_train_steps(config, sampler.batches_per_epoch())
         # Backward, gradient reduction, clipping and the optimizer step, one interface for every strategy.
-        self.update = (
-            update
-            if update is not None
-            else build_update(strategy, world_size, config, model.network, self.params, gradient_sync)
-        )
+        self.update = update if update is not None else build_update("ddp", world_size, config, model.network, self.params)
         self.optimizer = self.update.optimizer  # the scheduler drives its lr
         self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
         self.ema = AdapterEMA(model.network, config.ema_decay) if config.use_ema else None
@@ -470,6 +464,7 @@ def build_trainer(
         keep_partial_batches=config.disable_bucket_pruning,
     )
     model = build_adapter_model(config, model_path, device, seed=config.seed)
+    update = build_update(strategy, world_size, config, model.network, model.trainable_parameters(), gradient_sync)
     store = store or ckpt.LocalCheckpointStore(Path(config.output_dir), keep=ckpt.keep_count(config.checkpoints_total_limit))
     trainer = Trainer(
         config,
@@ -481,8 +476,7 @@ def build_trainer(
         hooks,
         rank=rank,
         world_size=world_size,
-        strategy=strategy,
-        gradient_sync=gradient_sync,
+        update=update,
     )
     folder = resume_from or resume_point(config, store)
     if folder is not None:
