@@ -98,10 +98,10 @@ class PreemptionWatch:
         would end the run as finished."""
         deadline = self.notice.deadline_ms / 1000 if self.notice.deadline_ms else time.time() + PARK_FALLBACK_SECONDS
         if self.rank == 0:
-            while self.noticed_step not in storage.checkpoint_steps() and time.time() < deadline:
+            while not _committed(storage, self.noticed_step) and time.time() < deadline:
                 time.sleep(0.2)
             seconds = time.time() - self.noticed_at
-            committed = self.noticed_step in storage.checkpoint_steps()
+            committed = _committed(storage, self.noticed_step)
             log.warning(
                 "emergency checkpoint at step %d %s %.1f s after the notice; waiting for the restart",
                 self.noticed_step,
@@ -119,3 +119,12 @@ class PreemptionWatch:
 
 PARK_FALLBACK_SECONDS = 120  # a notice without a deadline (Ray's own default wait is similar)
 PARK_GRACE_SECONDS = 120
+
+
+def _committed(storage: RunStorage, step: int) -> bool:
+    """Whether checkpoint-<step> is committed; storage that cannot be read this moment says not yet."""
+    try:
+        return step in storage.checkpoint_steps()
+    except OSError as exc:
+        log.warning("emergency checkpoint: could not read %s: %s", storage.describe(), exc)
+        return False

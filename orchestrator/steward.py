@@ -208,7 +208,10 @@ class Steward:
     # -- the watcher ------------------------------------------------------------------------------------
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_seconds):
-            self.poll()
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - the watcher outlives any one bad look; close() polls again
+                log.exception("checkpoint watch: this look at %s failed; the next one follows", self.storage.describe())
 
     def poll(self) -> list[int]:
         """Record checkpoints newly committed to storage; returns their steps."""

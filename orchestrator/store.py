@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 from relay_train import checkpoint as ckpt
@@ -75,13 +76,27 @@ class RunStorage(FileStore):
     def checkpoint_steps(self) -> list[int]:
         """Steps of the committed checkpoints, oldest first: named in Ray's snapshot (written once an
         upload finished) and with our manifest present. A folder whose upload died part-way is never listed."""
-        snapshot = self.read_json(SNAPSHOT) or {}
+        snapshot = self._snapshot()
         steps = []
         for result in snapshot.get("checkpoint_results", []):
             match = _CHECKPOINT.match(result.get("checkpoint_dir_name", ""))
             if match and self.exists(f"{match.group(0)}/{ckpt.MANIFEST}"):
                 steps.append(int(match.group(1)))
         return sorted(steps)
+
+    def _snapshot(self, reads: int = 5) -> dict:
+        """Ray's snapshot, {} before its first checkpoint. Ray rewrites the file in place, so a read can
+        catch it empty or cut short: read again, and after `reads` torn reads raise OSError, which every
+        caller already treats as storage that cannot be read right now."""
+        for attempt in range(reads):
+            data = self.read_bytes(SNAPSHOT)
+            if data is None:
+                return {}
+            try:
+                return json.loads(data)
+            except ValueError:
+                time.sleep(0.05 * (attempt + 1))
+        raise OSError(f"{self.describe(SNAPSHOT)} did not parse in {reads} reads: it is being rewritten")
 
     def download_checkpoint(self, step: int, dest: Path, files: list[str] | None = None) -> Path:
         """Copy checkpoint-<step> (or only `files` from it) into dest/checkpoint-<step>, verified against

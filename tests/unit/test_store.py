@@ -54,3 +54,30 @@ def test_relative_roots_resolve_against_the_cwd_at_construction(tmp_path, monkey
     assert store.describe("x.txt") == str(tmp_path / "data" / "x.txt")
     monkeypatch.chdir("/")
     assert store.read("x.txt") == b"1"  # a store handed to another process still names the same folder
+
+
+def test_a_snapshot_caught_mid_rewrite_is_read_again_then_an_oserror(tmp_path):
+    """Ray rewrites checkpoint_manager_snapshot.json in place: a read can find it empty. The steward's
+    watch, the emergency-checkpoint wait and `relay status` all read it; none may die of a JSONDecodeError."""
+    from orchestrator.store import SNAPSHOT
+
+    storage = RunStorage(str(tmp_path), "run")
+    (tmp_path / "run" / "checkpoint-10").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-10" / "manifest.json").write_text("{}")
+    assert storage.checkpoint_steps() == []  # no snapshot yet: nothing committed
+
+    snapshot = tmp_path / "run" / SNAPSHOT
+    snapshot.write_text("")  # caught between Ray's truncate and its write
+    with pytest.raises(OSError, match="did not parse"):
+        storage.checkpoint_steps()
+
+    def finish_the_write():  # Ray's write lands while we read again
+        snapshot.write_text('{"checkpoint_results": [{"checkpoint_dir_name": "checkpoint-10"}]}')
+
+    snapshot.write_text('{"checkpoint_res')
+    timer = threading.Timer(0.05, finish_the_write)
+    timer.start()
+    try:
+        assert storage.checkpoint_steps() == [10]
+    finally:
+        timer.join()
