@@ -34,10 +34,13 @@ class StopOnSignal:
     def __init__(self, is_saving: Callable[[], bool] = lambda: False) -> None:
         self.requested, self.is_saving, self.pressed_while_saving = False, is_saving, 0
         self.signum = 0
+        self.finished = False  # the loop has returned: a late signal has nothing left to stop
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self.finished:  # e.g. the second of a double Ctrl-C, arriving after the checkpoint and the stop
+            return
         if not self.requested:
             self.requested, self.signum = True, signum
             log.warning("signal %d: checkpointing at the next step boundary, then stopping (send again to abort)", signum)
@@ -74,7 +77,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         stop.is_saving = lambda: trainer.saving
         with ProgressDisplay(trainer.total_steps, start_step=trainer.step) as progress:
             hooks.on_step = progress
-            result = trainer.fit()
+            try:
+                result = trainer.fit()
+            finally:
+                stop.finished = True
     if result.stopped_early:
         log.warning(
             "stopped at step %d/%d; %s holds everything. Run the same command to resume.",
