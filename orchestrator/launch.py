@@ -269,7 +269,6 @@ def worker_spec(config_path: str | Path, overrides: dict | None, cluster: Cluste
 
     return WorkerSpec(
         config_path=str(Path(config_path).resolve()),
-        run_name=storage.run_name,
         storage=storage,
         working_dir=os.getcwd(),
         overrides=overrides or {},

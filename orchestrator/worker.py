@@ -41,8 +41,7 @@ class WorkerSpec:
     config_path: str  # absolute: workers start in Ray's session folder
     overrides: dict[str, Any]  # --set KEY=VALUE on top of the config file
     working_dir: str  # the job's directory: the config's relative paths mean this one
-    run_name: str
-    storage: RunStorage = field(compare=False)  # the run's storage (where an emergency checkpoint is parked)
+    storage: RunStorage = field(compare=False)  # the run's storage and name (where an emergency checkpoint is parked)
     upload_mode: Literal["async", "sync"]  # async: Ray uploads a checkpoint while the loop goes on
     preemption_check_steps: int  # steps between the barriers that check for a preemption notice (0: never)
     global_workers: int  # the global batch is sized for this many workers (elastic: the most)
@@ -110,7 +109,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     try:
         train_worker(spec)
     except Exception as exc:
-        steward = get_steward(spec.run_name)
+        steward = get_steward(spec.storage.run_name)
         if steward is not None:
             rank = ray.train.get_context().get_world_rank()
             text = redact.redact(
@@ -143,8 +142,8 @@ def train_worker(spec: WorkerSpec) -> None:
     redact.install(redact.secret_values(config))
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    staging = staging_dir(spec.run_name, rank)
-    steward = get_steward(spec.run_name)
+    staging = staging_dir(spec.storage.run_name, rank)
+    steward = get_steward(spec.storage.run_name)
     reporter = CheckpointReporter(spec.upload_mode, steward)
     watch = PreemptionWatch(spec.preemption_check_steps, reporter, steward, rank)
     strategy = spec.strategy  # deepspeed: ZeRO-2 reduces the gradients itself

@@ -36,7 +36,6 @@ def test_launch_fills_every_field_of_the_spec(spec: WorkerSpec) -> None:
         "config_path": str(Path("configs/tiny.json").resolve()),
         "overrides": {"max_train_steps": 3},
         "working_dir": os.getcwd(),
-        "run_name": "run-1",
         "upload_mode": "sync",
         "preemption_check_steps": 7,
         "global_workers": 4,
@@ -47,7 +46,7 @@ def test_launch_fills_every_field_of_the_spec(spec: WorkerSpec) -> None:
     assert {f.name for f in dataclasses.fields(WorkerSpec)} == {*expected, "storage"}
     assert {name: getattr(spec, name) for name in expected} == expected
     assert spec.storage.describe() == RunStorage(spec.storage.storage_path, "run-1", "http://127.0.0.1:9").describe()
-    assert spec.storage.endpoint_url == "http://127.0.0.1:9"
+    assert spec.storage.endpoint_url == "http://127.0.0.1:9" and spec.storage.run_name == "run-1"
 
 
 @pytest.mark.parametrize("pickler", [pickle, cloudpickle], ids=["pickle", "cloudpickle"])
