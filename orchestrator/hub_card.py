@@ -55,20 +55,7 @@ def model_card(
     scores: dict[int, dict],
 ) -> str:
     """README.md: what the adapter is, how it was trained, how it validates, how to load it."""
-    body = _body(settings, step=step, final=final, checkpoints=checkpoints, images=images, scores=scores)
-    card = ModelCard(f"---\n{card_data(settings).to_yaml()}\n---\n\n{body}")
-    return str(card)
-
-
-def _body(
-    s: HubSettings,
-    *,
-    step: int | None,
-    final: bool,
-    checkpoints: list[int],
-    images: dict[int, list[str]],
-    scores: dict[int, dict],
-) -> str:
+    s = settings
     adapter, ema = s.adapter_names
     progress = "unknown" if step is None else (f"{step}" + (f" of {s.total_steps}" if s.total_steps else ""))
     state = "final" if final else "training in progress"
@@ -119,7 +106,7 @@ def _body(
         "```",
         "",
     ]
-    return "\n".join(lines)
+    return str(ModelCard(f"---\n{card_data(settings).to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 def _fmt(value) -> str:
