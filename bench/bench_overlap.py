@@ -46,6 +46,7 @@ def prepare(root: Path) -> Path:
     from PIL import Image
 
     from relay_train.demo.data import make_demo_dataset
+    from relay_train.demo.recipe import write_recipe
     from relay_train.demo.tiny_model import make_pipeline, transformer_config
 
     model = make_pipeline(root / "wide-sd3")
@@ -57,28 +58,20 @@ def prepare(root: Path) -> Path:
         if Image.open(image).size != (64, 64):
             image.unlink()
             image.with_suffix(".txt").unlink()
-    backends = json.loads((REPO / "configs/demo/multidatabackend.json").read_text())
-    backends[0]["instance_data_dir"] = str(data)
-    backends[1]["cache_dir"] = str(root / "cache/text")
-    (root / "backends.json").write_text(json.dumps(backends))
-    raw = json.loads((REPO / "configs/demo/config.json").read_text())
-    raw.update(
-        {
-            "--pretrained_model_name_or_path": str(model),
-            "--data_backend_config": str(root / "backends.json"),
-            "--lycoris_config": str(REPO / "configs/sd3/lycoris_config.json"),
-            "--output_dir": str(root / "out"),
-            "--train_batch_size": 1,
-            "--max_train_steps": 100_000,
-            "--checkpointing_steps": 100_000,
-            "--optimizer": "adamw",
-            "use_ema": False,
-            "--resume_from_checkpoint": "none",
-            "--caption_dropout_probability": 0.0,
-        }
+    config = write_recipe(
+        root,
+        model,
+        data,
+        text_cache=root / "cache/text",
+        lycoris=REPO / "configs/sd3/lycoris_config.json",
+        train_batch_size=1,
+        max_train_steps=100_000,
+        checkpointing_steps=100_000,
+        optimizer="adamw",
+        use_ema=False,
+        resume_from_checkpoint="none",
+        caption_dropout_probability=0.0,
     )
-    config = root / "config.json"
-    config.write_text(json.dumps(raw, indent=1))
     from relay_train.config import load_config
     from relay_train.data.plan import plan_dataset
     from relay_train.model import resolve_model_path

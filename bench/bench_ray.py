@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO))
 def bench_steps(steps: int) -> None:
     import ray
 
-    from orchestrator.cluster import ClusterConfig
-    from orchestrator.launch import launch
+    from orchestrator.core.cluster import ClusterConfig
+    from orchestrator.run.launch import launch
     from relay_train.config import load_config
     from relay_train.trainer import Hooks, build_trainer
 
@@ -66,7 +66,7 @@ def bench_steps(steps: int) -> None:
 
 def upload_train_fn(config: dict) -> None:
 
-    from orchestrator.worker import CheckpointReporter
+    from orchestrator.run.worker import CheckpointReporter
 
     reporter, blocked = CheckpointReporter(config["mode"]), []
     for step in (1, 2, 3):
@@ -91,7 +91,7 @@ def bench_upload(mib: int) -> None:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.cluster import ClusterConfig, storage_filesystem
+    from orchestrator.core.cluster import ClusterConfig, storage_filesystem
 
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=5391, verbose=False)
@@ -132,7 +132,7 @@ def preemption_train_fn(config: dict) -> None:
     """Each rank times `calls` preemption checks (a barrier) and as many fire-and-forget steward ticks."""
     import ray.train
 
-    from orchestrator.steward import get_steward
+    from orchestrator.run.steward import get_steward
 
     checks, ticks = [], []
     for _ in range(config["calls"]):
@@ -153,8 +153,8 @@ def bench_preemption(calls: int) -> None:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.steward import RunSteward, steward_name
-    from orchestrator.store import RunStorage
+    from orchestrator.run.steward import RunSteward, steward_name
+    from orchestrator.core.store import RunStorage
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     with tempfile.TemporaryDirectory() as tmp:

@@ -79,8 +79,8 @@ def main() -> None:
     logging.getLogger().setLevel(logging.WARNING)  # the bench's figures only: warnings and errors
     import ray
 
-    from orchestrator.store import RunStorage
-    from orchestrator.validation import ValidationPool
+    from orchestrator.core.store import RunStorage
+    from orchestrator.services.validation import ValidationPool
     from relay_train.demo.data import make_demo_dataset
     from relay_train.demo.tiny_model import make_pipeline
 

@@ -8,10 +8,16 @@ bnb AdamW8bit, LR schedule, EMA every `ema_update_interval` steps) on cached-sha
     python bench/gpu_step.py --out bench/gpu_step.json                      # GPU, 1024², batch 4
     python bench/gpu_step.py --device cpu --preset tiny --resolution 64 --steps 2   # the CPU test's run
 
+The step is the one `relay train` runs now: the config's `lokr_forward`, `transformer_compile` and
+`gradient_checkpointing_blocks` (each `auto` in the recipe: the materialised LoKr, the blocks compiled and
+checkpointing by free memory on CUDA; LyCORIS's bypass, eager, every block on the CPU). `--lokr-forward bypass
+--transformer-compile off --checkpoint-blocks all` is the step before that change (bench/gpu_h200.sh runs both).
+
 Configurations: (a) production: int8-quanto base + LoKr, gradient checkpointing, batch 4;
 (b) bf16 base without quantization; (c) gradient checkpointing off; (d) batch 1; (e) as (a) with
 SimpleTuner's segmented checkpointing (--segments interval,stride: only the segments recompute).
---profile adds FLOPs, TFLOP/s, MFU and a torch.profiler summary per config (bench/step_profile.py).
+--profile (default on with CUDA) adds FLOPs, TFLOP/s, MFU, launches per step and a torch.profiler summary per
+config (bench/step_profile.py). The first step's time (compilation included) is reported beside the median.
 For each: s/step (median of --steps after --warmup), peak memory (GPU: max allocated; CPU: the
 process's peak RSS, a high-water mark over everything run before it), and the share of step time in
 forward / backward / optimizer from a separate pass with CUDA events (so the timed steps carry no
@@ -54,13 +60,17 @@ from relay_train import checkpoint as ckpt  # noqa: E402
 from relay_train.data.buckets import Bucket  # noqa: E402
 from relay_train.config import TrainConfig, load_config  # noqa: E402
 from relay_train.data.dataset import BucketTensors  # noqa: E402
+from relay_train.lokr import lokr_forward_paths  # noqa: E402
 from relay_train.model import (  # noqa: E402
     AdapterModel,
     attach_lokr,
+    choose_lokr_forward,
     compute_dtype,
+    configure_checkpointing,
     enable_gradient_checkpointing,
     quantize_base,
 )
+from relay_train.speed import compile_blocks, compile_enabled  # noqa: E402
 from relay_train.optim import clip_gradients  # noqa: E402
 from relay_train.step import train_step  # noqa: E402
 from relay_train.demo.tiny_model import PRESETS, transformer_config  # noqa: E402
@@ -154,7 +164,8 @@ class Clock:
 
 
 def build_model(config: TrainConfig, preset: str, device: torch.device, quantized: bool) -> AdapterModel:
-    """build_adapter_model's sequence on an in-memory random transformer: quantize, freeze, LoKr."""
+    """build_adapter_model's sequence on an in-memory random transformer: quantize, freeze, LoKr and its
+    forward path (lokr_forward), regional compile (transformer_compile)."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
@@ -165,11 +176,14 @@ def build_model(config: TrainConfig, preset: str, device: torch.device, quantize
         transformer.to(dtype)
     quantize_base(transformer, "int8-quanto" if quantized else "no_change")
     transformer.requires_grad_(False)
-    if config.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
     torch.manual_seed(config.seed)
     network = attach_lokr(transformer, config.lycoris).to(device)
     network.requires_grad_(True)
+    choose_lokr_forward(network, config.lokr_forward, device)  # as relay train: lokr_forward (auto: per device)
+    if config.gradient_checkpointing:  # run_variant sets each config's own around the (compiled) blocks
+        configure_checkpointing(transformer, config, device)
+    if compile_enabled(config.transformer_compile, device.type):
+        compile_blocks(transformer)
     transformer.train()
     return AdapterModel(transformer=transformer, network=network)
 
@@ -178,9 +192,15 @@ def make_trainer(config: TrainConfig, model: AdapterModel, data: CachedShapes, d
     return Trainer(config, model, data, data, ckpt.LocalCheckpointStore(scratch), device)  # type: ignore[arg-type]
 
 
-def time_steps(trainer: Trainer, clock: Clock, warmup: int, steps: int) -> list[float]:
-    """Wall seconds of whole `optimizer_step`s; one sync per step to read the clock."""
-    for _ in range(warmup):
+def time_steps(trainer: Trainer, clock: Clock, warmup: int, steps: int) -> tuple[float, list[float]]:
+    """The first step's wall seconds (compilation included, when compiled), and those of whole `optimizer_step`s
+    after the warm-up; one sync per step to read the clock."""
+    clock.sync()
+    start = time.perf_counter()
+    trainer.optimizer_step()
+    clock.sync()
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
         trainer.optimizer_step()
     clock.sync()
     times = []
@@ -189,7 +209,7 @@ def time_steps(trainer: Trainer, clock: Clock, warmup: int, steps: int) -> list[
         trainer.optimizer_step()
         clock.sync()
         times.append(time.perf_counter() - start)
-    return times
+    return first, times
 
 
 def time_phases(trainer: Trainer, clock: Clock, steps: int) -> dict[str, float]:
@@ -251,13 +271,20 @@ def run_variant(
     joint, pooled = (transformer_config(args.preset)[k] for k in ("joint_attention_dim", "pooled_projection_dim"))
     data = CachedShapes(batch, args.resolution // 8, joint, pooled)
     model.transformer.disable_gradient_checkpointing()
-    if variant.checkpointing:
-        enable_gradient_checkpointing(model.transformer, *(args.segments if variant.segmented else (None, None)))
+    if variant.checkpointing and variant.segmented:
+        enable_gradient_checkpointing(model.transformer, *args.segments)
+    elif variant.checkpointing:  # gradient_checkpointing_blocks, as relay train: auto decides from free memory
+        configure_checkpointing(model.transformer, config.model_copy(update={"train_batch_size": batch}), device)
+    func = getattr(model.transformer, "_gradient_checkpointing_func", None)
+    blocks = len(model.transformer.transformer_blocks)
     result: dict[str, Any] = {
         "label": variant.label,
         "batch": batch,
         "quantized": variant.quantized,
         "gradient_checkpointing": variant.checkpointing,
+        "checkpointed_blocks": getattr(func, "count", blocks) if model.transformer.gradient_checkpointing else 0,
+        "lokr_forward": dict(lokr_forward_paths(model.network)),
+        "compiled": compile_enabled(config.transformer_compile, device.type),
     }
     if variant.segmented:
         result["segments"] = {
@@ -269,8 +296,8 @@ def run_variant(
     with tempfile.TemporaryDirectory() as scratch:
         trainer = make_trainer(config.model_copy(update={"train_batch_size": batch}), model, data, device, Path(scratch))
         try:
-            times = time_steps(trainer, clock, args.warmup, args.steps)
-            result.update(s_per_step=statistics.median(times), s_per_step_max=max(times), step_times=times)
+            first, times = time_steps(trainer, clock, args.warmup, args.steps)
+            result.update(first_step_s=first, s_per_step=statistics.median(times), s_per_step_max=max(times), step_times=times)
             result.update(peak_memory(device))
             phases = time_phases(trainer, clock, args.phase_steps)
             total = sum(phases.values())
@@ -292,11 +319,22 @@ def profile_variant(
 ) -> dict[str, Any]:
     """FLOPs of one optimizer step, TFLOP/s and MFU against the timed median, and the trace summary."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    out = step_profile.count_flops(trainer.optimizer_step)
+    # FlopCounterMode counts aten ops; compiled blocks run inductor kernels, so count one step run eagerly:
+    # the same matmuls, recomputation included (the checkpointing is the run's own).
+    with torch.compiler.set_stance("force_eager"):
+        out = step_profile.count_flops(trainer.optimizer_step)
     out["mfu"] = step_profile.mfu(out["flops_per_step"], s_per_step, device.type, name)
     trace = str(args.trace) if args.trace else None
+    compiled = any(getattr(b, "_compiled_call_impl", None) is not None for b in model.transformer.transformer_blocks)
     out["trace"] = step_profile.profile_steps(
-        trainer.optimizer_step, model.transformer, model.network, trainer.optimizer, device, args.profile_steps, trace
+        trainer.optimizer_step,
+        model.transformer,
+        model.network,
+        trainer.optimizer,
+        device,
+        args.profile_steps,
+        trace,
+        regions=not compiled,  # ranges inside compiled blocks would change what dynamo compiled
     )
     return out
 
@@ -307,14 +345,15 @@ def run_compiled(config: TrainConfig, args: argparse.Namespace, device: torch.de
     joint, pooled = (transformer_config(args.preset)[k] for k in ("joint_attention_dim", "pooled_projection_dim"))
     out: dict[str, Any] = {"what": "production step, every transformer block compiled (nn.Module.compile)"}
     for mode in ("eager", "compiled"):
-        model = build_model(config, args.preset, device, quantized=True)
+        setting = {"transformer_compile": "off" if mode == "eager" else "on"}
+        model = build_model(config.model_copy(update=setting), args.preset, device, quantized=True)
         data = CachedShapes(config.train_batch_size, args.resolution // 8, joint, pooled)
         with tempfile.TemporaryDirectory() as scratch:
             trainer = make_trainer(config, model, data, device, Path(scratch))
             if mode == "eager":
                 out["eager_first_step"] = [float(t) for t in trainer.optimizer_step()[:2]]  # loss, grad norm
             else:
-                out["blocks"] = step_profile.compile_blocks(model.transformer)
+                out["blocks"] = len(model.transformer.transformer_blocks)
                 out.update(step_profile.try_compiled(trainer.optimizer_step, clock.sync, args.steps))
             del trainer
         del model
@@ -429,19 +468,29 @@ def table(results: dict[str, Any]) -> str:
     mem_key = "peak_allocated_gib" if results["device_type"] == "cuda" else "peak_rss_gib"
     mem_head = "peak GPU mem (GiB, allocated)" if results["device_type"] == "cuda" else "peak RSS (GiB, process)"
     lines = [
-        f"| config | batch | s/step (median of {results['steps']}) | {mem_head} | forward | backward | "
-        "optimizer | EMA update (s, every 25 steps) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| config | batch | LoKr path, compiled, checkpointed blocks | s/step (median of {results['steps']}) | "
+        f"first step (s) | MFU (as run) | launches/step | {mem_head} | forward | backward | optimizer | "
+        "EMA update (s, every 25 steps) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in sorted(results["configs"].items()):
+        path = "+".join(r.get("lokr_forward", {})) or "?"
+        how = f"{path}, {'yes' if r.get('compiled') else 'no'}, {r.get('checkpointed_blocks')}"
         if "error" in r:
-            lines.append(f"| ({key}) {r['label']} | {r['batch']} | {r['error']} | {r.get(mem_key, float('nan')):.2f} | | | | |")
+            lines.append(
+                f"| ({key}) {r['label']} | {r['batch']} | {how} | {r['error']} | | | | "
+                f"{r.get(mem_key, float('nan')):.2f} | | | | |"
+            )
             continue
         share = r["phase_share"]
         ema = "-" if r["ema_update_s"] is None else f"{r['ema_update_s']:.4f}"
+        profile = r.get("profile") or {}
+        mfu = profile.get("mfu", {}).get("mfu", "-")
+        launches = profile.get("trace", {}).get("launches_per_step")
         lines.append(
-            f"| ({key}) {r['label']} | {r['batch']} | {r['s_per_step']:.3f} | {r[mem_key]:.2f} | "
-            f"{share['forward']:.0%} | {share['backward']:.0%} | {share['optimizer']:.0%} | {ema} |"
+            f"| ({key}) {r['label']} | {r['batch']} | {how} | {r['s_per_step']:.3f} | {r['first_step_s']:.1f} | "
+            f"{mfu if isinstance(mfu, str) else f'{mfu:.3f}'} | {'-' if launches is None else f'{launches:.0f}'} | "
+            f"{r[mem_key]:.2f} | {share['forward']:.0%} | {share['backward']:.0%} | {share['optimizer']:.0%} | {ema} |"
         )
     adapter = results.get("adapter")
     if adapter:
@@ -485,9 +534,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--render-repeats", type=int, default=2)
     p.add_argument("--guidance", type=float, default=6.0)
     p.add_argument("--config", type=Path, default=REPO / "configs/sd3/config.json", help="the recipe")
+    # The step as relay train runs it by default (each key's auto); `--lokr-forward bypass --transformer-compile
+    # off --checkpoint-blocks all` is the step before the LoKr fast path (bench/RESULTS.md's "before").
+    p.add_argument("--lokr-forward", choices=["auto", "materialized", "bypass"], help="lokr_forward (default: the config's)")
+    p.add_argument("--transformer-compile", choices=["auto", "on", "off"], help="transformer_compile (default: the config's)")
+    p.add_argument("--checkpoint-blocks", help="gradient_checkpointing_blocks: auto, all, or a count (default: the config's)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument(
-        "--profile", action="store_true", help="per config: FLOPs (FlopCounterMode), TFLOP/s, MFU and a torch.profiler summary"
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="per config: FLOPs (FlopCounterMode), TFLOP/s, MFU, launches per step and a torch.profiler summary "
+        "(default: on with CUDA, off on the CPU)",
     )
     p.add_argument("--profile-steps", type=int, default=2, help="steps under torch.profiler (--profile)")
     p.add_argument("--trace", type=Path, help="with --profile: also write the Chrome trace of the last config here")
@@ -511,6 +569,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if args.profile is None:
+        args.profile = args.device.startswith("cuda")
+    if args.checkpoint_blocks not in (None, "auto", "all") and not args.checkpoint_blocks.isdigit():
+        p.error("--checkpoint-blocks: auto, all, or a count of blocks")
     unknown = [c for c in args.configs if c not in VARIANTS]
     if unknown or args.resolution % 16:
         p.error(
@@ -533,7 +595,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device visible (use --device cpu --preset tiny for the CPU check)")
     clock = Clock(device)
-    config = load_config(args.config, {"train_batch_size": args.batch, "resume_from_checkpoint": "none"})
+    overrides: dict[str, Any] = {"train_batch_size": args.batch, "resume_from_checkpoint": "none"}
+    if args.lokr_forward:
+        overrides["lokr_forward"] = args.lokr_forward
+    if args.transformer_compile:
+        overrides["transformer_compile"] = args.transformer_compile
+    if args.checkpoint_blocks:
+        blocks = args.checkpoint_blocks
+        overrides["gradient_checkpointing_blocks"] = (
+            transformer_config(args.preset)["num_layers"] if blocks == "all" else blocks if blocks == "auto" else int(blocks)
+        )
+    config = load_config(args.config, overrides)
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python bench/gpu_step.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -544,6 +616,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "resolution": args.resolution,
         "steps": args.steps,
         "warmup": args.warmup,
+        "lokr_forward": config.lokr_forward,
+        "transformer_compile": config.transformer_compile,
+        "gradient_checkpointing_blocks": config.gradient_checkpointing_blocks,
         "configs": {},
     }
     # Two builds: the int8 base serves a, c, d and the render; the bf16 base serves b.

@@ -6,10 +6,11 @@ parts of bench/gpu_step.py, kept apart so that file stays a readable timing scri
   median s/step; MFU = that / the device's dense bf16 peak (PEAK_BF16_TFLOPS), "n/a" with the reason
   where the device has no entry (the CPU, an unknown GPU).
 - Trace: `torch.profiler` over `--profile-steps` steps. The bench (never the training step) wraps regions
-  in `record_function` ranges through module hooks and instance-attribute wrappers: `relay::lokr_bypass`
-  (LyCORIS's bypass_forward_diff), `relay::quanto_linear` (a quanto QLinear's call: dequantize + matmul;
-  its LoKr bypass is a nested range and wins), `relay::attention` (diffusers' Attention minus its
-  projections and q/k norms, i.e. the SDPA core, reshapes and concatenation), `relay::norms` (every
+  in `record_function` ranges through module hooks and instance-attribute wrappers: `relay::lokr` (the LoKr
+  adapter's share of a wrapped linear, on either lokr_forward path), `relay::quanto_linear` (a quanto QLinear's
+  call: dequantize + matmul; a LoKr-wrapped one's base call is a nested range inside the adapter's),
+  `relay::attention` (diffusers' Attention minus its projections and q/k norms, i.e. the SDPA core, reshapes
+  and concatenation), `relay::norms` (every
   *Norm* module: LayerNorm, RMSNorm, the adaLN-Zero modulation incl. its full-precision linear) and
   `relay::optimizer` (the torch optimizer's step). Each op's self time goes to its innermost range; a
   backward op goes to the range of the forward op that made its autograd node (matched by sequence
@@ -49,7 +50,7 @@ PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
     (("A10",), 125.0),
 )
 
-REGIONS = ("lokr_bypass", "quanto_linear", "attention", "norms", "optimizer")
+REGIONS = ("lokr", "quanto_linear", "attention", "norms", "optimizer")
 TOP_N = 25
 
 
@@ -181,8 +182,12 @@ def region_ranges(transformer: torch.nn.Module, network: torch.nn.Module, optimi
         elif "Norm" in type(module).__name__:
             hooks(module, "norms")
     for module in network.modules():
-        if hasattr(module, "bypass_forward_diff"):
-            wrap(module, "bypass_forward_diff", "lokr_bypass")
+        target = getattr(module, "org_module", [None])[0]
+        if hasattr(module, "bypass_forward_diff") and target is not None:
+            # the whole wrapped linear is the adapter's, minus its base call inside (innermost range wins):
+            # LyCORIS's bypass chain, or the materialised kron + GEMM + add (relay_train/lokr.py)
+            wrap(target, "forward", "lokr")
+            wrap(module, "org_forward", "quanto_linear")
     wrap(optimizer, "step", "optimizer")
     try:
         yield
@@ -290,11 +295,14 @@ def profile_steps(
     device: torch.device,
     steps: int,
     trace_path: str | None = None,
+    regions: bool = True,
 ) -> dict[str, Any]:
+    """Profile `steps` steps; `regions` False leaves the model unmarked (compiled blocks): all time is "other"."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with region_ranges(transformer, network, optimizer), profile(activities=activities) as prof:
+    ranges = region_ranges(transformer, network, optimizer) if regions else contextlib.nullcontext()
+    with ranges, profile(activities=activities) as prof:
         for _ in range(steps):
             run_step()
         if device.type == "cuda":
@@ -411,14 +419,6 @@ def format_profile(p: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- regional torch.compile
-
-
-def compile_blocks(transformer: torch.nn.Module) -> int:
-    """Regional compile: each transformer block in place (nn.Module.compile keeps the state-dict keys)."""
-    blocks = list(transformer.transformer_blocks)
-    for block in blocks:
-        block.compile()
-    return len(blocks)
 
 
 def try_compiled(run_step: Callable[[], Any], sync: Callable[[], None], steps: int) -> dict[str, Any]:

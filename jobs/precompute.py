@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from relay_train.config import TrainConfig, load_config
 from relay_train.data.plan import plan_dataset
 from relay_train.model import resolve_model_path
 from relay_train.data.encode import LatentEncoder, LogProgress, TextEncoder, latent_items, text_items
+from relay_train.failures import known_failure
 from relay_train.logs import configure_logging
 
 log = logging.getLogger("relay.precompute")
@@ -86,4 +88,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
 
 if __name__ == "__main__":
     configure_logging()
-    main()
+    try:
+        main()
+    except Exception as exc:
+        known = known_failure(exc)  # the one map from a failure to its exit code (relay_train/failures.py)
+        if known is None:
+            raise
+        log.error("%s", known.message)
+        sys.exit(known.code)

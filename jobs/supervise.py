@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir: relay_train, orchestrator
 
-from orchestrator import supervise  # noqa: E402
+from orchestrator.ops import supervise  # noqa: E402
 from relay_train.logs import configure_logging
 
 

@@ -4,8 +4,7 @@
         --cluster configs/sd3/cluster.json
 
 Joins the cluster the job was submitted to, then runs (or resumes, by run name) the training job.
-Exit codes: 0 completed, 1 failed (a resubmission may help), 2 configuration, storage or resource error,
-130/143 stopped by SIGINT/SIGTERM after a committed checkpoint.
+Exit codes: relay_train/exit_codes.py (COMMANDS["jobs/train.py"]), the same as `relay launch`.
 """
 
 from __future__ import annotations
@@ -17,10 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir: relay_train, orchestrator
 
-from orchestrator.launch import run_job
+from orchestrator.run.launch import run_job
 from relay_train.cli import configure_logging
 from relay_train.config import ConfigError
 from relay_train.config.overrides import add_set_flag, flag_pairs
+from relay_train.exit_codes import Exit
 
 
 def main() -> int:
@@ -36,7 +36,7 @@ def main() -> int:
         sets = [*args.set, *flag_pairs(flags)]
     except ConfigError as exc:
         logging.getLogger("relay").error("invalid config:\n%s", exc)
-        return 2
+        return Exit.CONFIG
     return run_job(args.config, args.cluster, sets, args.cluster_set, verbose=args.verbose)
 
 

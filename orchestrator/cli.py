@@ -9,6 +9,7 @@ from pathlib import Path
 
 from relay_train import cli as base
 from relay_train.config.overrides import add_set_flag, flag_pairs, parse_overrides
+from relay_train.exit_codes import Exit
 
 log = logging.getLogger("relay")
 DEMO = Path("configs/demo")
@@ -16,37 +17,25 @@ DEMO = Path("configs/demo")
 
 def cmd_launch(args: argparse.Namespace) -> int:
     """Start a local Ray cluster (or join RAY_ADDRESS's) and run the job on it; exit codes as run_job's."""
-    from orchestrator.launch import run_job
+    from orchestrator.run.launch import run_job
 
     sets = [*args.set, *flag_pairs(args.config_flags)]  # config keys as flags too (--key=value)
     return run_job(args.config, args.cluster, sets, args.cluster_set, verbose=args.verbose)
 
 
-DEMO_ACTORS = 3  # the demo's 2 training workers and its validation actor
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """The README's demo: tiny model + images where missing, then `launch` on configs/demo (local Ray,
-    2 workers, validation on), sized to this machine."""
+    2 workers, validation on); launch shares this machine's CPUs among them (resources.fit_cpus)."""
     from relay_train.demo.data import make_demo_dataset
     from relay_train.demo.tiny_model import make_pipeline
-
-    from orchestrator.resources import local_cpus
-    from orchestrator.policy import share_cpus
 
     if not Path("demo/tiny-sd3/model_index.json").is_file():
         make_pipeline("demo/tiny-sd3")
     if not any(Path("demo/data").glob("*.txt")):
         make_demo_dataset("demo/data")
-    chosen = {pair.partition("=")[0] for pair in args.cluster_set}
-    cpus = local_cpus()
-    share = share_cpus(cpus, DEMO_ACTORS)
-    if share < 1:
-        log.info("this machine has %g CPU(s): the demo's 2 workers and validation actor take %g CPU each", cpus, share)
-    args.cluster_set = [*(f"{k}={share}" for k in ("cpus_per_worker", "validation_cpus") if k not in chosen), *args.cluster_set]
     args.config, args.cluster = DEMO / "config.json", DEMO / "cluster.json"
     code = cmd_launch(args)
-    if code == 0:
+    if code == Exit.OK:
         print(DEMO_OUTPUTS, file=sys.stderr)
     return code
 
@@ -69,45 +58,61 @@ def cmd_validate(args: argparse.Namespace) -> int:
     result, out = validate_offline(config, args.checkpoint, args.out)
     scores = "".join(f"; {v} CLIP mean {s['mean']:.2f}" for v, s in result.scores().items())
     log.info("validated step %d: %d image(s) in %s%s", result.step, len(result.images), out, scores)
-    return 0
+    return Exit.OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """0: shown; 1: no such run there; 2: the storage cannot be read (bucket, credentials, endpoint)."""
-    from orchestrator.status import RunNotFound, status
+    """OK: shown; NO_SUCH_RUN: no such run there; CONFIG: the storage cannot be read (bucket, credentials, endpoint),
+    or RUN is not a plain run name."""
+    from relay_train.config.names import path_part_problem
 
+    from orchestrator.ops.status import RunNotFound, status
+
+    if problem := path_part_problem(args.run):  # a name, never a path: status reads only inside --storage
+        log.error("run name %r %s", args.run, problem)
+        return Exit.CONFIG
     try:
         print(status(args.run, args.storage, args.endpoint, as_json=args.json, hub=not args.no_hub))
     except RunNotFound as exc:
         log.error("%s", exc)
-        return 1
+        return Exit.NO_SUCH_RUN
     except OSError as exc:
         log.error("cannot read %s: %s", args.storage, str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
-        return 2
-    return 0
+        return Exit.CONFIG
+    return Exit.OK
 
 
 def cmd_spot_agent(args: argparse.Namespace) -> int:
     from ray._private.services import canonicalize_bootstrap_address_or_die
 
-    from orchestrator import spot
+    from orchestrator.ops import spot
 
-    source = spot.detect_cloud(args.aws_endpoint, args.gcp_endpoint, args.cloud)
-    if source is None:
-        log.error(
-            "spot agent: no cloud metadata service answered (AWS %s, GCP %s); not a spot instance?",
-            args.aws_endpoint,
-            args.gcp_endpoint,
-        )
-        return 1
-    gcs = canonicalize_bootstrap_address_or_die(args.ray_address)
-    node_id = args.node_id or spot.local_node_id(gcs)
-    notice = spot.run_agent(source, gcs, node_id, interval=args.interval)
-    return 0 if notice else 1
+    sigterm = spot.watch_sigterm()  # first: an eviction during start-up still drains
+    try:
+        gcs = canonicalize_bootstrap_address_or_die(args.ray_address)
+        node_id = args.node_id or spot.local_node_id(gcs)
+        if args.drain_now:  # a preStop hook: the pod is going now, with --sigterm-grace seconds left
+            notice = spot.Notice.sigterm(args.sigterm_grace)
+            spot.drain_node(gcs, node_id, notice)
+            released = spot.hold_until_released(gcs, node_id, notice.deadline - 5)
+            log.warning("spot agent: node %s drained; %s", node_id[:12], "its workers left" if released else "deadline reached")
+            return Exit.OK
+        source = spot.detect_cloud(args.aws_endpoint, args.gcp_endpoint, args.cloud, rebalance=args.rebalance == "drain")
+        if source is None:
+            log.warning(
+                "spot agent: no cloud metadata service answered (AWS %s, GCP %s); draining on SIGTERM only",
+                args.aws_endpoint,
+                args.gcp_endpoint,
+            )
+        notice = spot.run_agent(source, gcs, node_id, interval=args.interval, sigterm=sigterm, sigterm_grace=args.sigterm_grace)
+    except (RuntimeError, ConnectionError, ValueError) as exc:  # one line for the operator, not a traceback
+        log.error("spot agent: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return Exit.FAILED
+    return Exit.OK if notice else Exit.FAILED
 
 
 def cmd_supervise(args: argparse.Namespace) -> int:
-    from orchestrator import supervise
+    from orchestrator.ops import supervise
 
     return supervise.run(args)
 
@@ -119,7 +124,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--endpoint", help="S3-compatible endpoint URL")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--no-hub", action="store_true", help="do not ask the Hub for its checkpoints")
-    status.set_defaults(func=cmd_status)
+    status.set_defaults(func=cmd_status, light=True)
 
     agent = sub.add_parser("spot-agent", help="watch this node's spot notice and drain it from Ray on one")
     agent.add_argument("--interval", type=float, default=5.0, help="seconds between metadata polls")
@@ -128,9 +133,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     agent.add_argument("--gcp-endpoint", default="http://metadata.google.internal", help="GCE metadata base URL")
     agent.add_argument("--ray-address", default="auto", help="the cluster's GCS address")
     agent.add_argument("--node-id", help="the Ray node to drain (default: the one on this machine)")
-    agent.set_defaults(func=cmd_spot_agent)
+    agent.add_argument(
+        "--sigterm-grace",
+        type=float,
+        default=25.0,
+        help="seconds between a SIGTERM and the kill (the pod's terminationGracePeriodSeconds, less a margin)",
+    )
+    agent.add_argument(
+        "--rebalance", choices=["drain", "ignore"], default="drain", help="AWS rebalance recommendation: drain now or ignore"
+    )
+    agent.add_argument(
+        "--drain-now",
+        action="store_true",
+        help="drain at once with --sigterm-grace seconds left and wait for the workers to leave (a preStop hook)",
+    )
+    agent.set_defaults(func=cmd_spot_agent, light=True)
 
-    from orchestrator.supervise import add_arguments
+    from orchestrator.ops.supervise import add_arguments
 
     supervise = sub.add_parser("supervise", help="submit the job and resubmit it when it fails or the head is replaced")
     add_arguments(supervise)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import json
+import struct
 import logging
 import os
 import random
@@ -22,19 +24,36 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol, Self
+from typing import IO, TYPE_CHECKING, Protocol, Self
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
+
+from relay_train import json_text
+from relay_train.safe_write import clean_temp, make_dir, open_new, remove_tree, write_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and safetensors are imported where tensors are read or written: `relay status` reads this
+# module's names (the manifest, the retention rule) and should not pay seconds for torch
+
+from relay_train.artifacts import (  # the names, defined once (ckpt.MANIFEST etc. still read)
+    ADAPTER,
+    ADAPTER_EMA,
+    CONFIG,
+    MANIFEST,
+    OPTIMIZER,
+    RNG,
+    SCHEDULER,
+    TRAINING_STATE,
+    checkpoint_name,
+    is_committed,
+    step_of,
+)
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-ADAPTER, ADAPTER_EMA = "adapter.safetensors", "adapter_ema.safetensors"
-OPTIMIZER, SCHEDULER, RNG = "optimizer.pt", "scheduler.pt", "rng_state.pt"
-TRAINING_STATE, CONFIG = "training_state.json", "config.json"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+
 REQUIRED = (ADAPTER, OPTIMIZER, SCHEDULER, RNG, TRAINING_STATE, CONFIG)  # ADAPTER_EMA only with use_ema
 MANIFEST_FORMAT = 1
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -42,6 +61,11 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is incomplete, corrupt, or does not belong to this run."""
+
+
+class CheckpointUnloadableError(CheckpointError):
+    """A checkpoint whose files match their hashes, yet do not load (or do not fit the model): an older
+    usable checkpoint is resumed instead, as for any other defect."""
 
 
 class CheckpointWriteError(RuntimeError):
@@ -67,6 +91,8 @@ class CheckpointPayload:
 
 def capture_rng(generator: torch.Generator) -> dict:
     """Every RNG a step may touch: ours (the step's generator) and the global torch/numpy/python/CUDA ones."""
+    import torch
+
     np_state = np.random.get_state()
     return {
         "generator": generator.get_state(),
@@ -78,6 +104,8 @@ def capture_rng(generator: torch.Generator) -> dict:
 
 
 def restore_rng(state: dict, generator: torch.Generator) -> None:
+    import torch
+
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
@@ -96,6 +124,21 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file whose bytes depend only on the tensors and the metadata: the library writes its
+    JSON header from a hash map (the metadata's order changes from one process to the next), so the header
+    is rewritten with sorted keys, padded to 8 bytes as the format asks. Two identical runs export
+    byte-identical adapters."""
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + length :]
+
+
 def save_adapters(
     adapter: dict[str, torch.Tensor],
     ema: dict[str, torch.Tensor] | None,
@@ -105,30 +148,40 @@ def save_adapters(
     dtype: torch.dtype | None = None,
 ) -> list[Path]:
     """The adapter (and its EMA twin, when kept) as LyCORIS-named safetensors; used by checkpoints (as they
-    are: fp32, so a resume is exact) and by export (dtype bf16 where SimpleTuner writes bf16)."""
+    are: fp32, so a resume is exact) and by export (dtype bf16 where SimpleTuner writes bf16). Each file is
+    written atomically (a killed export leaves only a temp file, removed at the next start)."""
 
     def cast(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return tensors if dtype is None else {k: v.to(dtype).contiguous() for k, v in tensors.items()}
 
-    save_file(cast(adapter), str(path), metadata=metadata)
+    write_atomic(path, safetensors_bytes(cast(adapter), metadata))
     if ema is None:
         return [path]
-    save_file(cast(ema), str(ema_path), metadata={**metadata, "ema": "true"})
+    write_atomic(ema_path, safetensors_bytes(cast(ema), {**metadata, "ema": "true"}))
     return [path, ema_path]
 
 
+def _torch_bytes(obj: object) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def write_checkpoint(folder: Path, payload: CheckpointPayload) -> None:
-    """Write every file, then the manifest of their sizes and hashes, last."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write every file, then the manifest of their sizes and hashes, last. Nothing is written through a
+    link (relay_train/safe_write.py)."""
+    make_dir(folder)
     save_adapters(payload.adapter, payload.ema, payload.adapter_metadata, folder / ADAPTER, folder / ADAPTER_EMA)
-    torch.save(payload.optimizer, folder / OPTIMIZER)
-    torch.save(payload.scheduler, folder / SCHEDULER)
-    torch.save(payload.rng, folder / RNG)
-    (folder / TRAINING_STATE).write_text(json.dumps(payload.training_state, indent=2, sort_keys=True))
-    (folder / CONFIG).write_text(payload.config_json)
+    write_atomic(folder / OPTIMIZER, _torch_bytes(payload.optimizer))
+    write_atomic(folder / SCHEDULER, _torch_bytes(payload.scheduler))
+    write_atomic(folder / RNG, _torch_bytes(payload.rng))
+    write_atomic(folder / TRAINING_STATE, json.dumps(payload.training_state, indent=2, sort_keys=True).encode())
+    write_atomic(folder / CONFIG, payload.config_json.encode())
     files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(folder.iterdir()) if p.name != MANIFEST}
     manifest = {"format": MANIFEST_FORMAT, "step": payload.step, "files": files}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
     # Durability: the data and the folder's entries reach the disk before the caller renames the folder,
     # so a power loss cannot leave a renamed checkpoint whose files are empty. One fsync per file
     # (8 files, every checkpointing_steps): milliseconds on a local SSD.
@@ -158,8 +211,8 @@ def manifest_problems(manifest: object, folder_name: str | None = None) -> list[
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         problems.append(f"step {step!r}: expected a whole number >= 0")
     else:
-        named = _NAME.match(folder_name or "")
-        if named and int(named.group(1)) != step:
+        named = step_of(folder_name or "")
+        if named is not None and named != step:
             problems.append(f"step {step} disagrees with the folder's name {folder_name!r}")
     files = manifest.get("files")
     if not isinstance(files, dict):
@@ -189,7 +242,7 @@ def verify_checkpoint(folder: Path, check_hashes: bool = True) -> dict:
     if not manifest_path.is_file():
         raise CheckpointError(f"{folder}: no {MANIFEST} (the write never finished)")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json_text.loads(manifest_path.read_text())
     except (ValueError, OSError) as exc:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{folder}: unreadable {MANIFEST}: {exc}") from exc
     problems = manifest_problems(manifest, folder.name)
@@ -210,13 +263,15 @@ def read_checkpoint(folder: Path) -> CheckpointPayload:
     """Verify, then load. A file that matches its hash yet does not parse (or a training state that
     names another step) is a CheckpointError naming the file, never a raw loader error."""
     manifest = verify_checkpoint(folder)
+    import torch
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     def load(name: str, reader):
         try:
             return reader(folder / name)
         except Exception as exc:  # any loader failure means this file is unusable
-            raise CheckpointError(f"{folder}: {name} does not load: {type(exc).__name__}: {str(exc)[:200]}") from exc
+            raise CheckpointUnloadableError(f"{folder}: {name} does not load: {type(exc).__name__}: {str(exc)[:200]}") from exc
 
     def adapter_metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as fh:
@@ -225,10 +280,10 @@ def read_checkpoint(folder: Path) -> CheckpointPayload:
     def tensors(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
-    training_state = load(TRAINING_STATE, lambda p: json.loads(p.read_text()))
+    training_state = load(TRAINING_STATE, lambda p: json_text.loads(p.read_text()))
     if not isinstance(training_state, dict) or training_state.get("step") != manifest["step"]:
         got = training_state.get("step") if isinstance(training_state, dict) else training_state
-        raise CheckpointError(f"{folder}: {TRAINING_STATE} says step {got!r}, the manifest step {manifest['step']}")
+        raise CheckpointUnloadableError(f"{folder}: {TRAINING_STATE} says step {got!r}, the manifest step {manifest['step']}")
     return CheckpointPayload(
         step=manifest["step"],
         adapter=load(ADAPTER, lambda p: load_file(str(p))),
@@ -243,17 +298,19 @@ def read_checkpoint(folder: Path) -> CheckpointPayload:
 
 
 def checkpoint_step(folder: Path) -> int | None:
-    match = _NAME.match(folder.name)
-    return int(match.group(1)) if match else None
+    return step_of(folder.name)
 
 
 DEFAULT_KEEP = 5  # SimpleTuner's checkpoints_total_limit default, and the mission's "newest 5"
 
 
-def keep_count(limit: int | None) -> int:
+def keep_count(limit: int | None) -> int | None:
     """How many checkpoints every store keeps (output_dir, storage_path through Ray, the Hub): the config's
-    checkpoints_total_limit, else DEFAULT_KEEP. The one retention number; every store asks here."""
-    return limit if limit and limit > 0 else DEFAULT_KEEP
+    checkpoints_total_limit; None (the config's null) keeps all, as the key's documentation says. The one
+    retention number; every store asks here."""
+    if limit is None:
+        return None
+    return limit if limit > 0 else DEFAULT_KEEP
 
 
 def keep_newest(steps: list[int], keep: int | None) -> tuple[list[int], list[int]]:
@@ -281,23 +338,23 @@ class LocalCheckpointStore:
         self.root, self.keep = Path(root), keep
 
     def save(self, payload: CheckpointPayload) -> Path:
-        final = self.root / f"checkpoint-{payload.step}"
-        partial = self.root / f"checkpoint-{payload.step}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
+        final = self.root / checkpoint_name(payload.step)
+        partial = self.root / f"{final.name}.partial"
+        remove_tree(partial)  # a stale one (or a link at its name: removed, never followed)
         try:
             write_checkpoint(partial, payload)
         except BaseException as exc:  # a full disk, or an interrupt: never leave a half-written folder
             free = _free_bytes(self.root)
-            shutil.rmtree(partial, ignore_errors=True)
-            if isinstance(exc, Exception) and (_is_disk_full(exc) or free < _MIN_FREE):
+            remove_tree(partial)
+            if isinstance(exc, Exception) and (is_disk_full(exc) or free < _MIN_FREE):
                 raise CheckpointWriteError(
                     f"no space left to write {partial.name} in {self.root} ({_human(free)} free when it failed); "
                     "the partial folder was removed and the earlier checkpoints are intact: free some space, then "
                     "run the same command to resume"
                 ) from exc
             raise
-        if final.exists():  # the same step saved again (an emergency save right after a scheduled one)
-            shutil.rmtree(final)
+        if final.exists() or final.is_symlink():  # the same step saved again (an emergency save right after a scheduled one)
+            remove_tree(final)
         partial.rename(final)  # atomic on one filesystem: readers see all of it or none
         fsync_path(self.root)  # the rename itself is durable
         self.prune()
@@ -305,7 +362,11 @@ class LocalCheckpointStore:
 
     def checkpoints(self) -> list[Path]:
         """Complete-looking checkpoint folders (manifest present), newest first; hashes are checked on load."""
-        found = [p for p in self.root.glob("checkpoint-*") if checkpoint_step(p) is not None and (p / MANIFEST).is_file()]
+        found = [
+            p
+            for p in self.root.glob("checkpoint-*")
+            if checkpoint_step(p) is not None and is_committed(lambda rel: (self.root / rel).is_file(), p.name)
+        ]
         return sorted(found, key=checkpoint_step, reverse=True)
 
     def scan(self) -> list[tuple[Path, str | None]]:
@@ -339,9 +400,9 @@ class LocalCheckpointStore:
         by_step = {checkpoint_step(p): p for p in self.checkpoints()}
         _, pruned = keep_newest(list(by_step), self.keep)
         for step in pruned:
-            shutil.rmtree(by_step[step], ignore_errors=True)
+            remove_tree(by_step[step])
         for stale in self.root.glob("checkpoint-*.partial"):
-            shutil.rmtree(stale, ignore_errors=True)  # left by a crash mid-write; never loadable
+            remove_tree(stale)  # left by a crash mid-write; never loadable
         return [by_step[s] for s in pruned]
 
 
@@ -355,7 +416,7 @@ def _free_bytes(path: Path) -> int:
         return 1 << 62
 
 
-def _is_disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException) -> bool:
     """ENOSPC/EDQUOT anywhere in the chain, or the loaders' own words for it (torch's zip writer says only
     "file write failed"; safetensors says StorageFull)."""
     seen = 0
@@ -392,8 +453,9 @@ class RunLock:
     def acquire(self) -> Self:
         if self.folder.exists() and not self.folder.is_dir():
             raise RunLockedError(f"output_dir {self.folder} is a file, not a folder: point output_dir at a folder")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")  # noqa: SIM115 (held for the run) never truncate before holding the lock: the holder's details live there
+        make_dir(self.folder)
+        # Never truncate before holding the lock (the holder's details live there); never through a link.
+        fh = open_new(self.path, "r+", truncate=False)
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -401,11 +463,13 @@ class RunLock:
             holder = fh.read().strip() or "another process"
             fh.close()
             raise RunLockedError(
-                f"output_dir {self.folder} is in use by another `relay train` ({holder}); "
+                f"output_dir {self.folder} is in use by another run ({holder}); "
                 "wait for it to finish, stop it, or choose another output_dir"
             ) from None
         fh.seek(0)
         fh.truncate()
+        for stale in clean_temp(self.folder):  # the holder alone: what a killed export left
+            log.info("removed %s, left by a write that was killed", stale)
         fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         fh.flush()
         self._fh = fh

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from collections.abc import Callable
 
+from relay_train.exit_codes import Exit, by_signal
 from relay_train.logs import configure_logging
 from relay_train.config.overrides import add_set_flag, config_overrides, parse_overrides
 
@@ -18,10 +19,6 @@ log = logging.getLogger("relay")
 
 CONFIG_FLAG_COMMANDS = ("train", "launch", "demo")
 """Subcommands that also take config keys as SimpleTuner-style flags (--key=value, --key value)."""
-
-
-# `relay train`'s exit codes (README, "Commands"). 1 is left to Python: an unexpected error, with its traceback.
-EXIT_OK, EXIT_USAGE, EXIT_NONFINITE, EXIT_LOCKED, EXIT_DISK_FULL, EXIT_INTERRUPTED = 0, 2, 3, 4, 5, 130
 
 
 class StopOnSignal:
@@ -62,7 +59,9 @@ class StopOnSignal:
 def cmd_train(args: argparse.Namespace) -> int:
     from relay_train.checkpoint import RunLock
     from relay_train.config import load_config
+    from relay_train.config.notes import launch_only_note
     from relay_train.progress import ProgressDisplay
+    from relay_train.threads import size_threads
     from relay_train.trainer import Hooks, build_trainer
 
     config = load_config(args.config, config_overrides(args.set, args.config_flags))
@@ -70,6 +69,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         log.info("config: %s", note)
     for warning in config.pending_features():
         log.warning("config: %s", warning)
+    if note := launch_only_note(config):
+        log.warning("config: %s", note)
+    size_threads(config.cpu_threads, who="relay train")
     stop = StopOnSignal()
     hooks = Hooks(should_stop=stop)
     with RunLock(config.output_dir):  # one run per output_dir, held until this process ends
@@ -88,9 +90,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             result.total_steps,
             result.last_checkpoint,
         )
-        return 128 + stop.signum if stop.signum else EXIT_OK  # the shell's "ended by this signal", as relay launch
+        return by_signal(stop.signum) if stop.signum else Exit.OK  # as relay launch
     log.info("done: %d steps; adapter: %s", result.step, ", ".join(map(str, result.exported)))
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -98,7 +100,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
     path = make_pipeline(args.path, preset=args.preset, seed=args.seed)
     log.info("wrote a random %s SD3 pipeline to %s", args.preset, path)
-    return 0
+    return Exit.OK
 
 
 def cmd_make_demo_data(args: argparse.Namespace) -> int:
@@ -106,7 +108,7 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
 
     path = make_demo_dataset(args.path, count=args.count, seed=args.seed)
     log.info("wrote %d captioned demo images to %s", args.count, path)
-    return 0
+    return Exit.OK
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
@@ -130,7 +132,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         stats.failed,
         plan.problems,
     )
-    return 0
+    return Exit.OK
 
 
 def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = None) -> argparse.ArgumentParser:
@@ -165,43 +167,33 @@ def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = N
 
 
 def main(argv: list[str] | None = None, extend: Callable[[argparse._SubParsersAction], None] | None = None) -> int:
-    from relay_train.checkpoint import (
-        CheckpointError,
-        CheckpointWriteError,
-        RunLockedError,
-    )
-    from relay_train.config import ConfigError
-    from relay_train.model import ModelNotFoundError
-    from relay_train.nonfinite import NonFiniteError
-
     parser = build_parser(extend)
     args, extra = parser.parse_known_args(argv)
+    if getattr(args, "light", False):  # a command that never trains (`relay status`): no torch, no diffusers
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        configure_logging(args.verbose, libraries=False)
+        return args.func(args)  # it maps its own errors to exit codes
+    from relay_train.failures import known_failure
+
     if extra and args.command not in CONFIG_FLAG_COMMANDS:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.config_flags = extra  # config keys as flags: checked with the config, all problems at once
     configure_logging(args.verbose)
     try:
         return args.func(args)
-    except ConfigError as exc:
-        log.error("invalid config:\n%s", exc)
-    except (ModelNotFoundError, CheckpointError, FileNotFoundError, NotImplementedError, ValueError) as exc:
-        log.error("%s", exc, exc_info=args.verbose)
-    except NonFiniteError as exc:
-        log.error("training stopped: %s", exc, exc_info=args.verbose)
-        return EXIT_NONFINITE
-    except RunLockedError as exc:
-        log.error("%s", exc)
-        return EXIT_LOCKED
-    except CheckpointWriteError as exc:
-        log.error("%s", exc, exc_info=args.verbose)
-        return EXIT_DISK_FULL
     except KeyboardInterrupt:
         log.error(
             "interrupted before a checkpoint was complete: nothing was lost beyond the steps since the newest "
             "complete checkpoint, which is kept; run the same command to resume from it"
         )
-        return EXIT_INTERRUPTED
-    return EXIT_USAGE
+        return Exit.SIGINT
+    except Exception as exc:
+        known = known_failure(exc)  # the one map from a failure to its exit code (relay_train/failures.py)
+        if known is None:
+            raise  # a bug: its traceback, exit 1
+        log.error("%s", known.message, exc_info=args.verbose)
+        return known.code
 
 
 if __name__ == "__main__":

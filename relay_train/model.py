@@ -15,6 +15,14 @@ import torch
 import torch.utils.checkpoint
 
 from relay_train.config import LycorisConfig, TrainConfig
+from relay_train.lokr import describe_paths, resolve_lokr_forward, set_lokr_forward
+from relay_train.speed import (
+    FirstBlocksCheckpointing,
+    block_activation_bytes,
+    blocks_to_checkpoint,
+    compile_blocks,
+    compile_enabled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +47,17 @@ class ModelNotFoundError(RuntimeError):
     """The base model is neither a local folder nor reachable on (or cached from) the Hub."""
 
 
+def looks_local(name_or_path: str) -> bool:
+    """Whether the name can only be a local folder (absolute, ./ or ~/, or not Hub's owner/name shape)."""
+    return Path(name_or_path).is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") != 1
+
+
 def resolve_model_path(name_or_path: str) -> Path:
     """A local diffusers folder as is; a Hub id through the Hugging Face cache (downloading when online)."""
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         return local
-    if local.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") != 1:
+    if looks_local(name_or_path):
         raise ModelNotFoundError(f"--pretrained_model_name_or_path: no model folder at {local}")
     from huggingface_hub import snapshot_download
 
@@ -178,7 +191,8 @@ def enable_gradient_checkpointing(transformer: torch.nn.Module, interval: int | 
 
 
 def build_adapter_model(config: TrainConfig, model_path: Path, device: torch.device, seed: int) -> AdapterModel:
-    """Load → (quantize on CPU first when quantize_via=cpu) → freeze → device → LoKr → grad checkpointing."""
+    """Load → (quantize on CPU first when quantize_via=cpu) → freeze → device → LoKr (its forward path) →
+    gradient checkpointing → regional compile."""
     dtype = compute_dtype(config, device)
     transformer = load_transformer(model_path, dtype)
     if config.quantize_via == "cpu":
@@ -188,17 +202,66 @@ def build_adapter_model(config: TrainConfig, model_path: Path, device: torch.dev
         transformer.to(device)
         quantize_base(transformer, config.base_model_precision)
     transformer.requires_grad_(False)  # after quantizing: quanto's new weight Parameters default to trainable
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(
-            transformer, config.gradient_checkpointing_interval, config.gradient_checkpointing_segment_stride
-        )
     torch.manual_seed(seed)  # the adapter's initial weights are part of the run's determinism
     network = attach_lokr(transformer, config.lycoris).to(device)
     network.requires_grad_(True)
+    choose_lokr_forward(network, config.lokr_forward, device)
     if config.init_lora is not None:
         load_adapter_weights(network, config.init_lora)
+    if config.gradient_checkpointing:  # after the model and adapter are on the device: free memory decides
+        configure_checkpointing(transformer, config, device)
+    if compile_enabled(config.transformer_compile, device.type):
+        compile_blocks(transformer)
     transformer.train()
     return AdapterModel(transformer=transformer, network=network)
+
+
+def choose_lokr_forward(network: torch.nn.Module, choice: str, device: torch.device) -> None:
+    """Set the LoKr modules' forward path (relay_train/lokr.py) and say once which one they run."""
+    paths = set_lokr_forward(network, resolve_lokr_forward(choice, device.type))
+    log.info(describe_paths(paths, choice, device.type))
+
+
+def checkpointed_blocks(config: TrainConfig, transformer: torch.nn.Module, device: torch.device) -> int:
+    """gradient_checkpointing_blocks: a pinned count, or auto: every block on the CPU, and on CUDA as few as
+    the free memory allows (relay_train/speed.py)."""
+    blocks = len(transformer.transformer_blocks)
+    if config.gradient_checkpointing_blocks != "auto":
+        return min(int(config.gradient_checkpointing_blocks), blocks)
+    if device.type != "cuda":
+        return blocks
+    free, _ = torch.cuda.mem_get_info(device)
+    tcfg = transformer.config
+    per_block = block_activation_bytes(
+        config.train_batch_size,
+        config.resolution,
+        tcfg.num_attention_heads * tcfg.attention_head_dim,
+        compute_dtype(config, device).itemsize,
+    )
+    count = blocks_to_checkpoint(free, per_block, blocks)
+    log.info(
+        "gradient checkpointing: %d of %d blocks (%.1f GiB free, about %.2f GiB per block kept; "
+        "pin it with gradient_checkpointing_blocks)",
+        count,
+        blocks,
+        free / 2**30,
+        per_block / 2**30,
+    )
+    return count
+
+
+def configure_checkpointing(transformer: torch.nn.Module, config: TrainConfig, device: torch.device) -> None:
+    """SimpleTuner's segments when gradient_checkpointing_interval > 1; else per block, the first N of them."""
+    if (config.gradient_checkpointing_interval or 1) > 1:
+        enable_gradient_checkpointing(
+            transformer, config.gradient_checkpointing_interval, config.gradient_checkpointing_segment_stride
+        )
+        return
+    count = checkpointed_blocks(config, transformer, device)
+    if count >= len(transformer.transformer_blocks):
+        transformer.enable_gradient_checkpointing()
+    elif count > 0:
+        transformer.enable_gradient_checkpointing(FirstBlocksCheckpointing(transformer.transformer_blocks, count))
 
 
 def adapter_file_step(path: Path) -> int | None:

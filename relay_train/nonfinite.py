@@ -46,6 +46,29 @@ class NonFiniteError(RuntimeError):
     """Training stopped on non-finite values; nothing non-finite was written."""
 
 
+def nonfinite_stop(policy: str, max_in_a_row: int, step: int, unread: float, in_a_row: float) -> str | None:
+    """The non-finite policy, pure: after the host read `unread` non-finite steps since the last check and
+    `in_a_row` now, the reason to stop (a template with {where}: what the newest checkpoint is), or None
+    to go on (their updates were undone; the caller logs them). `stop` stops at the first; `skip` after
+    `max_in_a_row` in a row."""
+    if not unread:
+        return None
+    if policy == "stop":
+        return (
+            f"step {step}: the loss or gradient norm became NaN/inf ({int(unread)} step(s) since the last "
+            "check) and nonfinite_policy is stop. Nothing non-finite was written; {where}. Lower "
+            "learning_rate and resume, or set nonfinite_policy skip"
+        )
+    if in_a_row >= max_in_a_row:
+        return (
+            f"step {step}: {int(in_a_row)} non-finite steps in a row (max_nonfinite_steps "
+            f"{max_in_a_row}): training has diverged. Their updates were undone and nothing "
+            "non-finite was written; {where}. Check learning_rate, flow_schedule_shift and the data, "
+            "then resume"
+        )
+    return None
+
+
 @dataclass
 class _Snapshot:
     groups: list[tuple[list[torch.Tensor], torch.Tensor]]  # (tensors, their flat copy) per (device, dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -14,13 +15,24 @@ log = logging.getLogger(__name__)
 
 
 class ProgressDisplay:
-    """Use as a context manager; feed it `on_step` reports."""
+    """Use as a context manager; feed it `on_step` reports.
 
-    def __init__(self, total_steps: int, start_step: int = 0, console: Console | None = None, log_lines: int = 20):
+    Off a terminal (a pipe, a job's log) it logs the first report, so a reader knows the loop runs, then one
+    every `log_seconds` and the last step: a line count set by time stays readable at any step rate."""
+
+    def __init__(
+        self,
+        total_steps: int,
+        start_step: int = 0,
+        console: Console | None = None,
+        log_seconds: float = 10.0,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         self.console = console or Console(stderr=True)
         self.total, self.start = total_steps, start_step
-        self.log_every = max(1, (total_steps - start_step) // log_lines)
-        self.last_logged, self.t0 = start_step, time.perf_counter()
+        self.log_seconds, self.clock = log_seconds, clock
+        self.logged_at: float | None = None  # no line yet
+        self.t0 = clock()
         self.bar = (
             Progress(
                 TextColumn("[bold]train"),
@@ -50,9 +62,10 @@ class ProgressDisplay:
         if self.bar:
             self.bar.update(self.task, completed=report.step, loss=report.loss, lr=report.lr, its=report.steps_per_second)
             return
-        if report.step - self.last_logged >= self.log_every or report.step == self.total:
+        now = self.clock()
+        if self.logged_at is None or now - self.logged_at >= self.log_seconds or report.step == self.total:
             done = report.step - self.start
-            rate = done / max(time.perf_counter() - self.t0, 1e-9)
+            rate = done / max(now - self.t0, 1e-9)
             eta = (self.total - report.step) / rate if rate > 0 else float("inf")
             log.info(
                 "step %d/%d  loss %.4f  lr %.2e  %.2f it/s  eta %s",
@@ -63,7 +76,7 @@ class ProgressDisplay:
                 report.steps_per_second,
                 _clock(eta),
             )
-            self.last_logged = report.step
+            self.logged_at = now
 
 
 def _clock(seconds: float) -> str:

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import SecretStr
+
+from relay_train import json_text
 
 MASK = "<hidden>"
 MIN_LENGTH = 8
@@ -33,11 +34,15 @@ def plain(value: str | SecretStr | None) -> str | None:
 
 
 def url_parts(url: str) -> list[str]:
-    """A URL and its path: error messages (urllib3's 'Max retries exceeded with url: /api/...') often
-    show the path alone, and for Discord the path carries the token."""
+    """A secret and the forms of it a message may carry instead: for a URL, its path (urllib3's 'Max
+    retries exceeded with url: /api/...' shows the path alone, and for Discord the path carries the
+    token), and every path segment and query value long enough to be a token (a "file not found" built
+    from a URL ends with its last segment: the token)."""
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
-    return [url, path] if len(path.strip("/")) >= MIN_LENGTH else [url]
+    pieces = parts.path.replace("\\", "/").split("/") + [v for _, _, v in (q.partition("=") for q in parts.query.split("&"))]
+    tokens = [p for p in pieces if len(p) >= MIN_LENGTH and (len(p) >= 20 or any(c.isdigit() for c in p))]  # not 'webhooks'
+    return [url, *dict.fromkeys(p for p in [path, parts.path, *tokens] if len(p.strip("/")) >= MIN_LENGTH and p != url)]
 
 
 def mask(text: str, secrets: Iterable[str | SecretStr]) -> str:
@@ -49,7 +54,8 @@ def mask(text: str, secrets: Iterable[str | SecretStr]) -> str:
     return text
 
 
-def _secret_key(key: Any) -> bool:
+def is_secret_key(key: Any) -> bool:
+    """A config key whose value is a secret: never echoed, in any form."""
     return isinstance(key, str) and any(word in key.lower() for word in SECRET_KEY_WORDS)
 
 
@@ -57,7 +63,7 @@ def _inline_json(text: str) -> Any:
     if text.strip()[:1] not in ("{", "["):
         return None
     try:
-        return json.loads(text)
+        return json_text.loads(text)
     except ValueError:
         return None
 
@@ -68,7 +74,7 @@ def secrets_in(data: Any, secret: bool = False) -> set[str]:
     found: set[str] = set()
     if isinstance(data, dict):
         for key, value in data.items():
-            found |= secrets_in(value, secret or _secret_key(key))
+            found |= secrets_in(value, secret or is_secret_key(key))
     elif isinstance(data, list):
         for item in data:
             found |= secrets_in(item, secret)
@@ -80,9 +86,7 @@ def secrets_in(data: Any, secret: bool = False) -> set[str]:
             if secret:
                 found.add(text)
         elif secret:
-            found.add(text)
-            if text.startswith(("http://", "https://")):
-                found.update(url_parts(text))
+            found.update(url_parts(text))  # the value and its derived forms: path, segments, query values
     return {value for value in found if len(value) >= MIN_LENGTH}
 
 

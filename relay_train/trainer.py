@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
@@ -14,15 +13,16 @@ from collections.abc import Callable
 import torch
 
 from relay_train import checkpoint as ckpt
+from relay_train.artifacts import adapter_names, base_model_name, run_name
 from relay_train.data.buckets import Bucket, BucketBatchSampler
 from relay_train.config import TrainConfig
 from relay_train.data.dataset import BucketTensors, EncodedDataset, UnusableBatchError
 from relay_train.data.encode import encode_dataset
 from relay_train.model import AdapterModel, build_adapter_model, compute_dtype, pick_device, resolve_model_path
-from relay_train.nonfinite import NonFiniteError, StepGuard, nonfinite_tensors
+from relay_train.nonfinite import NonFiniteError, StepGuard, nonfinite_stop, nonfinite_tensors
 from relay_train.optim import AdapterEMA, build_scheduler
 from relay_train.parallel import GradientSync, Update, build_update, shard_of
-from relay_train.resume import ConfigChange, classify_config_changes, refusal_message
+from relay_train.resume import apply_learning_rate, check_resume, continue_from_init_lora, restore_newest_loadable, resume_point
 from relay_train.step import train_step
 
 log = logging.getLogger(__name__)
@@ -80,23 +80,11 @@ def adapter_metadata(config: TrainConfig, step: int) -> dict[str, str]:
     }
 
 
-def base_model_name(model: str) -> str:
-    """A Hub id as is; a local folder by its name only (never the training machine's path)."""
-    path = Path(model).expanduser()
-    if not path.is_absolute() and not model.startswith((".", "~")) and model.count("/") == 1 and not path.is_dir():
-        return model
-    return path.resolve().name or model
-
-
 def export_dtype(config: TrainConfig) -> torch.dtype:
     """adapter_export_dtype: auto writes bf16 for mixed_precision bf16, as SimpleTuner does (half the size)."""
     if config.adapter_export_dtype == "auto":
         return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
     return torch.bfloat16 if config.adapter_export_dtype == "bf16" else torch.float32
-
-
-def run_name(config: TrainConfig) -> str:
-    return config.tracker_run_name or Path(config.output_dir).name or "relay"
 
 
 class Trainer:
@@ -170,7 +158,7 @@ class Trainer:
         """Continue from a checkpoint, after checking this run may (relay_train/resume.py): refused config
         changes are one CheckpointError listing them all; allowed and warned ones are applied and logged."""
         state = ckpt.read_checkpoint(folder)
-        lr_changed = self._check_resume(folder, state)
+        lr_changed = check_resume(self.config, self.total_steps, folder, state)
         sampler = state.training_state.get("sampler")
         try:
             self.model.network.load_state_dict(state.adapter)
@@ -187,74 +175,15 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
             if isinstance(exc, ckpt.CheckpointError):
                 raise
-            raise ckpt.CheckpointError(
+            raise ckpt.CheckpointUnloadableError(
                 f"{folder}: its state does not fit this run ({type(exc).__name__}: {str(exc)[:300]})"
             ) from exc
         if lr_changed:
-            self._apply_learning_rate()
+            apply_learning_rate(self.config, self.optimizer, self.scheduler)
         self.step = state.step
         self.resumed_at = [*state.training_state.get("resumed_at", []), self.step]
         self.nonfinite_total = int(state.training_state.get("nonfinite_steps", 0))
         log.info("resumed from %s at step %d/%d", folder, self.step, self.total_steps)
-
-    def _check_resume(self, folder: Path, state: ckpt.CheckpointPayload) -> bool:
-        """Classify every difference between the checkpoint's saved config and this run's; refuse, warn
-        or log each. Returns whether learning_rate changed (the restored optimizer must be told)."""
-        try:
-            saved = json.loads(state.config_json)
-            assert isinstance(saved, dict)
-        except (ValueError, AssertionError) as exc:
-            raise ckpt.CheckpointError(f"{folder}: {ckpt.CONFIG} is not a JSON object of settings") from exc
-        defaults = {
-            k: json.loads(json.dumps(f.default, default=str))
-            for k, f in TrainConfig.model_fields.items()
-            if not f.is_required() and f.default_factory is None
-        }
-        if isinstance(saved.get("lycoris"), dict) and self.config.lycoris is not None:  # as this version reads it
-            try:
-                saved["lycoris"] = type(self.config.lycoris).model_validate(saved["lycoris"]).model_dump(mode="json")
-            except ValueError:
-                pass  # no longer valid at all: compared as saved, and refused if it differs
-        changes = classify_config_changes(saved, self.config.resolved_dict(), state.step, defaults)
-        refused = [c for c in changes if c.verdict == "refused"]
-        if self.total_steps < state.step and not any(c.key == "max_train_steps" for c in refused):
-            refused.append(
-                ConfigChange(
-                    "total steps",
-                    state.step,
-                    self.total_steps,
-                    "refused",
-                    "the run would end before the checkpoint's step: raise max_train_steps or num_train_epochs",
-                )
-            )
-        if refused:
-            raise ckpt.CheckpointError(refusal_message(str(folder), refused))
-        for change in changes:
-            if change.verdict == "allowed":
-                log.info("resume: %s: applied", change.describe())
-            else:
-                log.warning("resume: %s", change.describe())
-        return any(c.key == "learning_rate" for c in changes)
-
-    def _apply_learning_rate(self) -> None:
-        """The restored optimizer and schedule carry the checkpoint's learning rate; set this run's, at the
-        schedule's current position, so the config saved with the next checkpoint is the one that ran."""
-        lr, scheduler = self.config.learning_rate, self.scheduler
-        scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = lr
-        lambdas = getattr(scheduler, "lr_lambdas", None)
-        if lambdas:  # LambdaLR: lr = base · λ(step), as its step() computes it
-            current = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, lambdas)]
-            for group, value in zip(self.optimizer.param_groups, current):
-                group["lr"] = value
-            scheduler._last_lr = current
-        log.info(
-            "resume: learning rate %g applied to the restored optimizer (now %g at step %d)",
-            lr,
-            self.optimizer.param_groups[0]["lr"],
-            scheduler.last_epoch,
-        )
 
     def save(self) -> Path | None:
         """Every rank takes part (ZeRO-2 gathers the state's slices); rank 0 writes. Refuses (NonFiniteError,
@@ -299,19 +228,8 @@ class Trainer:
             last = self.store.latest() if self.is_writer else None
             return f"the newest checkpoint is {last}" if last else "no checkpoint of this run is kept"
 
-        if self.config.nonfinite_policy == "stop":
-            raise NonFiniteError(
-                f"step {self.step}: the loss or gradient norm became NaN/inf ({int(unread)} step(s) since the last "
-                f"check) and nonfinite_policy is stop. Nothing non-finite was written; {where()}. Lower "
-                "learning_rate and resume, or set nonfinite_policy skip"
-            )
-        if in_a_row >= self.config.max_nonfinite_steps:
-            raise NonFiniteError(
-                f"step {self.step}: {int(in_a_row)} non-finite steps in a row (max_nonfinite_steps "
-                f"{self.config.max_nonfinite_steps}): training has diverged. Their updates were undone and nothing "
-                f"non-finite was written; {where()}. Check learning_rate, flow_schedule_shift and the data, "
-                "then resume"
-            )
+        if stop := nonfinite_stop(self.config.nonfinite_policy, self.config.max_nonfinite_steps, self.step, unread, in_a_row):
+            raise NonFiniteError(stop.format(where=where()))
         log.warning(
             "step %d: %d non-finite step(s) skipped since the last report (%d in this run, %d in a row now)",
             self.step,
@@ -420,14 +338,13 @@ class Trainer:
         bad = nonfinite_tensors(adapter) + [f"EMA {n}" for n in nonfinite_tensors(ema or {})]
         if bad:  # never reached when every save checked the state; the last guard before users get a file
             raise NonFiniteError(f"export refused: {len(bad)} adapter tensor(s) hold NaN or inf ({', '.join(bad[:3])})")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        base = f"sd35-{run_name(self.config)}-lokr"
+        names = adapter_names(run_name(self.config))
         paths = ckpt.save_adapters(
             adapter,
             ema,
             adapter_metadata(self.config, self.step),
-            out_dir / f"{base}.safetensors",
-            out_dir / f"{base}-ema.safetensors",
+            out_dir / names[0],
+            out_dir / names[1],
             dtype=export_dtype(self.config),
         )
         log.info("exported %s", ", ".join(str(p) for p in paths))
@@ -480,70 +397,8 @@ def build_trainer(
     )
     folder = resume_from or resume_point(config, store)
     if folder is not None:
-        trainer.restore(folder)
+        fallback = resume_from is None and config.resume_from_checkpoint == "latest"
+        restore_newest_loadable(trainer, folder, store if fallback else None)
     elif config.init_lora is not None:
         continue_from_init_lora(trainer, config)
     return trainer
-
-
-def continue_from_init_lora(trainer: Trainer, config: TrainConfig) -> None:
-    """A fresh run from an adapter file starts at init_lora_step, or the file's global_step when that is
-    unset (as SimpleTuner): the step count and the LR schedule continue from there; data order starts anew."""
-    from relay_train.model import adapter_file_step
-
-    start = config.init_lora_step if config.init_lora_step is not None else adapter_file_step(config.init_lora) or 0
-    if start == 0:
-        return
-    if start >= trainer.total_steps:
-        raise ValueError(
-            f"--init_lora {config.init_lora}: it was saved at step {start}, at or past this run's "
-            f"{trainer.total_steps} steps. Set --init_lora_step 0 to train it anew, or raise "
-            "--max_train_steps to continue it"
-        )
-    trainer.step = start
-    trainer.scheduler.last_epoch = start - 1
-    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": here on purpose
-        warnings.simplefilter("ignore", UserWarning)
-        trainer.scheduler.step()  # sets the LR of step `start`
-    log.info("init_lora: continuing from step %d of %d", start, trainer.total_steps)
-
-
-def resume_point(config: TrainConfig, store: ckpt.CheckpointIO) -> Path | None:
-    """resume_from_checkpoint: 'none' → fresh; 'latest' → newest usable checkpoint, if any; else that path.
-
-    'latest' over a store that holds checkpoint folders none of which can be resumed is refused, listing
-    each and why: starting again from step 0 would silently replace them."""
-    choice = config.resume_from_checkpoint
-    scan = getattr(store, "scan", None)  # LocalCheckpointStore; another CheckpointIO only has latest()
-    if choice == "none":
-        found = scan() if scan else []
-        if found:
-            log.warning(
-                "resume_from_checkpoint none: starting at step 0 in %s, which holds %d checkpoint folder(s) "
-                "from an earlier run (%s); they are replaced or pruned as this run saves",
-                config.output_dir,
-                len(found),
-                ", ".join(f.name for f, _ in found[:5]),
-            )
-        return None
-    if choice == "latest":
-        if scan is None:
-            return store.latest()
-        found = scan()
-        usable = [folder for folder, reason in found if reason is None]
-        for folder, reason in found:
-            if reason is not None and (not usable or ckpt.checkpoint_step(folder) > ckpt.checkpoint_step(usable[0])):
-                log.warning("skipping checkpoint %s: %s", folder, reason)
-        if usable or not found:
-            return usable[0] if usable else None
-        lines = [f"{config.output_dir} holds {len(found)} checkpoint folder(s) and none can be resumed:"]
-        lines += [f"  - {folder.name}: {reason}" for folder, reason in found]
-        lines.append(
-            "  set resume_from_checkpoint none (--set resume_from_checkpoint=none) to start a new run "
-            "that replaces them, or move them away"
-        )
-        raise ckpt.CheckpointError("\n".join(lines))
-    folder = Path(choice)
-    if not folder.is_dir():
-        folder = Path(config.output_dir) / choice  # SimpleTuner also accepts a bare "checkpoint-N"
-    return folder  # Trainer.restore verifies it against its manifest (one hash pass)

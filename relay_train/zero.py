@@ -1,28 +1,5 @@
-"""The `deepspeed` strategy: ZeRO stage 2 over the adapter.
-
-Each rank keeps the whole adapter (the forward needs it) but owns only 1/N of its optimizer state and
-of its reduced gradients: DeepSpeed flattens the adapter's parameters into one buffer, reduce-scatters
-the gradients so each rank receives the sum for its slice, steps AdamW on that slice alone, then
-all-gathers the updated weights. Versus `ddp` this saves (N-1)/N of the optimizer state and of the
-reduced gradients per rank, at the cost of one all-gather per step.
-
-What is kept the same as `ddp`, so both strategies train the same recipe:
-- gradients are summed over ranks (`gradient_allreduce_op: sum`): every rank already weights its loss
-  by its share of the global batch (see Trainer.optimizer_step);
-- gradient accumulation stays the trainer's loop (`managed_gradient_accumulation: false`: a backward
-  per micro-batch, one `step()` per optimizer step);
-- clipping (by value or by norm) is ours, applied to this rank's slice right before AdamW, using the
-  global L2 norm DeepSpeed has just computed over all slices; DeepSpeed's own clipping stays off;
-- `optimizer.pt` holds the optimizer state consolidated into torch AdamW's own per-parameter layout
-  (`{"state": {i: {step, exp_avg, exp_avg_sq}}, "param_groups": [...]}`), gathered from every rank's
-  slice at checkpoint time. A checkpoint therefore has the same files and the same format as a `ddp`
-  one; on restore each rank cuts its slice out of the full tensors, so the world size may differ.
-
-Not supported: bnb AdamW8bit. Its state is quantized block-wise (blocks of 2048 elements) over each
-tensor it steps; under ZeRO it would step the flat slices instead, so its blocks straddle parameters
-and rank boundaries and the state cannot be consolidated into per-parameter form (or re-cut) exactly.
-`check_config` reports that as a ConfigError at start-up; the optimizer is never swapped silently.
-"""
+"""The `deepspeed` strategy: ZeRO stage 2 over the adapter. What it keeps equal to `ddp`, what it
+refuses (bnb AdamW8bit), and why it stays on DeepSpeed under an exact pin: docs/zero.md."""
 
 from __future__ import annotations
 

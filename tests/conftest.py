@@ -1,9 +1,25 @@
-"""Shared fixtures: the tiny SD3 pipeline and the demo images, built once per test session."""
+"""Shared fixtures and the suite's time rules. Use these rather than starting your own copy:
+
+- session: `tiny_model`, `tiny_clip`, `demo_data` (built once), `s3_endpoint` (moto on loopback; sets the
+  test AWS credentials, so start any Ray that must reach S3 after it).
+- per test: `config_file(**overrides)` / `make_config` (the demo recipe on this test's folders),
+  `free_port()`, `webhook_receiver`, `hub_server`, `s3_bucket`, `small_disk` (a 3 MiB tmpfs).
+- per module: `ray_head` (a `ray start --head` with its own ports; yields (job API address, env)).
+- acceptance (tests/acceptance/conftest.py): `fresh_clone`, `cluster_head` / `head` (one head per session;
+  worker nodes per test), `background`, `poll`, `user_files`.
+- helpers in tests/support/: `lines.Lines` (wait for a process's line with a deadline that fires),
+  `ranks.run_ranks` (torch.distributed ranks from one forkserver), `ports` (free ports, Ray node ports).
+
+Time: every test has its tier's timeout (TIER_TIMEOUTS; `@pytest.mark.timeout(N)` overrides). Mark a test
+over ~a minute `@pytest.mark.slow`. Under xdist, acceptance tests and integration modules that start Ray each
+run in one group (xdist_group below, by path), so a new Ray test needs nothing more than its module's Ray calls.
+"""
 
 from __future__ import annotations
 
-import json
+import functools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,12 +31,114 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from support import ports  # tests/support/
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Tests never reach the real Hub: anything that tries gets a refused loopback port at once.
 os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+# -- time: a per-test bound by tier, and the suite's own budget ------------------------------------------
+
+# A test that hangs fails alone, by name, after its tier's bound (pytest-timeout, signal method); a test that
+# needs more says so with @pytest.mark.timeout(N). Bounds are ~4x the tier's slowest test on a loaded 2-core box.
+TIER_TIMEOUTS = {"unit": 180, "integration": 600, "slow": 900, "acceptance": 1200}
+BUDGET_ENV = "RELAY_SUITE_BUDGET_S"  # .ci/run sets it: the run fails when pytest's wall time passes it
+CI_START_ENV = "RELAY_CI_START"  # .ci/run's start (epoch seconds), so the total with setup is printed too
+
+
+def tier(item: pytest.Item) -> str:
+    parts = item.path.relative_to(REPO / "tests").parts
+    if parts[0] == "acceptance":
+        return "acceptance"
+    if item.get_closest_marker("slow"):
+        return "slow"
+    return "integration" if parts[0] == "integration" else "unit"
+
+
+# Under pytest-xdist (-n 2 --dist loadgroup, as .ci/run runs) a group runs on one worker, one test at a time:
+# "acceptance" shares the session's fresh clone and head; "ray" holds every integration module that starts a
+# Ray cluster (two at once would share 2 cores), found by what its source calls. The groups are read from
+# the test's path by the scheduler below: xdist 3.8 marks a group by rewriting a node id, which pytest 9.2's
+# node ids no longer take, so `xdist_group` marks would be ignored.
+STARTS_RAY = re.compile(
+    r"^\s*(import ray|from ray|from orchestrator(\.run)?\.launch|from orchestrator(\.run)? import launch)|"
+    r"\bray\.init\(|\"launch\"|\"demo\"|"
+    r"\bray_head\b|\blocal_ray\b",
+    re.M,
+)
+
+
+@functools.cache
+def xdist_group(path: Path) -> str | None:
+    parts = path.relative_to(REPO / "tests").parts
+    if parts[0] == "acceptance":
+        return "acceptance"
+    if parts[0] == "integration" and STARTS_RAY.search(path.read_text()):
+        return "ray"
+    return None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class PathGroups(LoadScopeScheduling):
+        """A group is one work unit (the two largest go to different workers first); other tests go alone."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(REPO / nodeid.split("::", 1)[0]) or nodeid
+
+    return PathGroups(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(TIER_TIMEOUTS[tier(item)]))
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):  # an xdist worker: one of 2 lanes on 2 cores, so one CPU thread each,
+        os.environ["OMP_NUM_THREADS"] = "1"  # for the `relay train` and rank processes it starts too
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_STARTED] = time.monotonic()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workerinput"):
+        return  # an xdist worker: the controller times the whole run
+    wall = time.monotonic() - session.config.stash[_STARTED]
+    budget = float(os.environ.get(BUDGET_ENV, "0") or 0)
+    session.config.stash[_WALL] = wall
+    if budget and wall > budget and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(trylast=True)  # after --durations' list
+def pytest_terminal_summary(terminalreporter, config):
+    wall = config.stash.get(_WALL, None)
+    if wall is None:
+        return
+    line = f"suite wall time: {wall / 60:.1f} min ({wall:.0f} s)"
+    if budget := float(os.environ.get(BUDGET_ENV, "0") or 0):
+        over = wall > budget
+        line += f"; budget {budget / 60:.0f} min: " + ("OVER: the run fails (see the slowest tests above)" if over else "ok")
+    if started := os.environ.get(CI_START_ENV):
+        line += f"; .ci/run so far {(time.time() - float(started)) / 60:.1f} min with setup and lint"
+    terminalreporter.write_sep("=", line, red=bool(budget and wall > budget), bold=True)
+
+
+_STARTED = pytest.StashKey[float]()
+_WALL = pytest.StashKey[float]()
 
 
 @pytest.fixture(scope="session")
@@ -49,26 +167,11 @@ def demo_data(tmp_path_factory) -> Path:
 def config_file(tmp_path, tiny_model, demo_data):
     """Write the demo recipe pointed at this test's folders; keyword overrides use config key names."""
 
+    from relay_train.demo.recipe import write_recipe
+
     def write(data_dir: Path | None = None, out: str = "out", **overrides) -> Path:
-        backends = json.loads((REPO / "configs/demo/multidatabackend.json").read_text())
-        backends[0]["instance_data_dir"] = str(data_dir or demo_data)
-        backends[1]["cache_dir"] = str(tmp_path / "cache")
-        backend_file = tmp_path / f"backends-{out}.json"
-        backend_file.write_text(json.dumps(backends))
-        raw = json.loads((REPO / "configs/demo/config.json").read_text())
-        raw.update(
-            {
-                "--pretrained_model_name_or_path": str(tiny_model),
-                "--data_backend_config": str(backend_file),
-                "--lycoris_config": str(REPO / "configs/demo/lycoris_config.json"),
-                "--output_dir": str(tmp_path / out),
-                "--validation_num_gpus": 0,  # these clusters have no GPU: the config asks for CPU validation itself
-            }
-        )
-        raw.update({f"--{k}" if f"--{k}" in raw or k not in raw else k: v for k, v in overrides.items()})
-        path = tmp_path / f"config-{out}.json"
-        path.write_text(json.dumps(raw, indent=2))
-        return path
+        # validation_num_gpus 0: these clusters have no GPU, so the config asks for CPU validation itself
+        return write_recipe(tmp_path, tiny_model, data_dir or demo_data, out=out, **{"validation_num_gpus": 0, **overrides})
 
     return write
 
@@ -81,28 +184,21 @@ def make_config(config_file):
     return lambda **kwargs: load_config(config_file(**kwargs))
 
 
-def _free_port() -> int:
-    """A free port between Ray's worker ports (10002-19999) and the kernel's ephemeral range (32768+): a port
-    the kernel hands out for port 0 or an outgoing connection could be taken again between this check and
-    the caller's bind, one below that range only by another explicit pick."""
-    import random
-    import socket
-
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free loopback port in 20000-32000")
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (needs root and mount; skipped elsewhere)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.fixture
 def free_port():
-    """A function returning a free loopback TCP port."""
-    return _free_port
+    """A function returning a free loopback TCP port (tests/support/ports.py)."""
+    return ports.free_port
 
 
 @pytest.fixture
@@ -121,7 +217,7 @@ def s3_endpoint():
     from moto.server import ThreadedMotoServer
 
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    port = _free_port()
+    port = ports.free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
@@ -161,10 +257,11 @@ def hub_server(monkeypatch):
     server.stop()
 
 
-@pytest.fixture
-def ray_head(free_port):
-    """`ray start --head --block` in its own process group, so teardown stops this head and no other Ray."""
-    gcs, dashboard = free_port(), free_port()
+@pytest.fixture(scope="module")
+def ray_head():
+    """`ray start --head --block` in its own process group, so teardown stops this head and no other Ray.
+    One per module: its tests submit jobs of their own names to the same head."""
+    gcs, dashboard = ports.free_port(), ports.free_port()
     temp = tempfile.mkdtemp(prefix="rj")  # short: Ray's socket paths must fit 107 characters
     # A throwaway loopback head: no token auth (a machine with ~/.ray/auth_token would otherwise turn it on).
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -181,6 +278,8 @@ def ray_head(free_port):
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
             f"--temp-dir={temp}",
+            f"--ray-client-server-port={ports.free_port()}",
+            *ports.ray_node_ports(),
             "--disable-usage-stats",
         ],
         env=env,

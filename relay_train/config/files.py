@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 
+from relay_train import json_text
 from relay_train.config.problems import HIDDEN, Where, built, field_problems, unknown_key_problem, with_defaults
 
 
@@ -32,13 +33,15 @@ def read_json(path: Path) -> tuple[Any, list[str]]:
         return seen
 
     try:
-        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=pairs)
+        data = json_text.loads(path.read_text(encoding="utf-8"), object_pairs_hook=pairs)
     except UnicodeDecodeError as exc:
         return None, [f"{path}: is not UTF-8 text (byte {exc.start} cannot be decoded); save it as UTF-8 JSON"]
     except OSError as exc:
         return None, [f"{path}: cannot be read ({exc.strerror or exc}); check the path"]
     except json.JSONDecodeError as exc:
         return None, [f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"]
+    except json_text.TooDeepError as exc:
+        return None, [f"{path}: {exc}; a config is a few levels deep"]
     return data, [f"{path}: key '{k}' appears more than once; keep one" for k in duplicates]
 
 
@@ -389,7 +392,46 @@ def _webhook_checks(values: Mapping[str, Any], where: Where) -> list[str]:
         return [where.line(f"a {values['webhook_type']} webhook needs '{key}'")]
     if not url.get_secret_value().startswith(("http://", "https://")):
         return [where.line(f"the URL must start with http:// or https:// (value {HIDDEN})")]
+    if problem := webhook_host_problem(url.get_secret_value()):
+        return [where.line(problem)]
     return []
+
+
+# Link-local addresses hold the cloud's metadata service (169.254.169.254: instance credentials, user data);
+# no webhook receiver lives there, and a request there from a cluster node is how credentials leak. Names
+# that resolve there are refused too. Loopback and private addresses are accepted: a receiver on this
+# node or in the same network (a relay sidecar, a self-hosted chat) is a common, deliberate setup, and
+# the request reaches only machines the user runs.
+METADATA_HOSTS = ("metadata.google.internal", "metadata", "instance-data", "instance-data.ec2.internal")
+
+
+def webhook_host_problem(url: str) -> str | None:
+    """Why a webhook URL's host is refused, or None; never names the URL or its host (a secret's parts)."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    except ValueError:
+        return f"the URL does not parse (value {HIDDEN})"
+    if not host:
+        return f"the URL names no host (value {HIDDEN})"
+    try:
+        address = ipaddress.ip_address(host.strip("[]").split("%")[0])
+    except ValueError:
+        try:  # the forms a resolver takes without DNS: 2852039166, 0xa9fea9fe, 169.254.43518
+            address = ipaddress.ip_address(socket.inet_aton(host))
+        except OSError:
+            address = None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    if host in METADATA_HOSTS or (address is not None and address.is_link_local):
+        return (
+            f"the URL's host is link-local or a cloud metadata name (value {HIDDEN}): the metadata service lives "
+            "there, never a webhook receiver; point it at the receiver's own address"
+        )
+    return None
 
 
 def _webhook_source(source: Path | SecretStr) -> tuple[Any, str, list[str]]:
@@ -400,7 +442,9 @@ def _webhook_source(source: Path | SecretStr) -> tuple[Any, str, list[str]]:
         data, problems = read_json(source)
         return data, source.name, problems
     try:
-        return json.loads(source.get_secret_value()), "webhook_config", []
+        return json_text.loads(source.get_secret_value()), "webhook_config", []
+    except json_text.TooDeepError as exc:
+        return None, "webhook_config", [f"'--webhook_config': inline JSON {exc}"]
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}"
         return None, "webhook_config", [f"'--webhook_config': inline JSON is not valid at {where}: {exc.msg}"]

@@ -26,7 +26,7 @@ from relay_train.config.problems import (
     with_defaults,
 )
 from relay_train.config.schema import KEY_ALIASES, USER_KEYS, TrainConfig, canonical_key
-from relay_train.redaction import secrets_in
+from relay_train.redaction import is_secret_key, secrets_in
 
 __all__ = ["load_config", "parse_config"]
 
@@ -127,7 +127,10 @@ def _resolve_files(good: dict[str, Any], base_dir: Path, problems: list[str]) ->
         if not isinstance(good.get(key), Path):  # absent, or inline JSON (webhook_config)
             continue
         found, tried = resolve_file(good[key], base_dir, suffixes)
-        if found is None:
+        if found is None and is_secret_key(key):  # never its value, nor a form of it (a place tried ends with it)
+            good.pop(key)
+            problems.append(f"'--{key}': the file it names was not found, as given or beside the config (value hidden)")
+        elif found is None:
             places = ", ".join(str(p) for p in tried)
             problems.append(f"'--{key}': file {str(good.pop(key))!r} not found; tried {places}")
         else:

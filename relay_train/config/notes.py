@@ -1,5 +1,6 @@
-"""What the start-up log says about how a config's SimpleTuner semantics are mapped: one rule per topic,
-each a pure function of the resolved TrainConfig returning a line or None."""
+"""What a resolved config tells a person: the start-up log's notes on how SimpleTuner's semantics are
+mapped (one rule per topic, each a pure function of the TrainConfig returning a line or None), and the
+run's one summary (config_summary: the ledger, the run-started message and the model card)."""
 
 from __future__ import annotations
 
@@ -146,7 +147,34 @@ def _note_text_embeds(c: TrainConfig) -> str | None:
     )
 
 
+def _note_validation_cadence(c: TrainConfig) -> str | None:
+    if not c.validation_every or c.validation_cadence == c.validation_every:
+        return None
+    return (
+        f"validation renders committed checkpoints only: with --checkpoint_step_interval={c.checkpoint_step_interval} "
+        f"and --validation_step_interval={c.validation_every} it runs every {c.validation_cadence} steps; make the "
+        "validation interval a multiple of the checkpoint interval to say so in the config"
+    )
+
+
+def launch_only_note(c: TrainConfig) -> str | None:
+    """The settings only the run's steward carries out (relay launch, jobs/train.py): relay train says so
+    at start-up instead of ignoring them silently."""
+    settings = [f"--{key}" for key in ("push_to_hub", "push_checkpoints_to_hub") if getattr(c, key)]
+    settings += ["--webhook_config"] if c.webhook_config is not None else []
+    settings += [f"--report_to={c.report_to}"] if c.report_to != "none" else []
+    settings += ["validation (--validation_prompt...)"] if c.validation_every else []
+    if not settings:
+        return None
+    return (
+        f"{', '.join(settings)}: carried out only under `relay launch` and `jobs/train.py` (the run's steward "
+        "uploads to the Hub, posts to webhooks, logs to W&B and validates); `relay train` trains and exports "
+        "here, and none of these happen in this run"
+    )
+
+
 NOTE_RULES = (
+    _note_validation_cadence,
     _note_text_embeds,
     _note_lycoris_dims,
     _note_quantize,
@@ -159,3 +187,25 @@ NOTE_RULES = (
     _note_dtype,
     _note_init_lora,
 )
+
+
+def config_summary(config: TrainConfig) -> dict[str, str]:
+    """What a reader needs to reproduce the run (the ledger's run_started, the webhook, the Hub card): a fixed
+    list of keys, so no path beyond the base model and no secret leaks."""
+    rows = {
+        "base model": config.pretrained_model_name_or_path,
+        "base precision": config.base_model_precision,
+        "adapter": f"LyCORIS {config.lycoris.algo}" if config.lycoris else config.lora_type,
+        "optimizer": f"{config.optimizer}, lr {config.learning_rate:g}, {config.lr_scheduler} (warmup {config.lr_warmup_steps})",
+        "batch": f"{config.train_batch_size} per device x {config.gradient_accumulation_steps} accumulation",
+        "clipping": f"{config.grad_clip_method} {config.max_grad_norm:g}",
+        "flow schedule shift": f"{config.flow_schedule_shift:g}",
+        "EMA": f"decay {config.ema_decay:g} every {config.ema_update_interval} steps" if config.use_ema else "off",
+        "resolution": f"{config.resolution} ({config.resolution_type})",
+        "mixed precision": config.mixed_precision,
+        "checkpointing": f"every {config.checkpointing_steps} steps",
+    }
+    if config.lycoris:
+        lyco = config.lycoris
+        rows["adapter"] += f" (factor {lyco.factor}, linear_dim {lyco.linear_dim}, linear_alpha {lyco.linear_alpha:g})"
+    return rows

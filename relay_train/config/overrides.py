@@ -5,9 +5,9 @@ as an unknown key in config.json."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from relay_train import json_text
 from relay_train.config.problems import ConfigError
 
 COMMAND_LINE = "the command line"
@@ -55,7 +55,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
             problems.append(f"--set expects key=value, got {pair!r}")
             continue
         try:
-            overrides[key] = json.loads(value)
+            overrides[key] = json_text.loads(value)
         except ValueError:
             overrides[key] = value
     if problems:

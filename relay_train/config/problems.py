@@ -184,15 +184,24 @@ def _error_line(field: FieldInfo, label: str, value: Any, error: Mapping[str, An
     return f"{label}: got {got}; {expectation(field)}"
 
 
-def _finite(value: Any) -> bool:
-    """NaN and ±inf are never a sane setting (JSON's Infinity and NaN parse to them)."""
+FLOAT32_MAX = 3.4028234663852886e38  # every number trains in fp32 tensors: a bigger one overflows to inf there
+INT64_MAX = 2**63 - 1  # torch and numpy take integers as int64 ("Overflow when unpacking long long")
+
+
+def _out_of_range(value: Any) -> str | None:
+    """Why a parsed value cannot be used as a number on the machine, or None: NaN and ±inf are never a
+    sane setting (JSON's Infinity and NaN parse to them), nor a float past fp32's range or an int past int64."""
     if isinstance(value, float):
-        return math.isfinite(value)
+        if not math.isfinite(value):
+            return "must be a finite number"
+        return "must fit a 32-bit float (at most 3.4e38 in size)" if abs(value) > FLOAT32_MAX else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"must fit a 64-bit integer (at most {INT64_MAX} in size)" if abs(value) > INT64_MAX else None
     if isinstance(value, (list, tuple)):
-        return all(_finite(v) for v in value)
+        return next((p for p in map(_out_of_range, value) if p), None)
     if isinstance(value, dict):
-        return all(_finite(v) for v in value.values())
-    return True
+        return next((p for p in map(_out_of_range, value.values()) if p), None)
+    return None
 
 
 def validate_field(model: type[BaseModel], name: str, value: Any, label: str) -> tuple[Any, list[str]]:
@@ -209,9 +218,9 @@ def validate_field(model: type[BaseModel], name: str, value: Any, label: str) ->
             return None, [f"{label}: got {show_value(value, _is_secret(field.annotation))}; {expectation(field)}"]
         lines = [_error_line(field, label, value, e) for e in errors]
         return None, list(dict.fromkeys(lines))
-    if not _finite(parsed):
+    if problem := _out_of_range(parsed):
         shown = show_value(value, _is_secret(field.annotation))
-        return None, [f"{label}: got {shown}; must be a finite number ({expectation(field).removeprefix('must be ')})"]
+        return None, [f"{label}: got {shown}; {problem} ({expectation(field).removeprefix('must be ')})"]
     return parsed, []
 
 

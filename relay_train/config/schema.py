@@ -5,6 +5,7 @@ value is read, and the rules between fields. Reading a config file into it is lo
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,8 +20,10 @@ from pydantic import (
     SecretStr,
 )
 
+from relay_train import json_text
 from relay_train.config import compat
 from relay_train.config.files import DataBackendConfig, LycorisConfig, WebhookConfig
+from relay_train.config.names import check_no_control, check_path_part, path_part_problem
 from relay_train.config.problems import ConfigModel
 
 __all__ = ["KEY_ALIASES", "USER_KEYS", "TrainConfig", "canonical_key", "skip_layer_guidance"]
@@ -95,8 +98,25 @@ def _check_resolutions(text: str) -> str:
 def _output_dir(value: Any) -> Any:
     if isinstance(value, str) and not value.strip():
         raise ValueError("is empty: name the run folder, e.g. 'output/my-run'")
+    check_no_control(str(value) if isinstance(value, Path) else value)  # a newline would forge log lines
     if isinstance(value, (str, Path)) and Path(value).exists() and not Path(value).is_dir():
         raise ValueError("is a file, not a folder: checkpoints and exports need a folder; choose another path")
+    return value
+
+
+_REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]{1,96}$", re.ASCII)
+
+
+def _check_repo_id(value: str | None) -> str | None:
+    """The Hub's repository id rule (huggingface_hub's validate_repo_id): 'name' or 'namespace/name', letters,
+    digits, '-', '_', '.'; no '--' or '..'; not ending in '.git'; the name at most 96 characters."""
+    if value is None:
+        return None
+    if not _REPO_ID.match(value) or "--" in value or ".." in value or value.endswith(".git") or value[:1] in "-.":
+        raise ValueError(
+            "is not a Hub repository id: use 'namespace/name' (letters, digits, '-', '_', '.'; no '--' or '..'; "
+            "at most 96 characters), e.g. 'your-name/sd35-lokr'"
+        )
     return value
 
 
@@ -104,7 +124,7 @@ def _json_list(value: Any) -> Any:
     """SimpleTuner takes a list written as JSON text too ("[7, 8, 9]")."""
     if isinstance(value, str) and value.strip().startswith("["):
         try:
-            return json.loads(value)
+            return json_text.loads(value)
         except ValueError:
             return value
     return _empty_is_none(value)
@@ -124,6 +144,11 @@ def _webhook_source(value: Any) -> Any:
         return SecretStr(json.dumps(value))
     if isinstance(value, str) and value.strip()[:1] in ("{", "["):
         return SecretStr(value)
+    if isinstance(value, str) and "://" in value:  # a webhook URL itself: a secret, never looked up as a file
+        raise ValueError(
+            'is a URL, not a webhook file: put it in a webhook.json ({"webhook_type": "discord", "webhook_url": '
+            '"..."}) or pass that JSON inline; the value is not shown, since it holds the webhook\'s token'
+        )
     if isinstance(value, str) and value.strip():
         return Path(value)
     if value is None or value == "" or isinstance(value, (Path, SecretStr)):
@@ -177,6 +202,17 @@ class TrainConfig(ConfigModel):
     gradient_checkpointing_segment_stride: int | None = Field(None, ge=1)
     """With gradient_checkpointing_interval > 1: start a segment every this many blocks; the blocks between a
     segment and the next run without checkpointing (faster, more memory). Null: segments back to back."""
+    gradient_checkpointing_blocks: Literal["auto"] | Annotated[int, Field(ge=0)] = "auto"
+    """Relay's: with gradient_checkpointing (per block), how many transformer blocks are checkpointed, the first
+    ones; the rest keep their activations (faster, more memory). auto: every block on the CPU; on CUDA as few as
+    the free memory allows (every block on a small card)."""
+    lokr_forward: Literal["auto", "materialized", "bypass"] = "auto"
+    """Relay's: how the LoKr modules run. materialized builds dW = kron(w1, w2) once per call and applies it as
+    one GEMM; bypass is LyCORIS's chain of small GEMMs; auto: materialized on CUDA, bypass on the CPU (faster
+    there). Same maths, same saved adapter."""
+    transformer_compile: Literal["auto", "on", "off"] = "auto"
+    """Relay's: torch.compile each transformer block (regional compile) for training. auto: on with CUDA, off on
+    the CPU."""
     adapter_export_dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """dtype of the exported adapter files: auto is bf16 with mixed_precision bf16 (as SimpleTuner writes), else fp32.
     Checkpoints always keep fp32, so a resume is exact."""
@@ -195,7 +231,10 @@ class TrainConfig(ConfigModel):
     checkpoint_step_interval: int = Field(500, ge=1)
     """Steps between checkpoints (legacy name: checkpointing_steps)."""
     checkpoints_total_limit: int | None = Field(5, ge=1)
-    """Newest checkpoints to keep; null keeps all."""
+    """Newest checkpoints to keep, in every store (output_dir, storage_path, the Hub); null keeps all."""
+    cpu_threads: int | None = Field(None, ge=1)
+    """torch and OpenMP threads per process (Relay's); null sizes them to the CPUs the process was given: Ray's
+    num_cpus for a worker or validation actor, else OMP_NUM_THREADS when set, else this machine's (relay_train/threads.py)."""
 
     # optimisation
     train_batch_size: int = Field(4, ge=1)
@@ -310,7 +349,7 @@ class TrainConfig(ConfigModel):
     """Validations waiting beyond those running; when full the newest wins and the oldest is skipped (logged)."""
 
     # hub
-    hub_model_id: str | None = None
+    hub_model_id: Annotated[str | None, AfterValidator(_check_repo_id)] = None
     """Hub repository for checkpoints and the final adapter."""
     push_to_hub: bool = False
     """Upload the final adapter to the Hub."""
@@ -327,7 +366,7 @@ class TrainConfig(ConfigModel):
     """Experiment tracker."""
     tracker_project_name: str | None = None
     """Tracker project."""
-    tracker_run_name: str | None = None
+    tracker_run_name: Annotated[str | None, AfterValidator(check_path_part)] = None
     """Tracker run name; also names the Ray run and the exported adapter files."""
     webhook_config: WebhookSource = None
     """Webhook backends (Discord or raw JSON): a webhook.json path, inline JSON, or a list of backends."""
@@ -360,6 +399,13 @@ class TrainConfig(ConfigModel):
             )
         if not bad & {"lycoris_config", "lora_type"} and values["lora_type"] == "lycoris" and values["lycoris_config"] is None:
             problems.append("'--lycoris_config' is required with --lora_type 'lycoris': point it at the LyCORIS config file")
+        if not bad & {"tracker_run_name", "output_dir"} and values["tracker_run_name"] is None:
+            folder = Path(values["output_dir"]).name  # the run's name when tracker_run_name is unset
+            if folder and (problem := path_part_problem(folder)):
+                problems.append(
+                    f"'--output_dir' {str(values['output_dir'])!r}: its last folder names the run, and it {problem}; "
+                    "or set --tracker_run_name"
+                )
         for key in ("push_to_hub", "push_checkpoints_to_hub"):
             if key not in bad and "hub_model_id" not in bad and values[key] and not values["hub_model_id"]:
                 problems.append(f"'--{key}' is true but '--hub_model_id' is not set: name the Hub repository")
@@ -384,6 +430,13 @@ class TrainConfig(ConfigModel):
                     f"'--gradient_checkpointing_segment_stride' ({stride}) must be at least "
                     f"'--gradient_checkpointing_interval' ({interval}): segments cannot overlap"
                 )
+        blocks = values.get("gradient_checkpointing_blocks")
+        if not bad & {"gradient_checkpointing_blocks", "gradient_checkpointing_interval"} and blocks != "auto":
+            if (interval or 1) > 1:
+                problems.append(
+                    f"'--gradient_checkpointing_blocks' ({blocks}) applies to per-block checkpointing, but "
+                    f"'--gradient_checkpointing_interval' is {interval}: remove one of the two"
+                )
         if not bad & {"init_lora_step", "init_lora"} and values["init_lora_step"] and values["init_lora"] is None:
             problems.append("'--init_lora_step' needs '--init_lora': name the adapter file to continue from")
         if (
@@ -403,11 +456,19 @@ class TrainConfig(ConfigModel):
         return self.checkpoint_step_interval
 
     @property
-    def validation_steps(self) -> int:
-        """Steps between validations; 0 when validation is off (validation_disable, an interval of 0, or no
-        prompt at all: Relay renders only the prompts it is given)."""
+    def validation_every(self) -> int:
+        """validation_step_interval when validation is on; 0 when it is off (validation_disable, an interval
+        of 0, or no prompt at all: Relay renders only the prompts it is given). (`validation_steps` is only
+        the config key's legacy name.) Validation renders committed checkpoints, so it happens at the
+        checkpoint steps among these: see validation_cadence."""
         prompts = self.validation_prompt or self.validation_prompt_library or self.validation_prompt_file
         return 0 if self.validation_disable or not prompts else self.validation_step_interval
+
+    @property
+    def validation_cadence(self) -> int:
+        """Steps between validations as they happen: a validation renders a committed checkpoint, so every
+        lcm(checkpoint_step_interval, validation_every) steps (the defaults 500 and 100: every 500); 0 when off."""
+        return math.lcm(self.checkpoint_step_interval, self.validation_every) if self.validation_every else 0
 
     @property
     def validation_resolutions(self) -> list[tuple[int, int]]:

@@ -21,7 +21,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from relay_train import json_text
 from relay_train.data.caches import digest
+from relay_train.data.decode import CaptionError, decode_caption, decode_image
 from relay_train.config.files import DataBackendConfig
 from relay_train.data.store import FileInfo, FileStore
 
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 INDEX_NAME, REPORT_NAME = "index.json", "problematic_images.json"
 UNREADABLE = ("empty file", "unreadable")  # the reasons --delete_problematic_images acts on
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: sizes are upright (EXIF orientation applied)
 
 
 @dataclass(frozen=True)
@@ -47,22 +49,23 @@ class Discovery:
     records: list[ImageRecord]
     problems: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
     files_read: int = 0  # images downloaded and decoded this time (0 on a warm start)
+    empty_captions: list[str] = field(default_factory=list)  # trained, as the empty prompt: counted and reported
 
 
 def inspect_image(data: bytes, max_pixels: int | None = None) -> tuple[tuple[int, int] | None, str | None]:
-    """(size, None) for a usable image, (None, reason) otherwise. Decodes fully: verify() alone
-    passes truncated JPEGs. Images over `max_pixels` (default: Pillow's MAX_IMAGE_PIXELS, its guard
-    against decompression bombs) are rejected from the header, before any pixel is decoded."""
+    """(size, None) for a usable image, (None, reason) otherwise. Decodes fully, through the decoder that
+    training uses (relay_train/data/decode.py), so the size is the upright one (EXIF orientation applied).
+    Images over `max_pixels` (default: Pillow's MAX_IMAGE_PIXELS, its guard against decompression bombs)
+    are rejected from the header, before any pixel is decoded."""
     if not data:
         return None, "empty file"
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
-            if limit and width * height > limit:
-                return None, _too_many_pixels(width, height, limit)
-            im.load()
-            return im.size, None
+        if limit and width * height > limit:
+            return None, _too_many_pixels(width, height, limit)
+        return decode_image(data, max_pixels=limit).size, None
     except Image.DecompressionBombError as exc:
         return None, f"too many pixels ({str(exc)[:120]})"
     except Exception as exc:  # noqa: BLE001 - any decoder failure is this file's problem, never the run's
@@ -96,6 +99,7 @@ class CaptionSource:
         self._parquet: dict[str, str] | None = None
 
     def caption(self, key: str, index: dict[str, Any]) -> str | None:
+        """The image's caption; None when it has none; CaptionError when its file cannot be read as text."""
         strategy = self.backend.caption_strategy
         if strategy == "filename":
             return PurePosixPath(key).stem.replace("_", " ").strip()
@@ -110,7 +114,11 @@ class CaptionSource:
         cached = index.get(text_key)
         if cached and cached.get("stamp") == info.stamp:
             return cached["caption"]
-        caption = self.store.read(text_key).decode("utf-8", errors="replace").strip()
+        try:
+            data = self.store.read(text_key)
+        except OSError as exc:  # permissions, or gone since the listing: this image's problem, not the run's
+            raise CaptionError(f"caption could not be read ({exc.__class__.__name__}: {str(exc)[:80]})") from None
+        caption = decode_caption(data)
         index[text_key] = {"stamp": info.stamp, "caption": caption}
         return caption
 
@@ -139,7 +147,7 @@ def _read_parquet_captions(backend: DataBackendConfig, store: FileStore) -> dict
 
 def load_index(cache: FileStore) -> dict[str, Any]:
     try:
-        data = json.loads(cache.read(INDEX_NAME))
+        data = json_text.loads(cache.read(INDEX_NAME))
     except (FileNotFoundError, ValueError):  # absent, or half-written by an old crash: rebuild it
         return {}
     return data.get("files", {}) if data.get("version") == INDEX_VERSION else {}
@@ -173,12 +181,17 @@ def discover(
     for info in images:
         entry = index[info.key]
         reason = entry.get("error") or _size_problem(entry["size"], minimum_size)
-        caption = None if reason else captions.caption(info.key, index)
+        try:
+            caption = None if reason else captions.caption(info.key, index)
+        except CaptionError as exc:
+            caption, reason = None, str(exc)
         if not reason and caption is None:
             reason = f"no caption (caption_strategy {backend.caption_strategy})"
         if reason:
             result.problems.append((info.key, reason))
             continue
+        if not caption:
+            result.empty_captions.append(info.key)
         record = ImageRecord(backend.id, info.key, caption, tuple(entry["size"]), entry["digest"])
         result.records.extend([record] * (1 + backend.repeats))
     live = set(listing)
@@ -194,17 +207,26 @@ def _size_problem(size: list[int], minimum: float) -> str | None:
 
 
 def problem_kind(reason: str) -> str:
-    for kind in ("empty file", "unreadable", "no caption", "too many pixels", "too big for the model", "could not be read"):
+    kinds = ("empty file", "unreadable", "no caption", "caption", "too many pixels", "too big for the model", "could not be read")
+    for kind in kinds:
         if reason.startswith(kind):
             return kind
     return "too small"
 
 
 def report_problems(
-    backend: DataBackendConfig, store: FileStore, cache: FileStore, problems: list[tuple[str, str]], delete: bool
+    backend: DataBackendConfig,
+    store: FileStore,
+    cache: FileStore,
+    problems: list[tuple[str, str]],
+    delete: bool,
+    empty_captions: list[str] | None = None,
 ) -> list[str]:
     """Write the report into the cache folder, log a summary, delete unreadable files when asked
-    (local backends only: an S3 dataset is never modified). Returns what was deleted."""
+    (local backends only: an S3 dataset is never modified; locally only files whose real path is inside
+    the data folder). Empty captions train (as the empty prompt) and are counted in the report. Returns
+    what was deleted."""
+    empty_captions = empty_captions or []
     deleted: list[str] = []
     if delete and problems and not store.is_local:
         log.warning(
@@ -215,7 +237,11 @@ def report_problems(
     elif delete:
         for key, reason in problems:
             if reason.startswith(UNREADABLE):
-                store.delete(key)
+                try:
+                    store.delete(key)
+                except OSError as exc:  # outside the data folder (a link), or not ours to delete
+                    log.warning("data backend %r: %s", backend.id, exc)
+                    continue
                 deleted.append(store.describe(key))
         if deleted:
             log.warning("data backend %r: deleted %d problematic image(s): %s", backend.id, len(deleted), ", ".join(deleted))
@@ -225,11 +251,20 @@ def report_problems(
         "count": len(problems),
         "by_reason": dict(counts),
         "files": [{"file": store.describe(k), "reason": r, "deleted": store.describe(k) in deleted} for k, r in problems],
+        "empty_captions": {"count": len(empty_captions), "files": [store.describe(k) for k in empty_captions]},
     }
     cache.write(REPORT_NAME, json.dumps(report, indent=2).encode())
     if problems:
         shown = "; ".join(f"{k}: {r}" for k, r in problems[:10])
         log.warning(
             "data backend %r: skipped %d image(s) (report: %s): %s", backend.id, len(problems), cache.describe(REPORT_NAME), shown
+        )
+    if empty_captions:
+        log.warning(
+            "data backend %r: %d image(s) have an empty caption and train as the empty prompt (report: %s): %s",
+            backend.id,
+            len(empty_captions),
+            cache.describe(REPORT_NAME),
+            ", ".join(empty_captions[:10]),
         )
     return deleted

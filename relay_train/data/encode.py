@@ -14,7 +14,6 @@ complete it never loads a text encoder or the VAE.
 from __future__ import annotations
 
 import gc
-import io
 import logging
 import pickle
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from PIL import Image
 from relay_train.config import DataBackendConfig, TrainConfig
 from relay_train.data.buckets import Bucket
 from relay_train.data.caches import T5_TOKENS, TensorCache
+from relay_train.data.decode import decode_image
 from relay_train.data.dataset import BuildStats, EncodedDataset, open_dataset
 from relay_train.data.plan import DatasetPlan, drop_samples, plan_dataset, text_cache_store, vae_cache_store
 from relay_train.data.store import FileStore, image_store
@@ -67,8 +67,7 @@ def load_pixels(data: bytes, bucket: Bucket, backend: DataBackendConfig, seed: i
     (the image's hash), so the cached latent stays a pure function of the cache key.
     """
     width, height = bucket
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
+    with decode_image(data) as im:  # upright, 8-bit, transparency on white: as discovery sized it
         scale = max(width / im.width, height / im.height)
         im = im.resize((max(width, round(im.width * scale)), max(height, round(im.height * scale))), Image.BICUBIC)
         spare_x, spare_y = im.width - width, im.height - height

@@ -17,6 +17,7 @@ from pathlib import Path
 from relay_train.config import DataBackendConfig, TrainConfig
 from relay_train.data.buckets import Bucket, bucket_for
 from relay_train.data.caches import TensorCache, component_fingerprint, latent_key, text_key
+from relay_train.data.decode import DECODE_VERSION
 from relay_train.data.discovery import ImageRecord, discover, report_problems
 from relay_train.data.store import FileStore, cache_store, image_store
 
@@ -83,7 +84,9 @@ def text_cache_store(config: TrainConfig) -> FileStore:
 
 
 def crop_settings(backend: DataBackendConfig) -> tuple[str, ...]:
-    return ("crop", backend.crop_style, backend.crop_aspect) if backend.crop else ("cover", "center")
+    """How pixels become a latent, in its cache key: the decoder's version, then the crop."""
+    crop = ("crop", backend.crop_style, backend.crop_aspect) if backend.crop else ("cover", "center")
+    return (f"decode-{DECODE_VERSION}", *crop)
 
 
 def target_bucket(record: ImageRecord, config: TrainConfig, backend: DataBackendConfig) -> Bucket:
@@ -167,7 +170,7 @@ def plan_dataset(config: TrainConfig, model_path: Path) -> DatasetPlan:
             too_big = {r.key: reason for r in found.records if (reason := limits.problem(target_bucket(r, config, backend)))}
             found.records = [r for r in found.records if r.key not in too_big]
             found.problems += sorted(too_big.items())
-        report_problems(backend, store, cache, found.problems, config.delete_problematic_images)
+        report_problems(backend, store, cache, found.problems, config.delete_problematic_images, found.empty_captions)
         plan.problems += len(found.problems)
         if not found.records:
             raise ValueError(f"data backend {backend.id!r}: no usable images in {store.describe()}")

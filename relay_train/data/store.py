@@ -5,13 +5,13 @@ file renamed into place; an S3 PUT is atomic already), so a killed writer never 
 file that a later reader would trust. A missing key raises FileNotFoundError on every medium.
 
 Every S3 client in the project is built by `s3_filesystem`; every local atomic write goes through
-`write_atomic`. Nothing here imports boto3.
+`write_atomic` (relay_train/safe_write.py, which never writes through a link). Nothing here imports boto3.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,13 +19,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from relay_train.safe_write import is_temp, write_atomic
+
 if TYPE_CHECKING:
     from pyarrow import fs as pafs
     from pydantic import SecretStr
 
     from relay_train.config.files import DataBackendConfig
 
-TEMP_MARK = ".tmp-"  # in the name of a local file still being written; listings skip it
+log = logging.getLogger(__name__)
+
+
+class UnreadableFolderError(ValueError):
+    """A folder under a local store's root cannot be listed: what it holds is unknown, so the run stops."""
 
 
 @dataclass(frozen=True)
@@ -33,23 +39,6 @@ class FileInfo:
     key: str  # relative to the store's root
     size: int
     stamp: str  # changes whenever the content may have: mtime and size
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a local file so that readers see the old content or the new, never a part of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}{TEMP_MARK}{uuid.uuid4().hex[:8]}")
-    try:
-        temp.write_bytes(data)
-        os.replace(temp, path)  # atomic on POSIX
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def _is_temp(name: str) -> bool:
-    return name.startswith(".") and TEMP_MARK in name
 
 
 def s3_filesystem(
@@ -144,13 +133,15 @@ class FileStore:
         """Every file under the folder `prefix` (recursively), sorted by key; [] when there is none."""
         from pyarrow import fs
 
+        if self.is_local:
+            return _list_local(Path(self._root), prefix)
         with self._named_errors(prefix):
             infos = self.fs.get_file_info(fs.FileSelector(self._path(prefix), recursive=True, allow_not_found=True))
             start = len(self._root) + 1
             found = [
                 FileInfo(info.path[start:], info.size, f"{info.mtime_ns}:{info.size}")
                 for info in infos
-                if info.type == fs.FileType.File and not _is_temp(info.base_name)
+                if info.type == fs.FileType.File and not is_temp(info.base_name)
             ]
         if not found and not self.is_local:
             self._check_bucket()
@@ -173,7 +164,7 @@ class FileStore:
 
         with self._named_errors(prefix):
             infos = self.fs.get_file_info(fs.FileSelector(self._path(prefix), allow_not_found=True))
-        return sorted(info.base_name for info in infos if not _is_temp(info.base_name))
+        return sorted(info.base_name for info in infos if not is_temp(info.base_name))
 
     def read(self, key: str) -> bytes:
         """The whole file; FileNotFoundError when it is absent."""
@@ -197,12 +188,65 @@ class FileStore:
             return self.fs.get_file_info(self._path(key)).type == fs.FileType.File
 
     def delete(self, key: str) -> None:
-        """Remove the file at key; nothing to do when it is absent."""
+        """Remove the file at key; nothing to do when it is absent. Locally, only a file whose real path is
+        inside the root: a name reached through a link to elsewhere is never deleted (OSError)."""
+        if self.is_local and not inside(Path(self._root), Path(self._path(key))):
+            raise OSError(f"{self.describe(key)} leads outside {self._root} (through a symbolic link): not deleted")
         try:
             with self._named_errors(key):
                 self.fs.delete_file(self._path(key))
         except FileNotFoundError:
             pass
+
+
+def inside(root: Path, path: Path) -> bool:
+    """Whether `path`'s real location (every link resolved) is `root` or under it."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+
+
+def _list_local(root: Path, prefix: str) -> list[FileInfo]:
+    """A local folder's files, recursively, sorted by key. Links are followed only to places inside the
+    root, each real folder and file is listed once (a link to a folder seen already, a loop included, adds
+    nothing), and each link skipped for these reasons is logged once."""
+    start = root / prefix.strip("/") if prefix.strip("/") else root
+    real_root = os.path.realpath(root)
+    seen_dirs: set[str] = set()
+    seen_files: set[str] = set()
+    found: list[FileInfo] = []
+
+    def unlistable(exc: OSError) -> None:
+        if isinstance(exc, FileNotFoundError) and os.path.normpath(exc.filename or "") == os.path.normpath(start):
+            return  # no such folder: nothing in it, as on S3
+        raise UnreadableFolderError(
+            f"{exc.filename} cannot be listed ({exc.strerror or exc.__class__.__name__}): fix its permissions, "
+            "or move it out of the data folder"
+        ) from exc
+
+    for folder, dirs, files in os.walk(start, followlinks=True, onerror=unlistable):
+        real = os.path.realpath(folder)
+        if real in seen_dirs or not Path(real).is_relative_to(real_root):
+            why = f"its real folder {real} is listed already (a loop?)" if real in seen_dirs else f"it leads outside {real_root}"
+            log.warning("data: skipping the symbolic link %s: %s", folder, why)
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
+        dirs.sort(key=lambda d: (os.path.islink(os.path.join(folder, d)), d))  # real folders before links to them
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            target = os.path.realpath(path)
+            if is_temp(name) or target in seen_files:
+                continue
+            if not Path(target).is_relative_to(real_root):
+                log.warning("data: skipping the symbolic link %s: it leads outside %s", path, real_root)
+                continue
+            try:
+                info = os.stat(path)
+            except OSError:  # a dangling link, or a file removed meanwhile
+                continue
+            seen_files.add(target)
+            key = os.path.relpath(path, root).replace(os.sep, "/")
+            found.append(FileInfo(key, info.st_size, f"{info.st_mtime_ns}:{info.st_size}"))
+    return sorted(found, key=lambda f: f.key)
 
 
 def _s3_root(bucket: str | None, prefix: str | None) -> str:

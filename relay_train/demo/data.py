@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from relay_train.data.store import write_atomic
+from relay_train.safe_write import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -383,6 +383,12 @@ def _write_sentencepiece(folder: Path, corpus: list[str], vocab_size: int) -> No
     seeds = collections.Counter(word for line in corpus for word in line.split())
     seed_file = folder / "seeds.tsv"
     seed_file.write_text("".join(f"\u2581{word}\t{count}\n" for word, count in sorted(seeds.items())))
+    # One normalisation rule (no-break space -> space) rather than "identity": identity leaves the model's
+    # precompiled_charsmap empty, which transformers 5.x up to at least 5.17 (with tokenizers 0.23) hands
+    # to tokenizers' Precompiled normalizer, and that refuses it ("Cannot parse precompiled_charsmap").
+    # nmt_nfkc's charsmap would be ~240 kB; this one is about 1 kB and changes no ASCII text.
+    rules = folder / "rules.tsv"
+    rules.write_text("A0\t20\n")
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus),
@@ -396,13 +402,17 @@ def _write_sentencepiece(folder: Path, corpus: list[str], vocab_size: int) -> No
         unk_id=2,
         bos_id=-1,
         character_coverage=1.0,
-        normalization_rule_name="identity",  # nmt_nfkc's charsmap alone would be ~240 kB
+        normalization_rule_tsv=str(rules),
         num_threads=1,
         minloglevel=2,
     )
-    # The model records its training options, seed file path included; drop the (temporary)
-    # path so the same corpus always yields the same bytes.
+    # The model records its training options, the (temporary) seed and rule file paths included; drop
+    # them so the same corpus always yields the same bytes. sentencepiece 0.2.2's Python schema lacks the
+    # seed file's field (its trainer writes it all the same), so that one goes as an unknown field.
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model.getvalue())
-    proto.trainer_spec.ClearField("seed_sentencepieces_file")
+    if "seed_sentencepieces_file" in proto.trainer_spec.DESCRIPTOR.fields_by_name:
+        proto.trainer_spec.ClearField("seed_sentencepieces_file")
+    proto.normalizer_spec.ClearField("normalization_rule_tsv")
+    proto.DiscardUnknownFields()
     (folder / "spiece.model").write_bytes(proto.SerializeToString(deterministic=True))

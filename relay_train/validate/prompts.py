@@ -8,10 +8,10 @@ add prompts, do not rename them.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
+from relay_train import json_text
 from relay_train.config import TrainConfig
 
 __all__ = ["PROMPT_LIBRARY", "read_prompt_file", "validation_prompts", "slug"]
@@ -66,7 +66,7 @@ def read_prompt_file(path: Path) -> list[tuple[str, str]]:
     text = Path(path).read_text()
     if Path(path).suffix.lower() == ".json":
         try:
-            data = json.loads(text)
+            data = json_text.loads(text)
         except ValueError as exc:
             raise ValueError(f"--validation_prompt_file {path}: not valid JSON ({exc})") from exc
         if isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):

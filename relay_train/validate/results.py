@@ -15,6 +15,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from relay_train.safe_write import make_dir, write_atomic
+
 BASE, ADAPTER, EMA = "base", "adapter", "ema"  # variant names: file prefixes and grid columns
 SCORES, GRID = "scores.json", "grid.png"
 
@@ -116,10 +118,10 @@ class ValidationResult:
 def save(result: ValidationResult, folder: Path) -> list[Path]:
     """PNGs, grid.png, then scores.json last: a folder with scores.json is a finished validation."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dir(folder)
     paths = []
     for name, data in result.files():
-        (folder / name).write_bytes(data)
+        write_atomic(folder / name, data)
         paths.append(folder / name)
-    (folder / SCORES).write_text(json.dumps(result.summary(), indent=1, sort_keys=True))
+    write_atomic(folder / SCORES, json.dumps(result.summary(), indent=1, sort_keys=True).encode())
     return paths + [folder / SCORES]

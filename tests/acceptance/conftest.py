@@ -3,6 +3,13 @@
 The session's clone is made once: `git clone` of the repository, with the working tree's uncommitted
 changes and untracked files laid on top (so a developer tests what they see; CI's tree is clean), then
 `bash scripts/setup.sh` in it, exactly as the README's first command does (pip's cache is reused).
+Under CI (`RELAY_CI_VENV`, set by .ci/run, names the .venv that .ci/run's own setup.sh just built from a
+fresh clone) the clone's .venv is a new venv that sees that one's packages, so setup.sh there installs
+only the clone itself (seconds, not minutes): the clone still runs its own code and its own setup.sh.
+
+Fixtures: `fresh_clone` (session), `cluster_head` (one `ray start --head` for the session), `head` (that
+head for one test, with `start_node` for worker nodes that end with the test), `background`, `poll`,
+`user_files`.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -20,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support import ports  # tests/support/
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,16 +75,51 @@ def _lay_working_tree(clone: Path) -> None:
         shutil.copy2(REPO / rel, clone / rel)
 
 
+CI_VENV_ENV = "RELAY_CI_VENV"
+
+
+def _overlay_venv(root: Path, base: Path) -> None:
+    """A .venv in the clone whose interpreter also sees `base`'s installed packages (a .pth line), and the
+    console scripts of those packages (ray, ...) re-pointed at the clone's interpreter, as pip writes them."""
+    subprocess.run([sys.executable, "-m", "venv", str(root / ".venv")], check=True, timeout=120)
+    python = root / ".venv/bin/python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    base_purelib = subprocess.run(
+        [str(base / "bin/python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (Path(purelib) / "_relay_ci_venv.pth").write_text(base_purelib + "\n")
+    shebang = f"#!{base / 'bin/python'}"
+    for script in (base / "bin").iterdir():
+        target = root / ".venv/bin" / script.name
+        if target.exists() or not script.is_file():
+            continue
+        with script.open("rb") as f:
+            if not f.readline().decode(errors="replace").startswith(shebang):
+                continue
+        target.write_text(f"#!{python}\n" + script.read_text().split("\n", 1)[1])
+        target.chmod(0o755)
+
+
 @pytest.fixture(scope="session")
 def fresh_clone(tmp_path_factory) -> Clone:
     root = tmp_path_factory.mktemp("clone") / "terminus-relay"
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(root)], check=True, timeout=120)
     _lay_working_tree(root)
     start = time.monotonic()
+    if base := os.environ.get(CI_VENV_ENV):
+        _overlay_venv(root, Path(base))
     setup = subprocess.run(["bash", "scripts/setup.sh"], cwd=root, capture_output=True, text=True, timeout=900)
     assert setup.returncode == 0, setup.stdout[-3000:] + setup.stderr[-3000:]
     clone = Clone(root, time.monotonic() - start)
-    print(f"\nsetup.sh in a fresh clone: {clone.setup_seconds:.0f} s")
+    print(f"\nsetup.sh in a fresh clone{' over ' + CI_VENV_ENV if base else ''}: {clone.setup_seconds:.0f} s")
     return clone
 
 
@@ -99,37 +143,29 @@ def background():
             proc.wait(timeout=30)
 
 
-@pytest.fixture
-def head(fresh_clone, background, tmp_path_factory):
-    """`ray start --head` on loopback with the clone's venv first on PATH (so a job's `python` is the
-    clone's), in its own process group. Yields (dashboard address, GCS address, start_node): start_node
-    adds a worker node with the given custom resources and returns its process."""
-    import socket
+@dataclass
+class Head:
+    """The session's `ray start --head` on loopback; `env` has the clone's venv first on PATH."""
 
-    def free() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
+    address: str  # the dashboard / job API: http://127.0.0.1:PORT
+    gcs: str  # 127.0.0.1:PORT, what `ray start --address` and ray.init take
+    env: dict[str, str]
 
-    gcs, dashboard = free(), free()
+    def alive_nodes(self, python: str) -> int | None:
+        count = f"import ray; ray.init(address={self.gcs!r}, logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"
+        probe = subprocess.run([python, "-c", count], env=self.env, capture_output=True, text=True, timeout=120)
+        return int(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 and probe.stdout.strip() else None
+
+
+@pytest.fixture(scope="session")
+def cluster_head(fresh_clone, s3_endpoint):
+    """One `ray start --head` (2 CPUs, loopback, its own ports and temp dir) for every acceptance test that
+    needs a running cluster: started once, ready to take jobs, stopped with the session. Started after the
+    S3 server: its processes (job drivers, workers) keep the environment of this moment, credentials included."""
+    gcs, dashboard = ports.free_port(), ports.free_port()
     temp = tempfile.mkdtemp(prefix="ra")  # short: Ray's socket paths must fit 107 characters
     env = fresh_clone.env(PATH=f"{fresh_clone.root / '.venv/bin'}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled")
-    common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-
-    def own_ports() -> list[str]:
-        """Every per-node port Ray would otherwise take at a fixed default (the dashboard agent's 52365, the
-        client server's 10001, ...): two nodes on one machine, or another cluster there, must not collide."""
-        return [
-            f"--{name}={free()}"
-            for name in (
-                "dashboard-agent-listen-port",
-                "dashboard-agent-grpc-port",
-                "runtime-env-agent-port",
-                "metrics-export-port",
-            )
-        ]
-
-    background(
+    proc = subprocess.Popen(
         [
             fresh_clone.ray,
             "start",
@@ -140,64 +176,108 @@ def head(fresh_clone, background, tmp_path_factory):
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
             f"--temp-dir={temp}",
-            f"--ray-client-server-port={free()}",
-            *own_ports(),
-            *common,
+            f"--ray-client-server-port={ports.free_port()}",
+            *ports.ray_node_ports(),
+            *NODE_COMMON,
         ],
         env=env,
         cwd=fresh_clone.root,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
-    address = f"http://127.0.0.1:{dashboard}"
+    head = Head(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", env)
+    try:
 
-    def answers() -> bool:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            return True
-        except urllib.error.HTTPError:
-            return True
-        except OSError:
-            return False
+        def answers() -> bool:
+            try:
+                urllib.request.urlopen(f"{head.address}/api/version", timeout=2)
+                return True
+            except urllib.error.HTTPError:
+                return True
+            except OSError:
+                return False
 
-    wait_for("the Ray head's job API", answers, timeout=180)
+        wait_for("the Ray head's job API", answers, timeout=180)
 
-    def takes_jobs() -> bool:  # a fresh head answers "no available agent" to submissions for a while
-        probe = subprocess.run(
-            [fresh_clone.ray, "job", "submit", f"--address={address}", "--", "true"],
-            env=env,
-            cwd=tempfile.gettempdir(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        return probe.returncode == 0
+        def takes_jobs() -> bool:  # a fresh head answers "no available agent" to submissions for a while
+            probe = subprocess.run(
+                [fresh_clone.ray, "job", "submit", f"--address={head.address}", "--", "true"],
+                env=env,
+                cwd=tempfile.gettempdir(),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            return probe.returncode == 0
 
-    wait_for("the Ray head to take jobs", takes_jobs, timeout=240, every=3)
+        wait_for("the Ray head to take jobs", takes_jobs, timeout=240, every=3)
+        yield head
+    finally:
+        _stop_group(proc, grace=5)  # the session is over: no job to let finish
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+NODE_COMMON = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM a `ray start --block` process group (the node leaves the cluster cleanly), SIGKILL after `grace`."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def head(fresh_clone, cluster_head):
+    """The session's head for one test. Yields (dashboard address, GCS address, start_node, env): start_node
+    adds a worker node with the given custom resources and returns its process; the nodes a test added are
+    stopped at its end, and the next test starts once the head counts them gone."""
+    nodes: list[subprocess.Popen] = []
+    temps: list[str] = []
 
     def start_node(resources: dict[str, float], cpus: int = 1) -> subprocess.Popen:
         # a temp dir of its own: nodes sharing one on a machine would clear each other's job working dirs
         own = tempfile.mkdtemp(prefix="rn")
         temps.append(own)
-        return background(
-            [
-                fresh_clone.ray,
-                "start",
-                f"--address=127.0.0.1:{gcs}",
-                f"--num-cpus={cpus}",
-                f"--resources={json.dumps(resources)}",
-                f"--temp-dir={own}",
-                *own_ports(),
-                *common,
-            ],
-            env=env,
-            cwd=fresh_clone.root,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        nodes.append(
+            subprocess.Popen(
+                [
+                    fresh_clone.ray,
+                    "start",
+                    f"--address={cluster_head.gcs}",
+                    f"--num-cpus={cpus}",
+                    f"--resources={json.dumps(resources)}",
+                    f"--temp-dir={own}",
+                    *ports.ray_node_ports(),
+                    *NODE_COMMON,
+                ],
+                env=cluster_head.env,
+                cwd=fresh_clone.root,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         )
+        return nodes[-1]
 
-    temps = [temp]
-    yield address, f"127.0.0.1:{gcs}", start_node, env
+    yield cluster_head.address, cluster_head.gcs, start_node, cluster_head.env
+    for node in nodes:
+        _stop_group(node)
+    if nodes:  # a later test's job must never be placed on a node that is going away
+        wait_for(
+            "the head to see the test's nodes gone",
+            lambda: cluster_head.alive_nodes(fresh_clone.python) == 1,
+            timeout=120,
+            every=2,
+        )
     for folder in temps:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -231,20 +311,14 @@ def user_files(fresh_clone, tmp_path):
         if not (root / marker).exists():
             made = fresh_clone.run(command, timeout=300)
             assert made.returncode == 0, made.stderr[-2000:]
-    backends = json.loads((root / "configs/demo/multidatabackend.json").read_text())
-    backends[0]["instance_data_dir"] = str(root / "demo/data")
-    backends[0]["cache_dir_vae"] = str(tmp_path / "cache/vae")
-    backends[1]["cache_dir"] = str(tmp_path / "cache/text")
-    (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
-    config = json.loads((root / "configs/demo/config.json").read_text())
-    config.update(
-        {
-            "--pretrained_model_name_or_path": str(root / "demo/tiny-sd3"),
-            "--data_backend_config": str(tmp_path / "multidatabackend.json"),
-            "--lycoris_config": str(root / "configs/demo/lycoris_config.json"),
-            "--output_dir": str(tmp_path / "out"),
-            "--validation_steps": 0,
-        }
+    from relay_train.demo.recipe import write_recipe
+
+    return write_recipe(
+        tmp_path,
+        root / "demo/tiny-sd3",
+        root / "demo/data",
+        text_cache=tmp_path / "cache/text",
+        vae_cache=tmp_path / "cache/vae",
+        demo=root / "configs/demo",
+        validation_steps=0,
     )
-    (tmp_path / "config.json").write_text(json.dumps(config, indent=1))
-    return tmp_path / "config.json"

@@ -79,6 +79,6 @@ def test_a_second_launch_of_a_running_run_is_refused_naming_the_holder(fresh_clo
         )
     finally:
         holder.kill()
-    assert got.returncode == 2, got.stderr[-3000:]
+    assert got.returncode == 4, got.stderr[-3000:]  # IN_USE, as relay train's output_dir lock
     assert "run 'held'" in got.stderr and "in use by another `relay launch` (pid 4242 on elsewhere)" in got.stderr
     assert "Traceback" not in got.stderr

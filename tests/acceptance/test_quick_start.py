@@ -66,15 +66,15 @@ def test_the_readme_first_command_runs_the_demo_and_status_reads_it(fresh_clone)
     assert done and float(done[-1]["goodput"].rstrip("%")) == pytest.approx(100 * report["goodput"], abs=0.5)
 
     missing = fresh_clone.run(".venv/bin/relay status nope --storage output/ray", timeout=120)
-    assert missing.returncode == 1 and "no run 'nope'" in missing.stderr and "runs there: demo" in missing.stderr
+    assert missing.returncode == 8 and "no run 'nope'" in missing.stderr and "runs there: demo" in missing.stderr
     assert "Traceback" not in missing.stderr
 
     again = fresh_clone.run(".venv/bin/relay demo", timeout=600)
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-4000:]
-    assert "resumed at step 300" in out
-    ledger = [json.loads(line) for line in (root / "output/ray/demo/relay/ledger.jsonl").read_text().splitlines()]
-    attempts = [e for e in ledger if e["type"] == "attempt"]
-    assert attempts[-1]["step"] == 300 and attempts[-1]["reason"] == "resubmitted"
+    # a completed run asked again is done: no workers, nothing recorded, no restart counted
+    assert "already completed at step 300; nothing to train" in out
+    after = [json.loads(line) for line in (root / "output/ray/demo/relay/ledger.jsonl").read_text().splitlines()]
+    assert after == ledger
     checkpoints = [e["step"] for e in ledger if e["type"] == "checkpoint"]
     assert len(checkpoints) == len(set(checkpoints)) and max(checkpoints) == 300  # no step trained twice

@@ -5,27 +5,23 @@ same command resumes from that checkpoint."""
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
-import time
 
 import pytest
+from support.lines import Lines  # tests/support/
 
 pytestmark = pytest.mark.slow
 
 
 def _send_when(proc: subprocess.Popen, pattern: str, sig: int, timeout: float = 600) -> str:
-    """Read the process's output until `pattern` shows (training is under way), then send `sig`; returns
-    everything it printed up to its exit."""
-    seen, deadline = [], time.monotonic() + timeout
-    for line in proc.stdout:
-        seen.append(line)
-        if re.search(pattern, line) or time.monotonic() > deadline:
-            break
+    """Read the process's output until `pattern` shows (training is under way; off a terminal the first
+    progress line comes at the first report), then send `sig`; returns everything it printed up to its exit."""
+    lines = Lines(proc.stdout)
+    lines.wait_for(pattern, timeout)
     proc.send_signal(sig)
-    rest, _ = proc.communicate(timeout=300)
-    return "".join(seen) + rest
+    proc.wait(timeout=300)
+    return lines.text()
 
 
 def _ledger(path) -> list[dict]:

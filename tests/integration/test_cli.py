@@ -7,10 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from support.lines import Lines, stop
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,12 +55,14 @@ def test_sigint_checkpoints_and_the_same_command_resumes(config_file, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "relay_train.cli", "train", "--config", str(path)], cwd=REPO, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + 120
-    for line in proc.stderr:  # wait until the loop is running
-        if "step " in line or time.monotonic() > deadline:
-            break
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        lines = Lines(proc.stderr)
+        lines.wait_for(r"step \d+/5000", timeout=180)  # the loop runs: in a pipe, its first report is logged at once
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        stop(proc)
+    err = lines.text()
     assert proc.returncode == 128 + signal.SIGINT, err  # stopped by the signal, its checkpoint written
     checkpoints = list((tmp_path / "out").glob("checkpoint-*"))
     assert len(checkpoints) == 1 and "stopped at step" in err

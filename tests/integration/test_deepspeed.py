@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from relay_train import checkpoint as ckpt
 from relay_train.config import ConfigError
 from state_equal import assert_tree_equal  # tests/ is on sys.path (conftest rootdir)
+from support.ranks import run_ranks  # tests/support/
 
 STEPS, STOP = 6, 3
 RECIPE = dict(
@@ -85,7 +85,7 @@ def _rank_main(
 
 def _run(config_path: Path, strategy: str, out: Path, free_port, stop_at: int = 0, world: int = 2) -> dict:
     """`world` ranks; the global batch is always sized for 2 (as an elastic run keeps it)."""
-    mp.spawn(_rank_main, args=(world, free_port(), str(config_path), strategy, stop_at, str(out), 2), nprocs=world, join=True)
+    run_ranks(_rank_main, (world, free_port(), str(config_path), strategy, stop_at, str(out), 2), nprocs=world)
     return torch.load(out, weights_only=True)
 
 
@@ -167,8 +167,8 @@ def test_zero2_resumes_bitwise_and_agrees_with_ddp(config_file, tmp_path, free_p
 
 
 def test_bnb_adamw8bit_with_deepspeed_is_a_config_error_at_launch(config_file, tmp_path):
-    from orchestrator.cluster import ClusterConfig
-    from orchestrator.launch import launch
+    from orchestrator.core.cluster import ClusterConfig
+    from orchestrator.run.launch import launch
 
     path = config_file(max_train_steps=2, optimizer="bnb-adamw8bit")
     cluster = ClusterConfig(num_workers=2, strategy="deepspeed", storage_path=str(tmp_path / "runs"))
@@ -189,8 +189,8 @@ def local_ray():
 def test_ray_zero2_resubmit_resumes_bitwise(local_ray, config_file, tmp_path):
     """What users run: TorchTrainer with 2 CPU workers and strategy deepspeed. A run stopped at STOP and
     resubmitted by name ends with the same checkpoint contents as an uninterrupted run."""
-    from orchestrator.cluster import ClusterConfig
-    from orchestrator.launch import launch
+    from orchestrator.core.cluster import ClusterConfig
+    from orchestrator.run.launch import launch
 
     finals = {}
     for name, legs in (("straight", [STEPS]), ("resubmitted", [STOP, STEPS])):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 
-from orchestrator.notify import Notifier
-from orchestrator.steward import Steward
-from orchestrator.store import RunStorage
+from orchestrator.services.notify import Notifier
+from orchestrator.run.steward import Steward
+from orchestrator.core.store import RunStorage
 from relay_train.config.files import WebhookConfig
 
 

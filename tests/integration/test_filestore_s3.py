@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from orchestrator.cluster import ClusterConfig, storage_filesystem
-from orchestrator.store import RunStorage
+from orchestrator.core.cluster import ClusterConfig, storage_filesystem
+from orchestrator.core.store import RunStorage
 from relay_train.config import DataBackendConfig
 from relay_train.data.store import FileStore, cache_store, image_store
 

@@ -163,10 +163,10 @@ def test_gpu_step_bench_profile_on_cpu(tmp_path, capsys, one_thread):
     trace = profile["trace"]
     assert trace["launches_per_step"] > 0 and trace["time_per_step_ms"] > 0
     shares = trace["region_share"]
-    assert set(shares) == {"lokr_bypass", "quanto_linear", "attention", "norms", "optimizer", "other"}
+    assert set(shares) == {"lokr", "quanto_linear", "attention", "norms", "optimizer", "other"}
     assert all(0 <= v <= 1 for v in shares.values()) and sum(shares.values()) <= 1 + 1e-9
     # every marked region ran in this step, so each got some of the time
-    assert all(shares[r] > 0 for r in ("lokr_bypass", "quanto_linear", "attention", "norms", "optimizer"))
+    assert all(shares[r] > 0 for r in ("lokr", "quanto_linear", "attention", "norms", "optimizer"))
     assert trace["sdpa_ops"] == ["aten::_scaled_dot_product_flash_attention_for_cpu"]  # diffusers runs SDPA
     assert 0 < len(trace["top"]) <= 25 and all(row["ms_per_step"] >= 0 for row in trace["top"])
     assert (tmp_path / "trace.json").stat().st_size > 0
@@ -182,7 +182,7 @@ def test_gpu_step_bench_profile_on_cpu(tmp_path, capsys, one_thread):
     assert fake["lokr_ckpt"] == profile["flops_per_step"]
     assert fake["lokr_no_ckpt"] < fake["lokr_ckpt"] and 0 < fake["lokr_share"] < 1
     printed = capsys.readouterr().out
-    assert "MFU n/a (the CPU" in printed and "share: lokr_bypass" in printed and "| top " in printed
+    assert "MFU n/a (the CPU" in printed and "share: lokr" in printed and "| top " in printed
 
 
 def test_region_ranges_leave_the_model_and_optimizer_as_they_were():
@@ -228,3 +228,30 @@ def test_lokr_bypass_forms_agree():
         torch.testing.assert_close(step_profile.bypass_library(h, w1, w2), ref)
         torch.testing.assert_close(step_profile.bypass_library_eager(h, w1, w2), ref)
         torch.testing.assert_close(step_profile.bypass_batched(h, w1, w2), ref)
+
+
+def test_gpu_step_bench_runs_the_chosen_lokr_path_and_checkpointing(one_thread):
+    """--lokr-forward / --checkpoint-blocks reach the model the bench times, read back from the model itself."""
+    bench = load_bench()
+    common = ["--device", "cpu", "--preset", "tiny", "--resolution", "64", "--configs", "a", "--render", "off"]
+    results = bench.main(
+        [
+            *common,
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--phase-steps",
+            "1",
+            "--lokr-forward",
+            "materialized",
+            "--checkpoint-blocks",
+            "1",
+        ]
+    )
+    a = results["configs"]["a"]
+    assert "error" not in a, a.get("error")
+    assert list(a["lokr_forward"]) == ["materialized"] and a["checkpointed_blocks"] == 1 and a["compiled"] is False
+    assert a["first_step_s"] > 0 and results["lokr_forward"] == "materialized"
+    with pytest.raises(SystemExit):
+        bench.parse_args([*common, "--checkpoint-blocks", "some"])

@@ -13,8 +13,8 @@ import pytest
 import torch
 from huggingface_hub import HfApi
 
-from orchestrator.hub import HubMirror, HubSettings, StorageFetch
-from orchestrator.store import SNAPSHOT, RunStorage
+from orchestrator.services.hub import HubMirror, HubSettings, StorageFetch
+from orchestrator.core.store import SNAPSHOT, RunStorage
 from relay_train import checkpoint as ckpt
 
 REPO_ID = "relay-tester/run"

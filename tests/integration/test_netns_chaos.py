@@ -91,8 +91,8 @@ def _driver(config: str, runs: str, out: str) -> None:
     """Runs inside node a: the run as users launch it, 2 workers, one per node."""
     import ray
 
-    from orchestrator.cluster import ClusterConfig
-    from orchestrator.launch import launch
+    from orchestrator.core.cluster import ClusterConfig
+    from orchestrator.run.launch import launch
     from relay_train import checkpoint as ckpt
 
     ray.init(log_to_driver=True)  # the workers' errors in this driver's log too

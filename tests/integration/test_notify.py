@@ -8,15 +8,16 @@ import base64
 import io
 import logging
 import statistics
+import re
 import time
 
 import pytest
 import torch
 from PIL import Image
 
-from orchestrator import redact
-from orchestrator.notify import SPOOL, Notifier, RetryPolicy, WebhookType
-from orchestrator.store import RunStorage
+from orchestrator.core import redact
+from orchestrator.services.notify import SPOOL, Notifier, RetryPolicy, WebhookType
+from orchestrator.core.store import RunStorage
 from relay_train.config.files import WebhookConfig
 
 FAST = RetryPolicy(timeout=2.0, base=0.05, cap=0.4)
@@ -46,6 +47,7 @@ RUN_EVENTS = [  # a run with a checkpoint, a validation, a preemption, a restart
     (WebhookType.WARNING, "warning", 60, {"what": "Hub answered 429"}),
     (WebhookType.PREEMPTION_NOTICE, "warning", 70, {"node": "n1", "deadline_s": 120}),
     (WebhookType.NODE_LOST, "error", 71, {"node": "n1"}),
+    (WebhookType.HEAD_LOST, "error", 71, {"steps_lost": 21}),
     (WebhookType.RESTART, "warning", 71, {"attempt": 1}),
     (WebhookType.RESUMED, "info", 50, {"from_step": 50, "why": "node lost"}),
     (WebhookType.RESIZE, "info", 60, {"workers": [2, 1]}),
@@ -227,7 +229,7 @@ def test_a_full_queue_drops_the_oldest_least_severe(webhook_receiver, caplog) ->
     deadline = time.monotonic() + 5
     while notifier.stats()[0]["retries"] < 1 and time.monotonic() < deadline:  # its first try failed: in
         time.sleep(0.005)  # backoff, nothing is in flight, so the queue alone decides what arrives
-    with caplog.at_level(logging.WARNING, logger="orchestrator.notify"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.services.notify"):
         for step, severity in enumerate(["debug", "critical", "debug", "warning", "error", "info"], start=1):
             notifier.event(WebhookType.WARNING, severity, step, severity)
     webhook_receiver.up()
@@ -264,24 +266,30 @@ def test_secrets_stay_out_of_payloads_and_logs(webhook_receiver, caplog) -> None
 
 def test_ledger_events_become_webhook_events(webhook_receiver, tmp_path) -> None:
     """The steward hands its services each ledger event (Notifier.on_event)."""
-    from orchestrator.ledger import Ledger
+    from orchestrator.core.ledger import Ledger
 
     ledger = Ledger(RunStorage(str(tmp_path / "runs"), "run-1"))
+    deadline = time.time() + 120  # a notice always carries its deadline (orchestrator/ops/spot.py)
     with Notifier([raw_hook(webhook_receiver)], "run-1", policy=FAST) as notifier:
         for kind, step, fields in [
             ("run_started", None, {"world_size": 2}),
             ("attempt", 0, {"reason": "fresh", "world_size": 2}),
             ("checkpoint", 50, {"uri": "s3://b/run-1/checkpoint-50"}),
             ("progress", 60, {}),
-            ("preemption_notice", 70, {"node": "n1"}),
+            ("preemption_notice", 70, {"node": "n1", "deadline": deadline}),
             ("attempt", 50, {"reason": "preemption", "world_size": 1}),
         ]:
             notifier.on_event(ledger.record(kind, step, **fields))
     got = [(r.json["type"], r.json["step"], r.json["message"]) for r in webhook_receiver.requests]
+    notice = got[2][2]  # the clock time of the deadline, and the seconds left when the notice was recorded
+    clock = time.strftime("%H:%M:%S UTC", time.gmtime(deadline))
+    assert re.fullmatch(
+        rf"preemption notice at step 70: the node goes at {clock} \((119|120) s left\); checkpointing now", notice
+    )
     assert got == [
         ("run_started", None, "run started"),
         ("checkpoint_committed", 50, "checkpoint 50 committed: s3://b/run-1/checkpoint-50"),
-        ("preemption_notice", 70, "preemption notice"),
+        ("preemption_notice", 70, notice),
         ("resumed", 50, "resumed from step 50 (preemption)"),
     ]
     assert webhook_receiver.requests[-1].json["world_size"] == 1

@@ -10,8 +10,8 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from state_equal import assert_tree_equal  # tests/ is on sys.path (conftest rootdir)
+from support.ranks import run_ranks  # tests/support/
 
 STEPS, STOP = 6, 3
 # accumulation 2: the sync runs on the second micro-step only; 4 KiB buckets: the tiny adapter's
@@ -71,7 +71,7 @@ def _rank_main(rank: int, world: int, port: int, config_path: str, sync: str, st
 
 
 def _run(config_path, sync: str, out, free_port, stop_at: int = 0, world: int = 2) -> dict:
-    mp.spawn(_rank_main, args=(world, free_port(), str(config_path), sync, stop_at, str(out)), nprocs=world, join=True)
+    run_ranks(_rank_main, (world, free_port(), str(config_path), sync, stop_at, str(out)), nprocs=world)
     return torch.load(out, weights_only=True)
 
 

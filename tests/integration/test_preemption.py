@@ -5,6 +5,9 @@ not, finishing bitwise equal to an uninterrupted run."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orchestrator import spot
-from orchestrator.cluster import ClusterConfig
-from orchestrator.launch import launch
-from orchestrator.ledger import Ledger, summarize
-from orchestrator.store import RunStorage
+from orchestrator.ops import spot
+from orchestrator.core.cluster import ClusterConfig
+from orchestrator.run.launch import launch
+from orchestrator.core.ledger import Ledger, summarize
+from orchestrator.core.store import RunStorage
 from relay_train import checkpoint as ckpt
 from support.fake_imds import FakeMetadata  # tests/ is on sys.path (conftest rootdir)
 
@@ -158,6 +161,98 @@ def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tm
     assert {"checkpoint_committed", "validation"} <= set(kinds), " ".join(kinds)
     assert chaos[-1]["type"] == "completed" and "goodput" in chaos[-1]["message"]
     assert all(r.headers.get("x-api-key") == "chaos-token-123456" for r in webhook_receiver.requests)
+
+
+def test_sigterm_to_the_agent_process_drains_and_loses_no_steps(fake_cluster, config_file, tmp_path):
+    """An eviction (EKS capacity rebalancing, Karpenter, a stopped unit) reaches the node as a SIGTERM, not an
+    IMDS notice. The agent, started as infra/ starts it, drains its node with the grace it has left; the run
+    takes its emergency checkpoint exactly as on an IMDS notice and resumes there."""
+    cluster, nodes = fake_cluster
+    path = config_file(max_train_steps=80, checkpointing_steps=10, train_batch_size=2, optimizer="adamw", validation_steps=0)
+    storage = RunStorage(str(tmp_path / "runs"), "sigterm")
+    config = ClusterConfig(
+        num_workers=2,
+        resources_per_worker=TRAINER,
+        storage_path=str(tmp_path / "runs"),
+        run_name="sigterm",
+        max_failures=3,
+        preemption_check_steps=2,
+        steward_poll_seconds=0.5,
+    )
+    metadata = FakeMetadata().start()  # IMDS answers, with no notice: the SIGTERM alone must do it
+    log = (tmp_path / "agent.log").open("w")
+    relay = str(Path(sys.executable).with_name("relay"))
+    victim = nodes[0]
+    argv = [relay, "spot-agent", "--cloud", "aws", "--aws-endpoint", metadata.url, "--interval", "0.2"]
+    argv += ["--ray-address", cluster.address, "--node-id", victim.node_id, "--sigterm-grace", "60"]
+    # Without --node-id on a machine with several Ray nodes: one line that says what to pass, no traceback.
+    unsure = subprocess.run(argv[: argv.index("--node-id")], capture_output=True, text=True, timeout=120)
+    lines = [line for line in (unsure.stdout + unsure.stderr).splitlines() if "spot agent" in line or "Traceback" in line]
+    assert unsure.returncode == 1 and len(lines) == 1 and "pass --node-id" in lines[0], unsure.stdout + unsure.stderr
+    agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(launch(path, {}, config)), daemon=True)
+    try:
+        _wait_for("the agent to watch", lambda: "watching" in (tmp_path / "agent.log").read_text(), 120)
+        thread.start()
+        _wait_for("a committed checkpoint", lambda: _events(storage, "checkpoint"))
+        agent.send_signal(signal.SIGTERM)  # the pod is being deleted
+        assert agent.wait(timeout=60) == 0, (tmp_path / "agent.log").read_text()
+        _wait_for("the emergency checkpoint", lambda: _events(storage, "emergency_checkpoint"))
+        cluster.remove_node(victim)  # the grace runs out
+        nodes[0] = cluster.add_node(num_cpus=1, resources=TRAINER)
+        thread.join(timeout=600)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        metadata.close()
+        log.close()
+    assert results and results[0].error is None, results and results[0].error
+    agent_log = (tmp_path / "agent.log").read_text()
+    assert "signal notice: sigterm" in agent_log and "Traceback" not in agent_log, agent_log
+    assert ("GET", "/latest/meta-data/spot/instance-action") in metadata.requests  # watched IMDS; no notice there
+    notice, emergency = _events(storage, "preemption_notice"), _events(storage, "emergency_checkpoint")
+    attempts = _events(storage, "attempt")
+    assert len(notice) == 1 and len(emergency) == 1 and len(attempts) == 2
+    assert emergency[0]["step"] == notice[0]["step"] == attempts[1]["step"] and emergency[0]["committed"]
+    assert attempts[1]["steps_lost"] == 0 and attempts[1]["reason"] == "preemption"
+    assert 30 < notice[0]["deadline"] - notice[0]["time"] <= 60  # the grace the pod had left, as the deadline
+    assert summarize("sigterm", Ledger(storage).events).state == "completed"
+
+
+def test_prestop_drain_now_holds_the_pod_until_its_workers_leave(fake_cluster):
+    """The Ray container's preStop hook (infra/k8s/rayjob.yaml): drain now, then hold (the container's SIGTERM
+    waits for the hook) while Ray work still runs on the node; return once it has left."""
+    import ray
+
+    cluster, nodes = fake_cluster
+    node = nodes[0]
+
+    @ray.remote(num_cpus=0, resources=TRAINER)
+    class Worker:
+        def node(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+    workers = [Worker.remote() for _ in nodes]
+    assert node.node_id in ray.get([w.node.remote() for w in workers])
+    mine = next(w for w in workers if ray.get(w.node.remote()) == node.node_id)
+    relay = str(Path(sys.executable).with_name("relay"))
+    argv = [relay, "spot-agent", "--drain-now", "--sigterm-grace", "90", "--ray-address", cluster.address]
+    hook = subprocess.Popen([*argv, "--node-id", node.node_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(15)
+        assert hook.poll() is None, "the hook returned while the node's worker was still running: " + hook.stdout.read()
+        ray.kill(mine)  # Ray Train tears the group down
+        start = time.monotonic()
+        assert hook.wait(timeout=60) == 0
+        assert time.monotonic() - start < 30, "the hook held on after the workers left"
+        assert "its workers left" in hook.stdout.read()
+    finally:
+        if hook.poll() is None:
+            hook.kill()
+    # Drained: the node's free train slot takes no new work.
+    ready, _ = ray.wait([Worker.remote().node.remote()], timeout=10)
+    assert not ready, "a drained node accepted a new worker"
 
 
 def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(config_file, tmp_path):

@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 from relay_train.data.discovery import INDEX_NAME, REPORT_NAME
+from support.ranks import run_ranks  # tests/support/
 
 BAD = {"garbage.png": b"not an image at all", "empty.jpg": b""}
 
@@ -69,7 +69,7 @@ def _rank_main(rank: int, world: int, port: int, config_path: str, out: str) -> 
 
 def _run(config_path: Path, out: Path, free_port) -> list[dict]:
     out.mkdir()
-    mp.spawn(_rank_main, args=(2, free_port(), str(config_path), str(out)), nprocs=2, join=True)
+    run_ranks(_rank_main, (2, free_port(), str(config_path), str(out)), nprocs=2)
     return [pickle.loads((out / f"rank{rank}.pkl").read_bytes()) for rank in range(2)]
 
 

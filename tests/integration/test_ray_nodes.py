@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orchestrator.cluster import ClusterConfig
-from orchestrator.launch import launch
+from orchestrator.core.cluster import ClusterConfig
+from orchestrator.run.launch import launch
 from relay_train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow

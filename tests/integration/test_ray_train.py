@@ -10,8 +10,8 @@ import torch
 from pyarrow import fs as pafs
 from safetensors.torch import load_file
 
-from orchestrator.cluster import ClusterConfig, storage_filesystem
-from orchestrator.launch import launch
+from orchestrator.core.cluster import ClusterConfig, storage_filesystem
+from orchestrator.run.launch import launch
 from relay_train import checkpoint as ckpt
 from relay_train.config import ConfigError
 
@@ -55,6 +55,22 @@ def test_two_workers_match_one_with_the_same_global_batch(local_ray, config_file
     assert diff < 1e-5
 
 
+def test_a_ray_worker_runs_as_many_cpu_threads_as_cpus_it_was_given(local_ray):
+    """The thread policy where the worker loop and the validation actor call it: Ray's num_cpus, rounded down, at least 1."""
+    import ray
+
+    def sized() -> tuple[int, int]:
+        import torch
+
+        from orchestrator.core.cluster import assigned_cpus
+        from relay_train.threads import size_threads
+
+        return size_threads(None, assigned_cpus()), torch.get_num_threads()
+
+    share, two = ray.remote(num_cpus=0.5)(sized), ray.remote(num_cpus=2)(sized)
+    assert ray.get([share.remote(), two.remote()], timeout=300) == [(1, 1), (2, 2)]
+
+
 def test_s3_keeps_five_each_restores_and_a_resubmit_resumes(local_ray, config_file, s3_endpoint, s3_bucket, tmp_path):
     client, bucket = s3_bucket
     cluster = ClusterConfig(
@@ -96,8 +112,8 @@ from pathlib import Path
 import ray, ray.train
 from ray.train import RunConfig, ScalingConfig, CheckpointConfig
 from ray.train.torch import TorchTrainer
-from orchestrator.cluster import ClusterConfig, storage_filesystem
-from orchestrator.worker import CheckpointReporter
+from orchestrator.core.cluster import ClusterConfig, storage_filesystem
+from orchestrator.run.worker import CheckpointReporter
 from relay_train import checkpoint as ckpt
 import torch
 
@@ -134,7 +150,7 @@ def test_a_kill_mid_upload_leaves_the_last_complete_checkpoint(local_ray, s3_end
     from ray.train.torch import TorchTrainer
 
     def restore_probe(config: dict) -> None:  # a closure, so Ray ships it by value
-        from orchestrator.worker import restored_checkpoint
+        from orchestrator.run.worker import restored_checkpoint
 
         with restored_checkpoint() as folder:  # verified against its manifest on the way
             Path(config["out"]).write_text(str(ckpt.read_checkpoint(folder).step) if folder else "none")
@@ -181,7 +197,7 @@ def test_a_kill_mid_upload_leaves_the_last_complete_checkpoint(local_ray, s3_end
 
 
 def test_a_missing_bucket_fails_before_any_worker_starts(s3_endpoint, config_file):
-    from orchestrator.launch import StorageError, check_storage
+    from orchestrator.run.preflight import StorageError, check_storage
 
     cluster = ClusterConfig(storage_path="s3://no-such-bucket/runs", storage_endpoint_url=s3_endpoint)
     with pytest.raises(StorageError, match="no-such-bucket.*not writable") as err:

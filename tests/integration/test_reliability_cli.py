@@ -23,10 +23,11 @@ from safetensors.torch import load_file, save_file
 from relay_train import checkpoint as ckpt
 from relay_train.data.caches import CORRUPT_REPORT
 from relay_train.data.discovery import REPORT_NAME
+from support.lines import Lines  # tests/support/
 
 REPO = Path(__file__).resolve().parents[2]
 RELAY = str(Path(sys.executable).with_name("relay"))
-EXIT_USAGE, EXIT_NONFINITE, EXIT_LOCKED, EXIT_DISK_FULL, EXIT_INTERRUPTED = 2, 3, 4, 5, 130
+EXIT_USAGE, EXIT_NONFINITE, EXIT_LOCKED, EXIT_DISK_FULL, EXIT_INTERRUPTED = 2, 3, 4, 5, 130  # relay_train.exit_codes
 
 
 def relay(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -217,17 +218,6 @@ def test_validate_on_a_truncated_adapter_is_one_clear_line(config_file, tmp_path
     no_traceback(proc)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 3 MiB tmpfs (needs root and mount; skipped elsewhere)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_state(config_file, demo_data, small_disk, tmp_path):
     out = small_disk / "run"
     path = config_file(
@@ -252,19 +242,18 @@ def test_a_second_run_on_one_output_dir_is_refused_and_double_ctrl_c_keeps_state
     path = config_file(max_train_steps=5000, checkpointing_steps=3)
     first = subprocess.Popen([RELAY, "train", "--config", str(path)], cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 300
-        for line in first.stderr:  # until a checkpoint exists and the loop runs
-            if "checkpoint-3 written" in line or time.monotonic() > deadline:
-                break
+        lines = Lines(first.stderr)
+        lines.wait_for("checkpoint-3 written", timeout=300)  # a checkpoint exists and the loop runs
         second = train(path)
         assert second.returncode == EXIT_LOCKED, second.stderr[-3000:]
-        assert f"is in use by another `relay train` (pid {first.pid} on" in second.stderr
+        assert f"is in use by another run (pid {first.pid} on" in second.stderr
         no_traceback(second)
 
         first.send_signal(signal.SIGINT)
         time.sleep(0.05)
         first.send_signal(signal.SIGINT)
-        _, err = first.communicate(timeout=120)
+        first.wait(timeout=120)
+        err = lines.text()
     finally:
         if first.poll() is None:
             first.kill()

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cluster import ClusterConfig
-from orchestrator.launch import launch
-from orchestrator.ledger import Ledger
-from orchestrator.store import RunStorage
+from orchestrator.core.cluster import ClusterConfig
+from orchestrator.run.launch import launch
+from orchestrator.core.ledger import Ledger
+from orchestrator.core.store import RunStorage
 
 pytestmark = pytest.mark.slow
 TOKEN = "e2e-api-key-0123456789"

@@ -11,7 +11,14 @@ import torch
 
 from relay_train.config import ConfigError, load_config
 from relay_train.data.dataset import BucketTensors
-from relay_train.model import SegmentCheckpointing, attach_lokr, enable_gradient_checkpointing, quantize_base
+from relay_train.model import (
+    SegmentCheckpointing,
+    attach_lokr,
+    configure_checkpointing,
+    enable_gradient_checkpointing,
+    quantize_base,
+)
+from relay_train.speed import FirstBlocksCheckpointing
 from relay_train.step import train_step
 from relay_train.demo.tiny_model import transformer_config
 
@@ -50,7 +57,9 @@ def reference(model):
 def loss_and_grads(transformer, network, setting):
     """One step's loss and adapter gradients, and how often each block ran (forward + recomputation)."""
     transformer.disable_gradient_checkpointing()
-    if setting is not None:
+    if callable(setting):
+        setting(transformer)
+    elif setting is not None:
         enable_gradient_checkpointing(transformer, *setting)
     calls = [0] * LAYERS
     hooks = [
@@ -102,6 +111,48 @@ def test_segmented_checkpointing_keeps_the_maths(model, reference, setting, reco
     assert any(g.abs().sum() > 0 for g in grads)
     for g, g_off in zip(grads, grads_off):
         torch.testing.assert_close(g, g_off, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("count", "recomputed"), [(5, [1] * 5), (2, [1, 1, 0, 0, 0]), (1, [1, 0, 0, 0, 0])])
+def test_checkpointing_the_first_blocks_keeps_the_maths(model, reference, count, recomputed):
+    """gradient_checkpointing_blocks: the first `count` blocks are recomputed in backward, the rest keep theirs."""
+    transformer, network = model
+    loss_off, grads_off, _ = reference
+
+    def first_blocks(t: torch.nn.Module) -> None:
+        t.enable_gradient_checkpointing(FirstBlocksCheckpointing(t.transformer_blocks, count))
+
+    loss, grads, calls = loss_and_grads(transformer, network, first_blocks)
+    assert calls == [1 + r for r in recomputed]
+    assert torch.equal(loss, loss_off)
+    for g, g_off in zip(grads, grads_off):
+        torch.testing.assert_close(g, g_off, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("blocks", "expected"), [("auto", LAYERS), (2, 2), (0, 0), (99, LAYERS)])
+def test_the_pinned_count_is_what_runs(model, blocks, expected):
+    """configure_checkpointing from the config: auto on the CPU checkpoints every block; a count pins it."""
+    transformer, _ = model
+    config = load_config(RECIPE, {"resume_from_checkpoint": "none", "gradient_checkpointing_blocks": blocks})
+    transformer.disable_gradient_checkpointing()
+    try:
+        configure_checkpointing(transformer, config, torch.device("cpu"))
+        func = transformer._gradient_checkpointing_func if transformer.gradient_checkpointing else None
+        if expected == LAYERS:
+            assert transformer.gradient_checkpointing and not isinstance(func, FirstBlocksCheckpointing)
+        elif expected == 0:
+            assert not transformer.gradient_checkpointing
+        else:
+            assert isinstance(func, FirstBlocksCheckpointing) and func.count == expected
+    finally:
+        transformer.disable_gradient_checkpointing()
+
+
+def test_a_pinned_count_with_segments_is_refused():
+    with pytest.raises(ConfigError, match="gradient_checkpointing_blocks.*gradient_checkpointing_interval"):
+        load_config(RECIPE, {"gradient_checkpointing_blocks": 4, "gradient_checkpointing_interval": 2})
+    with pytest.raises(ConfigError, match="gradient_checkpointing_blocks"):
+        load_config(RECIPE, {"gradient_checkpointing_blocks": -1})
 
 
 def test_segment_plan():

@@ -14,9 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.ledger import Ledger
-from orchestrator.store import RunStorage
-from orchestrator.supervise import COMPLETED, CONFIG_ERROR, SuperviseOptions, supervise
+from orchestrator.core.ledger import Ledger
+from orchestrator.core.store import RunStorage
+from orchestrator.ops.supervise import SuperviseOptions, supervise
+from relay_train.exit_codes import Exit
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -63,9 +64,9 @@ def test_a_killed_driver_is_resubmitted_and_resumes(ray_head, config_file, tmp_p
     os.kill(driver.pid, signal.SIGKILL)  # the driver dies mid-run, as with a lost head
 
     thread.join(timeout=600)
-    assert outcome == [COMPLETED]
+    assert outcome == [Exit.OK]
     attempts = [e for e in Ledger(storage).events if e["type"] == "attempt"]
-    resumed = [a for a in attempts if a["reason"] == "resubmitted"]
+    resumed = [a for a in attempts if a["reason"] == "head_lost"]  # the killed driver recorded no end
     assert resumed and resumed[-1]["step"] >= 5  # from storage, not from step 0
     state = json.loads((tmp_path / "runs/sup/checkpoint-60/training_state.json").read_text())
     assert state["step"] == 60 and state["resumed_at"]
@@ -86,5 +87,5 @@ def test_a_config_error_is_not_retried(ray_head, config_file, tmp_path, monkeypa
         python=sys.executable,
     )
     start = time.monotonic()
-    assert supervise(opts) == CONFIG_ERROR
+    assert supervise(opts) == Exit.CONFIG
     print(f"config error recognised in {time.monotonic() - start:.1f} s, one submission")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from orchestrator.store import RunStorage
-from orchestrator.tracking import RUN_ID, NullTracker, Tracker
+from orchestrator.core.store import RunStorage
+from orchestrator.services.tracking import RUN_ID, NullTracker, Tracker
 from relay_train.config import TrainConfig
 
 BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of checksummed records

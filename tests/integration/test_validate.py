@@ -34,29 +34,16 @@ VALIDATION = dict(
 
 def write_config(folder: Path, tiny_model: Path, demo_data: Path, **overrides) -> Path:
     """The demo recipe pointed at folder (as tests/conftest.py's config_file, but usable by module fixtures)."""
-    backends = json.loads((REPO / "configs/demo/multidatabackend.json").read_text())
-    backends[0]["instance_data_dir"] = str(demo_data)
-    backends[1]["cache_dir"] = str(folder / "cache")
-    (folder / "backends.json").write_text(json.dumps(backends))
-    raw = json.loads((REPO / "configs/demo/config.json").read_text())
-    raw.update(
-        {
-            "--pretrained_model_name_or_path": str(tiny_model),
-            "--data_backend_config": str(folder / "backends.json"),
-            "--lycoris_config": str(REPO / "configs/demo/lycoris_config.json"),
-            "--output_dir": str(folder / "out"),
-            "--max_train_steps": 4,
-            "--checkpointing_steps": 2,
-            "--train_batch_size": 2,
-        }
+    from relay_train.demo.recipe import write_recipe
+
+    drop = ("ema_update_interval", "use_ema", "ema_validation")
+    return write_recipe(
+        folder,
+        tiny_model,
+        demo_data,
+        drop=drop,
+        **{"max_train_steps": 4, "checkpointing_steps": 2, "train_batch_size": 2, **overrides},
     )
-    raw.pop("ema_update_interval", None)
-    raw.pop("use_ema", None)
-    raw.pop("ema_validation", None)
-    raw.update({f"--{k}": v for k, v in overrides.items()})
-    path = folder / "config.json"
-    path.write_text(json.dumps(raw, indent=1))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from orchestrator.store import SNAPSHOT, RunStorage
-from orchestrator.validation import (
+from orchestrator.core.store import SNAPSHOT, RunStorage
+from orchestrator.services.validation import (
     BENCHMARK,
     ValidationPool,
     ValidationService,

@@ -1,5 +1,6 @@
-"""A fake cloud metadata service on loopback: AWS IMDSv2 (token + spot/instance-action) and GCP
-(instance/preempted). It answers "no notice" until a test calls `announce()`."""
+"""A fake cloud metadata service on loopback: AWS IMDSv2 (token + spot/instance-action + the rebalance
+recommendation) and GCP (instance/preempted). It answers "no notice" until a test calls `announce()` (or
+`recommend_rebalance()`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class FakeMetadata(LoopbackServer):
     def __init__(self, port: int = 0) -> None:
         super().__init__(port)
         self.notice_at: datetime | None = None
+        self.rebalance_at: datetime | None = None
 
     @property
     def requests(self) -> list[tuple[str, str]]:
@@ -29,6 +31,10 @@ class FakeMetadata(LoopbackServer):
     def announce(self, seconds: float = 120) -> None:
         """From now on: a reclaim `seconds` ahead."""
         self.notice_at = datetime.now(UTC) + timedelta(seconds=seconds)
+
+    def recommend_rebalance(self) -> None:
+        """From now on: an EC2 rebalance recommendation (elevated risk of a reclaim), issued now."""
+        self.rebalance_at = datetime.now(UTC)
 
     def close(self) -> None:
         self.stop()
@@ -46,6 +52,13 @@ class FakeMetadata(LoopbackServer):
                 return self.reply(handler, 404, b"Not Found", content_type="text/plain")
             when = self.notice_at.strftime("%Y-%m-%dT%H:%M:%SZ")
             return self.reply(handler, 200, json.dumps({"action": "terminate", "time": when}).encode())
+        if request.method == "GET" and request.path == "/latest/meta-data/events/recommendations/rebalance":
+            if headers.get("x-aws-ec2-metadata-token") != TOKEN:
+                return self.reply(handler, 401, content_type="text/plain")
+            if self.rebalance_at is None:
+                return self.reply(handler, 404, b"Not Found", content_type="text/plain")
+            when = self.rebalance_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+            return self.reply(handler, 200, json.dumps({"noticeTime": when}).encode())
         if request.method == "GET" and request.path == "/computeMetadata/v1/instance/preempted":
             if headers.get("metadata-flavor") != "Google":
                 return self.reply(handler, 403, content_type="text/plain")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator import display, notify, status, tracking
-from orchestrator.ledger import AttemptReason, EventType, Ledger
-from orchestrator.store import RunStorage
+from orchestrator.ops import status
+from orchestrator.run import display
+from orchestrator.services import notify, tracking
+from orchestrator.core.ledger import AttemptReason, EventType, Ledger
+from orchestrator.core.store import RunStorage
 
 T0 = 1_000.0
 SAMPLES: dict[EventType, dict] = {  # each event with the fields its writer gives it
@@ -26,6 +28,7 @@ SAMPLES: dict[EventType, dict] = {  # each event with the fields its writer give
     EventType.EMERGENCY_CHECKPOINT: {"step": 205, "committed": True, "seconds_from_notice": 12.5},
     EventType.PREEMPTION_NOTICE: {"step": 204, "nodes": ["n1"], "ranks": [1], "deadline": T0 + 200},
     EventType.RESIZE: {"step": 50, "world_size": 1, "previous_world_size": 2},
+    EventType.WAITING_FOR_CAPACITY: {"step": 200, "nodes_lost": ["n1"], "since": T0 + 20},
     EventType.VALIDATION: {
         "step": 200,
         "benchmark": False,
@@ -89,10 +92,18 @@ def test_what_each_event_sends(kind: EventType) -> None:
     if kind in notify.NOT_SENT:
         assert sent is None
         return
-    fields = {k: v for k, v in SAMPLES[kind].items() if k != "step"}
+    fields = {**{k: v for k, v in SAMPLES[kind].items() if k != "step"}, **notify.human_times(event(kind))}
     text = sent.template.format_map(notify._Fields(fields, step=SAMPLES[kind].get("step")))
     assert "?" not in text  # every field the template names is one the event's writer gives it
     assert sent.severity in notify.SEVERITIES
+
+
+def test_a_preemption_notice_reads_as_a_clock_time_and_seconds_left() -> None:
+    import time
+
+    notice = event(EventType.PREEMPTION_NOTICE, t=80.0)  # the deadline is 120 s after the notice
+    fields = notify.human_times(notice)
+    assert fields == {"deadline_utc": time.strftime("%H:%M:%S UTC", time.gmtime(T0 + 200)), "seconds_left": 120}
 
 
 def test_every_webhook_type_is_sent() -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from orchestrator.hub_card import model_card
-from orchestrator.hub_plan import HubSettings, HubView, Round, plan_round
+from orchestrator.services.hub_card import model_card
+from orchestrator.services.hub_plan import HubSettings, HubView, Round, plan_round
 
 ADAPTER = "sd35-run-lokr.safetensors"
 

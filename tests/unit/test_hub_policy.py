@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.hub import CommitWindow, HubSettings, model_card, plan_checkpoints
-from orchestrator.policy import retry_delay
+from orchestrator.services.hub import CommitWindow, HubSettings, model_card, plan_checkpoints
+from orchestrator.core.policy import retry_delay
 
 
 def test_plan_keeps_the_newest_five_of_everything_known():

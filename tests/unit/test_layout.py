@@ -1,7 +1,9 @@
-"""The rooms stay honest: relay_train's import graph, read from the source with `ast` (nothing is imported).
+"""The rooms stay honest: relay_train's and the orchestrator's import graph, read from the source with
+`ast` (nothing is imported).
 
 Every import counts, including those inside functions (they run too, only later), except those under
-`if TYPE_CHECKING:` in the cycle check (they never run).
+`if TYPE_CHECKING:` in the cycle check (they never run). The orchestrator's rooms stack
+core < services < run < ops < cli: a room imports only the rooms below it, even for a type.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGE = ROOT / "relay_train"
+PACKAGES = (ROOT / "relay_train", ROOT / "orchestrator")
+ROOMS = ("core", "services", "run", "ops", "cli")  # orchestrator's rooms, lowest first
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ def module_file(name: str) -> Path:
 
 
 def source_files() -> list[Path]:
-    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+    return sorted(p for package in PACKAGES for p in package.rglob("*.py") if "__pycache__" not in p.parts)
 
 
 MODULES = {module_name(p): p for p in source_files()}
@@ -160,7 +163,7 @@ def import_graph() -> tuple[dict[str, set[str]], dict[tuple[str, str], str]]:
     return graph, where
 
 
-def test_relay_train_has_no_import_cycles():
+def test_neither_package_has_import_cycles():
     graph, where = import_graph()
     report = []
     for tangle in tangles(graph):
@@ -168,7 +171,7 @@ def test_relay_train_has_no_import_cycles():
         report.append(f"{len(tangle)} modules import each other: {', '.join(tangle)}; a shortest cycle:")
         report += [f"  {a} -> {b}  ({where[a, b]})" for a, b in zip(cycle, cycle[1:])]
     if report:
-        pytest.fail("import cycles in relay_train:\n" + "\n".join(report))
+        pytest.fail("import cycles:\n" + "\n".join(report))
 
 
 def test_the_cycle_finder_reports_each_tangle_and_a_shortest_cycle():
@@ -184,7 +187,36 @@ def test_the_cycle_finder_reports_each_tangle_and_a_shortest_cycle():
 
 
 def test_only_the_cli_parses_arguments():
-    assert_no_imports("argparse outside relay_train/cli.py", lambda t: top(t) == "argparse", lambda m: m != "relay_train.cli")
+    clis = ("relay_train.cli", "orchestrator.cli")
+    assert_no_imports("argparse outside the two cli.py", lambda t: top(t) == "argparse", lambda m: m not in clis)
+
+
+def room(module: str) -> int | None:
+    """The orchestrator room's rank in ROOMS (orchestrator.run.launch → 2), None outside one."""
+    parts = module.split(".")
+    if parts[0] != "orchestrator" or len(parts) < 2 or parts[1] not in ROOMS:
+        return None
+    return ROOMS.index(parts[1])
+
+
+def test_an_orchestrator_room_imports_only_the_rooms_below_it():
+    found = [
+        f"  {imp.where}: {imp.module} ({ROOMS[room(imp.module)]}/) imports {imp.target} ({ROOMS[room(imp.target)]}/)"
+        for imp in IMPORTS
+        if room(imp.module) is not None and room(imp.target) is not None and room(imp.target) > room(imp.module)
+    ]
+    if found:
+        pytest.fail("a room imports a room above it (order: " + " < ".join(ROOMS) + "):\n" + "\n".join(found))
+
+
+def test_the_room_reader_knows_the_order():
+    assert [room(m) for m in ("orchestrator.core.store", "orchestrator.ops.spot", "orchestrator.cli", "orchestrator")] == [
+        0,
+        3,
+        4,
+        None,
+    ]
+    assert {room(m) for m in MODULES if m.startswith("orchestrator.")} == set(range(len(ROOMS)))
 
 
 def test_the_data_room_does_not_reach_up_into_the_cli_or_the_trainer():
@@ -197,11 +229,15 @@ def test_the_data_room_does_not_reach_up_into_the_cli_or_the_trainer():
 
 
 def test_relay_train_stores_through_pyarrow_not_boto():
-    assert_no_imports("boto3/botocore in relay_train", lambda t: top(t) in ("boto3", "botocore"))
+    assert_no_imports(
+        "boto3/botocore in relay_train", lambda t: top(t) in ("boto3", "botocore"), lambda m: top(m) == "relay_train"
+    )
 
 
 def test_relay_train_knows_nothing_of_the_orchestrator():
-    assert_no_imports("relay_train imports the orchestrator", lambda t: top(t) == "orchestrator")
+    assert_no_imports(
+        "relay_train imports the orchestrator", lambda t: top(t) == "orchestrator", lambda m: top(m) == "relay_train"
+    )
 
 
 def test_every_subpackage_has_an_init_with_a_docstring():

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from orchestrator.ledger import Ledger, summarize
-from orchestrator.status import gather, render
-from orchestrator.steward import Steward
-from orchestrator.store import RunStorage
+from orchestrator.core.ledger import Ledger, summarize
+from orchestrator.ops.status import gather, render
+from orchestrator.run.steward import Steward
+from orchestrator.core.store import RunStorage
 
 
 def _chaos_events() -> list[dict]:
@@ -87,3 +87,23 @@ def test_the_steward_records_commits_once_and_counts_lost_steps(tmp_path):
     assert [e["type"] for e in events] == ["run_started", "attempt", "checkpoint", "progress", "attempt", "completed"]
     assert events[4]["reason"] == "failure" and events[4]["steps_lost"] == 7
     assert "goodput" in events[5] and Steward(storage, poll_seconds=3600).committed == {20}  # a new steward knows
+
+
+def test_the_steward_records_a_wait_for_capacity_once_when_a_node_is_gone_and_no_step_came(tmp_path) -> None:
+    import time
+
+    storage = RunStorage(str(tmp_path), "r")
+    steward = Steward(storage, poll_seconds=3600)
+    steward.attempt(0, 2, 300, resumed=False)
+    steward._nodes = {"head", "worker"}  # the attempt's nodes (outside Ray there are none)
+    steward.tick(40, steps_per_second=2.0)
+    assert not steward.check_capacity(alive={"head"})  # a node gone, but steps are recent
+    steward.progress["time"] = time.time() - 61
+    assert not steward.check_capacity(alive={"head", "worker"})  # quiet, but every node is there
+    assert not steward.check_capacity(alive=set())  # the GCS did not answer: not an outage
+    assert steward.check_capacity(alive={"head"}) and not steward.check_capacity(alive={"head"})  # once
+    waiting = [e for e in steward.ledger.events if e["type"] == "waiting_for_capacity"]
+    assert len(waiting) == 1 and waiting[0]["step"] == 40 and waiting[0]["nodes_lost"] == ["worker"]
+    assert gather(storage, hub=False)["state"] == "waiting for capacity"
+    steward.attempt(30, 1, 300, resumed=True)  # Ray restarted the group: the run goes on
+    assert gather(storage, hub=False)["state"] == "running"

@@ -6,7 +6,7 @@ import base64
 import json
 import random
 
-from orchestrator.notify import (
+from orchestrator.services.notify import (
     DISCORD_TEXT_LIMIT,
     Message,
     RetryPolicy,
@@ -15,7 +15,7 @@ from orchestrator.notify import (
     drop_choice,
     raw_payload,
 )
-from orchestrator.policy import retry_delay
+from orchestrator.core.policy import retry_delay
 
 POLICY = RetryPolicy(timeout=1.0, base=1.0, cap=8.0)
 

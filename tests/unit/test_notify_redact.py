@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from orchestrator import redact
+from orchestrator.core import redact
 from relay_train.config import TrainConfig
 from relay_train.config.files import DataBackendConfig, WebhookConfig
 

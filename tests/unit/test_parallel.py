@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from support.ranks import run_ranks
 
 from relay_train.parallel import BucketedAllReduce, GradientSync, ReplicatedUpdate, build_update, shard_of
 
@@ -76,7 +76,7 @@ def _rank_main(rank: int, port: int, out: str, accumulation: int, empty_last: bo
 
 def _run(tmp_path, free_port, accumulation=1, empty_last=False, dtype="fp32") -> list[dict]:
     out = str(tmp_path / "grads")
-    mp.spawn(_rank_main, args=(free_port(), out, accumulation, empty_last, dtype), nprocs=2, join=True)
+    run_ranks(_rank_main, (free_port(), out, accumulation, empty_last, dtype), nprocs=2)
     return [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
 
 
@@ -140,7 +140,7 @@ def test_shard_of_covers_the_batch_once():
 
 @pytest.mark.parametrize("bad", [0, -1, float("nan"), 1e6])
 def test_gradient_bucket_mb_out_of_range_is_a_config_error(bad):
-    from orchestrator.cluster import load_cluster_config
+    from orchestrator.core.cluster import load_cluster_config
     from relay_train.config import ConfigError
 
     with pytest.raises(ConfigError, match="gradient_bucket_mb must be in"):
@@ -148,7 +148,7 @@ def test_gradient_bucket_mb_out_of_range_is_a_config_error(bad):
 
 
 def test_bf16_sync_with_deepspeed_names_deepspeeds_own_options():
-    from orchestrator.cluster import load_cluster_config
+    from orchestrator.core.cluster import load_cluster_config
     from relay_train.config import ConfigError
 
     with pytest.raises(ConfigError, match="overlap_comm.*communication_data_type"):

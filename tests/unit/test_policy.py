@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.policy import Ask, AttemptFacts, attempt_reason, fit_decision, keep_count, place, retention, share_cpus
+from orchestrator.core.policy import Ask, AttemptFacts, attempt_reason, fit_decision, keep_count, place, retention, share_cpus
 
 WORKER = "num_workers, cpus_per_worker"
 
@@ -47,8 +47,9 @@ def test_gpus_and_custom_resources_are_checked() -> None:
 
 
 def test_retention_is_one_number_everywhere() -> None:
-    assert keep_count(None) == 5 and keep_count(0) == 5 and keep_count(3) == 3
-    assert retention([50, 10, 30, 20, 40, 60], None) == ([20, 30, 40, 50, 60], [10])
+    assert keep_count(None) is None and keep_count(0) == 5 and keep_count(3) == 3  # null keeps all, as documented
+    assert retention([50, 10, 30, 20, 40, 60], None) == ([10, 20, 30, 40, 50, 60], [])
+    assert retention([50, 10, 30, 20, 40, 60], 5) == ([20, 30, 40, 50, 60], [10])
     assert retention([10, 20], 3) == ([10, 20], [])
 
 
@@ -76,18 +77,24 @@ def test_retention_is_one_number_everywhere() -> None:
             "resize",
         ),
         (AttemptFacts(resumed=True, first_in_job=False, had_attempt_before=True, notice_since_last=False), "failure"),
+        (
+            AttemptFacts(
+                resumed=True, first_in_job=True, had_attempt_before=True, notice_since_last=False, previous_job_ended=False
+            ),
+            "head_lost",
+        ),
     ],
 )
 def test_attempt_reason(facts: AttemptFacts, reason: str) -> None:
-    from orchestrator.ledger import AttemptReason
-    from orchestrator.policy import UNPLANNED
+    from orchestrator.core.ledger import AttemptReason
+    from orchestrator.core.policy import UNPLANNED
 
     assert attempt_reason(facts) == reason and attempt_reason(facts) is AttemptReason(reason)
-    assert (reason in UNPLANNED) == (reason in ("node_lost", "failure"))  # the restarts that came without warning
+    assert (reason in UNPLANNED) == (reason in ("node_lost", "failure", "head_lost"))  # restarts without warning
 
 
 def test_one_backoff_doubles_to_a_cap_with_optional_jitter() -> None:
-    from orchestrator.policy import backoff
+    from orchestrator.core.policy import backoff
 
     assert [backoff(n, 2.0, 30.0) for n in (1, 2, 3, 4, 5, 6)] == [2, 4, 8, 16, 30, 30]
     assert backoff(3, 1.0, 60.0, jitter=0.0) == 2.0 and backoff(3, 1.0, 60.0, jitter=0.999) == pytest.approx(4.0, 0.01)
@@ -95,7 +102,7 @@ def test_one_backoff_doubles_to_a_cap_with_optional_jitter() -> None:
 
 @pytest.mark.parametrize("status", [None, 408, 425, 429, 500, 502, 503])
 def test_retry_delay_backs_off_on_no_answer_timeouts_rate_limits_and_server_errors(status: int | None) -> None:
-    from orchestrator.policy import backoff, retry_delay
+    from orchestrator.core.policy import backoff, retry_delay
 
     assert [retry_delay(n, 2.0, 30.0, status=status) for n in (1, 2, 3, 4, 5, 6)] == [2, 4, 8, 16, 30, 30]
     for n, jitter in ((1, 0.0), (3, 0.5), (7, 0.999)):  # jittered: the draw is the caller's, the rule is backoff's
@@ -104,14 +111,14 @@ def test_retry_delay_backs_off_on_no_answer_timeouts_rate_limits_and_server_erro
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422, 499])
 def test_retry_delay_gives_up_on_a_request_that_will_never_be_accepted(status: int) -> None:
-    from orchestrator.policy import retry_delay
+    from orchestrator.core.policy import retry_delay
 
     assert retry_delay(1, 1.0, 8.0, status=status) is None
     assert retry_delay(1, 1.0, 8.0, status=status, retry_after=2.0, jitter=0.5) is None  # a wait asked changes nothing
 
 
 def test_retry_delay_honours_the_servers_wait_on_a_429_or_when_the_status_is_not_judged() -> None:
-    from orchestrator.policy import retry_delay
+    from orchestrator.core.policy import retry_delay
 
     assert retry_delay(1, 1.0, 8.0, status=429, retry_after=2.5, jitter=0.5) == 2.5  # not backoff's 0.75
     assert retry_delay(5, 1.0, 8.0, status=429, retry_after=0.1) == 0.1  # nor its 8 after five failures
@@ -127,7 +134,7 @@ def test_retry_after_reads_discord_bodies_seconds_and_http_dates() -> None:
     from email.utils import formatdate
     import time
 
-    from orchestrator.policy import retry_after
+    from orchestrator.core.policy import retry_after
 
     assert retry_after({"Retry-After": "7"}) == 7.0
     assert retry_after({"Retry-After": "1"}, {"retry_after": 0.25}) == 0.25  # Discord's body is finer
@@ -135,18 +142,8 @@ def test_retry_after_reads_discord_bodies_seconds_and_http_dates() -> None:
     assert 25 <= retry_after({"Retry-After": formatdate(time.time() + 30, usegmt=True)}) <= 30
 
 
-@pytest.mark.parametrize(
-    "status, code, outcome",
-    [
-        ("SUCCEEDED", 0, 0),
-        ("STOPPED", None, 4),
-        ("FAILED", 2, 2),
-        ("FAILED", 1, 1),
-        ("FAILED", None, 1),
-        ("FAILED", 143, 1),  # a driver ended by SIGTERM (a head going away): resubmit
-    ],
-)
-def test_supervise_outcome(status: str, code: int | None, outcome: int) -> None:
-    from orchestrator.policy import supervise_outcome
+def test_a_stall_is_twenty_steps_time_and_at_least_a_minute() -> None:
+    from orchestrator.core.policy import stall_seconds
 
-    assert supervise_outcome(status, code) == outcome
+    assert stall_seconds(10.0) == 60.0 and stall_seconds(0.1) == 200.0  # the recipe's ~0.6 steps/s: 33 s -> 60 s
+    assert stall_seconds(None) == 300.0  # no rate yet: a model may still be loading

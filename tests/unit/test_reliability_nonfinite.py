@@ -99,3 +99,14 @@ def test_step_tensors_cover_parameters_and_state_once():
     assert len({id(t) for t in tensors}) == len(tensors)
     assert {id(p) for p in params} <= {id(t) for t in tensors}
     assert {id(optimizer.state[params[0]]["state1"])} <= {id(t) for t in tensors}
+
+
+def test_the_nonfinite_policy_is_one_pure_decision():
+    from relay_train.nonfinite import nonfinite_stop
+
+    assert nonfinite_stop("stop", 5, 10, unread=0, in_a_row=0) is None  # nothing new: go on
+    stop = nonfinite_stop("stop", 5, 10, unread=1, in_a_row=1)
+    assert stop.startswith("step 10: the loss or gradient norm became NaN/inf (1 step(s)") and "{where}" in stop
+    assert nonfinite_stop("skip", 5, 10, unread=2, in_a_row=4) is None  # skipped, under the limit
+    diverged = nonfinite_stop("skip", 5, 10, unread=1, in_a_row=5)
+    assert "5 non-finite steps in a row (max_nonfinite_steps 5)" in diverged.format(where="no checkpoint of this run is kept")

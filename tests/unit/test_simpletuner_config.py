@@ -136,7 +136,8 @@ def test_current_and_legacy_names_resolve_to_one_canonical_key(workdir: Path) ->
     resolved = legacy.resolved_dict()
     assert resolved["checkpoint_step_interval"] == 7 and resolved["validation_step_interval"] == 3
     assert not {"checkpointing_steps", "validation_steps", "save_total_limit", "vae_cache_preprocess"} & set(resolved)
-    assert legacy.checkpointing_steps == 7 and legacy.validation_steps == 3  # what the loop reads
+    assert legacy.checkpointing_steps == 7 and legacy.validation_every == 3  # what the loop reads
+    assert not hasattr(legacy, "validation_steps")  # only the config key's legacy name, never a second meaning
     notes = "\n".join(legacy.mapping_notes())
     assert "'checkpointing_steps' is read as '--checkpoint_step_interval'" in notes
     assert "'vae_cache_preprocess' is read as '--vae_cache_ondemand'" in notes
@@ -153,9 +154,26 @@ def test_a_value_alias_and_the_conflict_of_two_spellings(workdir: Path) -> None:
 
 
 def test_validation_disable_and_no_prompt_turn_validation_off(workdir: Path) -> None:
-    assert load_config(write(workdir, minimal(validation_prompt="a cat"))).validation_steps == 100  # SimpleTuner's
-    assert load_config(write(workdir, minimal(validation_prompt="a cat", validation_disable=True))).validation_steps == 0
-    assert load_config(write(workdir, minimal())).validation_steps == 0  # nothing to render
+    assert load_config(write(workdir, minimal(validation_prompt="a cat"))).validation_every == 100  # SimpleTuner's
+    assert load_config(write(workdir, minimal(validation_prompt="a cat", validation_disable=True))).validation_every == 0
+    assert load_config(write(workdir, minimal())).validation_every == 0  # nothing to render
+
+
+def test_the_start_up_note_says_the_validation_cadence_when_checkpoints_set_it(workdir: Path) -> None:
+    defaults = load_config(write(workdir, minimal(validation_prompt="a cat")))  # 500 and 100
+    assert (defaults.validation_every, defaults.validation_cadence) == (100, 500)
+    assert (
+        "validation renders committed checkpoints only: with --checkpoint_step_interval=500 and "
+        "--validation_step_interval=100 it runs every 500 steps"
+    ) in "\n".join(defaults.mapping_notes())
+    odd = load_config(write(workdir, minimal(validation_prompt="a cat", checkpoint_step_interval=4, validation_step_interval=6)))
+    assert odd.validation_cadence == 12 and "it runs every 12 steps" in "\n".join(odd.mapping_notes())
+    aligned = load_config(
+        write(workdir, minimal(validation_prompt="a cat", checkpoint_step_interval=50, validation_step_interval=100))
+    )
+    assert aligned.validation_cadence == 100 and "validation renders" not in "\n".join(aligned.mapping_notes())
+    off = load_config(write(workdir, minimal()))
+    assert off.validation_cadence == 0 and "validation renders" not in "\n".join(off.mapping_notes())
 
 
 # ---------------------------------------------------------------- refusals and suggestions

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from orchestrator.ledger import LEDGER, Ledger, summarize
-from orchestrator.status import gather, render, status
-from orchestrator.steward import PROGRESS
-from orchestrator.store import SNAPSHOT, RunStorage
+from orchestrator.core.ledger import LEDGER, Ledger, summarize
+from orchestrator.ops.status import gather, render, status
+from orchestrator.core.ledger import PROGRESS
+from orchestrator.core.store import SNAPSHOT, RunStorage
 
 T0 = 1_000.0
 
@@ -129,7 +129,7 @@ def test_every_run_shape_renders_in_text_and_json(tmp_path, shape: str) -> None:
     if scores:
         storage.write_json("relay/validation/checkpoint-100/scores.json", scores)
     before = sorted(p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file())
-    report = gather(storage, hub=False, now=T0 + 120)
+    report = gather(storage, hub=False, now=T0 + 75)  # within a minute of the newest step: not stalled
     text = render(report)
     json.loads(json.dumps(report, default=str))
     assert sorted(p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()) == before  # read only
@@ -194,3 +194,23 @@ def test_status_of_a_missing_run_names_what_is_there(tmp_path) -> None:
     Ledger(storage).record("run_started")
     with pytest.raises(LookupError, match="no run 'typo' .* runs there: real"):
         status("typo", str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("extra", "state"),
+    [([], "stalled"), ([(50, "waiting_for_capacity", 80, {"nodes_lost": ["n1"], "since": T0 + 40})], "waiting for capacity")],
+)
+def test_a_run_without_steps_for_longer_than_its_rate_explains_says_so_with_its_last_step(tmp_path, extra, state) -> None:
+    import time
+
+    storage = RunStorage(str(tmp_path), "r")
+    ledger = Ledger(storage)
+    ledger.events.extend(_events(STARTED, FRESH, (30, "checkpoint", 50, {"uri": "x"}), *extra))
+    ledger.flush()
+    storage.write_json(PROGRESS, {"step": 80, "time": T0 + 40, "steps_per_second": 2.0, "total_steps": 300})
+    quiet = gather(storage, hub=False, now=T0 + 95)  # 55 s: a minute is the least a stall takes
+    assert quiet["state"] == ("running" if not extra else state)
+    report = gather(storage, hub=False, now=T0 + 170)  # 130 s without a step, at 2 steps/s
+    at = time.strftime("%H:%M:%S", time.localtime(T0 + 40))
+    assert report["state"] == state and report["eta_seconds"] is None
+    assert f"[{state}: last step 80 at {at}, 2m 10s ago]" in render(report)

@@ -6,8 +6,9 @@ import threading
 
 import pytest
 
-from orchestrator.store import RunStorage
-from relay_train.data.store import TEMP_MARK, FileStore, write_atomic
+from orchestrator.core.store import RunStorage
+from relay_train.data.store import FileStore
+from relay_train.safe_write import TEMP_MARK, write_atomic
 
 
 def test_readers_never_see_a_half_written_file(tmp_path):
@@ -59,7 +60,7 @@ def test_relative_roots_resolve_against_the_cwd_at_construction(tmp_path, monkey
 def test_a_snapshot_caught_mid_rewrite_is_read_again_then_an_oserror(tmp_path):
     """Ray rewrites checkpoint_manager_snapshot.json in place: a read can find it empty. The steward's
     watch, the emergency-checkpoint wait and `relay status` all read it; none may die of a JSONDecodeError."""
-    from orchestrator.store import SNAPSHOT
+    from orchestrator.core.store import SNAPSHOT
 
     storage = RunStorage(str(tmp_path), "run")
     (tmp_path / "run" / "checkpoint-10").mkdir(parents=True)

@@ -10,10 +10,10 @@ from pathlib import Path
 from ray import cloudpickle
 import pytest
 
-from orchestrator.cluster import ClusterConfig
-from orchestrator.launch import worker_spec
-from orchestrator.store import RunStorage
-from orchestrator.worker import WorkerSpec
+from orchestrator.core.cluster import ClusterConfig
+from orchestrator.run.launch import worker_spec
+from orchestrator.core.store import RunStorage
+from orchestrator.run.worker import WorkerSpec
 
 
 @pytest.fixture

@@ -1,0 +1,258 @@
+"""The cluster path as a user meets it, as processes typed the way the README writes them: the demo's
+configs submitted as they are, a run resubmitted after it completed or with fewer steps, a node lost with
+`relay status` read during the outage, and a head restarted under `relay supervise`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SUBMIT = "ray job submit --submission-id {id} --working-dir . -- python jobs/train.py --config {config} --cluster {cluster}"
+
+
+def _cluster(tmp_path, name: str, **extra) -> str:
+    path = tmp_path / f"cluster-{name}.json"
+    storage = str(tmp_path / "runs")  # absolute: the job runs in Ray's copy of the folder
+    path.write_text(
+        json.dumps({"num_workers": 1, "storage_path": storage, "run_name": name, "preemption_check_steps": 5, **extra})
+    )
+    return str(path)
+
+
+def _status(clone, run: str, tmp_path, env: dict, as_json: bool = True):
+    got = subprocess.run(
+        [clone.relay, "status", run, "--storage", str(tmp_path / "runs"), "--no-hub", *(["--json"] if as_json else [])],
+        cwd=clone.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if got.returncode != 0:
+        return None
+    return json.loads(got.stdout) if as_json else got.stdout
+
+
+def _hook(receiver) -> str:
+    return (
+        "'webhook_config="
+        + json.dumps({"webhook_type": "raw", "callback_url": receiver.url("/relay"), "log_level": "info"})
+        + "'"
+    )
+
+
+def test_the_demo_configs_submitted_as_they_are_are_refused_before_any_worker(fresh_clone, head, webhook_receiver):
+    """`cp -r configs/demo configs/mine`, then the README's submit: relative storage_path and output_dir
+    would live in Ray's temporary copy, and demo/ (the model, the images) is gitignored, so never uploaded."""
+    address, _, _, env = head
+    env = {**env, "RAY_ADDRESS": address}
+    copied = fresh_clone.run("rm -rf configs/mine && cp -r configs/demo configs/mine", timeout=60)
+    assert copied.returncode == 0, copied.stderr
+    command = SUBMIT.format(id="mine-relative", config="configs/mine/config.json", cluster="configs/mine/cluster.json")
+    start = time.monotonic()
+    got = subprocess.run(
+        ["bash", "-c", f"{command} --set {_hook(webhook_receiver)}"],
+        cwd=fresh_clone.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    took = time.monotonic() - start
+    out = got.stdout + got.stderr
+    print(f"\nrefused in {took:.0f} s:\n" + "\n".join(line for line in out.splitlines() if line.startswith("  - ")))
+    assert got.returncode == 1, out[-4000:]  # Ray's CLI: 1 for any failed job (README)
+    assert "storage_path 'output/ray' is relative, and this job runs in Ray's temporary copy" in out, out[-4000:]
+    assert "output_dir 'output/demo' is relative" in out
+    assert ".gitignore lists it, so `ray job submit --working-dir` did not upload it" in out
+    assert "Traceback" not in out and "RayTrainWorker" not in out and "WorkerGroupError" not in out
+    assert took < 240, took  # no worker started, nothing retried (the submit's own upload included)
+    status = fresh_clone.run(f"ray job status mine-relative --address {address}", timeout=120, **env)
+    assert "failed with exit code 2" in status.stdout + status.stderr  # the job's own code (README)
+    sent = webhook_receiver.wait_for(1, timeout=30)
+    alert = sent[-1].json
+    assert alert["severity"] == "error" and alert["type"] == "failure", alert
+    assert "storage_path 'output/ray' is relative" in alert["message"]
+    assert "/tmp/ray" not in alert["message"] and "_ray_pkg_" not in alert["message"] and "Traceback" not in alert["message"]
+
+
+def test_a_completed_run_resubmitted_is_done_a_shorter_one_refused_and_a_longer_one_continues(
+    fresh_clone, head, user_files, tmp_path
+):
+    address, _, _, env = head
+    env = {**env, "RAY_ADDRESS": address}
+    cluster = _cluster(tmp_path, "again")
+
+    def submit(tag: str, *sets: str) -> tuple[subprocess.CompletedProcess, float]:
+        command = SUBMIT.format(id=f"again-{tag}", config=user_files, cluster=cluster) + "".join(f" --set {s}" for s in sets)
+        start = time.monotonic()
+        got = subprocess.run(["bash", "-c", command], cwd=fresh_clone.root, env=env, capture_output=True, text=True, timeout=900)
+        return got, time.monotonic() - start
+
+    first, _ = submit("1", "max_train_steps=20", "checkpointing_steps=10")
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    assert "completed at step 20" in first.stdout + first.stderr
+
+    same, took = submit("2", "max_train_steps=20", "checkpointing_steps=10")
+    out = same.stdout + same.stderr
+    print(f"\nresubmitted unchanged ({took:.0f} s): " + next((ln for ln in out.splitlines() if "already" in ln), ""))
+    assert same.returncode == 0, out[-4000:]
+    assert "run 'again' already completed at step 20; nothing to train" in out
+    assert "checkpoint 10 committed" not in out and "goodput" not in out  # no replayed history (the completed line)
+    report = _status(fresh_clone, "again", tmp_path, env)
+    assert report["state"] == "completed" and len(report["attempts"]) == 1  # no restart counted
+
+    shorter, took = submit("3", "max_train_steps=10", "checkpointing_steps=10")
+    out = shorter.stdout + shorter.stderr
+    print(f"shorter ({took:.0f} s): " + next((ln for ln in out.splitlines() if "already at step" in ln), ""))
+    assert shorter.returncode == 1, out[-4000:]
+    assert "run 'again' is already at step 20" in out and "set max_train_steps to 20 or more" in out
+    assert "resume_from_checkpoint none" not in out and "checkpoint_tmp" not in out and "Traceback" not in out
+    status = fresh_clone.run(f"ray job status again-3 --address {address}", timeout=120, **env)
+    assert "failed with exit code 2" in status.stdout + status.stderr
+    assert _status(fresh_clone, "again", tmp_path, env)["state"] == "completed"  # the run is as it was
+
+    longer, _ = submit("4", "max_train_steps=30", "checkpointing_steps=10")
+    out = longer.stdout + longer.stderr
+    assert longer.returncode == 0, out[-4000:]
+    assert "resumed at step 20 (resubmitted" in out and "completed at step 30" in out
+    assert "checkpoint 10 committed" not in out and "checkpoint 20 committed" not in out  # only this job's news
+    final = _status(fresh_clone, "again", tmp_path, env)
+    assert final["step"] == 30 and [a["reason"] for a in final["attempts"]] == ["fresh", "resubmitted"]
+
+
+def test_a_node_lost_reads_as_an_outage_in_status_then_resumes(
+    fresh_clone, head, user_files, webhook_receiver, background, poll, tmp_path
+):
+    address, _, start_node, env = head
+    env = {**env, "RAY_ADDRESS": address}
+    node = start_node({"spot": 1})
+    cluster = _cluster(tmp_path, "lost", resources_per_worker={"spot": 1}, max_failures=3)
+    command = SUBMIT.format(id="lost-1", config=user_files, cluster=cluster)
+    job = background(
+        ["bash", "-c", f"{command} --set max_train_steps=400 --set checkpointing_steps=20 --set {_hook(webhook_receiver)}"],
+        cwd=fresh_clone.root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def training():
+        if job.poll() is not None:
+            pytest.fail(f"the job ended early ({job.returncode}): {job.communicate()[0][-4000:]}")
+        return (s := _status(fresh_clone, "lost", tmp_path, env)) and s["state"] == "running" and s["step"] > 30 and s
+
+    poll("training to pass step 30", training, timeout=600)
+    os.killpg(node.pid, signal.SIGKILL)  # the node is gone without notice
+
+    def outage():
+        text = _status(fresh_clone, "lost", tmp_path, env, as_json=False)
+        return text and ("[stalled: last step" in text or "[waiting for capacity: last step" in text) and text
+
+    shown = poll("relay status to report the outage", outage, timeout=300, every=5)
+    print("\nduring the outage: " + shown.splitlines()[0])
+    assert " at " in shown.splitlines()[0] and "ETA -" in shown, shown
+    start_node({"spot": 1})  # capacity comes back
+    out, _ = job.communicate(timeout=900)
+    assert job.returncode == 0, out[-5000:]
+    assert "waiting for capacity" in out and "(a node was lost" in out
+    final = _status(fresh_clone, "lost", tmp_path, env)
+    assert final["state"] == "completed" and final["attempts"][-1]["reason"] == "node_lost"
+    alerts = [r.json for r in webhook_receiver.requests if r.json["severity"] == "error"]
+    kinds = {a["type"] for a in alerts}
+    assert "node_lost" in kinds, [a["message"] for a in alerts]
+    back = next(a for a in alerts if a["message"].startswith("a node was lost without notice"))
+    assert "step(s) lost; back at step" in back["message"] and "?" not in back["message"]
+
+
+@pytest.fixture
+def own_head(fresh_clone, background, free_port):
+    """A head of this test's own, on fixed ports so that it can be lost and started again where the
+    supervisor looks for it. RAY_AUTH_MODE=disabled: the README's way past the token Ray 2.60 may leave in
+    ~/.ray/auth_token, which a restarted head would otherwise demand (InvalidAuthToken)."""
+    import tempfile
+
+    env = fresh_clone.env(PATH=f"{fresh_clone.root / '.venv/bin'}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled")
+    ports = {name: free_port() for name in ("port", "dashboard", "client", "agent", "agent_grpc", "runtime_env", "metrics")}
+    temp = tempfile.mkdtemp(prefix="rh")
+
+    def start() -> subprocess.Popen:
+        return background(
+            [
+                fresh_clone.ray,
+                "start",
+                "--head",
+                "--block",
+                "--num-cpus=2",
+                "--node-ip-address=127.0.0.1",
+                "--disable-usage-stats",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--port={ports['port']}",
+                f"--dashboard-port={ports['dashboard']}",
+                f"--ray-client-server-port={ports['client']}",
+                f"--dashboard-agent-listen-port={ports['agent']}",
+                f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+                f"--runtime-env-agent-port={ports['runtime_env']}",
+                f"--metrics-export-port={ports['metrics']}",
+                f"--temp-dir={temp}",
+            ],
+            env=env,
+            cwd=fresh_clone.root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    yield f"http://127.0.0.1:{ports['dashboard']}", start, env
+
+
+def test_a_head_lost_under_supervise_is_resubmitted_and_reported(
+    fresh_clone, own_head, user_files, webhook_receiver, background, poll, tmp_path
+):
+    address, start_head, env = own_head
+    head = start_head()
+    cluster = _cluster(tmp_path, "headless")
+    supervisor = background(
+        [
+            "bash",
+            "-c",
+            f".venv/bin/relay supervise --address {address} --config {user_files} --cluster {cluster} "
+            f"--set max_train_steps=300 --set checkpointing_steps=20 --set {_hook(webhook_receiver)} "
+            "--backoff 1 --poll 1 --head-wait 300",
+        ],
+        cwd=fresh_clone.root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def training():
+        if supervisor.poll() is not None:
+            pytest.fail(f"supervise ended early ({supervisor.returncode}): {supervisor.communicate()[0][-4000:]}")
+        return (s := _status(fresh_clone, "headless", tmp_path, env)) and s["state"] == "running" and s["step"] > 30
+
+    poll("training to pass step 30", training, timeout=600)
+    os.killpg(head.pid, signal.SIGKILL)  # the head is lost, and the job's driver with it
+    time.sleep(3)
+    start_head()  # a replacement on the same address
+    out, _ = supervisor.communicate(timeout=900)
+    assert supervisor.returncode == 0, out[-5000:]
+    print("\n" + "\n".join(ln for ln in out.splitlines() if "head unreachable" in ln or "the head was lost" in ln))
+    assert "head unreachable" in out and "submitted as" in out
+    # the job's own lines, followed (which checkpoints the killed job's log still delivered depends on timing)
+    assert "step " in out and re.search(r"checkpoint \d+ committed", out)
+    assert "(the head was lost" in out and "InvalidAuthToken" not in out
+    final = _status(fresh_clone, "headless", tmp_path, env)
+    assert final["state"] == "completed" and final["attempts"][-1]["reason"] == "head_lost"
+    alerts = [r.json for r in webhook_receiver.requests if r.json["type"] == "head_lost"]
+    assert alerts and alerts[0]["severity"] == "error" and "step(s) lost; back at step" in alerts[0]["message"]
