@@ -31,13 +31,19 @@ class StopOnSignal:
     def __init__(self, is_saving: Callable[[], bool] = lambda: False) -> None:
         self.requested, self.is_saving, self.pressed_while_saving = False, is_saving, 0
         self.signum = 0
-        self.finished = False  # the loop has returned: a late signal has nothing left to stop
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def finished(self) -> None:
+        """The loop has returned: a late signal (the second of a double Ctrl-C) has nothing left to stop.
+        Ignored at the OS level, not by a Python handler: the interpreter's shutdown puts back the default
+        action of every Python handler, and a signal then would kill the process instead of exit 130."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def _handle(self, signum, frame) -> None:
-        if self.finished:  # e.g. the second of a double Ctrl-C, arriving after the checkpoint and the stop
-            return
         if not self.requested:
             self.requested, self.signum = True, signum
             log.warning("signal %d: checkpointing at the next step boundary, then stopping (send again to abort)", signum)
@@ -82,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             try:
                 result = trainer.fit()
             finally:
-                stop.finished = True
+                stop.finished()
     if result.stopped_early:
         log.warning(
             "stopped at step %d/%d; %s holds everything. Run the same command to resume.",

@@ -36,7 +36,10 @@ def test_a_second_signal_mid_run_aborts(handlers):
 def test_a_signal_after_the_loop_returned_is_ignored(handlers):
     stop = StopOnSignal()
     _deliver(signal.SIGINT)
-    stop.finished = True
+    stop.finished()
     _deliver(signal.SIGINT)  # before the fix: KeyboardInterrupt outside main's handlers, exit by SIGINT
     _deliver(signal.SIGTERM)
     assert stop.signum == signal.SIGINT
+    # ignored by the OS, not by a Python handler: the interpreter's shutdown restores the default action of
+    # Python handlers (exit by SIGINT), but leaves SIG_IGN alone
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN == signal.getsignal(signal.SIGTERM)
