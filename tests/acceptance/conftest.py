@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 from support import ports  # tests/support/
+from support.polling import wait_for
+from support.ray_nodes import NODE_COMMON, head_command
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,6 +57,20 @@ class Clone:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST_"))}
         env.update(extra)
         return env
+
+    def status(self, run: str, storage: str, env: dict[str, str], *flags: str, as_json: bool = True):
+        """`relay status RUN --storage S --no-hub [--json]` as typed: its JSON (or text), None if it failed."""
+        got = subprocess.run(
+            [self.relay, "status", run, "--storage", storage, *flags, "--no-hub", *(["--json"] if as_json else [])],
+            cwd=self.root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if got.returncode != 0:
+            return None
+        return json.loads(got.stdout) if as_json else got.stdout
 
     def run(self, command: str, timeout: float, **env: str) -> subprocess.CompletedProcess:
         """A shell command line in the clone, as a person would type it."""
@@ -166,20 +182,7 @@ def cluster_head(fresh_clone, s3_endpoint):
     temp = tempfile.mkdtemp(prefix="ra")  # short: Ray's socket paths must fit 107 characters
     env = fresh_clone.env(PATH=f"{fresh_clone.root / '.venv/bin'}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled")
     proc = subprocess.Popen(
-        [
-            fresh_clone.ray,
-            "start",
-            "--head",
-            f"--port={gcs}",
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-            f"--temp-dir={temp}",
-            f"--ray-client-server-port={ports.free_port()}",
-            *ports.ray_node_ports(),
-            *NODE_COMMON,
-        ],
+        head_command(fresh_clone.ray, port=gcs, dashboard=dashboard, temp=temp),
         env=env,
         cwd=fresh_clone.root,
         stdout=subprocess.DEVNULL,
@@ -216,9 +219,6 @@ def cluster_head(fresh_clone, s3_endpoint):
     finally:
         _stop_group(proc, grace=5)  # the session is over: no job to let finish
         shutil.rmtree(temp, ignore_errors=True)
-
-
-NODE_COMMON = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
 
 
 def _stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
@@ -280,17 +280,6 @@ def head(fresh_clone, cluster_head):
         )
     for folder in temps:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def wait_for(what: str, check, timeout: float, every: float = 1.0):
-    """Poll `check()` until it returns something truthy; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import signal
 import subprocess
 
 import pytest
+from support.polling import training_past
 
 pytestmark = pytest.mark.slow
 
@@ -34,15 +35,7 @@ def _cluster(tmp_path, name: str, bucket: str, endpoint: str, **extra) -> str:
 
 
 def _status(clone, run: str, bucket: str, endpoint: str, env: dict) -> dict | None:
-    got = subprocess.run(
-        [clone.relay, "status", run, "--storage", f"s3://{bucket}/runs", "--endpoint", endpoint, "--json", "--no-hub"],
-        cwd=clone.root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return json.loads(got.stdout) if got.returncode == 0 else None
+    return clone.status(run, f"s3://{bucket}/runs", env, "--endpoint", endpoint)
 
 
 def test_ray_job_submit_status_while_it_trains_and_a_resubmit_resumes(
@@ -62,12 +55,8 @@ def test_ray_job_submit_status_while_it_trains_and_a_resubmit_resumes(
         text=True,
     )
 
-    def training():
-        if job.poll() is not None:
-            pytest.fail(f"the job ended before status saw it train ({job.returncode}): {job.communicate()[0][-5000:]}")
-        return (s := _status(fresh_clone, "job", bucket, s3_endpoint, env)) and s["state"] == "running" and s["step"] > 0 and s
-
-    seen = poll("relay status to show the run training", training, timeout=600)
+    status = lambda: _status(fresh_clone, "job", bucket, s3_endpoint, env)  # noqa: E731
+    seen = poll("relay status to show the run training", training_past(job, status, 0), timeout=600)
     assert seen["total_steps"] == 1000 and seen["storage"] == f"s3://{bucket}/runs/job"
     out, _ = job.communicate(timeout=900)
     assert job.returncode == 0, out[-5000:]

@@ -12,6 +12,8 @@ import subprocess
 import time
 
 import pytest
+from support.polling import training_past
+from support.ray_nodes import head_command
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +30,7 @@ def _cluster(tmp_path, name: str, **extra) -> str:
 
 
 def _status(clone, run: str, tmp_path, env: dict, as_json: bool = True):
-    got = subprocess.run(
-        [clone.relay, "status", run, "--storage", str(tmp_path / "runs"), "--no-hub", *(["--json"] if as_json else [])],
-        cwd=clone.root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if got.returncode != 0:
-        return None
-    return json.loads(got.stdout) if as_json else got.stdout
+    return clone.status(run, str(tmp_path / "runs"), env, as_json=as_json)
 
 
 def _hook(receiver) -> str:
@@ -146,12 +138,7 @@ def test_a_node_lost_reads_as_an_outage_in_status_then_resumes(
         text=True,
     )
 
-    def training():
-        if job.poll() is not None:
-            pytest.fail(f"the job ended early ({job.returncode}): {job.communicate()[0][-4000:]}")
-        return (s := _status(fresh_clone, "lost", tmp_path, env)) and s["state"] == "running" and s["step"] > 30 and s
-
-    poll("training to pass step 30", training, timeout=600)
+    poll("training to pass step 30", training_past(job, lambda: _status(fresh_clone, "lost", tmp_path, env), 30), 600)
     os.killpg(node.pid, signal.SIGKILL)  # the node is gone without notice
 
     def outage():
@@ -182,37 +169,24 @@ def own_head(fresh_clone, background, free_port):
     import tempfile
 
     env = fresh_clone.env(PATH=f"{fresh_clone.root / '.venv/bin'}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled")
-    ports = {name: free_port() for name in ("port", "dashboard", "client", "agent", "agent_grpc", "runtime_env", "metrics")}
     temp = tempfile.mkdtemp(prefix="rh")
+    dashboard = free_port()
+    node_ports = [
+        f"--{flag}={free_port()}"
+        for flag in (
+            "ray-client-server-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+        )
+    ]
+    command = head_command(fresh_clone.ray, free_port(), dashboard, temp, node_ports)
 
     def start() -> subprocess.Popen:
-        return background(
-            [
-                fresh_clone.ray,
-                "start",
-                "--head",
-                "--block",
-                "--num-cpus=2",
-                "--node-ip-address=127.0.0.1",
-                "--disable-usage-stats",
-                "--include-dashboard=true",
-                "--dashboard-host=127.0.0.1",
-                f"--port={ports['port']}",
-                f"--dashboard-port={ports['dashboard']}",
-                f"--ray-client-server-port={ports['client']}",
-                f"--dashboard-agent-listen-port={ports['agent']}",
-                f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
-                f"--runtime-env-agent-port={ports['runtime_env']}",
-                f"--metrics-export-port={ports['metrics']}",
-                f"--temp-dir={temp}",
-            ],
-            env=env,
-            cwd=fresh_clone.root,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        return background(command, env=env, cwd=fresh_clone.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    yield f"http://127.0.0.1:{ports['dashboard']}", start, env
+    yield f"http://127.0.0.1:{dashboard}", start, env
 
 
 def test_a_head_lost_under_supervise_is_resubmitted_and_reported(
@@ -236,12 +210,8 @@ def test_a_head_lost_under_supervise_is_resubmitted_and_reported(
         text=True,
     )
 
-    def training():
-        if supervisor.poll() is not None:
-            pytest.fail(f"supervise ended early ({supervisor.returncode}): {supervisor.communicate()[0][-4000:]}")
-        return (s := _status(fresh_clone, "headless", tmp_path, env)) and s["state"] == "running" and s["step"] > 30
-
-    poll("training to pass step 30", training, timeout=600)
+    status = lambda: _status(fresh_clone, "headless", tmp_path, env)  # noqa: E731
+    poll("training to pass step 30", training_past(supervisor, status, 30), timeout=600)
     os.killpg(head.pid, signal.SIGKILL)  # the head is lost, and the job's driver with it
     time.sleep(3)
     start_head()  # a replacement on the same address

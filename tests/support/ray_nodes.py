@@ -1,0 +1,25 @@
+"""`ray start` command lines for the nodes tests start as processes (the acceptance layer's heads and nodes)."""
+
+from __future__ import annotations
+
+from support import ports
+
+NODE_COMMON = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+
+
+def head_command(ray: str, port: int, dashboard: int, temp: str, node_ports: list[str] | None = None) -> list[str]:
+    """`ray start --head --block` on loopback with 2 CPUs, the dashboard (the job API) on `dashboard`, and
+    every other port its own (`node_ports`: fixed ones, for a head that must come back where it was)."""
+    return [
+        ray,
+        "start",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--temp-dir={temp}",
+        *(node_ports if node_ports is not None else [f"--ray-client-server-port={ports.free_port()}", *ports.ray_node_ports()]),
+        *NODE_COMMON,
+    ]
