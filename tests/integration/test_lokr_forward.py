@@ -257,12 +257,16 @@ def test_regional_compile_trains_without_graph_breaks_or_dtype_recompiles(make_c
     counters.clear()
     torch._logging.set_logs(recompiles=True)
     speed_log = logging.getLogger("relay_train.speed")
+    dynamo_log = logging.getLogger("torch._dynamo")  # torch's loggers never propagate to the root's handlers
+    dynamo_log.addHandler(caplog.handler)
     try:
-        # the level on our logger itself: an earlier test in this process may have set a parent's
-        with caplog.at_level(logging.DEBUG), caplog.at_level(logging.INFO, logger=speed_log.name):
+        # the level on our logger itself too: an earlier test in this process may have set a parent's (at_level
+        # sets the capturing handler's level as well, so DEBUG both times: the recompile lines are DEBUG)
+        with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger=speed_log.name):
             compiled = build_trainer(make_config(out="compiled", **common, transformer_compile="on"))
             losses = [compiled.optimizer_step()[0] for _ in range(steps)]
     finally:
+        dynamo_log.removeHandler(caplog.handler)
         torch._logging.set_logs()
     assert all(block._compiled_call_impl is not None for block in compiled.model.transformer.transformer_blocks)
     torch.testing.assert_close(torch.stack(losses), torch.stack(expected), rtol=1e-4, atol=1e-6)
