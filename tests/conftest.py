@@ -21,7 +21,6 @@ import functools
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import pytest
 from support import ports  # tests/support/
+from support.ray_nodes import head_command, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -266,22 +266,7 @@ def ray_head():
     # A throwaway loopback head: no token auth (a machine with ~/.ray/auth_token would otherwise turn it on).
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     head = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("ray")),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={gcs}",
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-            f"--temp-dir={temp}",
-            f"--ray-client-server-port={ports.free_port()}",
-            *ports.ray_node_ports(),
-            "--disable-usage-stats",
-        ],
+        head_command(str(Path(sys.executable).with_name("ray")), gcs, dashboard, temp),
         env=env,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
@@ -300,9 +285,5 @@ def ray_head():
     else:
         pytest.fail("the Ray head's job API never came up")
     yield address, {**env, "RAY_ADDRESS": address}
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+    stop_group(head, grace=5)  # the module is over: no job to let finish (a clean `ray stop` takes ~30 s)
     shutil.rmtree(temp, ignore_errors=True)

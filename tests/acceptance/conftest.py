@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from support import ports  # tests/support/
 from support.polling import wait_for
-from support.ray_nodes import NODE_COMMON, head_command
+from support.ray_nodes import NODE_COMMON, head_command, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -217,22 +217,8 @@ def cluster_head(fresh_clone, s3_endpoint):
         wait_for("the Ray head to take jobs", takes_jobs, timeout=240, every=3)
         yield head
     finally:
-        _stop_group(proc, grace=5)  # the session is over: no job to let finish
+        stop_group(proc, grace=5)  # the session is over: no job to let finish
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def _stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
-    """SIGTERM a `ray start --block` process group (the node leaves the cluster cleanly), SIGKILL after `grace`."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture
@@ -270,7 +256,7 @@ def head(fresh_clone, cluster_head):
 
     yield cluster_head.address, cluster_head.gcs, start_node, cluster_head.env
     for node in nodes:
-        _stop_group(node)
+        stop_group(node)
     if nodes:  # a later test's job must never be placed on a node that is going away
         wait_for(
             "the head to see the test's nodes gone",

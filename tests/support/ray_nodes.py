@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+
 from support import ports
 
 NODE_COMMON = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
@@ -23,3 +28,16 @@ def head_command(ray: str, port: int, dashboard: int, temp: str, node_ports: lis
         *(node_ports if node_ports is not None else [f"--ray-client-server-port={ports.free_port()}", *ports.ray_node_ports()]),
         *NODE_COMMON,
     ]
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
+    """Stop a `ray start --block` started in its own process group: SIGTERM (the node leaves its cluster
+    cleanly), then SIGKILL after `grace` s to whatever of the group is still there."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
