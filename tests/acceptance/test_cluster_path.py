@@ -47,7 +47,7 @@ def test_ray_job_submit_status_while_it_trains_and_a_resubmit_resumes(
     env = {**env, "RAY_ADDRESS": address}
     command = SUBMIT.format(config=user_files, cluster=cluster)
     job = background(
-        ["bash", "-c", command + " --set max_train_steps=1000 --set checkpointing_steps=250"],
+        ["bash", "-c", command + " --set max_train_steps=400 --set checkpointing_steps=100"],
         cwd=fresh_clone.root,
         env=env,
         stdout=subprocess.PIPE,
@@ -57,14 +57,14 @@ def test_ray_job_submit_status_while_it_trains_and_a_resubmit_resumes(
 
     status = lambda: _status(fresh_clone, "job", bucket, s3_endpoint, env)  # noqa: E731
     seen = poll("relay status to show the run training", training_past(job, status, 0), timeout=600)
-    assert seen["total_steps"] == 1000 and seen["storage"] == f"s3://{bucket}/runs/job"
+    assert seen["total_steps"] == 400 and seen["storage"] == f"s3://{bucket}/runs/job"
     out, _ = job.communicate(timeout=900)
     assert job.returncode == 0, out[-5000:]
-    assert "succeeded" in out and "completed at step 1000" in out and "checkpoint 1000 committed: s3://" in out
+    assert "succeeded" in out and "completed at step 400" in out and "checkpoint 400 committed: s3://" in out
     assert "(RayTrainWorker" not in out and "PlacementGroupCleaner" not in out  # the driver's view only
 
     again = subprocess.run(
-        ["bash", "-c", command + " --max_train_steps=1050 --checkpointing_steps=50"],
+        ["bash", "-c", command + " --max_train_steps=450 --checkpointing_steps=50"],
         cwd=fresh_clone.root,
         env=env,
         capture_output=True,
@@ -73,9 +73,9 @@ def test_ray_job_submit_status_while_it_trains_and_a_resubmit_resumes(
     )
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-5000:]
-    assert "resumed at step 1000" in out and "completed at step 1050" in out
+    assert "resumed at step 400" in out and "completed at step 450" in out
     final = _status(fresh_clone, "job", bucket, s3_endpoint, env)
-    assert final["state"] == "completed" and final["step"] == 1050 and final["checkpoints"][-1] == 1050
+    assert final["state"] == "completed" and final["step"] == 450 and final["checkpoints"][-1] == 450
     assert [a["reason"] for a in final["attempts"]] == ["fresh", "resubmitted"]
 
 
@@ -131,7 +131,7 @@ def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(
                 "bash",
                 "-c",
                 SUBMIT.format(config=user_files, cluster=cluster)
-                + f" --set max_train_steps=1500 --set checkpointing_steps=500 --set 'webhook_config={hook}'",
+                + f" --set max_train_steps=800 --set checkpointing_steps=400 --set 'webhook_config={hook}'",
             ],
             cwd=fresh_clone.root,
             env=env,
@@ -140,12 +140,8 @@ def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(
             text=True,
         )
 
-        def training_past_20():
-            if job.poll() is not None:
-                pytest.fail(f"the job ended early ({job.returncode}): {job.communicate()[0][-4000:]}")
-            return (s := _status(fresh_clone, "spot", bucket, s3_endpoint, env)) and s["state"] == "running" and s["step"] > 20
-
-        poll("training to pass step 20", training_past_20, timeout=600)
+        status = lambda: _status(fresh_clone, "spot", bucket, s3_endpoint, env)  # noqa: E731
+        poll("training to pass step 20", training_past(job, status, 20), timeout=600)
         imds.announce(seconds=30)
 
         def emergency_checkpoint():
@@ -155,7 +151,7 @@ def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(
                     f"the job ended before its emergency checkpoint ({job.returncode}):\n"
                     f"{job.communicate()[0][-3000:]}\nagent:\n{agent.communicate()[0][-2000:]}"
                 )
-            return (s := _status(fresh_clone, "spot", bucket, s3_endpoint, env)) and s["emergency_checkpoints"] and s
+            return (s := status()) and s["emergency_checkpoints"] and s
 
         report = poll("the emergency checkpoint", emergency_checkpoint, timeout=180)
         emergency = report["emergency_checkpoints"][0]["step"]
@@ -169,7 +165,7 @@ def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(
     assert job.returncode == 0, out[-5000:]
     assert f"preemption notice at step {emergency}" in out and f"resumed at step {emergency} (preempted" in out
     final = _status(fresh_clone, "spot", bucket, s3_endpoint, env)
-    assert final["state"] == "completed" and final["step"] == 1500
+    assert final["state"] == "completed" and final["step"] == 800
     resumed = final["attempts"][1]
     assert resumed["reason"] == "preemption" and resumed["start_step"] == emergency and final["attempts"][0]["steps_lost"] == 0
     kinds = [r.json["type"] for r in webhook_receiver.requests]

@@ -130,7 +130,7 @@ def test_a_node_lost_reads_as_an_outage_in_status_then_resumes(
     cluster = _cluster(tmp_path, "lost", resources_per_worker={"spot": 1}, max_failures=3)
     command = SUBMIT.format(id="lost-1", config=user_files, cluster=cluster)
     job = background(
-        ["bash", "-c", f"{command} --set max_train_steps=400 --set checkpointing_steps=20 --set {_hook(webhook_receiver)}"],
+        ["bash", "-c", f"{command} --set max_train_steps=200 --set checkpointing_steps=20 --set {_hook(webhook_receiver)}"],
         cwd=fresh_clone.root,
         env=env,
         stdout=subprocess.PIPE,
