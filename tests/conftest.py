@@ -44,17 +44,23 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # A test that hangs fails alone, by name, after its tier's bound (pytest-timeout, signal method); a test that
 # needs more says so with @pytest.mark.timeout(N). Bounds are ~4x the tier's slowest test on a loaded 2-core box.
 TIER_TIMEOUTS = {"unit": 180, "integration": 600, "slow": 900, "acceptance": 1200}
+TIER_SECONDS = dict.fromkeys(TIER_TIMEOUTS, 0.0)  # test seconds (setup, call, teardown) summed per tier
 BUDGET_ENV = "RELAY_SUITE_BUDGET_S"  # .ci/run sets it: the run fails when pytest's wall time passes it
 CI_START_ENV = "RELAY_CI_START"  # .ci/run's start (epoch seconds), so the total with setup is printed too
 
 
-def tier(item: pytest.Item) -> str:
-    parts = item.path.relative_to(REPO / "tests").parts
-    if parts[0] == "acceptance":
+def tier_of(nodeid: str, slow: bool) -> str:
+    """A test's tier from its node id (tests/<room>/...) and whether it is marked slow."""
+    room = Path(nodeid.split("::", 1)[0]).parts[1]
+    if room == "acceptance":
         return "acceptance"
-    if item.get_closest_marker("slow"):
+    if slow:
         return "slow"
-    return "integration" if parts[0] == "integration" else "unit"
+    return "integration" if room == "integration" else "unit"
+
+
+def tier(item: pytest.Item) -> str:
+    return tier_of(item.nodeid, item.get_closest_marker("slow") is not None)
 
 
 # Under pytest-xdist (-n 2 --dist loadgroup, as .ci/run runs) a group runs on one worker, one test at a time:
@@ -113,6 +119,12 @@ def pytest_sessionstart(session):
     session.config.stash[_STARTED] = time.monotonic()
 
 
+def pytest_runtest_logreport(report):
+    """Test seconds by tier (setup, call and teardown; under xdist the controller sees every lane's reports)."""
+    if report.nodeid.startswith("tests/"):
+        TIER_SECONDS[tier_of(report.nodeid, "slow" in report.keywords)] += report.duration
+
+
 def pytest_sessionfinish(session, exitstatus):
     if hasattr(session.config, "workerinput"):
         return  # an xdist worker: the controller times the whole run
@@ -128,6 +140,9 @@ def pytest_terminal_summary(terminalreporter, config):
     wall = config.stash.get(_WALL, None)
     if wall is None:
         return
+    terminalreporter.write_line(
+        "test time by tier, all lanes together: " + ", ".join(f"{name} {s:.0f} s" for name, s in TIER_SECONDS.items())
+    )
     line = f"suite wall time: {wall / 60:.1f} min ({wall:.0f} s)"
     if budget := float(os.environ.get(BUDGET_ENV, "0") or 0):
         over = wall > budget
