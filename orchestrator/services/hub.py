@@ -53,6 +53,7 @@ from orchestrator.core.ledger import EventType
 from orchestrator.core.failure import HttpFailure, Retries, decide
 from orchestrator.core.policy import retry_after
 from relay_train import checkpoint as ckpt
+from relay_train.artifacts import is_committed
 from relay_train.config import TrainConfig
 
 __all__ = [
@@ -391,7 +392,7 @@ class HubMirror:
         folders = {}
         for step in plan.fetch:
             folder = self._fetched.get(step)
-            if folder is None or not (folder / ckpt.MANIFEST).is_file():
+            if folder is None or not is_committed(lambda path: Path(path).is_file(), str(folder)):
                 try:
                     folder = pending[step].fetch(step, self._work / "checkpoints")
                 except (ckpt.CheckpointError, FileNotFoundError) as exc:
@@ -505,9 +506,9 @@ def as_export(path: Path, dtype: str) -> str | bytes:
         return str(path)
     import safetensors
     import torch
-    from safetensors.torch import load_file, save
+    from safetensors.torch import load_file
 
     with safetensors.safe_open(str(path), "pt") as fh:
         metadata = fh.metadata()
     tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(str(path)).items()}
-    return save(tensors, metadata=metadata)
+    return ckpt.safetensors_bytes(tensors, metadata)  # the export's bytes exactly (sorted header)

@@ -75,3 +75,19 @@ def test_options_only_the_cluster_path_carries_out_are_noted(tmp_path, extra, wo
 
 def test_a_plain_config_gets_no_note(tmp_path):
     assert launch_only_note(parse_config(raw_config(tmp_path), tmp_path)) is None
+
+
+def test_the_hubs_bf16_copy_of_a_checkpoint_is_the_exports_bytes(tmp_path):
+    """The Hub mirror sends a checkpoint's adapter in the export dtype: the same bytes Trainer.export writes
+    (sorted header), not the library's per-process metadata order."""
+    import torch
+
+    from orchestrator.services.hub import as_export
+
+    meta = {f"key_{i:02d}": str(i) for i in range(40)} | {"step": "7"}
+    tensors = {f"lycoris_block_{i}.lokr_w1": torch.full((3, 2), i + 0.1) for i in range(8)}
+    checkpoint, export = tmp_path / "ckpt.safetensors", tmp_path / "export.safetensors"
+    ckpt.save_adapters(tensors, None, meta, checkpoint, tmp_path / "unused")
+    ckpt.save_adapters(tensors, None, meta, export, tmp_path / "unused", dtype=torch.bfloat16)
+    assert as_export(checkpoint, "bf16") == export.read_bytes()
+    assert as_export(checkpoint, "fp32") == str(checkpoint)  # fp32: the checkpoint's own file, as is
