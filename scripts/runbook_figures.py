@@ -83,18 +83,27 @@ def checkpoint_figures() -> dict[str, float]:
     return {r[0].split(" (")[0]: float(r[1]) for r in rows}
 
 
+AFTER = "bench/gpu_step_h200.json"
+
+
 def step_times() -> list[StepTime]:
     h100 = _step("bench/gpu_step_h100.json")
     return [
         StepTime("H100, eager (measured)", h100, "bench/gpu_step_h100.json", "p5.4xlarge"),
-        StepTime("H200, eager (measured)", _step("bench/gpu_step_h200.json"), "bench/gpu_step_h200.json", "p5.4xlarge"),
+        StepTime(
+            "H200, eager (measured)", _step("bench/gpu_step_h200_before.json"), "bench/gpu_step_h200_before.json", "p5.4xlarge"
+        ),
         StepTime(
             "H200, regional compile (measured)",
             _step("bench/gpu_step_h200_compile.json", compiled=True),
             "bench/gpu_step_h200_compile.json",
             "p5.4xlarge",
         ),
-        StepTime("target of the GPU-step work (not measured)", TARGET_STEP, "the GPU-step issue", "p5.4xlarge"),
+        *(
+            [StepTime("H200, the recipe as relay train runs it (measured)", _step(AFTER), AFTER, "p5.4xlarge")]
+            if (REPO / AFTER).is_file()  # bench/gpu_h200.sh's "after" stage, once a GPU session copies it in
+            else [StepTime("target of the GPU-step work (not measured)", TARGET_STEP, "the GPU-step issue", "p5.4xlarge")]
+        ),
         StepTime(
             "L40S, eager (estimate: H100 × the dense bf16 ratio)",
             h100 * PEAK_BF16["H100"] / PEAK_BF16["L40S"],
