@@ -91,7 +91,7 @@ def test_a_completed_run_resubmitted_is_done_a_shorter_one_refused_and_a_longer_
 
     first, _ = submit("1", "max_train_steps=20", "checkpointing_steps=10")
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
-    assert "completed at step 20" in first.stdout + first.stderr
+    assert "completed at step 20" in first.stdout + first.stderr and "succeeded" in first.stdout
 
     same, took = submit("2", "max_train_steps=20", "checkpointing_steps=10")
     out = same.stdout + same.stderr
@@ -119,6 +119,8 @@ def test_a_completed_run_resubmitted_is_done_a_shorter_one_refused_and_a_longer_
     assert "checkpoint 10 committed" not in out and "checkpoint 20 committed" not in out  # only this job's news
     final = _status(fresh_clone, "again", tmp_path, env)
     assert final["step"] == 30 and [a["reason"] for a in final["attempts"]] == ["fresh", "resubmitted"]
+    state = json.loads((tmp_path / "runs/again/checkpoint-30/training_state.json").read_text())
+    assert state["resumed_at"] == [20]  # the loop itself resumed there (the checkpoint's own record)
 
 
 def test_a_node_lost_reads_as_an_outage_in_status_then_resumes(
