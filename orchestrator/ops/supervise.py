@@ -126,6 +126,11 @@ AUTH_ADVICE = (
 )
 
 
+def run_news(chunk: str) -> list[str]:
+    """The lines of a chunk of the job's log worth echoing: not blank, not Ray's [state-dump] blocks."""
+    return [line for line in chunk.splitlines() if line.strip() and "[state-dump]" not in line]
+
+
 def follow(client, submission: str) -> threading.Thread:
     """Echo the job's own log (its progress line every 10 s and its milestone lines) here as it is
     written, on a daemon thread that ends with the job or the head. Ray's [state-dump] blocks are left
@@ -134,9 +139,8 @@ def follow(client, submission: str) -> threading.Thread:
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(submission):
-            for line in chunk.splitlines():
-                if line.strip() and "[state-dump]" not in line:
-                    job_log.info("%s", line)
+            for line in run_news(chunk):
+                job_log.info("%s", line)
 
     def run() -> None:
         try:
