@@ -8,6 +8,18 @@ from pathlib import Path
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo"
 
 
+def write_backends(path: Path, data: Path, text_cache: Path, vae_cache: Path | None = None, demo: Path = DEMO) -> Path:
+    """`demo`'s multidatabackend.json at `path`, reading images from `data`, the text cache in `text_cache`
+    (and the VAE cache in `vae_cache`, else the demo's own)."""
+    backends = json.loads((demo / "multidatabackend.json").read_text())
+    backends[0]["instance_data_dir"] = str(data)
+    if vae_cache is not None:
+        backends[0]["cache_dir_vae"] = str(vae_cache)
+    backends[1]["cache_dir"] = str(text_cache)
+    Path(path).write_text(json.dumps(backends))
+    return Path(path)
+
+
 def write_recipe(
     folder: Path,
     model: Path,
@@ -26,13 +38,7 @@ def write_recipe(
     `text_cache` (default folder/cache). `keys` set config keys by name: a key the demo writes bare (as
     SimpleTuner allows, e.g. use_ema) stays bare, any other gets "--"; `drop` removes keys as written."""
     folder = Path(folder)
-    backends = json.loads((demo / "multidatabackend.json").read_text())
-    backends[0]["instance_data_dir"] = str(data)
-    if vae_cache is not None:
-        backends[0]["cache_dir_vae"] = str(vae_cache)
-    backends[1]["cache_dir"] = str(text_cache or folder / "cache")
-    backend_file = folder / f"backends-{out}.json"
-    backend_file.write_text(json.dumps(backends))
+    backend_file = write_backends(folder / f"backends-{out}.json", data, text_cache or folder / "cache", vae_cache, demo)
     raw = json.loads((demo / "config.json").read_text())
     raw.update(
         {

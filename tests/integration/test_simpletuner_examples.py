@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from relay_train.config import ConfigError, load_config
+from relay_train.demo.recipe import write_backends
 from relay_train.model import build_adapter_model
 from relay_train.trainer import build_trainer
 from simpletuner_wheel import example_files  # tests/ is on sys.path (conftest rootdir)
@@ -33,14 +34,11 @@ def sd3_examples() -> dict[str, dict]:
 def with_tiny_paths(raw: dict, tiny_model: Path, demo_data: Path, tmp_path: Path, lycoris: Path) -> dict:
     """The example with only its model and data swapped for the tiny ones (and its length cut to 2
     steps): lora_type standard becomes lycoris, with SimpleTuner's example LyCORIS config."""
-    backends = json.loads((REPO / "configs/demo/multidatabackend.json").read_text())
-    backends[0]["instance_data_dir"] = str(demo_data)
-    backends[1]["cache_dir"] = str(tmp_path / "cache")
-    (tmp_path / "backends.json").write_text(json.dumps(backends))
+    backends = write_backends(tmp_path / "backends.json", demo_data, tmp_path / "cache")
     swapped = {
         **raw,
         "pretrained_model_name_or_path": str(tiny_model),
-        "data_backend_config": str(tmp_path / "backends.json"),
+        "data_backend_config": str(backends),
         "output_dir": str(tmp_path / "out"),
         "resolution": 64,
         "max_train_steps": 2,
