@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import DATA, MODEL, REPO, relay_run  # noqa: E402  (the same loop and data as bench_train)
+from bench_train import REPO, ensure_demo, relay_run  # noqa: E402  (the same loop and data as bench_train)
 
 from relay_train.logs import configure_logging  # noqa: E402
 
@@ -61,9 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.steps)
-    if not (MODEL / "model_index.json").is_file() or not any(DATA.glob("*.txt")):
-        subprocess.run([sys.executable, "-m", "relay_train.cli", "make-tiny-model", str(MODEL)], check=True, cwd=REPO)
-        subprocess.run([sys.executable, "-m", "relay_train.cli", "make-demo-data", str(DATA)], check=True, cwd=REPO)
+    ensure_demo()
     measure("default", 10)  # encode the demo's caches once, outside the timed runs
     results: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.rounds):

@@ -27,6 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL, DATA = REPO / "demo/tiny-sd3", REPO / "demo/data"
 
 
+def ensure_demo() -> None:
+    """The demo's tiny model and images in demo/, made with the user's commands where missing."""
+    if not (MODEL / "model_index.json").is_file() or not any(DATA.glob("*.txt")):
+        subprocess.run([sys.executable, "-m", "relay_train.cli", "make-tiny-model", str(MODEL)], check=True, cwd=REPO)
+        subprocess.run([sys.executable, "-m", "relay_train.cli", "make-demo-data", str(DATA)], check=True, cwd=REPO)
+
+
 def relay_run(steps: int, out: Path) -> float:
     """The CLI's path: config → data → model → Trainer.fit with checkpoints and progress."""
     from relay_train.config import load_config
@@ -113,9 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.steps)
-    if not (MODEL / "model_index.json").is_file() or not any(DATA.glob("*.txt")):
-        subprocess.run([sys.executable, "-m", "relay_train.cli", "make-tiny-model", str(MODEL)], check=True, cwd=REPO)
-        subprocess.run([sys.executable, "-m", "relay_train.cli", "make-demo-data", str(DATA)], check=True, cwd=REPO)
+    ensure_demo()
     results: dict[str, list[dict]] = {"relay": [], "bare": []}
     for _ in range(args.rounds):
         for mode in results:

@@ -6,21 +6,7 @@ import pytest
 import torch
 
 from relay_train import checkpoint as ckpt
-
-
-def _payload(step: int) -> ckpt.CheckpointPayload:
-    gen = torch.Generator().manual_seed(step)
-    return ckpt.CheckpointPayload(
-        step=step,
-        adapter={"lycoris_a.lokr_w1": torch.randn(2, 2, generator=gen)},
-        adapter_metadata={"step": str(step)},
-        ema={"lycoris_a.lokr_w1": torch.zeros(2, 2)},
-        optimizer={"state": {}, "param_groups": []},
-        scheduler={"last_epoch": step},
-        rng=ckpt.capture_rng(gen),
-        training_state={"step": step},
-        config_json="{}",
-    )
+from support.checkpoints import small_payload
 
 
 def test_keep_newest_policy():
@@ -31,10 +17,10 @@ def test_keep_newest_policy():
 def test_store_round_trip_and_prunes(tmp_path):
     store = ckpt.LocalCheckpointStore(tmp_path, keep=2)
     for step in (10, 20, 30):
-        store.save(_payload(step))
+        store.save(small_payload(step))
     assert [p.name for p in store.checkpoints()] == ["checkpoint-30", "checkpoint-20"]
     back = ckpt.read_checkpoint(store.latest())
-    assert back.step == 30 and torch.equal(back.adapter["lycoris_a.lokr_w1"], _payload(30).adapter["lycoris_a.lokr_w1"])
+    assert back.step == 30 and torch.equal(back.adapter["lycoris_a.lokr_w1"], small_payload(30).adapter["lycoris_a.lokr_w1"])
     manifest = json.loads((store.latest() / ckpt.MANIFEST).read_text())
     assert set(manifest["files"]) == {
         ckpt.ADAPTER,
@@ -49,8 +35,8 @@ def test_store_round_trip_and_prunes(tmp_path):
 
 def test_incomplete_and_corrupt_checkpoints_are_never_loaded(tmp_path):
     store = ckpt.LocalCheckpointStore(tmp_path)
-    good = store.save(_payload(10))
-    newer = store.save(_payload(20))
+    good = store.save(small_payload(10))
+    newer = store.save(small_payload(20))
     (newer / ckpt.ADAPTER).write_bytes(b"x" * (newer / ckpt.ADAPTER).stat().st_size)  # same size, bad bytes
     assert store.latest() == good
     (tmp_path / "checkpoint-30").mkdir()  # a crash before the manifest
@@ -64,7 +50,7 @@ def test_incomplete_and_corrupt_checkpoints_are_never_loaded(tmp_path):
 def test_partial_writes_are_swept(tmp_path):
     (tmp_path / "checkpoint-5.partial").mkdir()
     store = ckpt.LocalCheckpointStore(tmp_path)
-    store.save(_payload(10))
+    store.save(small_payload(10))
     assert not (tmp_path / "checkpoint-5.partial").exists()
 
 
@@ -109,7 +95,7 @@ def _rewrite(folder, change):
     ],
 )
 def test_a_manifest_that_lies_is_a_checkpoint_error(tmp_path, change, fragment):
-    folder = ckpt.LocalCheckpointStore(tmp_path).save(_payload(10))
+    folder = ckpt.LocalCheckpointStore(tmp_path).save(small_payload(10))
     _rewrite(folder, change)
     with pytest.raises(ckpt.CheckpointError, match="malformed manifest.json") as info:
         ckpt.read_checkpoint(folder)
@@ -117,7 +103,7 @@ def test_a_manifest_that_lies_is_a_checkpoint_error(tmp_path, change, fragment):
 
 
 def test_a_manifest_that_is_not_an_object_or_not_json(tmp_path):
-    folder = ckpt.LocalCheckpointStore(tmp_path).save(_payload(10))
+    folder = ckpt.LocalCheckpointStore(tmp_path).save(small_payload(10))
     (folder / ckpt.MANIFEST).write_text("[1, 2]")
     with pytest.raises(ckpt.CheckpointError, match="JSON list, expected an object"):
         ckpt.verify_checkpoint(folder)
@@ -127,7 +113,7 @@ def test_a_manifest_that_is_not_an_object_or_not_json(tmp_path):
 
 
 def test_a_training_state_that_names_another_step_is_refused(tmp_path):
-    folder = ckpt.LocalCheckpointStore(tmp_path).save(_payload(10))
+    folder = ckpt.LocalCheckpointStore(tmp_path).save(small_payload(10))
     state = folder / ckpt.TRAINING_STATE
     state.write_text(json.dumps({"step": 30}))
     _rewrite(
@@ -138,7 +124,7 @@ def test_a_training_state_that_names_another_step_is_refused(tmp_path):
 
 
 def test_a_file_that_matches_its_hash_but_does_not_load_is_named(tmp_path):
-    folder = ckpt.LocalCheckpointStore(tmp_path).save(_payload(10))
+    folder = ckpt.LocalCheckpointStore(tmp_path).save(small_payload(10))
     rng = folder / ckpt.RNG
     rng.write_bytes(b"not a torch file")
     _rewrite(folder, lambda m: m["files"][ckpt.RNG].update(size=rng.stat().st_size, sha256=ckpt.sha256_file(rng)))
@@ -149,7 +135,7 @@ def test_a_file_that_matches_its_hash_but_does_not_load_is_named(tmp_path):
 def test_scan_says_why_each_checkpoint_is_rejected(tmp_path):
     store = ckpt.LocalCheckpointStore(tmp_path)
     for step in (10, 20, 30):
-        store.save(_payload(step))
+        store.save(small_payload(step))
     (tmp_path / "checkpoint-30" / ckpt.MANIFEST).unlink()
     _rewrite(tmp_path / "checkpoint-20", lambda m: m.update(step=25))
     found = dict(store.scan())
@@ -180,23 +166,10 @@ def test_a_second_lock_on_one_output_dir_is_refused_naming_the_holder(tmp_path):
 # -- a full disk ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB tmpfs (needs root and mount; skipped elsewhere)."""
-    import subprocess
-
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_full_disk_is_one_clear_error_and_leaves_the_earlier_checkpoints(small_disk):
     store = ckpt.LocalCheckpointStore(small_disk)
-    first = store.save(_payload(10))
-    big = _payload(20)
+    first = store.save(small_payload(10))
+    big = small_payload(20)
     big.adapter = {"lycoris_a.lokr_w1": torch.zeros(1024, 1024)}  # 4 MiB: cannot fit
     with pytest.raises(ckpt.CheckpointWriteError, match=r"no space left to write checkpoint-20.partial in .* free"):
         store.save(big)

@@ -11,25 +11,11 @@ import pytest
 import torch
 
 from relay_train import checkpoint as ckpt
+from support.checkpoints import small_payload
 from relay_train.config.files import DataBackendConfig
 from relay_train.data.discovery import report_problems
 from relay_train.data.store import FileStore
 from relay_train.safe_write import LinkRefusedError, write_atomic
-
-
-def _payload(step: int) -> ckpt.CheckpointPayload:
-    gen = torch.Generator().manual_seed(step)
-    return ckpt.CheckpointPayload(
-        step=step,
-        adapter={"lycoris_a.lokr_w1": torch.randn(2, 2, generator=gen)},
-        adapter_metadata={"step": str(step)},
-        ema=None,
-        optimizer={"state": {}, "param_groups": []},
-        scheduler={"last_epoch": step},
-        rng=ckpt.capture_rng(gen),
-        training_state={"step": step},
-        config_json="{}",
-    )
 
 
 @pytest.fixture
@@ -54,7 +40,7 @@ def test_a_partial_checkpoint_folder_that_is_a_link_is_never_written_through(tmp
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint-10.partial").symlink_to(victim, target_is_directory=True)
-    folder = ckpt.LocalCheckpointStore(run).save(_payload(10))
+    folder = ckpt.LocalCheckpointStore(run).save(small_payload(10, ema=False))
     assert folder == run / "checkpoint-10" and not folder.is_symlink()
     assert sorted(p.name for p in victim.iterdir()) == ["precious.txt"]  # nothing landed on the target
     ckpt.verify_checkpoint(folder)
