@@ -453,7 +453,7 @@ class RunLock:
     def acquire(self) -> Self:
         if self.folder.exists() and not self.folder.is_dir():
             raise RunLockedError(f"output_dir {self.folder} is a file, not a folder: point output_dir at a folder")
-        make_dir(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)  # output_dir is the user's: it may be a link to a bigger disk
         # Never truncate before holding the lock (the holder's details live there); never through a link.
         fh = open_new(self.path, "r+", truncate=False)
         try:

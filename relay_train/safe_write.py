@@ -87,7 +87,7 @@ def write_atomic(path: Path | str, data: bytes) -> None:
     """Replace a local file so that readers see the old content or the new, never a part of it. The temp
     file is created exclusively (never through a link); a link at `path` itself is refused."""
     path = Path(path)
-    make_dir(path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)  # the user's folders (a folder Relay owns is made by make_dir)
     if is_link(path):
         raise LinkRefusedError(path)
     temp = path.with_name(f".{path.name}{TEMP_MARK}{uuid.uuid4().hex[:8]}")

@@ -114,3 +114,16 @@ def test_a_shared_folder_path_refuses_a_link_on_the_way(tmp_path, victim):
         make_dir(tmp_path / "relay-staging" / "run" / "rank-0", owned_below=tmp_path)
     assert sorted(p.name for p in victim.iterdir()) == ["precious.txt"]
     assert make_dir(tmp_path / "own" / "run" / "rank-0", owned_below=tmp_path).is_dir()
+
+
+def test_an_output_dir_that_is_a_link_to_a_bigger_disk_is_the_users_choice(tmp_path):
+    """Only the names Relay owns refuse a link: the folders above them (output_dir itself) are the user's."""
+    disk = tmp_path / "bigger-disk"
+    disk.mkdir()
+    out = tmp_path / "out"
+    out.symlink_to(disk, target_is_directory=True)
+    with ckpt.RunLock(out):
+        write_atomic(out / "sd35-run-lokr.safetensors", b"adapter")
+        folder = ckpt.LocalCheckpointStore(out).save(small_payload(10, ema=False))
+    assert (disk / "sd35-run-lokr.safetensors").read_bytes() == b"adapter"
+    assert (disk / "checkpoint-10").is_dir() and folder.name == "checkpoint-10"
