@@ -18,6 +18,7 @@ from relay_train.data.buckets import Bucket, BucketBatchSampler
 from relay_train.config import TrainConfig
 from relay_train.data.dataset import BucketTensors, EncodedDataset, UnusableBatchError
 from relay_train.data.encode import encode_dataset
+from relay_train.hold import Hold
 from relay_train.model import AdapterModel, build_adapter_model, compute_dtype, pick_device, resolve_model_path
 from relay_train.nonfinite import NonFiniteError, StepGuard, nonfinite_stop, nonfinite_tensors
 from relay_train.optim import AdapterEMA, build_scheduler
@@ -297,7 +298,10 @@ class Trainer:
         window = torch.zeros(3, device=self.device)
         one = torch.ones((), device=self.device)
         window_start, t0, saved_at = self.step, time.perf_counter(), None
+        hold = Hold.from_env()  # a test's (or a debugging person's) hold at a chosen step; normally None
         while self.step < self.total_steps:
+            if hold is not None:
+                hold.wait(self.step)
             loss, grad_norm, ok = self.optimizer_step()
             step_values = torch.stack([loss.to(window.device), grad_norm.to(window.device).reshape(()), one])
             window += torch.where(ok.to(window.device), step_values, torch.zeros_like(step_values))

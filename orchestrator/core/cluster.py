@@ -35,6 +35,12 @@ def _bucket(value: float) -> float:
     return value
 
 
+# cluster keys that are Ray Train settings, and the environment variables Ray Train reads them from
+RAY_TRAIN_VARIABLES = {
+    "report_poll_seconds": "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+    "worker_start_seconds": "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
+}
+
 Workers = Annotated[int | tuple[int, int], AfterValidator(_workers)]
 BucketMiB = Annotated[float, AfterValidator(_bucket)]
 
@@ -108,6 +114,19 @@ class ClusterConfig(ConfigModel):
     hourly_price_worker: float = Field(0.0, ge=0, description="$/h of one training worker's instance (cost estimate)")
     hourly_price_head: float = Field(0.0, ge=0, description="$/h of the head node (cost estimate)")
     steward_poll_seconds: float = Field(5.0, gt=0, description="how often the steward looks for committed checkpoints")
+    report_poll_seconds: float = Field(
+        0.5,
+        gt=0,
+        description="how often Ray Train's controller polls the workers; each poll takes one reported "
+        "checkpoint and checks the workers' health (Ray's own 2 s lets reports queue behind fast steps, "
+        "holding a run's end and an emergency checkpoint's commit)",
+    )
+    worker_start_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="how long a worker group may take to be placed and start before Ray decides its size "
+        "again (an elastic run that lost a node shrinks after at most this)",
+    )
 
     @classmethod
     def cross_field_problems(cls, values: Mapping[str, Any], bad: set[str]) -> list[str]:
@@ -124,6 +143,15 @@ class ClusterConfig(ConfigModel):
                 "Leave gradient_sync_dtype at 'fp32' with strategy 'deepspeed', or use strategy 'ddp'"
             ]
         return []
+
+    def ray_train_environment(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """Ray Train's own knobs for these keys (environment variables its controller and workers read):
+        a key written in the cluster config wins, then the variable already in `environ`, then our default."""
+        out = {}
+        for key, variable in RAY_TRAIN_VARIABLES.items():
+            if key in self.model_fields_set or variable not in environ:
+                out[variable] = f"{getattr(self, key):g}"
+        return out
 
     @property
     def hourly_cost(self) -> float | None:

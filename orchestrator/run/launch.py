@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -133,7 +134,7 @@ def run_on_ray(
     display.start()
     stop = StopRequest(steward)
     try:
-        with stop:
+        with stop, ray_train_settings(cluster):
             result = fit_off_the_main_thread(trainer, lambda: display.fatal)
     except BaseException as exc:
         display.close()
@@ -195,6 +196,23 @@ def hold_output_lock(config: TrainConfig):
         return RunLock(Path(config.output_dir)).acquire()
     except RunLockedError as exc:
         raise RunInUseError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def ray_train_settings(cluster: ClusterConfig):
+    """The cluster keys that are Ray Train's own settings, in this process's environment while it fits:
+    Ray Train reads them there when it starts its controller, and hands them on to the workers."""
+    settings = cluster.ray_train_environment(os.environ)
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def fit_off_the_main_thread(trainer, fatal=lambda: None):

@@ -22,6 +22,7 @@ from orchestrator.run.launch import launch
 from orchestrator.core.ledger import Ledger, summarize
 from orchestrator.core.store import RunStorage
 from relay_train import checkpoint as ckpt
+from relay_train.hold import HOLD_ENV
 from support.fake_imds import FakeMetadata  # tests/ is on sys.path (conftest rootdir)
 
 pytestmark = pytest.mark.slow
@@ -255,14 +256,18 @@ def test_prestop_drain_now_holds_the_pod_until_its_workers_leave(fake_cluster):
     assert not ready, "a drained node accepted a new worker"
 
 
-def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(config_file, tmp_path):
+def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(config_file, tmp_path, monkeypatch):
     """num_workers [1, 2]: the group starts on the one node there is, grows when a second joins, shrinks
     when one goes, and ends where a fixed 2-worker run does (the global batch never changes: each rank
-    takes its share of train_batch_size × 2)."""
+    takes its share of train_batch_size × 2). A hold (relay_train.hold) keeps each size at its 20 steps
+    until the test has changed the cluster, however fast the steps go."""
     import ray
     from ray.cluster_utils import Cluster
 
-    path = config_file(max_train_steps=150, checkpointing_steps=10, train_batch_size=2, optimizer="adamw", validation_steps=0)
+    hold = tmp_path / "hold"
+    hold.write_text("20")
+    monkeypatch.setenv(HOLD_ENV, str(hold))  # before the nodes start: their workers inherit it
+    path = config_file(max_train_steps=60, checkpointing_steps=10, train_batch_size=2, optimizer="adamw", validation_steps=0)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     nodes = [cluster.add_node(num_cpus=1, resources=TRAINER)]
     ray.init(address=cluster.address)
@@ -276,34 +281,42 @@ def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(config_file, t
                 run_name=name,
                 max_failures=3,
                 elastic_resize_seconds=2,
+                worker_start_seconds=15,  # after the node goes, a start at the old size gives up this soon
                 steward_poll_seconds=0.5,
             )
+
+        def committed_since_the_last_attempt(step: int) -> bool:
+            since = _events(storage, "attempt")[-1]["time"]
+            return any(e["time"] > since and e["step"] == step for e in _events(storage, "checkpoint"))
 
         storage = RunStorage(str(tmp_path / "runs"), "elastic")
         results = []
         thread = threading.Thread(target=lambda: results.append(launch(path, {}, config("elastic", [1, 2]))), daemon=True)
         thread.start()
         _wait_for("a 1-worker attempt", lambda: any(e["world_size"] == 1 for e in _events(storage, "attempt")))
+        _wait_for("1 worker's checkpoint 20", lambda: committed_since_the_last_attempt(20))
         nodes.append(cluster.add_node(num_cpus=1, resources=TRAINER))  # capacity arrives: grow
         _wait_for("the group to grow", lambda: any(e["world_size"] == 2 for e in _events(storage, "attempt")))
-        _wait_for(
-            "a checkpoint at 2 workers",
-            lambda: any(e["time"] > _events(storage, "attempt")[-1]["time"] for e in _events(storage, "checkpoint")),
-        )
-        cluster.remove_node(nodes.pop())  # and goes again: shrink
+        hold.write_text("40")
+        _wait_for("2 workers' checkpoint 40", lambda: committed_since_the_last_attempt(40))
+        cluster.remove_node(nodes.pop())  # and goes again, as the run goes on: shrink
+        hold.unlink()
         thread.join(timeout=900)
         assert results and results[0].error is None, results and results[0].error
         nodes.append(cluster.add_node(num_cpus=1, resources=TRAINER))
         fixed = launch(path, {}, config("fixed", 2))
         assert fixed.error is None
     finally:
+        hold.unlink(missing_ok=True)
         ray.shutdown()
         cluster.shutdown()
 
-    sizes = [e["world_size"] for e in _events(storage, "attempt")]
+    attempts = _events(storage, "attempt")
+    sizes = [e["world_size"] for e in attempts]
     resizes = _events(storage, "resize")
     assert sizes[0] == 1 and 2 in sizes and sizes[-1] == 1, sizes
     assert [(r["previous_world_size"], r["world_size"]) for r in resizes][:2] == [(1, 2), (2, 1)]
+    assert [e["step"] for e in attempts] == [0, 20, 40], attempts  # each size trained its share
     a, b = _adapter(fixed), _adapter(results[0])
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     print(f"elastic {sizes} vs fixed 2 workers: adapter max abs diff {diff:.3e}")

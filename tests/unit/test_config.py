@@ -503,3 +503,17 @@ def test_parse_config_takes_a_dict_and_the_config_folder(workdir: Path) -> None:
     assert config.source_path is None and config.lycoris_config == Path("configs/run/lycoris_config.json")
     with pytest.raises(ConfigError, match="must be a JSON object"):
         parse_config(["--seed"], Path("configs/run"))  # type: ignore[arg-type]
+
+
+def test_ray_trains_own_settings_come_from_the_file_then_the_environment_then_our_default(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.json"
+    path.write_text(json.dumps({"worker_start_seconds": 15}))
+    written = load_cluster_config(path)
+    user = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120"}
+    # the key in the file wins over the variable; the key left out leaves the user's variable alone
+    assert written.ray_train_environment(user) == {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
+    # nothing set anywhere: our defaults, which for the poll differ from Ray's own 2 s
+    assert load_cluster_config(None).ray_train_environment({}) == {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60",
+    }
