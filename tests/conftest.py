@@ -3,6 +3,7 @@
 - session: `tiny_model`, `tiny_clip`, `demo_data` (built once), `s3_endpoint` (moto on loopback; sets the
   test AWS credentials, so start any Ray that must reach S3 after it).
 - per test: `config_file(**overrides)` / `make_config` (the demo recipe on this test's folders),
+  `loop_hold` (hold the training loop at a step: its workers must start after it),
   `free_port()`, `webhook_receiver`, `hub_server`, `s3_bucket`, `small_disk` (a 3 MiB tmpfs).
 - per module: `ray_head` (a `ray start --head` with its own ports; yields (job API address, env)).
 - acceptance (tests/acceptance/conftest.py): `fresh_clone`, `cluster_head` / `head` (one head per session;
@@ -213,6 +214,34 @@ def small_disk(tmp_path):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+class LoopHold:
+    """The training loop's hold (relay_train.hold) for one test: `at(N)` keeps every rank from training past
+    step N until `at(M)` moves it or `release()` lets the run go free."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def at(self, step: int) -> None:
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(str(step))
+        partial.replace(self.path)  # whole: the loop never reads half a number
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def loop_hold(tmp_path, monkeypatch):
+    """RELAY_HOLD_FILE in this process's environment, so the Ray nodes and `relay` processes the test starts
+    after it (and their workers) inherit it; released at teardown whatever happened."""
+    from relay_train.hold import HOLD_ENV
+
+    hold = LoopHold(tmp_path / "loop-hold")
+    monkeypatch.setenv(HOLD_ENV, str(hold.path))
+    yield hold
+    hold.release()
 
 
 @pytest.fixture

@@ -15,12 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from relay_train.hold import HOLD_ENV
-
 pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 15  # collective_timeout_seconds for this run
-STEPS, EVERY = 40, 10  # held at the first checkpoint until the link is cut (relay_train.hold)
+STEPS, EVERY = 40, 10  # held at the first checkpoint until the link is cut (the loop_hold fixture)
 
 
 def _wait(what: str, condition, seconds: float) -> float:
@@ -40,7 +38,7 @@ def _committed(run: Path) -> list[int]:
     return sorted(int(f.name.split("-")[1]) for f in run.glob("checkpoint-*") if f.name in text)
 
 
-def test_cut_link_times_out_the_allreduce_and_ray_resumes_from_the_last_commit(config_file, tmp_path):
+def test_cut_link_times_out_the_allreduce_and_ray_resumes_from_the_last_commit(loop_hold, config_file, tmp_path):
     from support.netns import RayOnTwoNodes, TwoNodes, unavailable  # tests/ is on sys.path (conftest rootdir)
 
     reason = unavailable()
@@ -50,11 +48,10 @@ def test_cut_link_times_out_the_allreduce_and_ray_resumes_from_the_last_commit(c
         max_train_steps=STEPS, checkpointing_steps=EVERY, train_batch_size=2, optimizer="adamw", validation_steps=0
     )
     log, out, runs = tmp_path / "driver.log", tmp_path / "result.json", tmp_path / "runs"
-    hold = tmp_path / "hold"
-    hold.write_text(str(EVERY))  # both ranks wait after the first checkpoint, in no collective, until the cut
+    loop_hold.at(EVERY)  # both ranks wait after the first checkpoint, in no collective, until the cut
     with (
         TwoNodes(rate_mbit=200) as nodes,
-        RayOnTwoNodes(nodes, cpus=(3, 1), resources=({"trainer": 1}, {"trainer": 1}), env={HOLD_ENV: str(hold)}) as cluster,
+        RayOnTwoNodes(nodes, cpus=(3, 1), resources=({"trainer": 1}, {"trainer": 1})) as cluster,
     ):
         with open(log, "w") as sink:
             driver = nodes.popen(
@@ -68,7 +65,7 @@ def test_cut_link_times_out_the_allreduce_and_ray_resumes_from_the_last_commit(c
         nodes.cut()
         cut_at = time.monotonic()
         committed_at_cut = _committed(runs / "cut")[-1]
-        hold.unlink()  # the next step's gradient all-reduce now waits for a peer it cannot reach
+        loop_hold.release()  # the next step's gradient all-reduce now waits for a peer it cannot reach
         failed_at = _wait("the gradient all-reduce's timeout", lambda: cluster.logged(TIMED_OUT), 180)
         for pid in subprocess.run(
             ["ip", "netns", "pids", nodes.names[1]], capture_output=True, text=True, timeout=30

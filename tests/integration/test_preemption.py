@@ -22,7 +22,6 @@ from orchestrator.run.launch import launch
 from orchestrator.core.ledger import Ledger, summarize
 from orchestrator.core.store import RunStorage
 from relay_train import checkpoint as ckpt
-from relay_train.hold import HOLD_ENV
 from support.fake_imds import FakeMetadata  # tests/ is on sys.path (conftest rootdir)
 
 pytestmark = pytest.mark.slow
@@ -241,7 +240,7 @@ def test_prestop_drain_now_holds_the_pod_until_its_workers_leave(fake_cluster):
     argv = [relay, "spot-agent", "--drain-now", "--sigterm-grace", "90", "--ray-address", cluster.address]
     hook = subprocess.Popen([*argv, "--node-id", node.node_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        time.sleep(15)
+        time.sleep(6)  # three of the hook's 2 s looks at the node, each finding the worker there
         assert hook.poll() is None, "the hook returned while the node's worker was still running: " + hook.stdout.read()
         ray.kill(mine)  # Ray Train tears the group down
         start = time.monotonic()
@@ -256,17 +255,15 @@ def test_prestop_drain_now_holds_the_pod_until_its_workers_leave(fake_cluster):
     assert not ready, "a drained node accepted a new worker"
 
 
-def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(config_file, tmp_path, monkeypatch):
+def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(loop_hold, config_file, tmp_path):
     """num_workers [1, 2]: the group starts on the one node there is, grows when a second joins, shrinks
     when one goes, and ends where a fixed 2-worker run does (the global batch never changes: each rank
-    takes its share of train_batch_size × 2). A hold (relay_train.hold) keeps each size at its 20 steps
+    takes its share of train_batch_size × 2). The loop's hold keeps each size at its 20 steps
     until the test has changed the cluster, however fast the steps go."""
     import ray
     from ray.cluster_utils import Cluster
 
-    hold = tmp_path / "hold"
-    hold.write_text("20")
-    monkeypatch.setenv(HOLD_ENV, str(hold))  # before the nodes start: their workers inherit it
+    loop_hold.at(20)  # set before the nodes start: their workers inherit it
     path = config_file(max_train_steps=60, checkpointing_steps=10, train_batch_size=2, optimizer="adamw", validation_steps=0)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     nodes = [cluster.add_node(num_cpus=1, resources=TRAINER)]
@@ -297,17 +294,16 @@ def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(config_file, t
         _wait_for("1 worker's checkpoint 20", lambda: committed_since_the_last_attempt(20))
         nodes.append(cluster.add_node(num_cpus=1, resources=TRAINER))  # capacity arrives: grow
         _wait_for("the group to grow", lambda: any(e["world_size"] == 2 for e in _events(storage, "attempt")))
-        hold.write_text("40")
+        loop_hold.at(40)
         _wait_for("2 workers' checkpoint 40", lambda: committed_since_the_last_attempt(40))
         cluster.remove_node(nodes.pop())  # and goes again, as the run goes on: shrink
-        hold.unlink()
+        loop_hold.release()
         thread.join(timeout=900)
         assert results and results[0].error is None, results and results[0].error
         nodes.append(cluster.add_node(num_cpus=1, resources=TRAINER))
         fixed = launch(path, {}, config("fixed", 2))
         assert fixed.error is None
     finally:
-        hold.unlink(missing_ok=True)
         ray.shutdown()
         cluster.shutdown()
 
