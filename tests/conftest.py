@@ -19,8 +19,10 @@ run in one group (xdist_group below, by path), so a new Ray test needs nothing m
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -221,7 +223,17 @@ class LoopHold:
     step N until `at(M)` moves it or `release()` lets the run go free."""
 
     def __init__(self, path: Path):
+        from relay_train.hold import HOLD_ENV
+
         self.path = path
+        self.environment = {HOLD_ENV: str(path)}  # for processes that do not inherit this one's environment
+
+    def submitted(self, command: str) -> str:
+        """A `ray job submit ... -- entrypoint` line whose job (its driver and every worker) has the hold,
+        through the runtime env (the flag goes before the `--`)."""
+        flag = "--runtime-env-json " + shlex.quote(json.dumps({"env_vars": self.environment}))
+        head, entrypoint = command.split(" -- ", 1)
+        return f"{head} {flag} -- {entrypoint}"
 
     def at(self, step: int) -> None:
         partial = self.path.with_suffix(".partial")
@@ -236,10 +248,9 @@ class LoopHold:
 def loop_hold(tmp_path, monkeypatch):
     """RELAY_HOLD_FILE in this process's environment, so the Ray nodes and `relay` processes the test starts
     after it (and their workers) inherit it; released at teardown whatever happened."""
-    from relay_train.hold import HOLD_ENV
-
     hold = LoopHold(tmp_path / "loop-hold")
-    monkeypatch.setenv(HOLD_ENV, str(hold.path))
+    for name, value in hold.environment.items():
+        monkeypatch.setenv(name, value)
     yield hold
     hold.release()
 

@@ -39,15 +39,16 @@ def _status(clone, run: str, bucket: str, endpoint: str, env: dict) -> dict | No
 
 
 def test_ray_job_submit_status_while_it_trains_and_a_resubmit_resumes(
-    fresh_clone, head, user_files, s3_bucket, s3_endpoint, background, poll, tmp_path
+    fresh_clone, head, user_files, s3_bucket, s3_endpoint, background, poll, loop_hold, tmp_path
 ):
     address, _, _, env = head
     _, bucket = s3_bucket
     cluster = _cluster(tmp_path, "job", bucket, s3_endpoint)
     env = {**env, "RAY_ADDRESS": address}
     command = SUBMIT.format(config=user_files, cluster=cluster)
+    loop_hold.at(20)  # the job's workers wait there until status has seen them train
     job = background(
-        ["bash", "-c", command + " --set max_train_steps=400 --set checkpointing_steps=100"],
+        ["bash", "-c", loop_hold.submitted(command) + " --set max_train_steps=40 --set checkpointing_steps=20"],
         cwd=fresh_clone.root,
         env=env,
         stdout=subprocess.PIPE,
@@ -57,14 +58,15 @@ def test_ray_job_submit_status_while_it_trains_and_a_resubmit_resumes(
 
     status = lambda: _status(fresh_clone, "job", bucket, s3_endpoint, env)  # noqa: E731
     seen = poll("relay status to show the run training", training_past(job, status, 0), timeout=600)
-    assert seen["total_steps"] == 400 and seen["storage"] == f"s3://{bucket}/runs/job"
+    assert seen["total_steps"] == 40 and seen["storage"] == f"s3://{bucket}/runs/job"
+    loop_hold.release()
     out, _ = job.communicate(timeout=900)
     assert job.returncode == 0, out[-5000:]
-    assert "succeeded" in out and "completed at step 400" in out and "checkpoint 400 committed: s3://" in out
+    assert "succeeded" in out and "completed at step 40" in out and "checkpoint 40 committed: s3://" in out
     assert "(RayTrainWorker" not in out and "PlacementGroupCleaner" not in out  # the driver's view only
 
     again = subprocess.run(
-        ["bash", "-c", command + " --max_train_steps=450 --checkpointing_steps=50"],
+        ["bash", "-c", command + " --max_train_steps=50 --checkpointing_steps=10"],
         cwd=fresh_clone.root,
         env=env,
         capture_output=True,
@@ -73,14 +75,14 @@ def test_ray_job_submit_status_while_it_trains_and_a_resubmit_resumes(
     )
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-5000:]
-    assert "resumed at step 400" in out and "completed at step 450" in out
+    assert "resumed at step 40" in out and "completed at step 50" in out
     final = _status(fresh_clone, "job", bucket, s3_endpoint, env)
-    assert final["state"] == "completed" and final["step"] == 450 and final["checkpoints"][-1] == 450
+    assert final["state"] == "completed" and final["step"] == 50 and final["checkpoints"][-1] == 50
     assert [a["reason"] for a in final["attempts"]] == ["fresh", "resubmitted"]
 
 
 def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(
-    fresh_clone, head, user_files, s3_bucket, s3_endpoint, background, poll, webhook_receiver, tmp_path
+    fresh_clone, head, user_files, s3_bucket, s3_endpoint, background, poll, webhook_receiver, loop_hold, tmp_path
 ):
     from support.fake_imds import FakeMetadata  # tests/support/
 
@@ -126,12 +128,13 @@ def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(
         )
         hook = json.dumps({"webhook_type": "raw", "callback_url": webhook_receiver.url("/relay"), "log_level": "info"})
         cluster = _cluster(tmp_path, "spot", bucket, s3_endpoint, resources_per_worker={"spot": 1}, max_failures=1)
+        loop_hold.at(20)  # the run waits at step 20 until the notice is out
         job = background(
             [
                 "bash",
                 "-c",
-                SUBMIT.format(config=user_files, cluster=cluster)
-                + f" --set max_train_steps=800 --set checkpointing_steps=400 --set 'webhook_config={hook}'",
+                loop_hold.submitted(SUBMIT.format(config=user_files, cluster=cluster))
+                + f" --set max_train_steps=440 --set checkpointing_steps=1000 --set 'webhook_config={hook}'",
             ],
             cwd=fresh_clone.root,
             env=env,
@@ -141,8 +144,9 @@ def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(
         )
 
         status = lambda: _status(fresh_clone, "spot", bucket, s3_endpoint, env)  # noqa: E731
-        poll("training to pass step 20", training_past(job, status, 20), timeout=600)
+        poll("training to pass step 10", training_past(job, status, 10), timeout=600)
         imds.announce(seconds=30)
+        loop_hold.at(420)  # on again, for the notice to reach it; no further before it restarts
 
         def emergency_checkpoint():
             if job.poll() is not None:
@@ -159,13 +163,14 @@ def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(
         assert agent.returncode == 0, agent_out[-2000:]  # it drained the node, and is done
         os.killpg(node.pid, signal.SIGKILL)  # the cloud takes the node...
         start_node({"spot": 1})  # ...and capacity comes back as a new one
+        loop_hold.release()
         out, _ = job.communicate(timeout=900)
     finally:
         imds.close()
     assert job.returncode == 0, out[-5000:]
     assert f"preemption notice at step {emergency}" in out and f"resumed at step {emergency} (preempted" in out
     final = _status(fresh_clone, "spot", bucket, s3_endpoint, env)
-    assert final["state"] == "completed" and final["step"] == 800
+    assert final["state"] == "completed" and final["step"] == 440
     resumed = final["attempts"][1]
     assert resumed["reason"] == "preemption" and resumed["start_step"] == emergency and final["attempts"][0]["steps_lost"] == 0
     kinds = [r.json["type"] for r in webhook_receiver.requests]

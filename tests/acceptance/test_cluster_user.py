@@ -124,15 +124,16 @@ def test_a_completed_run_resubmitted_is_done_a_shorter_one_refused_and_a_longer_
 
 
 def test_a_node_lost_reads_as_an_outage_in_status_then_resumes(
-    fresh_clone, head, user_files, webhook_receiver, background, poll, tmp_path
+    fresh_clone, head, user_files, webhook_receiver, background, poll, loop_hold, tmp_path
 ):
     address, _, start_node, env = head
     env = {**env, "RAY_ADDRESS": address}
     node = start_node({"spot": 1})
     cluster = _cluster(tmp_path, "lost", resources_per_worker={"spot": 1}, max_failures=3)
-    command = SUBMIT.format(id="lost-1", config=user_files, cluster=cluster)
+    command = loop_hold.submitted(SUBMIT.format(id="lost-1", config=user_files, cluster=cluster))
+    loop_hold.at(40)  # the node goes while the run is at step 40, however fast its steps
     job = background(
-        ["bash", "-c", f"{command} --set max_train_steps=200 --set checkpointing_steps=20 --set {_hook(webhook_receiver)}"],
+        ["bash", "-c", f"{command} --set max_train_steps=60 --set checkpointing_steps=20 --set {_hook(webhook_receiver)}"],
         cwd=fresh_clone.root,
         env=env,
         stdout=subprocess.PIPE,
@@ -142,6 +143,7 @@ def test_a_node_lost_reads_as_an_outage_in_status_then_resumes(
 
     poll("training to pass step 30", training_past(job, lambda: _status(fresh_clone, "lost", tmp_path, env), 30), 600)
     os.killpg(node.pid, signal.SIGKILL)  # the node is gone without notice
+    loop_hold.release()
 
     def outage():
         text = _status(fresh_clone, "lost", tmp_path, env, as_json=False)
@@ -164,10 +166,11 @@ def test_a_node_lost_reads_as_an_outage_in_status_then_resumes(
 
 
 @pytest.fixture
-def own_head(fresh_clone, background, free_port):
+def own_head(fresh_clone, background, free_port, loop_hold):
     """A head of this test's own, on fixed ports so that it can be lost and started again where the
-    supervisor looks for it. RAY_AUTH_MODE=disabled: the README's way past the token Ray 2.60 may leave in
-    ~/.ray/auth_token, which a restarted head would otherwise demand (InvalidAuthToken)."""
+    supervisor looks for it; its processes (the jobs' drivers and workers) have the test's loop_hold.
+    RAY_AUTH_MODE=disabled: the README's way past the token Ray 2.60 may leave in ~/.ray/auth_token, which
+    a restarted head would otherwise demand (InvalidAuthToken)."""
     import tempfile
 
     env = fresh_clone.env(PATH=f"{fresh_clone.root / '.venv/bin'}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled")
@@ -192,9 +195,10 @@ def own_head(fresh_clone, background, free_port):
 
 
 def test_a_head_lost_under_supervise_is_resubmitted_and_reported(
-    fresh_clone, own_head, user_files, webhook_receiver, background, poll, tmp_path
+    fresh_clone, own_head, loop_hold, user_files, webhook_receiver, background, poll, tmp_path
 ):
     address, start_head, env = own_head
+    loop_hold.at(40)  # the head goes while the run is at step 40, however fast its steps
     head = start_head()
     cluster = _cluster(tmp_path, "headless")
     supervisor = background(
@@ -202,7 +206,7 @@ def test_a_head_lost_under_supervise_is_resubmitted_and_reported(
             "bash",
             "-c",
             f".venv/bin/relay supervise --address {address} --config {user_files} --cluster {cluster} "
-            f"--set max_train_steps=300 --set checkpointing_steps=20 --set {_hook(webhook_receiver)} "
+            f"--set max_train_steps=60 --set checkpointing_steps=20 --set {_hook(webhook_receiver)} "
             "--backoff 1 --poll 1 --head-wait 300",
         ],
         cwd=fresh_clone.root,
@@ -215,6 +219,7 @@ def test_a_head_lost_under_supervise_is_resubmitted_and_reported(
     status = lambda: _status(fresh_clone, "headless", tmp_path, env)  # noqa: E731
     poll("training to pass step 30", training_past(supervisor, status, 30), timeout=600)
     os.killpg(head.pid, signal.SIGKILL)  # the head is lost, and the job's driver with it
+    loop_hold.release()
     time.sleep(3)
     start_head()  # a replacement on the same address
     out, _ = supervisor.communicate(timeout=900)
