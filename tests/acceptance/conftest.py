@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from support import ports  # tests/support/
 from support.polling import wait_for
-from support.ray_nodes import NODE_COMMON, head_command, stop_group
+from support.ray_nodes import NODE_COMMON, QUICK_NODE_DEATH, head_command, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -176,11 +176,14 @@ class Head:
 @pytest.fixture(scope="session")
 def cluster_head(fresh_clone, s3_endpoint):
     """One `ray start --head` (2 CPUs, loopback, its own ports and temp dir) for every acceptance test that
-    needs a running cluster: started once, ready to take jobs, stopped with the session. Started after the
+    needs a running cluster: started once, ready to take jobs, stopped with the session; a node killed
+    outright counts as dead after ~3 s (QUICK_NODE_DEATH). Started after the
     S3 server: its processes (job drivers, workers) keep the environment of this moment, credentials included."""
     gcs, dashboard = ports.free_port(), ports.free_port()
     temp = tempfile.mkdtemp(prefix="ra")  # short: Ray's socket paths must fit 107 characters
-    env = fresh_clone.env(PATH=f"{fresh_clone.root / '.venv/bin'}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled")
+    env = fresh_clone.env(
+        PATH=f"{fresh_clone.root / '.venv/bin'}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled", **QUICK_NODE_DEATH
+    )
     proc = subprocess.Popen(
         head_command(fresh_clone.ray, port=gcs, dashboard=dashboard, temp=temp),
         env=env,
