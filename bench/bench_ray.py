@@ -3,6 +3,8 @@
     python bench/bench_ray.py steps  [--steps 300]   # (a) 1-worker Ray run vs `relay train`, same config
     python bench/bench_ray.py upload [--mib 350]     # (b) loop blocked per checkpoint: ASYNC vs SYNC upload to S3
     python bench/bench_ray.py preemption [--calls 200]  # cost of one get_preemption_info barrier, 2 workers
+    python bench/bench_ray.py commits [--steps 150] [--rounds 2]
+        # checkpoint commits and the run's end: report_poll_seconds 2 (Ray's own poll) vs 0.5 (ours)
     python bench/bench_ray.py overlap [--rate-mbit 120] [--rounds 5] [--steps 2] [--bucket-mb 1]
         # gradient all-reduce blocking vs overlapped with backward, two nodes over a shaped link
         # (bench/bench_overlap.py; needs root and `ip netns`)
@@ -179,14 +181,62 @@ def bench_preemption(calls: int) -> None:
             print(f"  step {step_s:>4} s, check every {every:>2} steps: overhead {100 * check_ms / 1000 / (every * step_s):.2f}%")
 
 
+def bench_commits(steps: int, rounds: int) -> None:
+    """A 1-worker run on a local cluster, a checkpoint every 10 steps, with Ray Train's controller polling
+    every 2 s (its default) and every 0.5 s (report_poll_seconds), alternating. From the run's ledger: the
+    median gap between two commits, and how long the run went on after its last step was trained (the
+    export) until it completed, i.e. the reports still queued behind the loop."""
+    import ray
+
+    from orchestrator.core.cluster import ClusterConfig
+    from orchestrator.core.ledger import Ledger
+    from orchestrator.core.store import RunStorage
+    from orchestrator.run.launch import launch
+
+    from bench_train import ensure_demo
+
+    ensure_demo()
+    figures: dict[float, list[tuple[float, float, float]]] = {2.0: [], 0.5: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+        for round_ in range(rounds):
+            for poll in figures:
+                name = f"poll-{poll:g}-{round_}"
+                overrides = {"max_train_steps": steps, "checkpointing_steps": 10, "validation_steps": 0}
+                overrides |= {"output_dir": f"{tmp}/{name}", "resume_from_checkpoint": "none"}
+                cluster = ClusterConfig(
+                    num_workers=1, cpus_per_worker=2, storage_path=f"{tmp}/runs", run_name=name, report_poll_seconds=poll
+                )
+                start = time.perf_counter()
+                assert launch(REPO / "configs/demo/config.json", overrides, cluster).error is None
+                wall = time.perf_counter() - start
+                events = Ledger(RunStorage(f"{tmp}/runs", name)).events
+                commits = [e["time"] for e in events if e["type"] == "checkpoint"]
+                trained = next(e["time"] for e in events if e["type"] == "exported")
+                done = next(e["time"] for e in events if e["type"] == "completed")
+                gaps = [b - a for a, b in zip(commits, commits[1:])]
+                figures[poll].append((statistics.median(gaps), done - trained, wall))
+        ray.shutdown()
+    for poll, runs in figures.items():
+        gap, tail, wall = (statistics.median(run[i] for run in runs) for i in range(3))
+        print(
+            f"report_poll_seconds {poll:>3g}: {gap:.2f} s between commits, {tail:.1f} s from the last step to completed, "
+            f"{wall:.1f} s whole run (medians of {len(runs)})"
+        )
+    slow, fast = (statistics.median(run[1] for run in figures[p]) for p in (2.0, 0.5))
+    print(f"ratio of the time after the last step, 2 s / 0.5 s: {slow / max(fast, 1e-9):.1f}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["steps", "upload", "preemption", "overlap"])
-    parser.add_argument("--steps", type=int, default=None, help="steps: 300; overlap: timed steps per mode and round, 2")
+    parser.add_argument("what", choices=["steps", "upload", "preemption", "overlap", "commits"])
+    parser.add_argument(
+        "--steps", type=int, default=None, help="steps: 300; commits: 150; overlap: timed steps per mode and round, 2"
+    )
     parser.add_argument("--mib", type=int, default=350)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--rate-mbit", type=float, default=120.0, help="overlap: the link's rate, each way")
-    parser.add_argument("--rounds", type=int, default=5, help="overlap: interleaved rounds of every mode")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds of every mode (overlap: 5, commits: 2)")
     parser.add_argument("--bucket-mb", type=float, default=1.0, help="overlap: gradient_bucket_mb")
     args = parser.parse_args()
     if args.what == "steps":
@@ -194,7 +244,9 @@ if __name__ == "__main__":
     elif args.what == "overlap":
         from bench_overlap import bench_overlap
 
-        bench_overlap(args.rate_mbit, args.rounds, args.steps or 2, args.bucket_mb)
+        bench_overlap(args.rate_mbit, args.rounds or 5, args.steps or 2, args.bucket_mb)
+    elif args.what == "commits":
+        bench_commits(args.steps or 150, args.rounds or 2)
     elif args.what == "upload":
         bench_upload(args.mib)
     else:

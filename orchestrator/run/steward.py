@@ -48,6 +48,7 @@ class Steward:
         self._nodes: set[str] = set()  # the cluster's live nodes when the current attempt began
         self._waiting = False  # this attempt's outage is recorded (check_capacity)
         self._progress_written = 0.0
+        self._progress_unwritten = False  # a tick since the last write (written by the watcher if no tick follows)
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="relay-steward-watch", daemon=True)
 
@@ -145,11 +146,18 @@ class Steward:
         if metrics:
             self.metrics = dict(metrics, step=step)
             self._tell("on_metrics", step, metrics)
+        self._progress_unwritten = True
         if now - self._progress_written >= self.progress_every:
             self._write_progress()
 
+    def flush_progress(self) -> None:
+        """Write a tick the throttle held back once progress_every has passed, so that a loop that stops
+        ticking (a hang, a held step, a lost node) leaves its true last step for `relay status`."""
+        if self._progress_unwritten and time.time() - self._progress_written >= self.progress_every:
+            self._write_progress()
+
     def _write_progress(self) -> None:
-        self._progress_written = time.time()
+        self._progress_written, self._progress_unwritten = time.time(), False
         try:
             self.storage.write_json(PROGRESS, self.progress)
         except OSError as exc:
@@ -210,6 +218,7 @@ class Steward:
         while not self._stop.wait(self.poll_seconds):
             try:
                 self.poll()
+                self.flush_progress()
                 self.check_capacity()
             except Exception:  # noqa: BLE001 - the watcher outlives any one bad look; close() polls again
                 log.exception("checkpoint watch: this look at %s failed; the next one follows", self.storage.describe())

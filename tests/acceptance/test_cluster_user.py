@@ -143,7 +143,6 @@ def test_a_node_lost_reads_as_an_outage_in_status_then_resumes(
 
     poll("training to pass step 30", training_past(job, lambda: _status(fresh_clone, "lost", tmp_path, env), 30), 600)
     os.killpg(node.pid, signal.SIGKILL)  # the node is gone without notice
-    loop_hold.release()
 
     def outage():
         text = _status(fresh_clone, "lost", tmp_path, env, as_json=False)
@@ -152,6 +151,7 @@ def test_a_node_lost_reads_as_an_outage_in_status_then_resumes(
     shown = poll("relay status to report the outage", outage, timeout=300, every=5)
     print("\nduring the outage: " + shown.splitlines()[0])
     assert " at " in shown.splitlines()[0] and "ETA -" in shown, shown
+    loop_hold.release()  # only now: a worker outliving its node by a second must not run on to the end
     start_node({"spot": 1})  # capacity comes back
     out, _ = job.communicate(timeout=900)
     assert job.returncode == 0, out[-5000:]
@@ -219,9 +219,10 @@ def test_a_head_lost_under_supervise_is_resubmitted_and_reported(
     status = lambda: _status(fresh_clone, "headless", tmp_path, env)  # noqa: E731
     poll("training to pass step 30", training_past(supervisor, status, 30), timeout=600)
     os.killpg(head.pid, signal.SIGKILL)  # the head is lost, and the job's driver with it
-    loop_hold.release()
     time.sleep(3)
     start_head()  # a replacement on the same address
+    poll("the resubmitted job's attempt", lambda: (s := status()) and len(s["attempts"]) >= 2, timeout=600)
+    loop_hold.release()  # the killed head's workers are long gone: the new attempt goes on to the end
     out, _ = supervisor.communicate(timeout=900)
     assert supervisor.returncode == 0, out[-5000:]
     print("\n" + "\n".join(ln for ln in out.splitlines() if "head unreachable" in ln or "the head was lost" in ln))

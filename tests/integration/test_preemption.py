@@ -296,8 +296,9 @@ def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(loop_hold, con
         _wait_for("the group to grow", lambda: any(e["world_size"] == 2 for e in _events(storage, "attempt")))
         loop_hold.at(40)
         _wait_for("2 workers' checkpoint 40", lambda: committed_since_the_last_attempt(40))
-        cluster.remove_node(nodes.pop())  # and goes again, as the run goes on: shrink
-        loop_hold.release()
+        cluster.remove_node(nodes.pop())  # and goes again: shrink
+        _wait_for("the group to shrink", lambda: _events(storage, "attempt")[-1]["world_size"] == 1)
+        loop_hold.release()  # only now: a worker outliving its node by a second must not train on with the other
         thread.join(timeout=900)
         assert results and results[0].error is None, results and results[0].error
         nodes.append(cluster.add_node(num_cpus=1, resources=TRAINER))

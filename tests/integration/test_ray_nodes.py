@@ -4,14 +4,16 @@ and the run ends bitwise where an uninterrupted one does."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.polling import wait_for  # tests/support/
 
 from orchestrator.core.cluster import ClusterConfig
+from orchestrator.core.ledger import Ledger
+from orchestrator.core.store import RunStorage
 from orchestrator.run.launch import launch
 from relay_train import checkpoint as ckpt
 
@@ -39,10 +41,7 @@ def _final_adapter(result) -> dict[str, torch.Tensor]:
 def _wait_until_committed(run: Path, folder: str, seconds: float) -> None:
     """Until Ray's own record names the checkpoint: only then is it what a restart resumes from."""
     snapshot = run / "checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + seconds
-    while not (snapshot.is_file() and folder in snapshot.read_text()):
-        assert time.monotonic() < deadline, f"{folder} was never committed"
-        time.sleep(0.2)
+    wait_for(f"{folder} to be committed", lambda: snapshot.is_file() and folder in snapshot.read_text(), seconds, every=0.2)
 
 
 def test_node_loss_and_replacement_end_bitwise_equal(fake_cluster, loop_hold, config_file, tmp_path):
@@ -63,8 +62,10 @@ def test_node_loss_and_replacement_end_bitwise_equal(fake_cluster, loop_hold, co
     thread.start()
     _wait_until_committed(tmp_path / "runs/lossy", "checkpoint-5", seconds=300)
     cluster.remove_node(workers[1])  # the spot node vanishes (main thread, as Ray requires)
-    loop_hold.release()
     cluster.add_node(num_cpus=1, resources={"trainer": 1})  # capacity comes back
+    storage = RunStorage(str(tmp_path / "runs"), "lossy")
+    wait_for("the restart", lambda: sum(e["type"] == "attempt" for e in Ledger(storage).events) >= 2, 300, every=0.2)
+    loop_hold.release()  # only now: a worker outliving its node by a second must not train on with the other
     thread.join(timeout=600)
     assert results and results[0].error is None
 

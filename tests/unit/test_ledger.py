@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from orchestrator.core.ledger import Ledger, summarize
 from orchestrator.ops.status import gather, render
@@ -107,3 +108,19 @@ def test_the_steward_records_a_wait_for_capacity_once_when_a_node_is_gone_and_no
     assert gather(storage, hub=False)["state"] == "waiting for capacity"
     steward.attempt(30, 1, 300, resumed=True)  # Ray restarted the group: the run goes on
     assert gather(storage, hub=False)["state"] == "running"
+
+
+def test_a_tick_the_throttle_held_back_is_written_once_the_loop_goes_quiet(tmp_path) -> None:
+    """A loop that stops ticking (a hang, a held step) still leaves its last step for `relay status`."""
+    from orchestrator.core.ledger import PROGRESS
+
+    storage = RunStorage(str(tmp_path / "runs"), "quiet")
+    steward = Steward(storage, total_steps=100, poll_seconds=3600, progress_every=0.2)
+    steward.tick(10)  # the first tick is written at once
+    steward.tick(20)  # within progress_every: held back
+    assert storage.read_json(PROGRESS)["step"] == 10
+    steward.flush_progress()  # the watcher, too soon: still held back
+    assert storage.read_json(PROGRESS)["step"] == 10
+    time.sleep(0.25)
+    steward.flush_progress()  # the watcher, once progress_every has passed, with no tick since
+    assert storage.read_json(PROGRESS)["step"] == 20
