@@ -66,7 +66,7 @@ def tier(item: pytest.Item) -> str:
     return tier_of(item.nodeid, item.get_closest_marker("slow") is not None)
 
 
-# Under pytest-xdist (-n 3 --dist loadgroup, as .ci/run runs) a group runs on one worker, one test at a time:
+# Under pytest-xdist (-n 2 --dist loadgroup, as .ci/run runs) a group runs on one worker, one test at a time:
 # "acceptance" shares the session's fresh clone and head; "ray" holds every integration module that starts a
 # Ray cluster (two at once would share 2 cores), found by what its source calls. The groups are read from
 # the test's path by the scheduler below: xdist 3.8 marks a group by rewriting a node id, which pytest 9.2's
@@ -116,7 +116,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_configure(config):
-    if hasattr(config, "workerinput"):  # an xdist worker: one of 3 lanes on 2 cores, so one CPU thread each,
+    if hasattr(config, "workerinput"):  # an xdist worker: one of 2 lanes on 2 cores, so one CPU thread each,
         os.environ["OMP_NUM_THREADS"] = "1"  # for the `relay train` and rank processes it starts too
         import torch
 
