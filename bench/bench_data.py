@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=100)
     args = parser.parse_args()
-    configure_logging(libraries=False)
+    configure_logging()
     logging.getLogger().setLevel(logging.WARNING)  # the bench's figures only: warnings and errors
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")  # moto accepts any
     with tempfile.TemporaryDirectory() as tmp:

@@ -33,7 +33,7 @@ def child(setting: str, steps: int) -> None:
 
     from relay_train.threads import size_threads
 
-    configure_logging(libraries=False)
+    configure_logging()
     logging.getLogger().setLevel(logging.WARNING)
     if SETTINGS[setting] is not None:
         size_threads(given_cpus=SETTINGS[setting])

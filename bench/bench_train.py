@@ -104,7 +104,7 @@ def bare_run(steps: int, out: Path) -> float:
 
 
 def child(mode: str, steps: int) -> None:
-    configure_logging(libraries=False)
+    configure_logging()
     logging.getLogger().setLevel(logging.WARNING)  # the bench's figures only: warnings and errors
     with tempfile.TemporaryDirectory() as tmp:
         rate = (relay_run if mode == "relay" else bare_run)(steps, Path(tmp))

@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--every", type=int, default=25)
     args = parser.parse_args()
-    configure_logging(libraries=False)
+    configure_logging()
     logging.getLogger().setLevel(logging.WARNING)  # the bench's figures only: warnings and errors
     import ray
 

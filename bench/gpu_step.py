@@ -589,7 +589,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    configure_logging(libraries=False)
+    configure_logging()
     logging.getLogger("relay_train").setLevel(logging.WARNING)  # the bench's own lines, not the trainer's
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -21,7 +21,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     supervise.add_arguments(parser)
     args = parser.parse_args()
-    configure_logging(libraries=False)
+    configure_logging()
     return supervise.run(args)
 
 

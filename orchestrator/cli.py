@@ -26,12 +26,13 @@ def cmd_launch(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The README's demo: tiny model + images where missing, then `launch` on configs/demo (local Ray,
     2 workers, validation on); launch shares this machine's CPUs among them (resources.fit_cpus)."""
-    from relay_train.demo.data import make_demo_dataset
-    from relay_train.demo.tiny_model import make_pipeline
-
     if not Path("demo/tiny-sd3/model_index.json").is_file():
+        from relay_train.demo.tiny_model import make_pipeline  # diffusers and transformers: only to write it
+
         make_pipeline("demo/tiny-sd3")
     if not any(Path("demo/data").glob("*.txt")):
+        from relay_train.demo.data import make_demo_dataset
+
         make_demo_dataset("demo/data")
     args.config, args.cluster = DEMO / "config.json", DEMO / "cluster.json"
     code = cmd_launch(args)

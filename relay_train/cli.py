@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None, extend: Callable[[argparse._SubParsersAc
     if getattr(args, "light", False):  # a command that never trains (`relay status`): no torch, no diffusers
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        configure_logging(args.verbose, libraries=False)
+        configure_logging(args.verbose)
         return args.func(args)  # it maps its own errors to exit codes
     from relay_train.failures import known_failure
 

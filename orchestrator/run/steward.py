@@ -355,7 +355,7 @@ class RunSteward(Steward):
         validation_options: dict | None = None,
         **kwargs,
     ):
-        configure_logging(libraries=False)
+        configure_logging()
         if config is not None:
             from orchestrator.core import redact
 
