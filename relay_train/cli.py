@@ -63,14 +63,15 @@ class StopOnSignal:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from relay_train.checkpoint import RunLock
     from relay_train.config import load_config
     from relay_train.config.notes import launch_only_note
+
+    config = load_config(args.config, config_overrides(args.set, args.config_flags))  # refused before torch loads
+    from relay_train.checkpoint import RunLock
     from relay_train.progress import ProgressDisplay
     from relay_train.threads import size_threads
     from relay_train.trainer import Hooks, build_trainer
 
-    config = load_config(args.config, config_overrides(args.set, args.config_flags))
     for note in config.mapping_notes():
         log.info("config: %s", note)
     for warning in config.pending_features():

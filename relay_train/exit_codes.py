@@ -7,6 +7,7 @@ The README's "Exit codes" table is `markdown()`'s text, and each command's row t
 from __future__ import annotations
 
 import signal
+import sys
 from enum import IntEnum
 
 
@@ -70,24 +71,22 @@ def for_error(exc: BaseException) -> Exit | None:
     """The one classification of the errors no retry can cure, with their code: `relay train` exits
     with it, and on Ray (orchestrator.core.failure.decide) the run ends at once with it instead of Ray
     Train restarting the worker group. None for every other error: a retry may help."""
-    if not any(kind.__module__.startswith("relay_train.") for kind in type(exc).__mro__):
-        return None  # not ours: no need to import the trainer's modules (torch) to say so
-    from relay_train.checkpoint import CheckpointError, CheckpointWriteError, RunLockedError
-    from relay_train.config import ConfigError
-    from relay_train.model import ModelNotFoundError
-    from relay_train.nonfinite import NonFiniteError
-    from relay_train.safe_write import LinkRefusedError
-
+    # an error's class is defined in a module already imported: a class whose module is not loaded cannot
+    # be the error's, so nothing is imported to say so (a refused config never loads torch)
     permanent = (
-        (NonFiniteError, Exit.NONFINITE),  # the same data resumes into the same NaN
-        (RunLockedError, Exit.IN_USE),
-        (CheckpointWriteError, Exit.DISK_FULL),
-        (ConfigError, Exit.CONFIG),  # the config, its files, or a data plan it cannot make
-        (ModelNotFoundError, Exit.CONFIG),
-        (LinkRefusedError, Exit.CONFIG),  # a link where Relay writes: never written through, on any try
-        (CheckpointError, Exit.CONFIG),  # a checkpoint the run must not follow: refused, never restarted
+        ("relay_train.nonfinite", "NonFiniteError", Exit.NONFINITE),  # the same data resumes into the same NaN
+        ("relay_train.checkpoint", "RunLockedError", Exit.IN_USE),
+        ("relay_train.checkpoint", "CheckpointWriteError", Exit.DISK_FULL),
+        ("relay_train.config.problems", "ConfigError", Exit.CONFIG),  # the config, its files, or a data plan it cannot make
+        ("relay_train.model", "ModelNotFoundError", Exit.CONFIG),
+        ("relay_train.safe_write", "LinkRefusedError", Exit.CONFIG),  # a link where Relay writes: never written through
+        ("relay_train.checkpoint", "CheckpointError", Exit.CONFIG),  # a checkpoint the run must not follow: never restarted
     )
-    return next((code for kind, code in permanent if isinstance(exc, kind)), None)
+    for module, name, code in permanent:
+        kind = getattr(sys.modules.get(module), name, None)
+        if kind is not None and isinstance(exc, kind):
+            return code
+    return None
 
 
 def by_signal(signum: int) -> Exit:
