@@ -14,7 +14,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 
 from relay_train import checkpoint as ckpt
 from relay_train.config import TrainConfig
@@ -70,6 +69,8 @@ class HubSettings:
         """None when the config pushes nothing to the Hub."""
         if not (config.push_to_hub or config.push_checkpoints_to_hub):
             return None
+        import torch  # here, not at the top: the steward of a run without the Hub never loads torch
+
         from relay_train.trainer import export_dtype
 
         return cls(
