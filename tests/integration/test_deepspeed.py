@@ -7,7 +7,6 @@ the slow test at the end.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from relay_train import checkpoint as ckpt
 from relay_train.config import ConfigError
 from state_equal import assert_tree_equal  # tests/ is on sys.path (conftest rootdir)
-from support.ranks import run_ranks  # tests/support/
+from support.ranks import train_ranks  # tests/support/
 
 STEPS, STOP = 6, 3
 RECIPE = dict(
@@ -32,61 +31,9 @@ RECIPE = dict(
 )
 
 
-def _rank_main(
-    rank: int, world: int, port: int, config_path: str, strategy: str, stop_at: int, out: str, global_workers: int
-) -> None:
-    """One rank: train (resuming from the latest checkpoint in output_dir), then rank 0 saves the state."""
-    import torch.distributed as dist
-
-    from relay_train.config import load_config
-    from relay_train.trainer import Hooks, build_trainer
-
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        hooks = Hooks(should_stop=(lambda step: step == stop_at) if stop_at else None)
-        trainer = build_trainer(
-            load_config(config_path),
-            hooks=hooks,
-            device=torch.device("cpu"),
-            rank=rank,
-            world_size=world,
-            strategy=strategy,
-            global_workers=global_workers,
-        )
-        started = trainer.step
-        result = trainer.fit()
-        optimizer = trainer.update.consolidated_state_dict()  # every rank: ZeRO-2 gathers the slices
-        if rank == 0:
-            torch.save(
-                {
-                    "started": started,
-                    "step": result.step,
-                    "adapter": trainer.adapter_tensors(),
-                    "ema": trainer.ema.state_dict(),
-                    "optimizer": optimizer,
-                    "scheduler": trainer.scheduler.state_dict(),
-                    "generator": trainer.generator.get_state(),
-                    "last_checkpoint": str(result.last_checkpoint),
-                },
-                out,
-            )
-    finally:
-        dist.destroy_process_group()
-
-
 def _run(config_path: Path, strategy: str, out: Path, free_port, stop_at: int = 0, world: int = 2) -> dict:
     """`world` ranks; the global batch is always sized for 2 (as an elastic run keeps it)."""
-    run_ranks(_rank_main, (world, free_port(), str(config_path), strategy, stop_at, str(out), 2), nprocs=world)
-    return torch.load(out, weights_only=True)
+    return train_ranks(config_path, out, free_port(), world, strategy=strategy, stop_at=stop_at)
 
 
 def _fill_caches(config_path: Path) -> None:
@@ -186,24 +133,24 @@ def local_ray():
 
 
 @pytest.mark.slow
-def test_ray_zero2_resubmit_resumes_bitwise(local_ray, config_file, tmp_path):
+def test_ray_zero2_resubmit_resumes_bitwise(local_ray, config_file, tmp_path, free_port):
     """What users run: TorchTrainer with 2 CPU workers and strategy deepspeed. A run stopped at STOP and
-    resubmitted by name ends with the same checkpoint contents as an uninterrupted run."""
+    resubmitted by name ends with the same checkpoint contents as an uninterrupted run (the same trainer
+    on 2 ranks without Ray: a Ray run of it ends with the same bits)."""
     from orchestrator.core.cluster import ClusterConfig
     from orchestrator.run.launch import launch
 
-    finals = {}
-    for name, legs in (("straight", [STEPS]), ("resubmitted", [STOP, STEPS])):
-        path = config_file(out=name, **RECIPE)
-        cluster = ClusterConfig(
-            num_workers=2, strategy="deepspeed", storage_path=str(tmp_path / "runs"), run_name=name, max_failures=0
-        )
-        for steps in legs:
-            result = launch(path, {"max_train_steps": steps}, cluster)
-            assert result.error is None
-        with result.checkpoint.as_directory() as folder:
-            finals[name] = ckpt.read_checkpoint(Path(folder))
-    straight, resubmitted = finals["straight"], finals["resubmitted"]
+    path = config_file(out="resubmitted", **RECIPE)
+    cluster = ClusterConfig(
+        num_workers=2, strategy="deepspeed", storage_path=str(tmp_path / "runs"), run_name="resubmitted", max_failures=0
+    )
+    for steps in (STOP, STEPS):
+        result = launch(path, {"max_train_steps": steps}, cluster)
+        assert result.error is None
+    with result.checkpoint.as_directory() as folder:
+        resubmitted = ckpt.read_checkpoint(Path(folder))
+    ranks = _run(config_file(out="straight", **RECIPE), "deepspeed", tmp_path / "straight.pt", free_port)
+    straight = ckpt.read_checkpoint(Path(ranks["last_checkpoint"]))
     assert resubmitted.training_state["resumed_at"] == [STOP] and resubmitted.step == straight.step == STEPS
     assert_tree_equal(straight.adapter, resubmitted.adapter, "adapter")
     assert_tree_equal(straight.ema, resubmitted.ema, "ema")

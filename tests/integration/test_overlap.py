@@ -6,12 +6,10 @@ With fp32 sync the guarantees of the one flat all-reduce hold: the same bits as 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from state_equal import assert_tree_equal  # tests/ is on sys.path (conftest rootdir)
-from support.ranks import run_ranks  # tests/support/
+from support.ranks import train_ranks  # tests/support/
 
 STEPS, STOP = 6, 3
 # accumulation 2: the sync runs on the second micro-step only; 4 KiB buckets: the tiny adapter's
@@ -29,50 +27,8 @@ RECIPE = {
 SYNCS = {"blocking": {"overlap": False}, "overlap": {"bucket_mb": 4 / 1024}, "bf16": {"bucket_mb": 4 / 1024, "dtype": "bf16"}}
 
 
-def _rank_main(rank: int, world: int, port: int, config_path: str, sync: str, stop_at: int, out: str) -> None:
-    import torch.distributed as dist
-
-    from relay_train.config import load_config
-    from relay_train.parallel import BucketedAllReduce, GradientSync
-    from relay_train.trainer import Hooks, build_trainer
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        hooks = Hooks(should_stop=(lambda step: step == stop_at) if stop_at else None)
-        trainer = build_trainer(
-            load_config(config_path),
-            hooks=hooks,
-            device=torch.device("cpu"),
-            rank=rank,
-            world_size=world,
-            global_workers=2,
-            gradient_sync=GradientSync(**SYNCS[sync]),
-        )
-        started = trainer.step
-        result = trainer.fit()
-        reducer = getattr(trainer.update, "reducer", None)
-        if rank == 0:
-            torch.save(
-                {
-                    "started": started,
-                    "step": result.step,
-                    "adapter": trainer.adapter_tensors(),
-                    "ema": trainer.ema.state_dict(),
-                    "optimizer": trainer.update.consolidated_state_dict(),
-                    "generator": trainer.generator.get_state(),
-                    "buckets": len(reducer.buckets) if isinstance(reducer, BucketedAllReduce) else 0,
-                },
-                out,
-            )
-    finally:
-        dist.destroy_process_group()
-
-
 def _run(config_path, sync: str, out, free_port, stop_at: int = 0, world: int = 2) -> dict:
-    run_ranks(_rank_main, (world, free_port(), str(config_path), sync, stop_at, str(out)), nprocs=world)
-    return torch.load(out, weights_only=True)
+    return train_ranks(config_path, out, free_port(), world, stop_at=stop_at, sync=SYNCS[sync])
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

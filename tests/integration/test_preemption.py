@@ -23,6 +23,7 @@ from orchestrator.core.ledger import Ledger, summarize
 from orchestrator.core.store import RunStorage
 from relay_train import checkpoint as ckpt
 from support.fake_imds import FakeMetadata  # tests/ is on sys.path (conftest rootdir)
+from support.ranks import train_ranks
 
 pytestmark = pytest.mark.slow
 TRAINER = {"trainer": 1}
@@ -75,13 +76,11 @@ def _in_order(seen: list[str], expected: list[str]) -> bool:
     return all(kind in it for kind in expected)
 
 
-def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tmp_path, webhook_receiver):
+def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tmp_path, webhook_receiver, free_port):
     cluster, nodes = fake_cluster
+    recipe = dict(max_train_steps=120, checkpointing_steps=10, train_batch_size=2, optimizer="bnb-adamw8bit")
     path = config_file(
-        max_train_steps=120,
-        checkpointing_steps=10,
-        train_batch_size=2,
-        optimizer="bnb-adamw8bit",
+        **recipe,
         webhook_config={
             "webhook_type": "raw",
             "callback_url": webhook_receiver.url(),
@@ -100,9 +99,6 @@ def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tm
             preemption_check_steps=2,
             steward_poll_seconds=0.5,
         )
-
-    straight = launch(path, {}, cluster_config("straight"))
-    assert straight.error is None
 
     storage = RunStorage(str(tmp_path / "runs"), "chaos")
     results = []
@@ -147,10 +143,14 @@ def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tm
         f"steps lost {[a.steps_lost for a in summary.attempts[:3]]}; goodput {summary.goodput:.3f}"
     )
 
-    a, b = _adapter(straight), _adapter(results[0])
+    # the uninterrupted run: the same trainer on 2 ranks without Ray (a Ray run of it ends with the same bits)
+    a, b = (
+        train_ranks(config_file(out="straight", **recipe), tmp_path / "straight.pt", free_port())["adapter"],
+        _adapter(results[0]),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    # The webhook heard it all, in order, from the steward (the straight run sent its own messages too).
+    # The webhook heard it all, in order, from the steward.
     chaos = [r.json for r in webhook_receiver.requests if r.json.get("run") == "chaos"]
     kinds = [m["type"] for m in chaos]
     assert _in_order(
@@ -255,7 +255,7 @@ def test_prestop_drain_now_holds_the_pod_until_its_workers_leave(fake_cluster):
     assert not ready, "a drained node accepted a new worker"
 
 
-def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(loop_hold, config_file, tmp_path):
+def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(loop_hold, config_file, tmp_path, free_port):
     """num_workers [1, 2]: the group starts on the one node there is, grows when a second joins, shrinks
     when one goes, and ends where a fixed 2-worker run does (the global batch never changes: each rank
     takes its share of train_batch_size × 2). The loop's hold keeps each size at its 20 steps
@@ -264,7 +264,8 @@ def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(loop_hold, con
     from ray.cluster_utils import Cluster
 
     loop_hold.at(20)  # set before the nodes start: their workers inherit it
-    path = config_file(max_train_steps=60, checkpointing_steps=10, train_batch_size=2, optimizer="adamw", validation_steps=0)
+    recipe = dict(max_train_steps=60, checkpointing_steps=10, train_batch_size=2, optimizer="adamw", validation_steps=0)
+    path = config_file(**recipe)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     nodes = [cluster.add_node(num_cpus=1, resources=TRAINER)]
     ray.init(address=cluster.address)
@@ -301,9 +302,6 @@ def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(loop_hold, con
         loop_hold.release()  # only now: a worker outliving its node by a second must not train on with the other
         thread.join(timeout=900)
         assert results and results[0].error is None, results and results[0].error
-        nodes.append(cluster.add_node(num_cpus=1, resources=TRAINER))
-        fixed = launch(path, {}, config("fixed", 2))
-        assert fixed.error is None
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -314,7 +312,9 @@ def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(loop_hold, con
     assert sizes[0] == 1 and 2 in sizes and sizes[-1] == 1, sizes
     assert [(r["previous_world_size"], r["world_size"]) for r in resizes][:2] == [(1, 2), (2, 1)]
     assert [e["step"] for e in attempts] == [0, 20, 40], attempts  # each size trained its share
-    a, b = _adapter(fixed), _adapter(results[0])
+    # a fixed 2-worker run: the same trainer on 2 ranks without Ray (a Ray run of it ends with the same bits)
+    fixed = train_ranks(config_file(out="fixed", **recipe), tmp_path / "fixed.pt", free_port())
+    a, b = fixed["adapter"], _adapter(results[0])
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     print(f"elastic {sizes} vs fixed 2 workers: adapter max abs diff {diff:.3e}")
     assert diff < 1e-4
