@@ -9,6 +9,7 @@ import pytest
 import torch
 from pyarrow import fs as pafs
 from safetensors.torch import load_file
+from support.ranks import train_ranks  # tests/support/
 
 from orchestrator.core.cluster import ClusterConfig, storage_filesystem
 from orchestrator.run.launch import launch
@@ -33,26 +34,26 @@ def _adapter(result) -> dict[str, torch.Tensor]:
         return load_file(str(Path(folder) / ckpt.ADAPTER))
 
 
-def test_two_workers_match_one_with_the_same_global_batch(local_ray, config_file, tmp_path):
-    adapters = {}
-    for workers, batch in ((1, 4), (2, 2)):
-        name = f"ddp{workers}"
-        path = config_file(
-            out=name,
-            max_train_steps=8,
-            checkpointing_steps=8,
-            train_batch_size=batch,
-            optimizer="adamw",
-            caption_dropout_probability=0.1,
-        )
-        cluster = ClusterConfig(num_workers=workers, storage_path=str(tmp_path / "runs"), run_name=name, max_failures=0)
-        result = launch(path, {}, cluster)
-        assert result.error is None
-        adapters[workers] = _adapter(result)
+def test_two_workers_match_one_with_the_same_global_batch_and_resume_none_on_their_run_is_refused(
+    local_ray, config_file, tmp_path, free_port
+):
+    """2 Ray workers × batch 2 end where one process × batch 4 does (the trainer on 1 rank without Ray);
+    then asking for that run again with resume_from_checkpoint none is refused, not silently continued."""
+    recipe = dict(max_train_steps=8, checkpointing_steps=8, optimizer="adamw", caption_dropout_probability=0.1)
+    path = config_file(out="ddp2", train_batch_size=2, **recipe)
+    cluster = ClusterConfig(num_workers=2, storage_path=str(tmp_path / "runs"), run_name="ddp2", max_failures=0)
+    result = launch(path, {}, cluster)
+    assert result.error is None
+    adapters = {2: _adapter(result)}
+    one = config_file(out="ddp1", train_batch_size=4, **recipe)
+    adapters[1] = train_ranks(one, tmp_path / "one.pt", free_port(), 1, global_workers=1)["adapter"]
     diff = max((adapters[1][k] - adapters[2][k]).abs().max().item() for k in adapters[1])
     moved = max((adapters[1][k]).abs().max().item() for k in adapters[1])
     print(f"2-worker vs 1-worker adapter: max abs diff {diff:.3e} (largest weight {moved:.3e})")
     assert diff < 1e-5
+
+    with pytest.raises(ConfigError, match="already exists"):
+        launch(path, {"resume_from_checkpoint": "none"}, cluster)
 
 
 def test_a_ray_worker_runs_as_many_cpu_threads_as_cpus_it_was_given(local_ray):
@@ -96,14 +97,6 @@ def test_s3_keeps_five_each_restores_and_a_resubmit_resumes(local_ray, config_fi
     with resumed.checkpoint.as_directory() as folder:
         state = json.loads((Path(folder) / ckpt.TRAINING_STATE).read_text())
     assert state["step"] == 20 and state["resumed_at"] == [16]
-
-
-def test_resume_none_on_an_existing_run_is_refused(local_ray, config_file, tmp_path):
-    cluster = ClusterConfig(num_workers=1, storage_path=str(tmp_path / "runs"), run_name="once", max_failures=0)
-    path = config_file(max_train_steps=2, checkpointing_steps=2)
-    assert launch(path, {}, cluster).error is None
-    with pytest.raises(ConfigError, match="already exists"):
-        launch(path, {"resume_from_checkpoint": "none"}, cluster)
 
 
 KILL_DRIVER = """
