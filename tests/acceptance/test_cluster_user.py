@@ -1,6 +1,6 @@
 """The cluster path as a user meets it, as processes typed the way the README writes them: the demo's
-configs submitted as they are, a run resubmitted after it completed or with fewer steps, a node lost with
-`relay status` read during the outage, and a head restarted under `relay supervise`."""
+configs submitted as they are, a node lost with `relay status` read during the outage, and a head
+restarted under `relay supervise` (a run resubmitted after it completed, or with fewer steps: test_cluster_path)."""
 
 from __future__ import annotations
 
@@ -74,53 +74,6 @@ def test_the_demo_configs_submitted_as_they_are_are_refused_before_any_worker(fr
     assert alert["severity"] == "error" and alert["type"] == "failure", alert
     assert "storage_path 'output/ray' is relative" in alert["message"]
     assert "/tmp/ray" not in alert["message"] and "_ray_pkg_" not in alert["message"] and "Traceback" not in alert["message"]
-
-
-def test_a_completed_run_resubmitted_is_done_a_shorter_one_refused_and_a_longer_one_continues(
-    fresh_clone, head, user_files, tmp_path
-):
-    address, _, _, env = head
-    env = {**env, "RAY_ADDRESS": address}
-    cluster = _cluster(tmp_path, "again")
-
-    def submit(tag: str, *sets: str) -> tuple[subprocess.CompletedProcess, float]:
-        command = SUBMIT.format(id=f"again-{tag}", config=user_files, cluster=cluster) + "".join(f" --set {s}" for s in sets)
-        start = time.monotonic()
-        got = subprocess.run(["bash", "-c", command], cwd=fresh_clone.root, env=env, capture_output=True, text=True, timeout=900)
-        return got, time.monotonic() - start
-
-    first, _ = submit("1", "max_train_steps=20", "checkpointing_steps=10")
-    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
-    assert "completed at step 20" in first.stdout + first.stderr and "succeeded" in first.stdout
-
-    same, took = submit("2", "max_train_steps=20", "checkpointing_steps=10")
-    out = same.stdout + same.stderr
-    print(f"\nresubmitted unchanged ({took:.0f} s): " + next((ln for ln in out.splitlines() if "already" in ln), ""))
-    assert same.returncode == 0, out[-4000:]
-    assert "run 'again' already completed at step 20; nothing to train" in out
-    assert "checkpoint 10 committed" not in out and "goodput" not in out  # no replayed history (the completed line)
-    report = _status(fresh_clone, "again", tmp_path, env)
-    assert report["state"] == "completed" and len(report["attempts"]) == 1  # no restart counted
-
-    shorter, took = submit("3", "max_train_steps=10", "checkpointing_steps=10")
-    out = shorter.stdout + shorter.stderr
-    print(f"shorter ({took:.0f} s): " + next((ln for ln in out.splitlines() if "already at step" in ln), ""))
-    assert shorter.returncode == 1, out[-4000:]
-    assert "run 'again' is already at step 20" in out and "set max_train_steps to 20 or more" in out
-    assert "resume_from_checkpoint none" not in out and "checkpoint_tmp" not in out and "Traceback" not in out
-    status = fresh_clone.run(f"ray job status again-3 --address {address}", timeout=120, **env)
-    assert "failed with exit code 2" in status.stdout + status.stderr
-    assert _status(fresh_clone, "again", tmp_path, env)["state"] == "completed"  # the run is as it was
-
-    longer, _ = submit("4", "max_train_steps=30", "checkpointing_steps=10")
-    out = longer.stdout + longer.stderr
-    assert longer.returncode == 0, out[-4000:]
-    assert "resumed at step 20 (resubmitted" in out and "completed at step 30" in out
-    assert "checkpoint 10 committed" not in out and "checkpoint 20 committed" not in out  # only this job's news
-    final = _status(fresh_clone, "again", tmp_path, env)
-    assert final["step"] == 30 and [a["reason"] for a in final["attempts"]] == ["fresh", "resubmitted"]
-    state = json.loads((tmp_path / "runs/again/checkpoint-30/training_state.json").read_text())
-    assert state["resumed_at"] == [20]  # the loop itself resumed there (the checkpoint's own record)
 
 
 def test_a_node_lost_reads_as_an_outage_in_status_then_resumes(
