@@ -114,6 +114,12 @@ class ClusterConfig(ConfigModel):
     hourly_price_worker: float = Field(0.0, ge=0, description="$/h of one training worker's instance (cost estimate)")
     hourly_price_head: float = Field(0.0, ge=0, description="$/h of the head node (cost estimate)")
     steward_poll_seconds: float = Field(5.0, gt=0, description="how often the steward looks for committed checkpoints")
+    stall_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="seconds without a recorded step before `relay status` calls the run stalled and, with a node "
+        "of its group gone, the steward alerts that it waits for capacity; default: 20 steps' time, at least 60 s",
+    )
     report_poll_seconds: float = Field(
         0.5,
         gt=0,

@@ -161,10 +161,12 @@ STALL_FLOOR_SECONDS = 60.0  # a checkpoint's upload or a validation hand-off pau
 STALL_STEPS = 20  # ...nor for this many steps' time
 
 
-def stall_seconds(steps_per_second: float | None) -> float:
+def stall_seconds(steps_per_second: float | None, configured: float | None = None) -> float:
     """How long without a recorded step before a run counts as stalled (`relay status`) or, with a node of
-    its group gone, as waiting for capacity (the steward): 20 steps' time, at least a minute; 5 minutes
-    before a rate is known (a model still loading)."""
+    its group gone, as waiting for capacity (the steward): the cluster's `stall_seconds` when set, else
+    20 steps' time, at least a minute; 5 minutes before a rate is known (a model still loading)."""
+    if configured:
+        return configured
     return max(STALL_FLOOR_SECONDS, STALL_STEPS / steps_per_second) if steps_per_second else 5 * STALL_FLOOR_SECONDS
 
 

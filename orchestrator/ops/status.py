@@ -25,7 +25,7 @@ VALIDATION = VALIDATION_DIR
 # What each ledger event adds to the report (through ledger.summarize, or read here); a unit test adds each
 # event to a run's ledger and checks that the report changes for these and only these.
 SHOWN: dict[EventType, str] = {
-    EventType.RUN_STARTED: "the cost (its hourly_cost); the first starts the wall clock",
+    EventType.RUN_STARTED: "the cost (its hourly_cost), the stall threshold (stall_seconds); the first starts the wall clock",
     EventType.ATTEMPT: "the step it resumed at, restarts, steps lost and goodput",
     EventType.PROGRESS: "the step, the rate and goodput",
     EventType.CHECKPOINT: "the step",
@@ -59,7 +59,8 @@ def gather(storage: RunStorage, hub: bool = True, now: float | None = None) -> d
     hourly = latest(events, EventType.RUN_STARTED, "hourly_cost")
     last = summary.attempts[-1] if summary.attempts else None
     quiet = now - last.last_time if last else None
-    if summary.state == "running" and quiet is not None and quiet > stall_seconds(summary.steps_per_second):
+    stall_after = stall_seconds(summary.steps_per_second, latest(events, EventType.RUN_STARTED, "stall_seconds"))
+    if summary.state == "running" and quiet is not None and quiet > stall_after:
         summary.state = "stalled"  # no step recorded for longer than the rate explains: an outage, a lost head
         summary.eta_seconds = None
     return {

@@ -107,7 +107,11 @@ def run_on_ray(
     steward = start_steward(storage, cluster, config, validation_gpus=gpus)
     before = ray.get(steward.view.remote(HISTORY), timeout=60)["count"]  # earlier jobs' events: not news now
     steward.run_started.remote(
-        world_size=cluster.num_workers, storage=storage.describe(), config=config_summary(config), hourly_cost=cluster.hourly_cost
+        world_size=cluster.num_workers,
+        storage=storage.describe(),
+        config=config_summary(config),
+        hourly_cost=cluster.hourly_cost,
+        stall_seconds=cluster.stall_seconds,  # relay status reads it here, as the steward does
     )
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -47,6 +47,7 @@ class Steward:
         self.fatal_error: dict | None = None  # {"code", "message"} from a worker: no restart can cure it
         self._nodes: set[str] = set()  # the cluster's live nodes when the current attempt began
         self._waiting = False  # this attempt's outage is recorded (check_capacity)
+        self.stall_after: float | None = None  # the cluster's stall_seconds (run_started), else policy's default
         self._progress_written = 0.0
         self._progress_unwritten = False  # a tick since the last write (written by the watcher if no tick follows)
         self._stop = threading.Event()
@@ -82,6 +83,7 @@ class Steward:
 
     def run_started(self, **fields) -> None:
         self.total_steps = fields.get("total_steps", self.total_steps)
+        self.stall_after = fields.get("stall_seconds")
         self.record(EventType.RUN_STARTED, **fields)
 
     def attempt(self, step: int, world_size: int, total_steps: int, resumed: bool) -> None:
@@ -230,7 +232,7 @@ class Steward:
         progress = self.progress
         if self._waiting or not progress or not self._nodes:
             return False
-        if time.time() - progress["time"] < stall_seconds(progress.get("steps_per_second")):
+        if time.time() - progress["time"] < stall_seconds(progress.get("steps_per_second"), self.stall_after):
             return False
         alive = alive_nodes() if alive is None else alive
         lost = sorted(self._nodes - alive) if alive else []  # none alive: the GCS did not answer, not an outage

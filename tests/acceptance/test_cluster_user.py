@@ -82,7 +82,8 @@ def test_a_node_lost_reads_as_an_outage_in_status_then_resumes(
     address, _, start_node, env = head
     env = {**env, "RAY_ADDRESS": address}
     node = start_node({"spot": 1})
-    cluster = _cluster(tmp_path, "lost", resources_per_worker={"spot": 1}, max_failures=3)
+    # an outage reads as one after 15 s without a step (the cluster's stall_seconds), not the default minute
+    cluster = _cluster(tmp_path, "lost", resources_per_worker={"spot": 1}, max_failures=3, stall_seconds=15)
     command = loop_hold.submitted(SUBMIT.format(id="lost-1", config=user_files, cluster=cluster))
     loop_hold.at(40)  # the node goes while the run is at step 40, however fast its steps
     job = background(

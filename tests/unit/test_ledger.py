@@ -110,6 +110,21 @@ def test_the_steward_records_a_wait_for_capacity_once_when_a_node_is_gone_and_no
     assert gather(storage, hub=False)["state"] == "running"
 
 
+def test_a_stall_threshold_set_for_the_run_is_what_the_steward_waits(tmp_path) -> None:
+    import time
+
+    storage = RunStorage(str(tmp_path), "r")
+    steward = Steward(storage, poll_seconds=3600)
+    steward.run_started(world_size=2, stall_seconds=15)  # cluster.stall_seconds, as launch records it
+    steward.attempt(0, 2, 300, resumed=False)
+    steward._nodes = {"head", "worker"}
+    steward.tick(40, steps_per_second=2.0)
+    steward.progress["time"] = time.time() - 10
+    assert not steward.check_capacity(alive={"head"})  # 10 s: within the run's 15
+    steward.progress["time"] = time.time() - 16
+    assert steward.check_capacity(alive={"head"})  # not the default minute
+
+
 def test_a_tick_the_throttle_held_back_is_written_once_the_loop_goes_quiet(tmp_path) -> None:
     """A loop that stops ticking (a hang, a held step) still leaves its last step for `relay status`."""
     from orchestrator.core.ledger import PROGRESS

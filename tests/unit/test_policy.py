@@ -147,3 +147,4 @@ def test_a_stall_is_twenty_steps_time_and_at_least_a_minute() -> None:
 
     assert stall_seconds(10.0) == 60.0 and stall_seconds(0.1) == 200.0  # the recipe's ~0.6 steps/s: 33 s -> 60 s
     assert stall_seconds(None) == 300.0  # no rate yet: a model may still be loading
+    assert stall_seconds(10.0, configured=15.0) == 15.0 and stall_seconds(None, configured=15.0) == 15.0  # the cluster's

@@ -214,3 +214,14 @@ def test_a_run_without_steps_for_longer_than_its_rate_explains_says_so_with_its_
     at = time.strftime("%H:%M:%S", time.localtime(T0 + 40))
     assert report["state"] == state and report["eta_seconds"] is None
     assert f"[{state}: last step 80 at {at}, 2m 10s ago]" in render(report)
+
+
+def test_a_stall_threshold_set_for_the_run_is_what_status_uses(tmp_path) -> None:
+    """cluster.stall_seconds, recorded when the run started: 20 s without a step is a stall, not 60."""
+    storage = RunStorage(str(tmp_path), "r")
+    ledger = Ledger(storage)
+    ledger.events.extend(_events((0, "run_started", None, {"total_steps": 300, "stall_seconds": 20}), FRESH))
+    ledger.flush()
+    storage.write_json(PROGRESS, {"step": 80, "time": T0 + 40, "steps_per_second": 2.0, "total_steps": 300})
+    assert gather(storage, hub=False, now=T0 + 55)["state"] == "running"  # 15 s
+    assert gather(storage, hub=False, now=T0 + 65)["state"] == "stalled"  # 25 s
