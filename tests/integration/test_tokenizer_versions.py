@@ -5,6 +5,7 @@ throwaway venv that sees this one's other packages; the T5 and CLIP token ids mu
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -44,6 +45,7 @@ with tempfile.TemporaryDirectory() as scratch:
 """
 
 
+@functools.cache  # this venv's ids, once per process for both pairs
 def build_tokenizers(python: str, *args: str) -> dict:
     done = subprocess.run(
         [python, "-c", SCRIPT.format(repo=str(REPO)), *args],

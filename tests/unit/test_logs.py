@@ -28,8 +28,20 @@ def test_logging_imports_no_library_and_quiets_each_on_its_first_import() -> Non
     assert "LyCORIS" not in got.stderr
 
 
-def test_a_library_imported_before_the_setup_is_quieted_at_once() -> None:
-    probe = "import diffusers\nfrom relay_train.logs import configure_logging\nconfigure_logging()\n"
-    probe += "print(diffusers.utils.logging.get_verbosity(), diffusers.utils.logging.is_progress_bar_enabled())"
-    got = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
-    assert got.stdout.strip() == "40 False"
+def test_the_hook_acts_around_a_first_import_not_a_lookup_and_at_once_for_a_loaded_module(tmp_path, monkeypatch) -> None:
+    import importlib.util
+
+    from relay_train.logs import quiet_on_import
+
+    seen: list[str] = []
+    monkeypatch.setattr(sys, "relay_probe_seen", seen, raising=False)
+    (tmp_path / "relay_probe_quiet.py").write_text("import sys\nsys.relay_probe_seen.append('body')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    quiet_on_import({"relay_probe_quiet": (lambda: seen.append("before"), lambda: seen.append("after"))})
+    assert importlib.util.find_spec("relay_probe_quiet") is not None and seen == []  # a lookup runs nothing
+    import relay_probe_quiet  # noqa: F401
+
+    assert seen == ["before", "body", "after"]
+    quiet_on_import({"json": (lambda: seen.append("json before"), lambda: seen.append("json after"))})
+    assert seen[-1] == "json after" and "json before" not in seen  # already imported: quieted at once
+    monkeypatch.delitem(sys.modules, "relay_probe_quiet")
