@@ -14,7 +14,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-
 from relay_train import checkpoint as ckpt
 from relay_train.config import TrainConfig
 from relay_train.config.notes import config_summary

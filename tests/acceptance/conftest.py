@@ -167,8 +167,13 @@ class Head:
     gcs: str  # 127.0.0.1:PORT, what `ray start --address` and ray.init take
     env: dict[str, str]
 
-    def alive_nodes(self, python: str) -> int | None:
-        count = f"import ray; ray.init(address={self.gcs!r}, logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"
+    def alive_nodes(self, python: str, node_manager_port: int | None = None) -> int | None:
+        """How many nodes the head counts alive (only the one on that node manager port, when given)."""
+        which = "" if node_manager_port is None else f" and n['NodeManagerPort'] == {node_manager_port}"
+        count = (
+            f"import ray; ray.init(address={self.gcs!r}, logging_level='ERROR'); "
+            f"print(sum(1 for n in ray.nodes() if n['Alive']{which}))"
+        )
         probe = subprocess.run([python, "-c", count], env=self.env, capture_output=True, text=True, timeout=120)
         return int(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 and probe.stdout.strip() else None
 
@@ -227,8 +232,9 @@ def cluster_head(fresh_clone, s3_endpoint):
 @pytest.fixture
 def head(fresh_clone, cluster_head):
     """The session's head for one test. Yields (dashboard address, GCS address, start_node, env): start_node
-    adds a worker node with the given custom resources and returns its process; the nodes a test added are
-    stopped at its end, and the next test starts once the head counts them gone."""
+    adds a worker node with the given custom resources and returns its process once the head counts it alive
+    (a job submitted sooner may be refused: nothing there fits it); the nodes a test added are stopped at its
+    end, and the next test starts once the head counts them gone."""
     nodes: list[subprocess.Popen] = []
     temps: list[str] = []
 
@@ -236,6 +242,7 @@ def head(fresh_clone, cluster_head):
         # a temp dir of its own: nodes sharing one on a machine would clear each other's job working dirs
         own = tempfile.mkdtemp(prefix="rn")
         temps.append(own)
+        manager = ports.free_port()  # how the head's node list names this node
         nodes.append(
             subprocess.Popen(
                 [
@@ -245,6 +252,7 @@ def head(fresh_clone, cluster_head):
                     f"--num-cpus={cpus}",
                     f"--resources={json.dumps(resources)}",
                     f"--temp-dir={own}",
+                    f"--node-manager-port={manager}",
                     *ports.ray_node_ports(),
                     *NODE_COMMON,
                 ],
@@ -254,6 +262,12 @@ def head(fresh_clone, cluster_head):
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
             )
+        )
+        wait_for(
+            "the new node to join",
+            lambda: nodes[-1].poll() is None and cluster_head.alive_nodes(fresh_clone.python, manager) == 1,
+            timeout=120,
+            every=1,
         )
         return nodes[-1]
 
