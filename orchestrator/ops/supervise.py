@@ -88,7 +88,7 @@ def run_once(opts: SuperviseOptions, attempt: int) -> tuple[Exit, str]:
             log.info("supervisor: submit not accepted yet (%s); retrying", str(exc).splitlines()[0][:120])
             time.sleep(min(opts.poll, 5))
     log.info("supervisor: try %d submitted as %s", attempt, submission)
-    follow(client, submission)
+    follower = follow(client, submission)
     while True:
         time.sleep(opts.poll)
         try:
@@ -104,6 +104,9 @@ def run_once(opts: SuperviseOptions, attempt: int) -> tuple[Exit, str]:
                 return Exit.FAILED, "the head was replaced and the job with it"
         if not info.status.is_terminal():
             continue
+        # the job's last lines (its "completed at step N; adapter: ..." line) may still be on their way: the
+        # tail ends with the job's log, so wait for it, boundedly, before saying how the job ended
+        follower.join(timeout=LOG_DRAIN_SECONDS)
         code = getattr(info, "driver_exit_code", None)
         outcome = job_outcome(str(info.status.value), code)
         detail = {
@@ -118,6 +121,7 @@ def run_once(opts: SuperviseOptions, attempt: int) -> tuple[Exit, str]:
         )
 
 
+LOG_DRAIN_SECONDS = 15.0  # how long an ended job's log tail may take to deliver its last lines
 AUTH_FAILURE = "InvalidAuthToken"
 AUTH_ADVICE = (
     "the head refused the submission's token (InvalidAuthToken): a head restarted on this machine picked up "

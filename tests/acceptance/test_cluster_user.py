@@ -183,6 +183,7 @@ def test_a_head_lost_under_supervise_is_resubmitted_and_reported(
     assert "head unreachable" in out and "submitted as" in out
     # the job's own lines, followed (which checkpoints the killed job's log still delivered depends on timing)
     assert "step " in out and re.search(r"checkpoint \d+ committed", out)
+    assert "completed at step 60" in out  # the ended job's last lines are echoed before the supervisor says so
     assert "(the head was lost" in out and "InvalidAuthToken" not in out
     final = _status(fresh_clone, "headless", tmp_path, env)
     assert final["state"] == "completed" and final["attempts"][-1]["reason"] == "head_lost"
