@@ -1,7 +1,8 @@
-"""Spot preemption end to end on a fake multi-node cluster: a cloud notice (fake IMDS on loopback) →
-the spot agent drains the Ray node → the loop checkpoints at once → the node goes, a replacement joins
-→ the run resumes with zero steps lost. Then the chaos run: three preemptions, two announced and one
-not, finishing bitwise equal to an uninterrupted run."""
+"""Spot preemption end to end on a fake multi-node cluster (one for the module): the chaos run takes three
+preemptions, a cloud notice (fake IMDS on loopback) drained by the spot agent, a SIGTERM to the node's
+`relay spot-agent` process, and a node that simply goes; the first two checkpoint at once and lose no step,
+and the run ends bitwise equal to an uninterrupted one. Then the pod's preStop hook, which holds until the
+node's workers have left."""
 
 from __future__ import annotations
 
@@ -14,22 +15,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from orchestrator.ops import spot
 from orchestrator.core.cluster import ClusterConfig
 from orchestrator.run.launch import launch
 from orchestrator.core.ledger import Ledger, summarize
 from orchestrator.core.store import RunStorage
-from relay_train import checkpoint as ckpt
-from support.fake_imds import FakeMetadata  # tests/ is on sys.path (conftest rootdir)
+from support.checkpoints import result_adapter  # tests/ is on sys.path (conftest rootdir)
+from support.fake_imds import FakeMetadata
 from support.ranks import train_ranks
 
 pytestmark = pytest.mark.slow
 TRAINER = {"trainer": 1}
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def fake_cluster():
     import ray
     from ray.cluster_utils import Cluster
@@ -54,11 +54,6 @@ def _wait_for(what: str, predicate, seconds: float = 300):
     return value
 
 
-def _adapter(result) -> dict[str, torch.Tensor]:
-    with result.checkpoint.as_directory() as folder:
-        return load_file(str(Path(folder) / ckpt.ADAPTER))
-
-
 def _announce_and_drain(cluster, node, seconds: float = 90) -> spot.Notice:
     """The node's own agent, as `relay spot-agent` runs it, against a fake metadata service."""
     metadata = FakeMetadata().start()
@@ -71,12 +66,29 @@ def _announce_and_drain(cluster, node, seconds: float = 90) -> spot.Notice:
         metadata.close()
 
 
+def _checkpointed_since_the_last_attempt(storage: RunStorage) -> bool:
+    since = _events(storage, "attempt")[-1]["time"]
+    return any(e["time"] > since for e in _events(storage, "checkpoint"))
+
+
 def _in_order(seen: list[str], expected: list[str]) -> bool:
     it = iter(seen)
     return all(kind in it for kind in expected)
 
 
+def _agent_argv(cluster, metadata: FakeMetadata, node_id: str | None) -> list[str]:
+    """`relay spot-agent` as infra/ starts it on a node: IMDS watched, a SIGTERM drains with the grace left."""
+    relay = str(Path(sys.executable).with_name("relay"))
+    argv = [relay, "spot-agent", "--cloud", "aws", "--aws-endpoint", metadata.url, "--interval", "0.2"]
+    argv += ["--ray-address", cluster.address, "--sigterm-grace", "60"]
+    return argv + (["--node-id", node_id] if node_id else [])
+
+
 def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tmp_path, webhook_receiver, free_port):
+    """Three preemptions of one run: an IMDS notice; an eviction that reaches the node's agent process as a
+    SIGTERM, not a notice (EKS capacity rebalancing, Karpenter, a stopped unit), drained with the grace the pod
+    has left; and a node that simply goes. The first two checkpoint at once and lose no step, the third goes
+    back to the newest commit; the run ends bitwise equal to an uninterrupted one."""
     cluster, nodes = fake_cluster
     recipe = dict(max_train_steps=120, checkpointing_steps=10, train_batch_size=2, optimizer="bnb-adamw8bit")
     path = config_file(
@@ -88,48 +100,63 @@ def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tm
             "log_level": "info",
         },
     )
-
-    def cluster_config(name: str) -> ClusterConfig:
-        return ClusterConfig(
-            num_workers=2,
-            resources_per_worker=TRAINER,
-            storage_path=str(tmp_path / "runs"),
-            run_name=name,
-            max_failures=3,
-            preemption_check_steps=2,
-            steward_poll_seconds=0.5,
-        )
-
+    config = ClusterConfig(
+        num_workers=2,
+        resources_per_worker=TRAINER,
+        storage_path=str(tmp_path / "runs"),
+        run_name="chaos",
+        max_failures=3,
+        preemption_check_steps=2,
+        steward_poll_seconds=0.5,
+    )
     storage = RunStorage(str(tmp_path / "runs"), "chaos")
     results = []
-    thread = threading.Thread(target=lambda: results.append(launch(path, {}, cluster_config("chaos"))), daemon=True)
-    thread.start()
-    timings = []
-    for n, announced in enumerate((True, True, False), start=1):
-        _wait_for(f"attempt {n}", lambda n=n: len(_events(storage, "attempt")) >= n)
-        victim = nodes[0] if n != 2 else nodes[1]
-        lost_at = time.time()
-        if announced:
-            notice = _announce_and_drain(cluster, victim)
-            assert notice is not None and notice.cloud == "aws"
-            _wait_for("the emergency checkpoint", lambda n=n: len(_events(storage, "emergency_checkpoint")) >= n)
-        else:  # no warning: a checkpoint commits, then the node simply goes
-            _wait_for(
-                "a checkpoint after the restart",
-                lambda: any(e["time"] > _events(storage, "attempt")[-1]["time"] for e in _events(storage, "checkpoint")),
-            )
-        cluster.remove_node(victim)  # the cloud takes the node (main thread, as Ray requires)
-        nodes[nodes.index(victim)] = cluster.add_node(num_cpus=1, resources=TRAINER)  # capacity returns
-        timings.append(lost_at)
-    thread.join(timeout=900)
+    thread = threading.Thread(target=lambda: results.append(launch(path, {}, config)), daemon=True)
+    metadata = FakeMetadata().start()  # the agent's IMDS answers, with no notice: its SIGTERM alone must do it
+    agent_log = tmp_path / "agent.log"
+    with agent_log.open("w") as sink:
+        agent = subprocess.Popen(_agent_argv(cluster, metadata, nodes[1].node_id), stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        thread.start()
+        # Without --node-id on a machine with several Ray nodes: one line that says what to pass, no traceback.
+        unsure = subprocess.run(_agent_argv(cluster, metadata, None), capture_output=True, text=True, timeout=120)
+        said = unsure.stdout + unsure.stderr
+        lines = [line for line in said.splitlines() if "spot agent" in line or "Traceback" in line]
+        assert unsure.returncode == 1 and len(lines) == 1 and "pass --node-id" in lines[0], said
+        _wait_for("the agent to watch", lambda: "watching" in agent_log.read_text(), 120)
+        for n, how in enumerate(("notice", "sigterm", "unannounced"), start=1):
+            _wait_for(f"attempt {n}", lambda n=n: len(_events(storage, "attempt")) >= n)
+            victim = nodes[0] if n != 2 else nodes[1]
+            if how == "notice":
+                notice = _announce_and_drain(cluster, victim)
+                assert notice is not None and notice.cloud == "aws"
+            elif how == "sigterm":  # the pod is being deleted
+                _wait_for("a checkpoint after the restart", lambda: _checkpointed_since_the_last_attempt(storage))
+                agent.send_signal(signal.SIGTERM)
+                assert agent.wait(timeout=60) == 0, agent_log.read_text()
+            else:  # no warning: a checkpoint commits, then the node simply goes
+                _wait_for("a checkpoint after the restart", lambda: _checkpointed_since_the_last_attempt(storage))
+            if how != "unannounced":
+                _wait_for("the emergency checkpoint", lambda n=n: len(_events(storage, "emergency_checkpoint")) >= n)
+            cluster.remove_node(victim)  # the cloud takes the node, or its grace runs out (main thread, as Ray requires)
+            nodes[nodes.index(victim)] = cluster.add_node(num_cpus=1, resources=TRAINER)  # capacity returns
+        thread.join(timeout=900)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        metadata.close()
     assert results and results[0].error is None, results and results[0].error
 
+    said = agent_log.read_text()
+    assert "signal notice: sigterm" in said and "Traceback" not in said, said
+    assert ("GET", "/latest/meta-data/spot/instance-action") in metadata.requests  # watched IMDS; no notice there
     notices, emergencies = _events(storage, "preemption_notice"), _events(storage, "emergency_checkpoint")
     attempts = _events(storage, "attempt")
     assert len(notices) == 2 and len(emergencies) == 2 and len(attempts) == 4
     for notice, emergency, resumed in zip(notices, emergencies, attempts[1:3]):
         assert emergency["step"] == notice["step"] == resumed["step"]  # checkpointed at the notice, resumed there
         assert emergency["committed"] and resumed["steps_lost"] == 0 and resumed["reason"] == "preemption"
+    assert 30 < notices[1]["deadline"] - notices[1]["time"] <= 60  # the grace the pod had left, as the deadline
     # Unannounced: back to the newest committed checkpoint. With async uploads that is up to one interval,
     # plus the steps trained while the newest checkpoint was still uploading (seconds, on a real run).
     assert attempts[3]["reason"] == "node_lost" and 0 <= attempts[3]["steps_lost"] <= 2 * 10
@@ -146,7 +173,7 @@ def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tm
     # the uninterrupted run: the same trainer on 2 ranks without Ray (a Ray run of it ends with the same bits)
     a, b = (
         train_ranks(config_file(out="straight", **recipe), tmp_path / "straight.pt", free_port())["adapter"],
-        _adapter(results[0]),
+        result_adapter(results[0]),
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -161,63 +188,6 @@ def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tm
     assert {"checkpoint_committed", "validation"} <= set(kinds), " ".join(kinds)
     assert chaos[-1]["type"] == "completed" and "goodput" in chaos[-1]["message"]
     assert all(r.headers.get("x-api-key") == "chaos-token-123456" for r in webhook_receiver.requests)
-
-
-def test_sigterm_to_the_agent_process_drains_and_loses_no_steps(fake_cluster, config_file, tmp_path):
-    """An eviction (EKS capacity rebalancing, Karpenter, a stopped unit) reaches the node as a SIGTERM, not an
-    IMDS notice. The agent, started as infra/ starts it, drains its node with the grace it has left; the run
-    takes its emergency checkpoint exactly as on an IMDS notice and resumes there."""
-    cluster, nodes = fake_cluster
-    path = config_file(max_train_steps=80, checkpointing_steps=10, train_batch_size=2, optimizer="adamw", validation_steps=0)
-    storage = RunStorage(str(tmp_path / "runs"), "sigterm")
-    config = ClusterConfig(
-        num_workers=2,
-        resources_per_worker=TRAINER,
-        storage_path=str(tmp_path / "runs"),
-        run_name="sigterm",
-        max_failures=3,
-        preemption_check_steps=2,
-        steward_poll_seconds=0.5,
-    )
-    metadata = FakeMetadata().start()  # IMDS answers, with no notice: the SIGTERM alone must do it
-    log = (tmp_path / "agent.log").open("w")
-    relay = str(Path(sys.executable).with_name("relay"))
-    victim = nodes[0]
-    argv = [relay, "spot-agent", "--cloud", "aws", "--aws-endpoint", metadata.url, "--interval", "0.2"]
-    argv += ["--ray-address", cluster.address, "--node-id", victim.node_id, "--sigterm-grace", "60"]
-    # Without --node-id on a machine with several Ray nodes: one line that says what to pass, no traceback.
-    unsure = subprocess.run(argv[: argv.index("--node-id")], capture_output=True, text=True, timeout=120)
-    lines = [line for line in (unsure.stdout + unsure.stderr).splitlines() if "spot agent" in line or "Traceback" in line]
-    assert unsure.returncode == 1 and len(lines) == 1 and "pass --node-id" in lines[0], unsure.stdout + unsure.stderr
-    agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    results = []
-    thread = threading.Thread(target=lambda: results.append(launch(path, {}, config)), daemon=True)
-    try:
-        _wait_for("the agent to watch", lambda: "watching" in (tmp_path / "agent.log").read_text(), 120)
-        thread.start()
-        _wait_for("a committed checkpoint", lambda: _events(storage, "checkpoint"))
-        agent.send_signal(signal.SIGTERM)  # the pod is being deleted
-        assert agent.wait(timeout=60) == 0, (tmp_path / "agent.log").read_text()
-        _wait_for("the emergency checkpoint", lambda: _events(storage, "emergency_checkpoint"))
-        cluster.remove_node(victim)  # the grace runs out
-        nodes[0] = cluster.add_node(num_cpus=1, resources=TRAINER)
-        thread.join(timeout=600)
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-        metadata.close()
-        log.close()
-    assert results and results[0].error is None, results and results[0].error
-    agent_log = (tmp_path / "agent.log").read_text()
-    assert "signal notice: sigterm" in agent_log and "Traceback" not in agent_log, agent_log
-    assert ("GET", "/latest/meta-data/spot/instance-action") in metadata.requests  # watched IMDS; no notice there
-    notice, emergency = _events(storage, "preemption_notice"), _events(storage, "emergency_checkpoint")
-    attempts = _events(storage, "attempt")
-    assert len(notice) == 1 and len(emergency) == 1 and len(attempts) == 2
-    assert emergency[0]["step"] == notice[0]["step"] == attempts[1]["step"] and emergency[0]["committed"]
-    assert attempts[1]["steps_lost"] == 0 and attempts[1]["reason"] == "preemption"
-    assert 30 < notice[0]["deadline"] - notice[0]["time"] <= 60  # the grace the pod had left, as the deadline
-    assert summarize("sigterm", Ledger(storage).events).state == "completed"
 
 
 def test_prestop_drain_now_holds_the_pod_until_its_workers_leave(fake_cluster):
@@ -253,68 +223,3 @@ def test_prestop_drain_now_holds_the_pod_until_its_workers_leave(fake_cluster):
     # Drained: the node's free train slot takes no new work.
     ready, _ = ray.wait([Worker.remote().node.remote()], timeout=10)
     assert not ready, "a drained node accepted a new worker"
-
-
-def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(loop_hold, config_file, tmp_path, free_port):
-    """num_workers [1, 2]: the group starts on the one node there is, grows when a second joins, shrinks
-    when one goes, and ends where a fixed 2-worker run does (the global batch never changes: each rank
-    takes its share of train_batch_size × 2). The loop's hold keeps each size at its 20 steps
-    until the test has changed the cluster, however fast the steps go."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    loop_hold.at(20)  # set before the nodes start: their workers inherit it
-    recipe = dict(max_train_steps=60, checkpointing_steps=10, train_batch_size=2, optimizer="adamw", validation_steps=0)
-    path = config_file(**recipe)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    nodes = [cluster.add_node(num_cpus=1, resources=TRAINER)]
-    ray.init(address=cluster.address)
-    try:
-
-        def config(name: str, workers) -> ClusterConfig:
-            return ClusterConfig(
-                num_workers=workers,
-                resources_per_worker=TRAINER,
-                storage_path=str(tmp_path / "runs"),
-                run_name=name,
-                max_failures=3,
-                elastic_resize_seconds=2,
-                worker_start_seconds=15,  # after the node goes, a start at the old size gives up this soon
-                steward_poll_seconds=0.5,
-            )
-
-        def committed_since_the_last_attempt(step: int) -> bool:
-            since = _events(storage, "attempt")[-1]["time"]
-            return any(e["time"] > since and e["step"] == step for e in _events(storage, "checkpoint"))
-
-        storage = RunStorage(str(tmp_path / "runs"), "elastic")
-        results = []
-        thread = threading.Thread(target=lambda: results.append(launch(path, {}, config("elastic", [1, 2]))), daemon=True)
-        thread.start()
-        _wait_for("a 1-worker attempt", lambda: any(e["world_size"] == 1 for e in _events(storage, "attempt")))
-        _wait_for("1 worker's checkpoint 20", lambda: committed_since_the_last_attempt(20))
-        nodes.append(cluster.add_node(num_cpus=1, resources=TRAINER))  # capacity arrives: grow
-        _wait_for("the group to grow", lambda: any(e["world_size"] == 2 for e in _events(storage, "attempt")))
-        loop_hold.at(40)
-        _wait_for("2 workers' checkpoint 40", lambda: committed_since_the_last_attempt(40))
-        cluster.remove_node(nodes.pop())  # and goes again: shrink
-        _wait_for("the group to shrink", lambda: _events(storage, "attempt")[-1]["world_size"] == 1)
-        loop_hold.release()  # only now: a worker outliving its node by a second must not train on with the other
-        thread.join(timeout=900)
-        assert results and results[0].error is None, results and results[0].error
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-    attempts = _events(storage, "attempt")
-    sizes = [e["world_size"] for e in attempts]
-    resizes = _events(storage, "resize")
-    assert sizes[0] == 1 and 2 in sizes and sizes[-1] == 1, sizes
-    assert [(r["previous_world_size"], r["world_size"]) for r in resizes][:2] == [(1, 2), (2, 1)]
-    assert [e["step"] for e in attempts] == [0, 20, 40], attempts  # each size trained its share
-    # a fixed 2-worker run: the same trainer on 2 ranks without Ray (a Ray run of it ends with the same bits)
-    fixed = train_ranks(config_file(out="fixed", **recipe), tmp_path / "fixed.pt", free_port())
-    a, b = fixed["adapter"], _adapter(results[0])
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    print(f"elastic {sizes} vs fixed 2 workers: adapter max abs diff {diff:.3e}")
-    assert diff < 1e-4

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from support.polling import wait_for  # tests/support/
+from support.checkpoints import result_adapter  # tests/support/
+from support.polling import wait_for
 from support.ranks import train_ranks
 
 from orchestrator.core.cluster import ClusterConfig
@@ -32,11 +32,6 @@ def fake_cluster(loop_hold):  # the hold first: the nodes' workers inherit it
     yield cluster, workers
     ray.shutdown()
     cluster.shutdown()
-
-
-def _final_adapter(result) -> dict[str, torch.Tensor]:
-    with result.checkpoint.as_directory() as folder:
-        return load_file(str(Path(folder) / ckpt.ADAPTER))
 
 
 def _wait_until_committed(run: Path, folder: str, seconds: float) -> None:
@@ -74,6 +69,6 @@ def test_node_loss_and_replacement_end_bitwise_equal(fake_cluster, loop_hold, co
     # the uninterrupted run: the same trainer on 2 ranks without Ray (a Ray run of it ends with the same bits)
     a, b = (
         train_ranks(config_file(out="straight", **recipe), tmp_path / "straight.pt", free_port())["adapter"],
-        _final_adapter(results[0]),
+        result_adapter(results[0]),
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

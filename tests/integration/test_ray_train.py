@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from pyarrow import fs as pafs
-from safetensors.torch import load_file
-from support.ranks import train_ranks  # tests/support/
+from support.checkpoints import result_adapter  # tests/support/
+from support.ranks import train_ranks
 
 from orchestrator.core.cluster import ClusterConfig, storage_filesystem
 from orchestrator.run.launch import launch
@@ -29,11 +28,6 @@ def local_ray(s3_endpoint):
     ray.shutdown()
 
 
-def _adapter(result) -> dict[str, torch.Tensor]:
-    with result.checkpoint.as_directory() as folder:
-        return load_file(str(Path(folder) / ckpt.ADAPTER))
-
-
 def test_two_workers_match_one_with_the_same_global_batch_and_resume_none_on_their_run_is_refused(
     local_ray, config_file, tmp_path, free_port
 ):
@@ -44,7 +38,7 @@ def test_two_workers_match_one_with_the_same_global_batch_and_resume_none_on_the
     cluster = ClusterConfig(num_workers=2, storage_path=str(tmp_path / "runs"), run_name="ddp2", max_failures=0)
     result = launch(path, {}, cluster)
     assert result.error is None
-    adapters = {2: _adapter(result)}
+    adapters = {2: result_adapter(result)}
     one = config_file(out="ddp1", train_batch_size=4, **recipe)
     adapters[1] = train_ranks(one, tmp_path / "one.pt", free_port(), 1, global_workers=1)["adapter"]
     diff = max((adapters[1][k] - adapters[2][k]).abs().max().item() for k in adapters[1])

@@ -1,8 +1,11 @@
-"""A small checkpoint payload for tests of the checkpoint writer and reader."""
+"""Checkpoints in tests: a small payload for the writer and reader, and the adapter a Ray run ended with."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
 
 from relay_train import checkpoint as ckpt
 
@@ -21,3 +24,9 @@ def small_payload(step: int, ema: bool = True) -> ckpt.CheckpointPayload:
         training_state={"step": step},
         config_json="{}",
     )
+
+
+def result_adapter(result) -> dict[str, torch.Tensor]:
+    """The adapter in a Ray Train result's final checkpoint."""
+    with result.checkpoint.as_directory() as folder:
+        return load_file(str(Path(folder) / ckpt.ADAPTER))
