@@ -62,7 +62,8 @@ def build_tokenizers(python: str, *args: str) -> dict:
 @pytest.mark.parametrize("pins", PAIRS.values(), ids=PAIRS.keys())
 def test_tiny_model_tokenizers_build_with_older_transformers(tmp_path, pins):
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    # no pip of its own (ensurepip costs seconds): this venv's pip installs into its site-packages
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = str(venv / "bin/python")
     site = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True
@@ -70,7 +71,10 @@ def test_tiny_model_tokenizers_build_with_older_transformers(tmp_path, pins):
     # This venv's packages come after the pinned ones: torch, diffusers and the rest are shared, not reinstalled.
     Path(site, "zz_relay_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     install = subprocess.run(
-        [python, "-m", "pip", "install", "-q", "--no-deps", *pins], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", site, *pins],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if install.returncode != 0:
         pytest.skip(f"pip could not install {pins} here: {install.stderr[-500:]}")
