@@ -50,18 +50,29 @@ def _fill_caches(config_path: Path) -> None:
         build_missing(plan, model_path, torch.device("cpu"), torch.float32)
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_model, demo_data) -> dict:
+    """ZeRO-2 on 2 ranks, STEPS steps uninterrupted: the reference both resume tests compare against."""
+    from relay_train.demo.recipe import write_recipe
+    from support.ports import free_port
+
+    folder = tmp_path_factory.mktemp("straight")
+    path = write_recipe(folder, tiny_model, demo_data, out="straight", validation_num_gpus=0, **RECIPE)
+    _fill_caches(path)
+    return train_ranks(path, folder / "straight.pt", free_port(), 2, strategy="deepspeed")
+
+
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.mark.slow
-def test_zero2_resumes_bitwise_and_agrees_with_ddp(config_file, tmp_path, free_port):
+def test_zero2_resumes_bitwise_and_agrees_with_ddp(straight, config_file, tmp_path, free_port):
     """2 ranks: stopped at STOP and resumed == straight (bitwise), checkpoint files as ddp's, and the
     adapter within float tolerance of the ddp strategy's after the same steps."""
-    paths = {name: config_file(out=name, **RECIPE) for name in ("straight", "halves", "ddp")}
-    _fill_caches(paths["straight"])
+    paths = {name: config_file(out=name, **RECIPE) for name in ("halves", "ddp")}
+    _fill_caches(paths["halves"])
 
-    straight = _run(paths["straight"], "deepspeed", tmp_path / "straight.pt", free_port)
     first = _run(paths["halves"], "deepspeed", tmp_path / "first.pt", free_port, stop_at=STOP)
     assert first["step"] == STOP and first["last_checkpoint"].endswith(f"checkpoint-{STOP}")
     resumed = _run(paths["halves"], "deepspeed", tmp_path / "resumed.pt", free_port)
@@ -133,7 +144,7 @@ def local_ray():
 
 
 @pytest.mark.slow
-def test_ray_zero2_resubmit_resumes_bitwise(local_ray, config_file, tmp_path, free_port):
+def test_ray_zero2_resubmit_resumes_bitwise(local_ray, straight, config_file, tmp_path):
     """What users run: TorchTrainer with 2 CPU workers and strategy deepspeed. A run stopped at STOP and
     resubmitted by name ends with the same checkpoint contents as an uninterrupted run (the same trainer
     on 2 ranks without Ray: a Ray run of it ends with the same bits)."""
@@ -149,12 +160,11 @@ def test_ray_zero2_resubmit_resumes_bitwise(local_ray, config_file, tmp_path, fr
         assert result.error is None
     with result.checkpoint.as_directory() as folder:
         resubmitted = ckpt.read_checkpoint(Path(folder))
-    ranks = _run(config_file(out="straight", **RECIPE), "deepspeed", tmp_path / "straight.pt", free_port)
-    straight = ckpt.read_checkpoint(Path(ranks["last_checkpoint"]))
-    assert resubmitted.training_state["resumed_at"] == [STOP] and resubmitted.step == straight.step == STEPS
-    assert_tree_equal(straight.adapter, resubmitted.adapter, "adapter")
-    assert_tree_equal(straight.ema, resubmitted.ema, "ema")
-    assert_tree_equal(straight.optimizer, resubmitted.optimizer, "optimizer")
-    assert_tree_equal(straight.scheduler, resubmitted.scheduler, "scheduler")
+    reference = ckpt.read_checkpoint(Path(straight["last_checkpoint"]))
+    assert resubmitted.training_state["resumed_at"] == [STOP] and resubmitted.step == reference.step == STEPS
+    assert_tree_equal(reference.adapter, resubmitted.adapter, "adapter")
+    assert_tree_equal(reference.ema, resubmitted.ema, "ema")
+    assert_tree_equal(reference.optimizer, resubmitted.optimizer, "optimizer")
+    assert_tree_equal(reference.scheduler, resubmitted.scheduler, "scheduler")
     # the step's generator (numpy's and python's global RNGs are unseeded per process and unused by a step)
-    assert torch.equal(straight.rng["generator"], resubmitted.rng["generator"])
+    assert torch.equal(reference.rng["generator"], resubmitted.rng["generator"])
