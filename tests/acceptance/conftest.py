@@ -263,12 +263,13 @@ def head(fresh_clone, cluster_head):
                 start_new_session=True,
             )
         )
-        wait_for(
-            "the new node to join",
-            lambda: nodes[-1].poll() is None and cluster_head.alive_nodes(fresh_clone.python, manager) == 1,
-            timeout=120,
-            every=1,
-        )
+
+        def joined() -> bool:
+            if nodes[-1].poll() is not None:  # not the rest of the 120 s for a node that is gone
+                pytest.fail(f"`ray start` of the new node exited with {nodes[-1].returncode} before it joined")
+            return cluster_head.alive_nodes(fresh_clone.python, manager) == 1
+
+        wait_for("the new node to join", joined, timeout=120, every=1)
         return nodes[-1]
 
     yield cluster_head.address, cluster_head.gcs, start_node, cluster_head.env

@@ -7,20 +7,16 @@ import threading
 
 import pytest
 from support.checkpoints import result_adapter  # tests/ is on sys.path (conftest rootdir)
+from support.ledger import checkpointed_since_the_last_attempt, events
 from support.polling import wait_for
 from support.ranks import train_ranks
 
 from orchestrator.core.cluster import ClusterConfig
-from orchestrator.core.ledger import Ledger
 from orchestrator.core.store import RunStorage
 from orchestrator.run.launch import launch
 
 pytestmark = pytest.mark.slow
 TRAINER = {"trainer": 1}
-
-
-def _events(storage: RunStorage, kind: str) -> list[dict]:
-    return [e for e in Ledger(storage).events if e["type"] == kind]
 
 
 def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(loop_hold, config_file, tmp_path, free_port):
@@ -51,22 +47,18 @@ def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(loop_hold, con
                 steward_poll_seconds=0.5,
             )
 
-        def committed_since_the_last_attempt(step: int) -> bool:
-            since = _events(storage, "attempt")[-1]["time"]
-            return any(e["time"] > since and e["step"] == step for e in _events(storage, "checkpoint"))
-
         storage = RunStorage(str(tmp_path / "runs"), "elastic")
         results = []
         thread = threading.Thread(target=lambda: results.append(launch(path, {}, config("elastic", [1, 2]))), daemon=True)
         thread.start()
-        wait_for("a 1-worker attempt", lambda: any(e["world_size"] == 1 for e in _events(storage, "attempt")), 300, every=0.2)
-        wait_for("1 worker's checkpoint 20", lambda: committed_since_the_last_attempt(20), 300, every=0.2)
+        wait_for("a 1-worker attempt", lambda: any(e["world_size"] == 1 for e in events(storage, "attempt")), 300, every=0.2)
+        wait_for("1 worker's checkpoint 20", lambda: checkpointed_since_the_last_attempt(storage, 20), 300, every=0.2)
         nodes.append(cluster.add_node(num_cpus=1, resources=TRAINER))  # capacity arrives: grow
-        wait_for("the group to grow", lambda: any(e["world_size"] == 2 for e in _events(storage, "attempt")), 300, every=0.2)
+        wait_for("the group to grow", lambda: any(e["world_size"] == 2 for e in events(storage, "attempt")), 300, every=0.2)
         loop_hold.at(40)
-        wait_for("2 workers' checkpoint 40", lambda: committed_since_the_last_attempt(40), 300, every=0.2)
+        wait_for("2 workers' checkpoint 40", lambda: checkpointed_since_the_last_attempt(storage, 40), 300, every=0.2)
         cluster.remove_node(nodes.pop())  # and goes again: shrink
-        wait_for("the group to shrink", lambda: _events(storage, "attempt")[-1]["world_size"] == 1, 300, every=0.2)
+        wait_for("the group to shrink", lambda: events(storage, "attempt")[-1]["world_size"] == 1, 300, every=0.2)
         loop_hold.release()  # only now: a worker outliving its node by a second must not train on with the other
         thread.join(timeout=900)
         assert results and results[0].error is None, results and results[0].error
@@ -74,9 +66,9 @@ def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(loop_hold, con
         ray.shutdown()
         cluster.shutdown()
 
-    attempts = _events(storage, "attempt")
+    attempts = events(storage, "attempt")
     sizes = [e["world_size"] for e in attempts]
-    resizes = _events(storage, "resize")
+    resizes = events(storage, "resize")
     assert sizes[0] == 1 and 2 in sizes and sizes[-1] == 1, sizes
     assert [(r["previous_world_size"], r["world_size"]) for r in resizes][:2] == [(1, 2), (2, 1)]
     assert [e["step"] for e in attempts] == [0, 20, 40], attempts  # each size trained its share

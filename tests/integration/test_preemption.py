@@ -23,6 +23,8 @@ from orchestrator.core.ledger import Ledger, summarize
 from orchestrator.core.store import RunStorage
 from support.checkpoints import result_adapter  # tests/ is on sys.path (conftest rootdir)
 from support.fake_imds import FakeMetadata
+from support.ledger import checkpointed_since_the_last_attempt, events
+from support.polling import wait_for
 from support.ranks import train_ranks
 
 pytestmark = pytest.mark.slow
@@ -42,18 +44,6 @@ def fake_cluster():
     cluster.shutdown()
 
 
-def _events(storage: RunStorage, kind: str) -> list[dict]:
-    return [e for e in Ledger(storage).events if e["type"] == kind]
-
-
-def _wait_for(what: str, predicate, seconds: float = 300):
-    deadline = time.monotonic() + seconds
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return value
-
-
 def _announce_and_drain(cluster, node, seconds: float = 90) -> spot.Notice:
     """The node's own agent, as `relay spot-agent` runs it, against a fake metadata service."""
     metadata = FakeMetadata().start()
@@ -64,11 +54,6 @@ def _announce_and_drain(cluster, node, seconds: float = 90) -> spot.Notice:
         return spot.run_agent(source, cluster.address, node.node_id, interval=0.1, max_polls=50)
     finally:
         metadata.close()
-
-
-def _checkpointed_since_the_last_attempt(storage: RunStorage) -> bool:
-    since = _events(storage, "attempt")[-1]["time"]
-    return any(e["time"] > since for e in _events(storage, "checkpoint"))
 
 
 def _in_order(seen: list[str], expected: list[str]) -> bool:
@@ -123,21 +108,21 @@ def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tm
         said = unsure.stdout + unsure.stderr
         lines = [line for line in said.splitlines() if "spot agent" in line or "Traceback" in line]
         assert unsure.returncode == 1 and len(lines) == 1 and "pass --node-id" in lines[0], said
-        _wait_for("the agent to watch", lambda: "watching" in agent_log.read_text(), 120)
+        wait_for("the agent to watch", lambda: "watching" in agent_log.read_text(), 120, every=0.2)
         for n, how in enumerate(("notice", "sigterm", "unannounced"), start=1):
-            _wait_for(f"attempt {n}", lambda n=n: len(_events(storage, "attempt")) >= n)
+            wait_for(f"attempt {n}", lambda n=n: len(events(storage, "attempt")) >= n, 300, every=0.2)
             victim = nodes[0] if n != 2 else nodes[1]
             if how == "notice":
                 notice = _announce_and_drain(cluster, victim)
                 assert notice is not None and notice.cloud == "aws"
-            elif how == "sigterm":  # the pod is being deleted
-                _wait_for("a checkpoint after the restart", lambda: _checkpointed_since_the_last_attempt(storage))
+            else:  # the restarted run commits once first
+                wait_for("a checkpoint after the restart", lambda: checkpointed_since_the_last_attempt(storage), 300, every=0.2)
+            if how == "sigterm":  # the pod is being deleted
                 agent.send_signal(signal.SIGTERM)
                 assert agent.wait(timeout=60) == 0, agent_log.read_text()
-            else:  # no warning: a checkpoint commits, then the node simply goes
-                _wait_for("a checkpoint after the restart", lambda: _checkpointed_since_the_last_attempt(storage))
-            if how != "unannounced":
-                _wait_for("the emergency checkpoint", lambda n=n: len(_events(storage, "emergency_checkpoint")) >= n)
+            if how != "unannounced":  # no warning for the third: the node simply goes
+                emergencies = lambda n=n: len(events(storage, "emergency_checkpoint")) >= n  # noqa: E731
+                wait_for("the emergency checkpoint", emergencies, 300, every=0.2)
             cluster.remove_node(victim)  # the cloud takes the node, or its grace runs out (main thread, as Ray requires)
             nodes[nodes.index(victim)] = cluster.add_node(num_cpus=1, resources=TRAINER)  # capacity returns
         thread.join(timeout=900)
@@ -150,8 +135,8 @@ def test_chaos_three_preemptions_end_bitwise_equal(fake_cluster, config_file, tm
     said = agent_log.read_text()
     assert "signal notice: sigterm" in said and "Traceback" not in said, said
     assert ("GET", "/latest/meta-data/spot/instance-action") in metadata.requests  # watched IMDS; no notice there
-    notices, emergencies = _events(storage, "preemption_notice"), _events(storage, "emergency_checkpoint")
-    attempts = _events(storage, "attempt")
+    notices, emergencies = events(storage, "preemption_notice"), events(storage, "emergency_checkpoint")
+    attempts = events(storage, "attempt")
     assert len(notices) == 2 and len(emergencies) == 2 and len(attempts) == 4
     for notice, emergency, resumed in zip(notices, emergencies, attempts[1:3]):
         assert emergency["step"] == notice["step"] == resumed["step"]  # checkpointed at the notice, resumed there
