@@ -20,7 +20,8 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
 def wandb_records(path: Path) -> list:
-    """Every record W&B wrote to run-<id>.wandb, parsed with W&B's own protobuf schema."""
+    """Every whole record W&B has written to run-<id>.wandb so far, parsed with W&B's own protobuf schema.
+    The file may be read while W&B's service appends to it, so a record cut short at the end is left out."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = path.read_bytes()
@@ -35,6 +36,8 @@ def wandb_records(path: Path) -> list:
         if kind == 0 and length == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):  # W&B's service is still writing this record: read it next time
+            break
         chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         pending = chunk if kind in (FULL, FIRST) else pending + chunk
         if kind in (FULL, LAST):
