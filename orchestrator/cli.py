@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -73,13 +74,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         log.error("run name %r %s", args.run, problem)
         return Exit.CONFIG
     try:
-        print(status(args.run, args.storage, args.endpoint, as_json=args.json, hub=not args.no_hub))
+        shown = status(args.run, args.storage, args.endpoint, as_json=args.json, hub=not args.no_hub)
     except RunNotFound as exc:
         log.error("%s", exc)
         return Exit.NO_SUCH_RUN
     except OSError as exc:
         log.error("cannot read %s: %s", args.storage, str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
         return Exit.CONFIG
+    try:
+        print(shown, flush=True)
+    except BrokenPipeError:  # the reader went away (`relay status ... | head`): not a storage error, not a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail again
+        return Exit.SIGPIPE
     return Exit.OK
 
 

@@ -22,6 +22,7 @@ class Exit(IntEnum):
     STOPPED = 7
     NO_SUCH_RUN = 8
     SIGINT = 128 + signal.SIGINT  # the shell's "ended by this signal": 130
+    SIGPIPE = 128 + signal.SIGPIPE  # 141
     SIGTERM = 128 + signal.SIGTERM  # 143
 
     @property
@@ -45,6 +46,7 @@ MEANING = {
     Exit.NO_SUCH_RUN: "no such run in that storage (the runs that are there are named)",
     Exit.SIGINT: "ended by SIGINT (Ctrl-C) after a committed checkpoint, or at once on a second one; "
     "the newest complete checkpoint is intact and the same command resumes",
+    Exit.SIGPIPE: "the reader of its output went away (piped into `head`, say): it stopped writing, quietly",
     Exit.SIGTERM: "ended by SIGTERM, as SIGINT",
 }
 
@@ -55,7 +57,7 @@ COMMANDS: dict[str, tuple[Exit, ...]] = {
     "jobs/train.py": _RUN,
     "relay demo": _RUN,
     "relay train": (Exit.OK, Exit.CONFIG, Exit.NONFINITE, Exit.IN_USE, Exit.DISK_FULL, Exit.SIGINT, Exit.SIGTERM),
-    "relay status": (Exit.OK, Exit.CONFIG, Exit.NO_SUCH_RUN),
+    "relay status": (Exit.OK, Exit.CONFIG, Exit.NO_SUCH_RUN, Exit.SIGPIPE),
     "relay supervise": (Exit.OK, Exit.CONFIG, Exit.NONFINITE, Exit.DISK_FULL, Exit.GAVE_UP, Exit.STOPPED),
     "relay supervise --kuberay": _RUN,
     "relay spot-agent": (Exit.OK, Exit.FAILED),

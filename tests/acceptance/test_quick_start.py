@@ -68,6 +68,9 @@ def test_the_readme_first_command_runs_the_demo_and_status_reads_it(fresh_clone)
     missing = fresh_clone.run(".venv/bin/relay status nope --storage output/ray", timeout=120)
     assert missing.returncode == 8 and "no run 'nope'" in missing.stderr and "runs there: demo" in missing.stderr
     assert "Traceback" not in missing.stderr
+    # a reader that goes away (`| head`, `| true`) is not a storage error: 141 as a shell's own tools, and quiet
+    piped = fresh_clone.run(".venv/bin/relay status demo --storage output/ray --json | true; exit ${PIPESTATUS[0]}", timeout=120)
+    assert (piped.returncode, piped.stderr) == (141, ""), piped.stderr[-2000:]
 
     again = fresh_clone.run(".venv/bin/relay demo", timeout=600)
     out = again.stdout + again.stderr
