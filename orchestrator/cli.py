@@ -38,17 +38,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.config, args.cluster = DEMO / "config.json", DEMO / "cluster.json"
     code = cmd_launch(args)
     if code == Exit.OK:
-        print(DEMO_OUTPUTS, file=sys.stderr)
+        print(demo_outputs(args), file=sys.stderr)
     return code
 
 
-DEMO_OUTPUTS = """
-where the demo's outputs are:
-  adapter       output/demo/sd35-demo-lokr.safetensors (and -ema)
-  checkpoints   output/ray/demo/checkpoint-*/ (newest 5)
-  validation    output/ray/demo/relay/validation/checkpoint-*/grid.png
-  ledger        output/ray/demo/relay/ledger.jsonl
-  status        relay status demo --storage output/ray"""
+def demo_outputs(args: argparse.Namespace) -> str:
+    """Where the demo's outputs are, for the config and cluster it ran with (`--set`, `--cluster-set` included)."""
+    from relay_train.artifacts import CHECKPOINT_PREFIX, VALIDATION_DIR, adapter_names, run_name
+    from relay_train.config import load_config
+
+    from orchestrator.core.cluster import load_cluster_config
+    from orchestrator.core.ledger import LEDGER
+
+    config = load_config(args.config, parse_overrides([*args.set, *flag_pairs(args.config_flags)]))
+    cluster = load_cluster_config(args.cluster, parse_overrides(args.cluster_set))
+    name = cluster.run_name or run_name(config)
+    run = f"{cluster.storage_path.rstrip('/')}/{name}"
+    limit = f" (newest {config.checkpoints_total_limit})" if config.checkpoints_total_limit else ""
+    return "\n".join(
+        [
+            "",
+            "where the demo's outputs are:",
+            f"  adapter       {Path(config.output_dir) / adapter_names(run_name(config))[0]} (and -ema)",
+            f"  checkpoints   {run}/{CHECKPOINT_PREFIX}*/{limit}",
+            f"  validation    {run}/{VALIDATION_DIR}/{CHECKPOINT_PREFIX}*/grid.png",
+            f"  ledger        {run}/{LEDGER}",
+            f"  status        relay status {name} --storage {cluster.storage_path}",
+        ]
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
