@@ -20,8 +20,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
     """Start a local Ray cluster (or join RAY_ADDRESS's) and run the job on it; exit codes as run_job's."""
     from orchestrator.run.launch import run_job
 
-    sets = [*args.set, *flag_pairs(args.config_flags)]  # config keys as flags too (--key=value)
-    return run_job(args.config, args.cluster, sets, args.cluster_set, verbose=args.verbose)
+    return run_job(args.config, args.cluster, config_sets(args), args.cluster_set, verbose=args.verbose)
+
+
+def config_sets(args: argparse.Namespace) -> list[str]:
+    """The config overrides as key=value: --set's, then config keys given as flags (--key=value)."""
+    return [*args.set, *flag_pairs(args.config_flags)]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -50,7 +54,7 @@ def demo_outputs(args: argparse.Namespace) -> str:
     from orchestrator.core.cluster import load_cluster_config
     from orchestrator.core.ledger import LEDGER
 
-    config = load_config(args.config, parse_overrides([*args.set, *flag_pairs(args.config_flags)]))
+    config = load_config(args.config, parse_overrides(config_sets(args)))
     cluster = load_cluster_config(args.cluster, parse_overrides(args.cluster_set))
     name = cluster.run_name or run_name(config)
     run = f"{cluster.storage_path.rstrip('/')}/{name}"
