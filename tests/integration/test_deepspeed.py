@@ -16,7 +16,8 @@ import torch
 from relay_train import checkpoint as ckpt
 from relay_train.config import ConfigError
 from state_equal import assert_tree_equal  # tests/ is on sys.path (conftest rootdir)
-from support.ranks import train_ranks  # tests/support/
+from support.checkpoints import max_abs_diff  # tests/support/
+from support.ranks import train_ranks
 
 STEPS, STOP = 6, 3
 RECIPE = dict(
@@ -62,10 +63,6 @@ def straight(tmp_path_factory, tiny_model, demo_data) -> dict:
     return train_ranks(path, folder / "straight.pt", free_port(), 2, strategy="deepspeed")
 
 
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 @pytest.mark.slow
 def test_zero2_resumes_bitwise_and_agrees_with_ddp(straight, config_file, tmp_path, free_port):
     """2 ranks: stopped at STOP and resumed == straight (bitwise), checkpoint files as ddp's, and the
@@ -108,10 +105,10 @@ def test_zero2_resumes_bitwise_and_agrees_with_ddp(straight, config_file, tmp_pa
     assert one["started"] == STOP and one["step"] == STEPS
     print(
         f"deepspeed resumed on 1 rank vs 2 ranks throughout: adapter max abs diff "
-        f"{_max_diff(straight['adapter'], one['adapter']):.3e}"
+        f"{max_abs_diff(straight['adapter'], one['adapter']):.3e}"
     )
-    assert _max_diff(straight["adapter"], one["adapter"]) < 1e-5
-    diff, ema_diff = _max_diff(straight["adapter"], ddp["adapter"]), _max_diff(straight["ema"], ddp["ema"])
+    assert max_abs_diff(straight["adapter"], one["adapter"]) < 1e-5
+    diff, ema_diff = max_abs_diff(straight["adapter"], ddp["adapter"]), max_abs_diff(straight["ema"], ddp["ema"])
     moments = [
         (straight["optimizer"]["state"][i]["exp_avg"] - s["exp_avg"]).abs().max().item()
         for i, s in ddp["optimizer"]["state"].items()

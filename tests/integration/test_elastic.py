@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from support.checkpoints import result_adapter  # tests/ is on sys.path (conftest rootdir)
+from support.checkpoints import max_abs_diff, result_adapter  # tests/ is on sys.path (conftest rootdir)
 from support.ledger import checkpointed_since_the_last_attempt, events
 from support.polling import wait_for
 from support.ranks import train_ranks
@@ -75,6 +75,6 @@ def test_elastic_run_shrinks_and_grows_with_the_same_global_batch(loop_hold, con
     # a fixed 2-worker run: the same trainer on 2 ranks without Ray (a Ray run of it ends with the same bits)
     fixed = train_ranks(config_file(out="fixed", **recipe), tmp_path / "fixed.pt", free_port())
     a, b = fixed["adapter"], result_adapter(results[0])
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    diff = max_abs_diff(a, b)
     print(f"elastic {sizes} vs fixed 2 workers: adapter max abs diff {diff:.3e}")
     assert diff < 1e-4

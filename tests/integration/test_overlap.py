@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 from state_equal import assert_tree_equal  # tests/ is on sys.path (conftest rootdir)
-from support.ranks import train_ranks  # tests/support/
+from support.checkpoints import max_abs_diff  # tests/support/
+from support.ranks import train_ranks
 
 STEPS, STOP = 6, 3
 # accumulation 2: the sync runs on the second micro-step only; 4 KiB buckets: the tiny adapter's
@@ -29,10 +30,6 @@ SYNCS = {"blocking": {"overlap": False}, "overlap": {"bucket_mb": 4 / 1024}, "bf
 
 def _run(config_path, sync: str, out, free_port, stop_at: int = 0, world: int = 2) -> dict:
     return train_ranks(config_path, out, free_port(), world, stop_at=stop_at, sync=SYNCS[sync])
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.mark.slow
@@ -56,11 +53,11 @@ def test_overlapped_sync_keeps_every_guarantee_of_the_flat_one(config_file, tmp_
     assert torch.equal(overlap["generator"], resumed["generator"])
 
     one = _run(paths["one"], "overlap", tmp_path / "one.pt", free_port, world=1)  # the same global batch
-    print(f"overlapped 2 ranks vs 1 rank: adapter max abs diff {_max_diff(overlap['adapter'], one['adapter']):.3e}")
-    assert _max_diff(overlap["adapter"], one["adapter"]) < 1e-5
+    print(f"overlapped 2 ranks vs 1 rank: adapter max abs diff {max_abs_diff(overlap['adapter'], one['adapter']):.3e}")
+    assert max_abs_diff(overlap["adapter"], one["adapter"]) < 1e-5
 
     bf16 = _run(paths["bf16"], "bf16", tmp_path / "bf16.pt", free_port)
-    diff = _max_diff(overlap["adapter"], bf16["adapter"])
+    diff = max_abs_diff(overlap["adapter"], bf16["adapter"])
     largest = max(v.abs().max().item() for k, v in overlap["adapter"].items() if not k.endswith(".alpha"))
     print(f"bf16 sync vs fp32 after {STEPS} steps: adapter max abs diff {diff:.3e} (largest weight {largest:.3e})")
     assert 0 < diff < 1e-2 * largest  # it rounds, and stays close

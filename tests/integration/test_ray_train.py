@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from pyarrow import fs as pafs
-from support.checkpoints import result_adapter  # tests/support/
+from support.checkpoints import max_abs_diff, result_adapter  # tests/support/
 from support.ranks import train_ranks
 
 from orchestrator.core.cluster import ClusterConfig, storage_filesystem
@@ -41,7 +41,7 @@ def test_two_workers_match_one_with_the_same_global_batch_and_resume_none_on_the
     adapters = {2: result_adapter(result)}
     one = config_file(out="ddp1", train_batch_size=4, **recipe)
     adapters[1] = train_ranks(one, tmp_path / "one.pt", free_port(), 1, global_workers=1)["adapter"]
-    diff = max((adapters[1][k] - adapters[2][k]).abs().max().item() for k in adapters[1])
+    diff = max_abs_diff(adapters[1], adapters[2])
     moved = max((adapters[1][k]).abs().max().item() for k in adapters[1])
     print(f"2-worker vs 1-worker adapter: max abs diff {diff:.3e} (largest weight {moved:.3e})")
     assert diff < 1e-5

@@ -26,6 +26,11 @@ def small_payload(step: int, ema: bool = True) -> ckpt.CheckpointPayload:
     )
 
 
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest elementwise difference between two state dicts with the same keys."""
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
 def result_adapter(result) -> dict[str, torch.Tensor]:
     """The adapter in a Ray Train result's final checkpoint."""
     with result.checkpoint.as_directory() as folder:
