@@ -167,15 +167,25 @@ class Head:
     gcs: str  # 127.0.0.1:PORT, what `ray start --address` and ray.init take
     env: dict[str, str]
 
+    ANSWER = "relay-test-answer: "
+
+    def alive(self, python: str) -> list[dict] | None:
+        """The nodes the head counts alive (NodeID, NodeManagerPort, Resources); None if it could not be asked.
+        A driver's stdout also carries Ray's cluster events (a raylet's lagging heartbeats, under load), so the
+        answer is read from its own tagged line, never from the last line."""
+        ask = (
+            f"import json, ray; ray.init(address={self.gcs!r}, logging_level='ERROR'); "
+            "alive = [{k: n[k] for k in ('NodeID', 'NodeManagerPort', 'Resources')} for n in ray.nodes() if n['Alive']]; "
+            f"print({self.ANSWER!r} + json.dumps(alive), flush=True)"
+        )
+        probe = subprocess.run([python, "-c", ask], env=self.env, capture_output=True, text=True, timeout=120)
+        answers = [line.removeprefix(self.ANSWER) for line in probe.stdout.splitlines() if line.startswith(self.ANSWER)]
+        return json.loads(answers[-1]) if probe.returncode == 0 and answers else None
+
     def alive_nodes(self, python: str, node_manager_port: int | None = None) -> int | None:
         """How many nodes the head counts alive (only the one on that node manager port, when given)."""
-        which = "" if node_manager_port is None else f" and n['NodeManagerPort'] == {node_manager_port}"
-        count = (
-            f"import ray; ray.init(address={self.gcs!r}, logging_level='ERROR'); "
-            f"print(sum(1 for n in ray.nodes() if n['Alive']{which}))"
-        )
-        probe = subprocess.run([python, "-c", count], env=self.env, capture_output=True, text=True, timeout=120)
-        return int(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 and probe.stdout.strip() else None
+        nodes = self.alive(python)
+        return None if nodes is None else sum(node_manager_port in (None, n["NodeManagerPort"]) for n in nodes)
 
 
 @pytest.fixture(scope="session")

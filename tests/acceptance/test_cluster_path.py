@@ -114,7 +114,7 @@ def test_ray_job_submit_status_while_it_trains_then_resubmitted_done_shorter_ref
 
 
 def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(
-    fresh_clone, head, user_files, s3_bucket, s3_endpoint, background, poll, webhook_receiver, loop_hold, tmp_path
+    fresh_clone, cluster_head, head, user_files, s3_bucket, s3_endpoint, background, poll, webhook_receiver, loop_hold, tmp_path
 ):
     from support.fake_imds import FakeMetadata  # tests/support/
 
@@ -122,16 +122,9 @@ def test_a_spot_notice_checkpoints_loses_no_step_and_resumes(
     _, bucket = s3_bucket
     env = {**env, "RAY_ADDRESS": address}
     node = start_node({"spot": 1})
-    find = [
-        fresh_clone.python,
-        "-c",
-        "import json, ray; ray.init(address='" + gcs + "', logging_level='ERROR'); "
-        "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] and n['Resources'].get('spot')]))",
-    ]
 
     def spot_nodes() -> list[str]:
-        found = subprocess.run(find, env=env, capture_output=True, text=True, timeout=120)
-        return json.loads(found.stdout.strip().splitlines()[-1]) if found.returncode == 0 and found.stdout.strip() else []
+        return [n["NodeID"] for n in cluster_head.alive(fresh_clone.python) or [] if n["Resources"].get("spot")]
 
     spot_node = poll("the spot node to join", lambda: (ids := spot_nodes()) and ids[0], timeout=120)
     imds = FakeMetadata()
